@@ -1,0 +1,201 @@
+"""Load a frozen base model from a local Hugging Face directory (never the network).
+
+`load_base_model("smollm2-135m")` resolves the shipped SmolLM2 (converting it once into the
+cache); any other local Llama-family HF directory (`config.json`, `*.safetensors`,
+`tokenizer.json`) loads too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax.base import convert
+from mcjax.base.model import Params, init_params
+from mcjax.config import ConfigError, LlamaConfig
+
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, incomplete or corrupt."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BaseModel:
+    """A loaded frozen base model: architecture, parameters, tokenizer, source directory."""
+
+    config: LlamaConfig
+    params: Params
+    tokenizer: Any
+    path: Path
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, *, convert_if_missing: bool = True,
+                      progress: bool = True) -> Path:
+    """A shipped-model name → its converted cache dir; otherwise an existing local dir."""
+    name = os.fspath(name_or_path)
+    if convert.canonical_name(name) is not None and not os.path.isdir(name):
+        if convert_if_missing:
+            return convert.ensure_shipped_model(name, progress=progress)
+        path = convert.shipped_model_dir(name)
+        if not (path / convert.MANIFEST).is_file():
+            raise ModelLoadError(f"{name} has not been converted yet; run `make setup`")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {name!r} is neither a shipped model ({', '.join(convert.SHIPPED_MODELS)}) "
+            f"nor an existing directory")
+    return path
+
+
+def load_config(model_dir: str | os.PathLike) -> LlamaConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model dir")
+    try:
+        return LlamaConfig.from_json_file(path)
+    except ConfigError as e:
+        raise ModelLoadError(f"bad config in {path}: {e}") from e
+
+
+def hf_to_params_layout(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None,
+                                                               bool]]:
+    """HF tensor name → (our param path, layer index or None, transpose?)."""
+    layout = {
+        "model.embed_tokens.weight": (("embed", "embedding"), None, False),
+        "model.norm.weight": (("final_norm", "scale"), None, False),
+    }
+    if not config.tie_word_embeddings:
+        layout["lm_head.weight"] = (("lm_head", "kernel"), None, True)
+    per_layer = {
+        "input_layernorm.weight": ("input_norm", "scale", False),
+        "post_attention_layernorm.weight": ("post_attn_norm", "scale", False),
+        "self_attn.q_proj.weight": ("q_proj", "kernel", True),
+        "self_attn.k_proj.weight": ("k_proj", "kernel", True),
+        "self_attn.v_proj.weight": ("v_proj", "kernel", True),
+        "self_attn.o_proj.weight": ("o_proj", "kernel", True),
+        "mlp.gate_proj.weight": ("gate_proj", "kernel", True),
+        "mlp.up_proj.weight": ("up_proj", "kernel", True),
+        "mlp.down_proj.weight": ("down_proj", "kernel", True),
+    }
+    for i in range(config.num_layers):
+        for hf, (mod, leaf, t) in per_layer.items():
+            layout[f"model.layers.{i}.{hf}"] = (("layers", mod, leaf), i, t)
+    return layout
+
+
+def load_params(model_dir: str | os.PathLike, config: LlamaConfig) -> Params:
+    """Read every weight from `*.safetensors` into our (layer-stacked) param tree."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weight files")
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    dtype = np.dtype(jnp.dtype(config.dtype))
+    buffers: dict[tuple[str, ...], np.ndarray] = {
+        path: np.empty(leaf.shape, dtype) for path, leaf in _flatten(expected).items()}
+    layout = hf_to_params_layout(config)
+    seen: set[str] = set()
+    for file in files:
+        try:
+            handle = safe_open(file, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"corrupt safetensors file {file}: {e}") from e
+        with handle as f:
+            for name in f.keys():
+                if name not in layout:
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # tied: the head is the embedding
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ModelLoadError(f"{file}: unexpected tensor {name!r} for this config")
+                st_dtype = f.get_slice(name).get_dtype()
+                if st_dtype not in _FLOAT_DTYPES:
+                    raise ModelLoadError(f"{file}: tensor {name!r} has dtype {st_dtype}; "
+                                         f"weights must be floating point "
+                                         f"({', '.join(_FLOAT_DTYPES)})")
+                try:
+                    arr = (_read_bf16(f, name) if st_dtype == "BF16" else f.get_tensor(name))
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise ModelLoadError(f"corrupt tensor {name!r} in {file}: {e}") from e
+                path, layer, transpose = layout[name]
+                if transpose:
+                    arr = arr.T
+                target = buffers[path] if layer is None else buffers[path][layer]
+                if arr.shape != target.shape:
+                    raise ModelLoadError(f"{file}: tensor {name!r} has shape {arr.shape}, "
+                                         f"expected {target.shape} for this config")
+                target[...] = arr
+                seen.add(name)
+    missing = sorted(set(layout) - seen)
+    if missing:
+        raise ModelLoadError(f"{model_dir} is missing {len(missing)} weights, e.g. {missing[:3]}")
+    return _unflatten({path: jnp.asarray(buf) for path, buf in buffers.items()})
+
+
+def _read_bf16(f, name: str) -> np.ndarray:
+    # numpy has no bfloat16: read the raw bits and reinterpret with ml_dtypes' bfloat16.
+    sl = f.get_slice(name)
+    raw = sl[:]
+    return np.asarray(raw).view(jnp.bfloat16) if raw.dtype != jnp.bfloat16 else raw
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{model_dir} has no tokenizer.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(model_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+
+
+def load_base_model(name_or_path: str | os.PathLike, *, dtype: str | None = None,
+                    with_tokenizer: bool = True, progress: bool = True) -> BaseModel:
+    """Load config, params (and tokenizer) of a shipped name or a local HF directory."""
+    path = resolve_model_dir(name_or_path, progress=progress)
+    config = load_config(path)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
+    params = load_params(path, config)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    return BaseModel(config=config, params=params, tokenizer=tokenizer, path=path)

