@@ -241,9 +241,13 @@ class MCConfig:
         _require(0.0 <= self.tau_expand < 1.0 and 0.0 <= self.tau_collapse < 1.0,
                  "tau_expand / tau_collapse must lie in [0, 1)")
         _require(self.recent_protect >= 0, "recent_protect must be >= 0")
-        _require(self.recent_protect < self.w_max,
+        # The LOD0 suffix of any layout can hold the protected tail plus a partial block
+        # (up to K-1 tokens that share a block with the tail); one more slot for a gist.
+        _require(self.recent_protect + self.block_size <= self.w_max,
                  f"w_max ({self.w_max}) cannot hold the protected tail of "
-                 f"recent_protect={self.recent_protect} tokens plus any history")
+                 f"recent_protect={self.recent_protect} tokens plus a partial block of up to "
+                 f"block_size-1={self.block_size - 1} tokens and a gist: need w_max >= "
+                 f"{self.recent_protect + self.block_size}")
         _require(self.position_scheme in ("absolute", "compact"),
                  f"position_scheme must be absolute|compact, got {self.position_scheme!r}")
         _require(self.gist_dtype in ("float32", "bfloat16", "float16"),

@@ -220,7 +220,8 @@ def gist_blocks(params: Params, cfg: GistConfig, children: jax.Array, level) -> 
         if lv.size and (lv.min() < 1 or lv.max() > cfg.max_level):
             raise GistInputError(f"level must lie in 1..{cfg.max_level}, got "
                                  f"{lv.min()}..{lv.max()}")
-    return _gist_blocks(params, cfg, children, jnp.asarray(level, jnp.int32))
+    # Device arrays in, always: numpy and jax inputs would otherwise key separate cache entries.
+    return _gist_blocks(params, cfg, jnp.asarray(children), jnp.asarray(level, jnp.int32))
 
 
 def num_params(params: Params) -> int:

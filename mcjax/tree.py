@@ -1,9 +1,95 @@
-"""MegaContext tree: append-only hierarchical store of the whole history (SPEC §2.3)."""
+"""MegaContext tree: append-only hierarchical store of the whole history (SPEC §2.3).
+
+Levels: LOD0 holds the raw token ids (uint32); LODl (l = 1..num_levels) holds one gist per
+aligned group of K = block_size entries of LOD(l-1), i.e. one per K**l tokens. Gists are
+vectors in the base model's input-embedding space (width D), stored as
+`MCConfig.gist_dtype`.
+
+Appending (`MegaContextTree.append`) accepts any number of tokens. After LOD0 grows, each
+level l gists exactly the blocks that just became complete: the children are rows
+[count_l * K, (count_{l-1} // K) * K) of level l-1, so no block is ever gisted twice or
+skipped. Tokens of the incomplete newest block wait in the *ingest buffer* (they are
+represented at LOD0 only); LOD2 nodes appear once their K LOD1 children exist.
+
+Batching and compilation. `BlockGister` gists the new blocks of one level in calls of a
+*fixed* number of blocks (`gist_batch`, zero-padded), so `gist_blocks` compiles exactly
+once per tree (the level is a traced argument). A fixed batch is also what makes a tree
+bit-identical however its stream was chunked: XLA's CPU dot emitter picks different
+kernels (hence summation orders) for different row counts, so the same block gisted in a
+batch of 1 and of 64 differs by ~1e-6, while inside one fixed batch shape a block's
+result does not depend on its row. An append of m new blocks at a level costs
+ceil(m / gist_batch) calls, dispatched back to back (asynchronously) and gathered once.
+
+Backends, one interface (`LevelStore`): `MemoryLevelStore` (numpy, capacity doubling) and
+`DiskLevelStore` (one `LOD{l}.ctx` file per level, format below, read through a memory
+map). Choose with `MegaContextTree.in_memory(...)`, `.create(path, ...)`, `.open(path, ...)`.
+
+On-disk format (little-endian), per level a file `LOD{l}.ctx`:
+
+    offset size field
+         0    4 magic 0x4D434354 ("MCCT" as a LE u32)
+         4    2 version (1)
+         6    2 level
+         8    2 block_size
+        10    2 embedding_dim (values per row: 1 for LOD0 token ids, D for gists)
+        12    2 dtype code (0=u32, 1=fp16, 2=bf16, 3=fp32)
+        14    8 num_entries (u64)
+        22   32 model name (utf-8, zero padded)
+        54   10 reserved, zero
+        64      rows, packed, num_entries * embedding_dim * itemsize bytes
+
+plus `metadata.json` (configs, GistNet checkpoint id, gist batch, per-level counts; written
+atomically; the headers, not metadata.json, are authoritative for counts).
+
+Durability: an append writes the rows after the last counted entry, fsyncs, then rewrites
+the header's num_entries and fsyncs again, level by level from LOD0 up. A crash can thus
+leave (a) bytes beyond the counted rows in a file — a torn tail, truncated on open — and
+(b) a higher level behind its children (gists not yet written) — on open those complete
+blocks are gisted again, so the reopened tree equals one built from the recovered LOD0
+prefix. A file shorter than its header claims, or any header field that disagrees with the
+expected configuration, raises its own `StoreError` subclass; nothing is silently misread.
+
+Device view: `MegaContextTree.view()` returns a `TreeView` of fixed-capacity device
+arrays. Capacity per level is either fixed by `view_capacity_tokens` (level l holds
+ceil(C / K**l) rows; exceeding it raises `TreeCapacityError`) or, by default, the next
+power of two >= the entry count (at least `_MIN_VIEW_ROWS`), so a stream of T tokens
+changes each level's shape at most log2(T) times (each change recompiles jitted consumers
+once). Between growths, new rows are written into the existing arrays by one jitted
+scatter per level with the row count padded to a power of two.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
 import flax.struct
 import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from mcjax.config import GistConfig, LlamaConfig, MCConfig
+from mcjax.gist import gist_blocks
+
+__all__ = [
+    "TreeView", "MegaContextTree", "AppendResult", "BlockGister",
+    "LevelStore", "MemoryLevelStore", "DiskLevelStore",
+    "StoreError", "MissingStoreFileError", "BadMagicError", "UnsupportedVersionError",
+    "LevelMismatchError", "BlockSizeMismatchError", "EmbeddingDimMismatchError",
+    "DtypeMismatchError", "ModelMismatchError", "TruncatedFileError", "CorruptHeaderError",
+    "InconsistentLevelsError", "MetadataError", "StoreExistsError",
+    "TreeInputError", "TreeCapacityError",
+    "MAGIC", "FORMAT_VERSION", "HEADER_SIZE", "DTYPE_CODES", "read_header", "level_filename",
+    "bytes_per_million_tokens",
+]
+
+
+# --------------------------------------------------------------------------- device view
 
 
 @flax.struct.dataclass
@@ -17,3 +103,755 @@ class TreeView:
     tokens: jax.Array  # [C0] int32 LOD0 token ids
     gists: tuple[jax.Array, ...]  # gists[l - 1]: [C_l, D] gists of level l = 1..num_levels
     counts: jax.Array  # [num_levels + 1] int32 number of valid entries per level
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.gists)
+
+    def capacity(self, level: int) -> int:
+        """Rows of the fixed-capacity array of `level` (0 = tokens)."""
+        return self.tokens.shape[-1] if level == 0 else self.gists[level - 1].shape[-2]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """An on-disk MegaContext store is missing, corrupt, or does not match the config."""
+
+
+class MissingStoreFileError(StoreError, FileNotFoundError):
+    """A file of the store does not exist."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """`create` was asked to write where a store already exists."""
+
+
+class BadMagicError(StoreError):
+    """The file does not start with the MCCT magic number."""
+
+
+class UnsupportedVersionError(StoreError):
+    """The file's format version is not one this code reads."""
+
+
+class LevelMismatchError(StoreError):
+    """The header's level is not the level of the file name."""
+
+
+class BlockSizeMismatchError(StoreError):
+    """The header's block size differs from the configured one."""
+
+
+class EmbeddingDimMismatchError(StoreError):
+    """The header's embedding dim differs from the expected row width."""
+
+
+class DtypeMismatchError(StoreError):
+    """The header's dtype code is unknown or differs from the expected dtype."""
+
+
+class ModelMismatchError(StoreError):
+    """The header's model name differs from the expected one."""
+
+
+class TruncatedFileError(StoreError):
+    """The file is shorter than its header (or than a header) says."""
+
+
+class CorruptHeaderError(StoreError):
+    """Reserved header bytes are not zero, or the model name is not valid utf-8."""
+
+
+class InconsistentLevelsError(StoreError):
+    """A level holds more entries than its children can account for."""
+
+
+class MetadataError(StoreError):
+    """metadata.json is unreadable or disagrees with the expected configuration."""
+
+
+class TreeInputError(ValueError):
+    """Tokens given to `append` are not a 1-D array of in-range integer ids."""
+
+
+class TreeCapacityError(RuntimeError):
+    """The fixed view capacity cannot hold the tree."""
+
+
+# --------------------------------------------------------------------------- format
+
+MAGIC = 0x4D434354
+FORMAT_VERSION = 1
+HEADER_SIZE = 64
+_HEADER = struct.Struct("<IHHHHHQ32s")  # 54 bytes; 10 reserved zero bytes follow
+_COUNT_OFFSET = 14
+_MODEL_NAME_BYTES = 32
+DTYPE_CODES = {0: np.dtype(np.uint32), 1: np.dtype(np.float16),
+               2: np.dtype(ml_dtypes.bfloat16), 3: np.dtype(np.float32)}
+_CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
+_GIST_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_METADATA = "metadata.json"
+_FORMAT_NAME = "mcjax.megacontext"
+_MIN_VIEW_ROWS = 64
+
+
+def level_filename(level: int) -> str:
+    return f"LOD{level}.ctx"
+
+
+def _encode_model_name(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    if len(raw) > _MODEL_NAME_BYTES:
+        raise ValueError(f"model name {name!r} is {len(raw)} bytes in utf-8; the header "
+                         f"holds at most {_MODEL_NAME_BYTES}")
+    return raw.ljust(_MODEL_NAME_BYTES, b"\0")
+
+
+def _pack_header(level: int, block_size: int, dim: int, dtype: np.dtype, count: int,
+                 model_name: str) -> bytes:
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, level, block_size, dim, _CODE_OF[dtype],
+                        count, _encode_model_name(model_name))
+    return head + b"\0" * (HEADER_SIZE - len(head))
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    magic: int
+    version: int
+    level: int
+    block_size: int
+    embedding_dim: int
+    dtype_code: int
+    num_entries: int
+    model_name: str
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse a `.ctx` header without validating it against any configuration."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+    if len(raw) < HEADER_SIZE:
+        raise TruncatedFileError(f"{path}: {len(raw)} bytes, shorter than the "
+                                 f"{HEADER_SIZE}-byte header")
+    magic, version, level, bs, dim, code, n, name = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise BadMagicError(f"{path}: magic is 0x{magic:08X}, expected 0x{MAGIC:08X} "
+                            f"('MCCT'); not a MegaContext level file")
+    if any(raw[_HEADER.size:]):
+        raise CorruptHeaderError(f"{path}: reserved header bytes {_HEADER.size}..{HEADER_SIZE} "
+                                 f"are not zero")
+    try:
+        model_name = name.rstrip(b"\0").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptHeaderError(f"{path}: model name field is not utf-8: {name!r}") from e
+    return Header(magic, version, level, bs, dim, code, n, model_name)
+
+
+# --------------------------------------------------------------------------- level stores
+
+
+class LevelStore:
+    """Append-only rows of one level: `[n, width]` of one dtype (width 1 for token ids)."""
+
+    level: int
+    dtype: np.dtype
+    width: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def append(self, rows: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as an array [stop - start, width] (a copy)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _check_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.width or rows.dtype != self.dtype:
+            raise ValueError(f"LOD{self.level} rows must be [n, {self.width}] {self.dtype}, "
+                             f"got {rows.shape} {rows.dtype}")
+        return np.ascontiguousarray(rows)
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"LOD{self.level} rows [{start}, {stop}) out of range "
+                             f"[0, {len(self)})")
+
+
+class MemoryLevelStore(LevelStore):
+    """Rows in a numpy buffer whose capacity doubles (amortised O(1) appends)."""
+
+    def __init__(self, level: int, dtype: np.dtype, width: int):
+        self.level, self.dtype, self.width = level, np.dtype(dtype), width
+        self._buf = np.zeros((16, width), self.dtype)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = self._check_rows(rows)
+        need = self._n + len(rows)
+        if need > len(self._buf):
+            grown = np.zeros((max(need, 2 * len(self._buf)), self.width), self.dtype)
+            grown[:self._n] = self._buf[:self._n]
+            self._buf = grown
+        self._buf[self._n:need] = rows
+        self._n = need
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self._check_range(start, stop)
+        return self._buf[start:stop].copy()
+
+    @property
+    def nbytes(self) -> int:
+        return self._n * self.width * self.dtype.itemsize
+
+
+class DiskLevelStore(LevelStore):
+    """One `LOD{l}.ctx` file: durable appends, memory-mapped reads (module docstring)."""
+
+    def __init__(self, path: Path, fd: int, level: int, dtype: np.dtype, width: int,
+                 count: int, durable: bool, truncated_bytes: int = 0):
+        self.path, self._fd = path, fd
+        self.level, self.dtype, self.width = level, np.dtype(dtype), width
+        self._n = count
+        self.durable = durable
+        self.truncated_bytes = truncated_bytes  # torn-tail bytes removed on open
+        self._row_bytes = width * self.dtype.itemsize
+        self._map: np.ndarray | None = None  # memory map of the first len(_map) rows
+
+    @classmethod
+    def create(cls, path: Path, *, level: int, block_size: int, dtype: np.dtype, width: int,
+               model_name: str, durable: bool = True) -> "DiskLevelStore":
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, _pack_header(level, block_size, width, np.dtype(dtype), 0,
+                                       model_name), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, level, dtype, width, 0, durable)
+
+    @classmethod
+    def open(cls, path: Path, *, level: int, block_size: int, dtype: np.dtype, width: int,
+             model_name: str | None, durable: bool = True) -> "DiskLevelStore":
+        """Validate the header against the expectation; truncate a torn tail."""
+        if not path.exists():
+            raise MissingStoreFileError(f"{path}: missing level file of the store")
+        h = read_header(path)
+        dtype = np.dtype(dtype)
+        if h.version != FORMAT_VERSION:
+            raise UnsupportedVersionError(f"{path}: format version {h.version}, this code "
+                                          f"reads version {FORMAT_VERSION}")
+        if h.level != level:
+            raise LevelMismatchError(f"{path}: header says level {h.level}, expected "
+                                     f"{level} (file name {path.name})")
+        if h.block_size != block_size:
+            raise BlockSizeMismatchError(f"{path}: block_size {h.block_size} in the header, "
+                                         f"configured block_size is {block_size}")
+        if h.embedding_dim != width:
+            raise EmbeddingDimMismatchError(f"{path}: embedding_dim {h.embedding_dim} in the "
+                                            f"header, expected {width}")
+        if h.dtype_code not in DTYPE_CODES:
+            raise DtypeMismatchError(f"{path}: unknown dtype code {h.dtype_code} (known: "
+                                     f"0=u32, 1=fp16, 2=bf16, 3=fp32)")
+        if DTYPE_CODES[h.dtype_code] != dtype:
+            raise DtypeMismatchError(f"{path}: header dtype {DTYPE_CODES[h.dtype_code].name} "
+                                     f"(code {h.dtype_code}), expected {dtype.name} "
+                                     f"(code {_CODE_OF[dtype]})")
+        if model_name is not None and h.model_name != model_name:
+            raise ModelMismatchError(f"{path}: written for model {h.model_name!r}, expected "
+                                     f"{model_name!r}")
+        row_bytes = width * dtype.itemsize
+        size = path.stat().st_size
+        want = HEADER_SIZE + h.num_entries * row_bytes
+        if size < want:
+            raise TruncatedFileError(f"{path}: {size} bytes, but the header counts "
+                                     f"{h.num_entries} entries of {row_bytes} bytes "
+                                     f"({want} bytes with the header)")
+        fd = os.open(path, os.O_RDWR)
+        if size > want:  # torn tail: rows written but never counted
+            os.ftruncate(fd, want)
+            os.fsync(fd)
+        return cls(path, fd, level, dtype, width, h.num_entries, durable, size - want)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = self._check_rows(rows)
+        if len(rows) == 0:
+            return
+        self._require_open()
+        data = rows.tobytes()
+        offset = HEADER_SIZE + self._n * self._row_bytes
+        written = 0
+        while written < len(data):  # pwrite may write less than asked
+            written += os.pwrite(self._fd, data[written:], offset + written)
+        if self.durable:
+            os.fsync(self._fd)  # rows on disk before the header counts them
+        os.pwrite(self._fd, struct.pack("<Q", self._n + len(rows)), _COUNT_OFFSET)
+        if self.durable:
+            os.fsync(self._fd)
+        self._n += len(rows)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self._check_range(start, stop)
+        if start == stop:
+            return np.zeros((0, self.width), self.dtype)
+        self._require_open()
+        if self._map is None or len(self._map) < stop:
+            # Remap the whole counted range (a file that grew needs a new mapping).
+            self._map = np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_SIZE,
+                                  shape=(self._n, self.width))
+        return np.array(self._map[start:stop])
+
+    @property
+    def nbytes(self) -> int:
+        return HEADER_SIZE + self._n * self._row_bytes
+
+    def flush(self) -> None:
+        self._require_open()
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._map = None
+
+    def _require_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError(f"{self.path} is closed")
+
+
+# --------------------------------------------------------------------------- gisting
+
+
+class BlockGister:
+    """Gists complete blocks for a tree in fixed-size batches (see the module docstring).
+
+    `embed_fn(ids[G, K] int32) -> [G, K, D]` maps LOD0 ids to the base model's token
+    embeddings (the LOD1 children). Use `BlockGister.from_base` to embed with the frozen base
+    model's table.
+    """
+
+    def __init__(self, gist_cfg: GistConfig, gist_params: Any,
+                 embed_fn: Callable[[jax.Array], jax.Array], *, embed_dim: int,
+                 block_size: int, vocab_size: int | None = None, gist_batch: int = 16):
+        if gist_batch < 1:
+            raise ValueError(f"gist_batch must be >= 1, got {gist_batch}")
+        d_params = gist_params["out_proj"]["kernel"].shape[-1]
+        if d_params != embed_dim:
+            raise ValueError(f"GistNet params output width {d_params}, but embed_dim is "
+                             f"{embed_dim}")
+        self.cfg, self.params, self.embed_fn = gist_cfg, gist_params, embed_fn
+        self.embed_dim, self.block_size = embed_dim, block_size
+        self.vocab_size, self.gist_batch = vocab_size, gist_batch
+        self._embed_checked = False
+
+    @classmethod
+    def from_base(cls, gist_cfg: GistConfig, gist_params: Any, base_params: Any,
+                  base_config: LlamaConfig, *, block_size: int,
+                  gist_batch: int = 16) -> "BlockGister":
+        """Embed LOD0 ids with the frozen base model (`mcjax.base.model.embed_tokens`)."""
+        from mcjax.base.model import embed_tokens
+
+        embed = jax.jit(embed_tokens)  # params are an argument, not baked-in constants
+        return cls(gist_cfg, gist_params, lambda ids: embed(base_params, ids),
+                   embed_dim=base_config.hidden_size, block_size=block_size,
+                   vocab_size=base_config.vocab_size, gist_batch=gist_batch)
+
+    def __call__(self, level: int, children: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
+        """children: [m*K] token ids (level 1) or [m*K, D] gists of level-1 -> [m, D]."""
+        K, G = self.block_size, self.gist_batch
+        m = len(children) // K
+        if m == 0:
+            return np.zeros((0, self.embed_dim), out_dtype)
+        if level == 1:
+            blocks = children.reshape(m, K).astype(np.int32)
+        else:
+            blocks = children.reshape(m, K, self.embed_dim).astype(np.float32)
+        padded = -(-m // G) * G
+        if padded != m:  # zero-pad to whole batches; the padding's gists are dropped
+            blocks = np.concatenate([blocks, np.zeros((padded - m,) + blocks.shape[1:],
+                                                      blocks.dtype)])
+        jdtype = jnp.dtype(out_dtype)
+        outs = []
+        for i in range(0, padded, G):  # async dispatch: calls queue back to back
+            chunk = blocks[i:i + G]
+            if level == 1:
+                chunk = self._embed(chunk)
+            outs.append(gist_blocks(self.params, self.cfg, chunk, level).astype(jdtype))
+        return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype, copy=False)
+
+    def _embed(self, ids: np.ndarray) -> jax.Array:
+        emb = self.embed_fn(jnp.asarray(ids))
+        if not self._embed_checked:
+            want = ids.shape + (self.embed_dim,)
+            if tuple(emb.shape) != want or not jnp.issubdtype(emb.dtype, jnp.floating):
+                raise ValueError(f"embed_fn returned {emb.shape} {emb.dtype} for ids "
+                                 f"{ids.shape}; expected floating {want}")
+            self._embed_checked = True
+        return emb.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendResult:
+    """What one `append` added: `new_nodes[l] = (start, stop)` entries of level l."""
+
+    num_tokens: int
+    new_nodes: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass
+class TreeStats:
+    blocks_gisted: list[int]  # per level 1..L (index 0 unused, always 0)
+    gist_calls: int = 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@jax.jit
+def _write_rows(buf: jax.Array, rows: jax.Array, start: jax.Array, n: jax.Array) -> jax.Array:
+    """buf[start : start + n] = rows[:n]; padded rows (index >= n) are dropped."""
+    i = jnp.arange(rows.shape[0])
+    idx = jnp.where(i < n, start + i, buf.shape[0])  # out of bounds -> dropped
+    return buf.at[idx].set(rows.astype(buf.dtype), mode="drop")
+
+
+class MegaContextTree:
+    """The MegaContext tree over one stream (module docstring). Not thread-safe."""
+
+    def __init__(self, stores: Sequence[LevelStore], mc: MCConfig, gister: BlockGister, *,
+                 path: Path | None = None, metadata: dict | None = None,
+                 view_capacity_tokens: int | None = None):
+        if len(stores) != mc.num_levels + 1:
+            raise ValueError(f"need {mc.num_levels + 1} level stores, got {len(stores)}")
+        if gister.block_size != mc.block_size:
+            raise ValueError(f"gister block_size {gister.block_size} != mc.block_size "
+                             f"{mc.block_size}")
+        if mc.num_levels > gister.cfg.max_level:
+            raise ValueError(f"mc.num_levels={mc.num_levels} exceeds GistConfig.max_level="
+                             f"{gister.cfg.max_level} (rows of the level embedding)")
+        if view_capacity_tokens is not None and view_capacity_tokens < 1:
+            raise ValueError(f"view_capacity_tokens must be >= 1, got {view_capacity_tokens}")
+        self.mc, self.gister = mc, gister
+        self.stores = list(stores)
+        self.path = path
+        self._metadata = metadata
+        self.view_capacity_tokens = view_capacity_tokens
+        self.stats = TreeStats([0] * (mc.num_levels + 1))
+        self._view_arrays: list[jax.Array | None] = [None] * (mc.num_levels + 1)
+        self._view_synced = [0] * (mc.num_levels + 1)
+        self._closed = False
+        for l in range(1, mc.num_levels + 1):
+            if len(self.stores[l]) > len(self.stores[l - 1]) // mc.block_size:
+                where = f" in {path}" if path else ""
+                raise InconsistentLevelsError(
+                    f"LOD{l} has {len(self.stores[l])} entries{where}, but LOD{l - 1} has "
+                    f"only {len(self.stores[l - 1])} (at most "
+                    f"{len(self.stores[l - 1]) // mc.block_size} complete blocks)")
+        self._gist_complete_blocks()  # after a crash: gist blocks whose gists were lost
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def in_memory(cls, mc: MCConfig, gister: BlockGister, *,
+                  view_capacity_tokens: int | None = None) -> "MegaContextTree":
+        stores = [MemoryLevelStore(0, np.uint32, 1)] + [
+            MemoryLevelStore(l, _GIST_DTYPES[mc.gist_dtype], gister.embed_dim)
+            for l in range(1, mc.num_levels + 1)]
+        return cls(stores, mc, gister, view_capacity_tokens=view_capacity_tokens)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
+               model_name: str = "", gist_checkpoint_id: str = "", overwrite: bool = False,
+               durable: bool = True, view_capacity_tokens: int | None = None
+               ) -> "MegaContextTree":
+        """A new, empty on-disk store in directory `path` (created if needed)."""
+        path = Path(path)
+        _encode_model_name(model_name)  # fail before touching the disk
+        if gister.embed_dim > 0xFFFF or mc.block_size > 0xFFFF:
+            raise ValueError("embedding_dim and block_size must fit in a u16")
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / _METADATA).exists() and not overwrite:
+            raise StoreExistsError(f"{path} already holds a MegaContext store "
+                                   f"(pass overwrite=True to replace it)")
+        (path / _METADATA).unlink(missing_ok=True)  # a store without metadata is unopenable
+        stores = [DiskLevelStore.create(path / level_filename(l), level=l,
+                                        block_size=mc.block_size, dtype=dt, width=w,
+                                        model_name=model_name, durable=durable)
+                  for l, dt, w in cls._level_layout(mc, gister)]
+        metadata = {
+            "format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "model_name": model_name, "block_size": mc.block_size,
+            "num_levels": mc.num_levels, "embedding_dim": gister.embed_dim,
+            "gist_dtype": mc.gist_dtype, "gist_checkpoint_id": gist_checkpoint_id,
+            "gist_batch": gister.gist_batch,
+            "mc_config": dataclasses.asdict(mc), "gist_config": dataclasses.asdict(gister.cfg),
+            "counts": [0] * (mc.num_levels + 1),
+        }
+        tree = cls(stores, mc, gister, path=path, metadata=metadata,
+                   view_capacity_tokens=view_capacity_tokens)
+        tree._write_metadata()  # last: its presence marks a complete store
+        return tree
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
+             model_name: str | None = None, gist_checkpoint_id: str | None = None,
+             durable: bool = True, view_capacity_tokens: int | None = None
+             ) -> "MegaContextTree":
+        """Open an on-disk store, validating every header against `mc` and `gister`.
+
+        A torn tail is truncated (bytes per level in `tree.recovered_bytes`), and complete
+        blocks whose gists were lost in a crash are gisted. `model_name` /
+        `gist_checkpoint_id`, when given, must match what the store was written with.
+        """
+        path = Path(path)
+        meta_path = path / _METADATA
+        if not meta_path.exists():
+            raise MissingStoreFileError(f"{meta_path} is missing: not a MegaContext store, "
+                                        f"or its creation never finished")
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MetadataError(f"{meta_path} is unreadable: {e}") from e
+        if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT_NAME:
+            raise MetadataError(f"{meta_path} is not MegaContext store metadata")
+        expect = {"block_size": mc.block_size, "num_levels": mc.num_levels,
+                  "embedding_dim": gister.embed_dim, "gist_dtype": mc.gist_dtype}
+        for key, want in expect.items():
+            if metadata.get(key) != want:
+                raise MetadataError(f"{meta_path}: {key} is {metadata.get(key)!r}, the "
+                                    f"configuration says {want!r}")
+        if gist_checkpoint_id is not None and \
+                metadata.get("gist_checkpoint_id") != gist_checkpoint_id:
+            raise MetadataError(f"{meta_path}: gists were made by GistNet checkpoint "
+                                f"{metadata.get('gist_checkpoint_id')!r}, not "
+                                f"{gist_checkpoint_id!r}")
+        stores: list[DiskLevelStore] = []
+        try:
+            for l, dt, w in cls._level_layout(mc, gister):
+                stores.append(DiskLevelStore.open(
+                    path / level_filename(l), level=l, block_size=mc.block_size, dtype=dt,
+                    width=w, model_name=model_name, durable=durable))
+            tree = cls(stores, mc, gister, path=path, metadata=metadata,
+                       view_capacity_tokens=view_capacity_tokens)
+        except BaseException:
+            for s in stores:
+                s.close()
+            raise
+        tree._write_metadata()
+        return tree
+
+    @staticmethod
+    def _level_layout(mc: MCConfig, gister: BlockGister):
+        yield 0, np.dtype(np.uint32), 1
+        for l in range(1, mc.num_levels + 1):
+            yield l, _GIST_DTYPES[mc.gist_dtype], gister.embed_dim
+
+    # ------------------------------------------------------------------ appending
+
+    def append(self, tokens) -> AppendResult:
+        """Append any number of token ids (1-D, integers in [0, vocab)). Gists every block
+        that becomes complete, at every level, exactly once; durable on disk on return."""
+        self._require_open()
+        ids = self._check_tokens(tokens)
+        before = self.counts
+        if len(ids):
+            self.stores[0].append(ids.reshape(-1, 1))
+            self._gist_complete_blocks()
+        after = self.counts
+        return AppendResult(after[0], tuple(zip(before, after)))
+
+    def _gist_complete_blocks(self) -> None:
+        K = self.mc.block_size
+        for l in range(1, self.mc.num_levels + 1):
+            child, parent = self.stores[l - 1], self.stores[l]
+            done, complete = len(parent), len(child) // K
+            if complete <= done:
+                continue
+            children = child.read(done * K, complete * K)
+            if l == 1:
+                children = children[:, 0]
+            gists = self.gister(l, children, parent.dtype)
+            parent.append(gists)
+            self.stats.blocks_gisted[l] += complete - done
+            self.stats.gist_calls += -(-(complete - done) // self.gister.gist_batch)
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise TreeInputError(f"tokens must be a 1-D sequence of ids, got shape {arr.shape}")
+        if arr.size == 0:
+            return np.zeros((0,), np.uint32)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TreeInputError(f"tokens must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        limit = self.gister.vocab_size if self.gister.vocab_size is not None else 2**32
+        if lo < 0 or hi >= limit:
+            raise TreeInputError(f"token ids must lie in [0, {limit}), got range [{lo}, {hi}]")
+        return arr.astype(np.uint32)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def num_levels(self) -> int:
+        return self.mc.num_levels
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.stores[0])
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Entries per level 0..num_levels."""
+        return tuple(len(s) for s in self.stores)
+
+    @property
+    def backend(self) -> str:
+        return "disk" if self.path is not None else "memory"
+
+    @property
+    def recovered_bytes(self) -> tuple[int, ...]:
+        """Torn-tail bytes truncated per level when this store was opened (0 in memory)."""
+        return tuple(getattr(s, "truncated_bytes", 0) for s in self.stores)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """LOD0 token ids [start, stop) as uint32."""
+        stop = self.num_tokens if stop is None else stop
+        return self.stores[0].read(start, stop)[:, 0]
+
+    def gists(self, level: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Gists of `level` (1..num_levels), rows [start, stop), storage dtype, [n, D]."""
+        if not 1 <= level <= self.num_levels:
+            raise IndexError(f"gist level must lie in 1..{self.num_levels}, got {level}")
+        store = self.stores[level]
+        return store.read(start, len(store) if stop is None else stop)
+
+    @property
+    def ingest_buffer(self) -> np.ndarray:
+        """Tokens of the incomplete newest block (at LOD0 only, not yet gisted)."""
+        return self.tokens(len(self.stores[1]) * self.mc.block_size)
+
+    def nbytes(self) -> tuple[int, ...]:
+        """Bytes stored per level (with the 64-byte header on disk)."""
+        return tuple(s.nbytes for s in self.stores)
+
+    # ------------------------------------------------------------------ device view
+
+    def view_capacities(self) -> tuple[int, ...]:
+        """Rows per level that `view()` would allocate now."""
+        K = self.mc.block_size
+        if self.view_capacity_tokens is not None:
+            caps = tuple(max(1, -(-self.view_capacity_tokens // K**l))
+                         for l in range(self.num_levels + 1))
+            for l, (n, c) in enumerate(zip(self.counts, caps)):
+                if n > c:
+                    raise TreeCapacityError(
+                        f"LOD{l} holds {n} entries, more than the fixed view capacity {c} "
+                        f"(view_capacity_tokens={self.view_capacity_tokens})")
+            return caps
+        return tuple(max(_MIN_VIEW_ROWS, _next_pow2(n)) for n in self.counts)
+
+    def view(self) -> TreeView:
+        """Device arrays of every level, padded to `view_capacities()` rows with zeros."""
+        self._require_open()
+        caps = self.view_capacities()
+        arrays = []
+        for l, (store, cap) in enumerate(zip(self.stores, caps)):
+            buf, n = self._view_arrays[l], len(store)
+            if buf is None or buf.shape[0] != cap:  # (re)allocate: upload everything
+                host = np.zeros((cap, store.width), store.dtype)
+                host[:n] = store.read(0, n)
+                buf = jnp.asarray(host[:, 0].astype(np.int32) if l == 0 else host)
+            elif n > self._view_synced[l]:  # write only the new rows
+                s = self._view_synced[l]
+                rows = store.read(s, n)
+                rows = rows[:, 0].astype(np.int32) if l == 0 else rows
+                bucket = _next_pow2(max(len(rows), 8))  # bounded set of compiled shapes
+                rows = np.concatenate([rows, np.zeros((bucket - len(rows),) + rows.shape[1:],
+                                                      rows.dtype)])
+                buf = _write_rows(buf, jnp.asarray(rows), jnp.int32(s), jnp.int32(n - s))
+            self._view_arrays[l], self._view_synced[l] = buf, n
+            arrays.append(buf)
+        return TreeView(tokens=arrays[0], gists=tuple(arrays[1:]),
+                        counts=jnp.asarray(self.counts, jnp.int32))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def flush(self) -> None:
+        """fsync every level and rewrite metadata.json with the current counts."""
+        self._require_open()
+        for s in self.stores:
+            s.flush()
+        self._write_metadata()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self.path is not None:
+            self._write_metadata()
+        for s in self.stores:
+            s.close()
+        self._closed = True
+
+    def __enter__(self) -> "MegaContextTree":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ValueError("the tree is closed")
+
+    def _write_metadata(self) -> None:
+        if self.path is None or self._metadata is None:
+            return
+        self._metadata["counts"] = list(self.counts)
+        tmp = self.path / (_METADATA + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._metadata, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / _METADATA)  # atomic: old or new, never half
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def bytes_per_million_tokens(mc: MCConfig, embed_dim: int) -> dict[str, float]:
+    """Analytic payload bytes per 1,000,000 tokens at each level (headers excluded)."""
+    gist_bytes = _GIST_DTYPES[mc.gist_dtype].itemsize * embed_dim
+    out = {"LOD0": 1e6 * 4.0}
+    for l in range(1, mc.num_levels + 1):
+        out[f"LOD{l}"] = 1e6 / mc.block_size**l * gist_bytes
+    return out
+

@@ -15,3 +15,24 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(config, params) of the random-init tiny Llama used across tests."""
+    import jax
+
+    from mcjax.base.model import init_params
+    from mcjax.config import TINY_LLAMA
+
+    return TINY_LLAMA, init_params(TINY_LLAMA, jax.random.key(7))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real converted SmolLM2-135M-Instruct (converted on first use, then cached)."""
+    from mcjax.base.loading import load_base_model
+
+    return load_base_model("smollm2-135m", progress=False)

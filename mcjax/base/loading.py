@@ -8,6 +8,7 @@ cache); any other local Llama-family HF directory (`config.json`, `*.safetensors
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from pathlib import Path
@@ -38,7 +39,32 @@ class BaseModel:
     path: Path
 
     def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text`; raises rather than silently drop bytes the vocab lacks."""
+        bad = set(text.encode("utf-8", "surrogatepass")) & self.unencodable_bytes
+        if bad:
+            chars = sorted({c for c in text if set(c.encode("utf-8", "surrogatepass")) & bad})
+            raise ValueError(f"text contains characters this tokenizer cannot represent "
+                             f"(its vocabulary lacks their bytes): {chars[:10]}")
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+    @functools.cached_property
+    def unencodable_bytes(self) -> frozenset[int]:
+        """Bytes with no byte-level token (SmolLM2 lacks e.g. the ASCII controls 0x04, 0x1D)."""
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        vocab = self.tokenizer.get_vocab()
+        # ByteLevel.alphabet() is unordered; rebuild GPT-2's byte → symbol table.
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                     *range(ord("®"), ord("ÿ") + 1)]
+        symbol, extra = {}, 0
+        for b in range(256):
+            if b in printable:
+                symbol[b] = chr(b)
+            else:
+                symbol[b] = chr(256 + extra)
+                extra += 1
+        assert set(symbol.values()) == set(ByteLevel.alphabet())
+        return frozenset(b for b, c in symbol.items() if c not in vocab)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False,

@@ -1,0 +1,188 @@
+"""LensNet: a Perceiver-IO query decoder that scores every working-context slot (SPEC §2.5).
+
+Encode: a small learned latent array cross-attends to the down-projected WC slots and the
+tail gists (keys masked by validity), then a few latent self-attention blocks.
+Decode: one output query per slot — built from the slot's content (its materialized
+embedding, down-projected) and its features (level, span width, log distance to the decode
+cursor in blocks, protected flag) — cross-attends to the latents; a head gives a signed
+score in (−1, 1) via tanh (positive = expand, negative = collapse). Illegal directions are
+masked to 0 (see `mask_illegal`).
+
+Cost is O(W · (D·d + M·d)) — linear in `w_max`: slots only ever attend to the M latents and
+the latents to the slots; no slot-slot attention. Padding slots are zeroed before the
+encoder and masked out of its keys, and decoding is per slot, so they cannot influence the
+scores of valid slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mcjax.config import LensConfig, MCConfig
+from mcjax.working_context import WorkingContext, protected_mask, span_size
+
+__all__ = ["TailGists", "LensNet", "tail_gists", "slot_features", "mask_illegal",
+           "init_lens", "lens_scores", "NUM_SLOT_FEATURES"]
+
+_NEG = -1e30  # finite "minus infinity" for masked attention logits
+
+
+@flax.struct.dataclass
+class TailGists:
+    """LensNet's conditioning set: the newest gists of the history."""
+
+    embeds: jax.Array  # [..., Nt, D]
+    level: jax.Array  # [..., Nt] int32
+    valid: jax.Array  # [..., Nt] bool
+
+
+def tail_gists(tree_view, cfg: MCConfig) -> TailGists:
+    """The newest `tail_lod1` LOD1 gists and newest `tail_lod2` LOD2 gists (fewer are valid
+    while the history is short). Fixed shape [tail_lod1 + tail_lod2, D]; jittable."""
+    parts = []
+    for lvl, n in ((1, cfg.tail_lod1), (2, cfg.tail_lod2)):
+        if n == 0:
+            continue
+        if lvl > cfg.num_levels:  # a 1-level config has no LOD2: keep the shape, all invalid
+            table = tree_view.gists[0]
+            count = jnp.int32(0)
+        else:
+            table = tree_view.gists[lvl - 1]
+            count = tree_view.counts[lvl]
+        idx = count - n + jnp.arange(n, dtype=jnp.int32)
+        rows = table[jnp.clip(idx, 0, table.shape[0] - 1)]
+        valid = idx >= 0
+        parts.append((jnp.where(valid[:, None], rows, 0), jnp.full((n,), lvl, jnp.int32),
+                      valid))
+    embeds, level, valid = (jnp.concatenate(x) for x in zip(*parts))
+    return TailGists(embeds=embeds, level=level, valid=valid)
+
+
+NUM_SLOT_FEATURES = 4
+
+
+def slot_features(wc: WorkingContext, cfg: MCConfig) -> jax.Array:
+    """[..., W, 4] float: span width (log_K, i.e. the level as a real), log distance from the
+    slot's end to the decode cursor in blocks, protected-tail flag, validity."""
+    size = span_size(wc.level, cfg)
+    end = (wc.node + 1) * size
+    dist_blocks = (jnp.asarray(wc.num_tokens)[..., None] - end).astype(jnp.float32) / cfg.block_size
+    log_span = jnp.log(size.astype(jnp.float32)) / math.log(cfg.block_size)
+    prot = protected_mask(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
+    feats = jnp.stack([log_span, jnp.log1p(jnp.maximum(dist_blocks, 0.0)),
+                       prot.astype(jnp.float32), wc.valid.astype(jnp.float32)], axis=-1)
+    return jnp.where(wc.valid[..., None], feats, 0.0)
+
+
+def mask_illegal(scores: jax.Array, wc: WorkingContext, cfg: MCConfig) -> jax.Array:
+    """Zero the illegal direction of each slot: LOD0 cannot expand (score ≤ 0), the top level
+    and the protected tail cannot collapse (score ≥ 0); padding scores 0."""
+    prot = protected_mask(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
+    scores = jnp.where(wc.level >= 1, scores, jnp.minimum(scores, 0.0))
+    scores = jnp.where((wc.level < cfg.num_levels) & ~prot, scores, jnp.maximum(scores, 0.0))
+    return jnp.where(wc.valid, scores, 0.0)
+
+
+class _Attention(nn.Module):
+    """Multi-head cross-attention; keys optionally masked. Shapes [..., Q, d] x [..., S, d]."""
+
+    width: int
+    num_heads: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, q_in, kv_in, kv_mask=None):
+        h, dh = self.num_heads, self.width // self.num_heads
+        dense = functools.partial(nn.DenseGeneral, features=(h, dh), dtype=self.dtype)
+        q = dense(name="q")(q_in)
+        k = dense(name="k")(kv_in)
+        v = dense(name="v")(kv_in)
+        logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) / math.sqrt(dh)
+        if kv_mask is not None:
+            logits = jnp.where(kv_mask[..., None, None, :], logits, _NEG)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+        return nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
+class _MLP(nn.Module):
+    width: int
+    hidden: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.hidden, dtype=self.dtype, name="up")(x)
+        return nn.Dense(self.width, dtype=self.dtype, name="down")(nn.gelu(x))
+
+
+class LensNet(nn.Module):
+    """Perceiver-IO scorer. `__call__(slot_embeds [..., W, D], wc, tail) -> scores [..., W]`."""
+
+    cfg: LensConfig
+    mc: MCConfig
+
+    @nn.compact
+    def __call__(self, slot_embeds: jax.Array, wc: WorkingContext, tail: TailGists) -> jax.Array:
+        c = self.cfg
+        d, dt = c.width, jnp.dtype(c.dtype)
+        mlp = lambda name: _MLP(d, c.mlp_ratio * d, dt, name=name)  # noqa: E731
+        attn = lambda name: _Attention(d, c.num_heads, dt, name=name)  # noqa: E731
+        norm = lambda name: nn.LayerNorm(dtype=dt, name=name)  # noqa: E731
+
+        # slot tokens: down-projected content + level embedding + feature MLP
+        valid = wc.valid
+        content = nn.Dense(d, dtype=dt, name="slot_proj")(norm("slot_in_norm")(slot_embeds))
+        level_emb = nn.Embed(self.mc.num_levels + 1, d, name="level_embed")
+        feats = _MLP(d, d, dt, name="feature_mlp")(slot_features(wc, self.mc))
+        slot_tok = content + level_emb(wc.level) + feats
+        slot_tok = jnp.where(valid[..., None], slot_tok, 0).astype(dt)
+
+        tail_tok = (nn.Dense(d, dtype=dt, name="tail_proj")(norm("tail_in_norm")(tail.embeds))
+                    + nn.Embed(self.mc.num_levels + 2, d, name="tail_level_embed")(tail.level))
+        tail_tok = jnp.where(tail.valid[..., None], tail_tok, 0).astype(dt)
+
+        # encode: latents <- [slots ‖ tail]
+        kv = jnp.concatenate([slot_tok, tail_tok], axis=-2)
+        kv_mask = jnp.concatenate([valid, tail.valid], axis=-1)
+        latents = self.param("latents", nn.initializers.normal(0.02), (c.num_latents, d))
+        latents = jnp.broadcast_to(latents.astype(dt), valid.shape[:-1] + latents.shape)
+        kv_n = norm("enc_kv_norm")(kv)
+        latents = latents + attn("enc_cross")(norm("enc_q_norm")(latents), kv_n, kv_mask)
+        latents = latents + mlp("enc_mlp")(norm("enc_mlp_norm")(latents))
+        for i in range(c.num_latent_layers):
+            x = norm(f"lat{i}_attn_norm")(latents)
+            latents = latents + attn(f"lat{i}_self")(x, x)
+            latents = latents + mlp(f"lat{i}_mlp")(norm(f"lat{i}_mlp_norm")(latents))
+        latents = norm("latent_out_norm")(latents)
+
+        # decode: one query per slot <- latents
+        q = slot_tok
+        q = q + attn("dec_cross")(norm("dec_q_norm")(q), latents)
+        q = q + mlp("dec_mlp")(norm("dec_mlp_norm")(q))
+        raw = nn.Dense(1, dtype=jnp.float32, name="head")(norm("head_norm")(q))[..., 0]
+        return mask_illegal(jnp.tanh(raw.astype(jnp.float32)), wc, self.mc)
+
+
+def init_lens(lens_cfg: LensConfig, mc: MCConfig, embed_dim: int, rng: jax.Array):
+    """Random LensNet params for slot embeddings of width `embed_dim`."""
+    W, nt = mc.w_max, mc.num_tail_gists
+    z = jnp.zeros((W,), jnp.int32)
+    wc = WorkingContext(level=z, node=z, valid=jnp.ones((W,), bool), edit_step=z, edit_dir=z,
+                        num_tokens=jnp.int32(W), step=jnp.int32(0))
+    tail = TailGists(embeds=jnp.zeros((nt, embed_dim)), level=jnp.ones((nt,), jnp.int32),
+                     valid=jnp.ones((nt,), bool))
+    return LensNet(lens_cfg, mc).init(rng, jnp.zeros((W, embed_dim)), wc, tail)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("lens_cfg", "mc"))
+def lens_scores(params, slot_embeds: jax.Array, wc: WorkingContext, tail: TailGists,
+                lens_cfg: LensConfig, mc: MCConfig) -> jax.Array:
+    """Legality-masked scores [..., W] in (−1, 1) for a materialized WC."""
+    return LensNet(lens_cfg, mc).apply({"params": params}, slot_embeds, wc, tail)

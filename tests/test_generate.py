@@ -1,0 +1,75 @@
+"""Greedy sampler: equals an argmax loop over full forwards, batches, streams, one compile."""
+
+import numpy as np
+import pytest
+
+from mcjax.base import model as base
+from mcjax.base.generate import GreedySampler
+
+
+def _reference_greedy(params, config, prompt, n):
+    toks = list(prompt)
+    for _ in range(n):
+        logits = base.forward(params, config, tokens=np.asarray(toks)[None])
+        toks.append(int(np.argmax(logits[0, -1])))
+    return toks[len(prompt):]
+
+
+def test_greedy_generation_equals_argmax_over_full_forwards(tiny_llama):
+    config, params = tiny_llama
+    prompt = np.random.default_rng(0).integers(3, config.vocab_size, 7)
+    sampler = GreedySampler(config, max_new_tokens=9, max_prompt_len=11)
+    out, n = sampler.generate(params, prompt)
+    assert n.tolist() == [9]
+    assert out[0].tolist() == _reference_greedy(params, config, prompt, 9)
+
+
+def test_batch_of_prompts_of_different_lengths_equals_each_alone(tiny_llama):
+    config, params = tiny_llama
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, config.vocab_size, n) for n in (5, 8, 3)]
+    batch = np.zeros((3, 8), np.int32)
+    for i, p in enumerate(prompts):
+        batch[i, : len(p)] = p
+    sampler = GreedySampler(config, max_new_tokens=6, max_prompt_len=8)
+    out, _ = sampler.generate(params, batch, lengths=[len(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        alone, _ = sampler.generate(params, p)
+        assert out[i].tolist() == alone[0].tolist()
+
+
+def test_stream_yields_the_same_tokens_as_generate_without_recompiling(tiny_llama):
+    config, params = tiny_llama
+    prompt = np.random.default_rng(2).integers(3, config.vocab_size, 6)
+    sampler = GreedySampler(config, max_new_tokens=11, max_prompt_len=6)
+    full, _ = sampler.generate(params, prompt)
+    chunks = list(sampler.stream(params, prompt, chunk=3))
+    assert [len(c) for c in chunks] == [1, 3, 3, 3, 1]
+    assert np.concatenate(chunks).tolist() == full[0].tolist()
+    assert GreedySampler._advance._cache_size() >= 1
+    before = GreedySampler._advance._cache_size()
+    list(sampler.stream(params, prompt, chunk=2))
+    assert GreedySampler._advance._cache_size() == before
+
+
+def test_generation_stops_at_eos_and_pads_after_it(tiny_llama):
+    config, params = tiny_llama
+    prompt = np.random.default_rng(3).integers(3, config.vocab_size, 5)
+    free = GreedySampler(config, max_new_tokens=8, max_prompt_len=5)
+    out, _ = free.generate(params, prompt)
+    eos = int(out[0, 2])  # pretend the third generated token is EOS
+    stopping = GreedySampler(config, max_new_tokens=8, max_prompt_len=5, eos_id=eos, pad_id=0)
+    out2, n = stopping.generate(params, prompt)
+    first = out[0].tolist().index(eos)
+    assert n.tolist() == [first + 1]
+    assert out2[0, : first + 1].tolist() == out[0, : first + 1].tolist()
+    assert (out2[0, first + 1:] == 0).all()
+
+
+def test_prompt_longer_than_the_sampler_is_a_clear_error(tiny_llama):
+    config, params = tiny_llama
+    sampler = GreedySampler(config, max_new_tokens=2, max_prompt_len=4)
+    with pytest.raises(base.InputError, match="exceeds this sampler's max_prompt_len=4"):
+        sampler.generate(params, np.ones(5, np.int32))
+    with pytest.raises(base.InputError, match="outside the vocabulary"):
+        sampler.generate(params, np.array([config.vocab_size]))

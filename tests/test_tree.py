@@ -1,0 +1,562 @@
+"""MegaContext tree (SPEC §2.3): streaming append, hierarchical gisting, device view, and
+the durable on-disk format (reopen, torn tails, SIGKILLed writers, corrupt files)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mcjax.tree as tree_mod
+from mcjax.base.model import embed_tokens, init_params
+from mcjax.config import MCConfig, get_config
+from mcjax.gist import gist_blocks, init_gist_params
+from mcjax.tree import (
+    HEADER_SIZE, MAGIC, BadMagicError, BlockGister, BlockSizeMismatchError, CorruptHeaderError,
+    DtypeMismatchError, EmbeddingDimMismatchError, InconsistentLevelsError, LevelMismatchError,
+    MegaContextTree, MetadataError, MissingStoreFileError, ModelMismatchError,
+    StoreExistsError, TreeCapacityError, TreeInputError, TruncatedFileError,
+    UnsupportedVersionError, level_filename, read_header)
+
+CFG = get_config("tiny")
+MC = CFG.mc  # K = 32, num_levels = 2
+K = MC.block_size
+D = CFG.base_config.hidden_size
+VOCAB = CFG.base_config.vocab_size
+MODEL = "tiny-llama"
+CHUNK_SIZES = (1, 7, 31, 32, 33, 1000)
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=None)
+def base_params():
+    return init_params(CFG.base_config, jax.random.PRNGKey(0))
+
+
+@functools.lru_cache(maxsize=None)
+def gist_params():
+    return init_gist_params(CFG.gist, D, jax.random.PRNGKey(1))
+
+
+@functools.lru_cache(maxsize=None)
+def make_gister(gist_batch: int = 16, block_size: int = K) -> BlockGister:
+    return BlockGister.from_base(CFG.gist, gist_params(), base_params(), CFG.base_config,
+                                 block_size=block_size, gist_batch=gist_batch)
+
+
+@functools.lru_cache(maxsize=None)
+def stream(n: int = 3 * 1024 + 37, seed: int = 0) -> np.ndarray:
+    ids = np.random.default_rng(seed).integers(0, VOCAB, n)
+    ids[:2] = (0, VOCAB - 1)  # the extremes of the vocabulary are valid ids
+    ids.setflags(write=False)
+    return ids
+
+
+def memory_tree(tokens, mc: MCConfig = MC, gister: BlockGister | None = None):
+    t = MegaContextTree.in_memory(mc, gister or make_gister(block_size=mc.block_size))
+    t.append(tokens)
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def reference(n: int, seed: int = 0) -> MegaContextTree:
+    """In-memory tree of stream(seed)[:n], appended at once (cached; never mutate)."""
+    return memory_tree(stream(seed=seed)[:n])
+
+
+def append_in_chunks(t: MegaContextTree, tokens: np.ndarray, sizes) -> None:
+    i, j = 0, 0
+    while i < len(tokens):
+        n = sizes[j % len(sizes)]
+        t.append(tokens[i:i + n])
+        i, j = i + n, j + 1
+
+
+def assert_trees_identical(a: MegaContextTree, b: MegaContextTree) -> None:
+    """Same counts, same token ids, bit-identical gists at every level."""
+    assert a.counts == b.counts
+    np.testing.assert_array_equal(a.tokens(), b.tokens())
+    for level in range(1, a.num_levels + 1):
+        ga, gb = a.gists(level), b.gists(level)
+        assert ga.dtype == gb.dtype
+        assert ga.tobytes() == gb.tobytes(), f"LOD{level} gists differ"
+
+
+def assert_tree_invariants(t: MegaContextTree, tokens: np.ndarray) -> None:
+    """Counts follow the stream length; no zero, non-finite or duplicate gist rows; each
+    block was gisted exactly once; the ingest buffer is the incomplete newest block."""
+    T = len(tokens)
+    bs = t.mc.block_size
+    assert t.counts == tuple(T // bs**l for l in range(t.num_levels + 1))
+    np.testing.assert_array_equal(t.tokens(), tokens)
+    for level in range(1, t.num_levels + 1):
+        g = t.gists(level).astype(np.float32)
+        assert np.all(np.isfinite(g))
+        assert np.all(np.abs(g).max(axis=-1) > 0), f"LOD{level} has all-zero rows"
+        if len(g) > 1:  # distinct blocks -> distinct gists (no stale or repeated rows)
+            assert len(np.unique(g, axis=0)) == len(g)
+        assert t.stats.blocks_gisted[level] == t.counts[level]  # each block exactly once
+    np.testing.assert_array_equal(t.ingest_buffer, tokens[(T // bs) * bs:])
+
+
+def chunks_strategy():
+    return st.lists(st.one_of(st.sampled_from(CHUNK_SIZES), st.integers(1, 2100)),
+                    min_size=1, max_size=12)
+
+
+# --------------------------------------------------------------------------- appending
+
+
+@settings(max_examples=20)
+@given(n=st.integers(0, 3 * 1024 + 37), sizes=chunks_strategy())
+def test_chunked_appends_equal_one_append_bit_for_bit(n, sizes):
+    tokens = stream()[:n]
+    chunked = MegaContextTree.in_memory(MC, make_gister())
+    append_in_chunks(chunked, tokens, sizes)
+    at_once = memory_tree(tokens)
+    assert_trees_identical(chunked, at_once)
+    assert_tree_invariants(chunked, tokens)
+    # And a longer stream's tree starts with exactly this tree (prefix stability).
+    full = reference(len(stream()))
+    for level in range(1, MC.num_levels + 1):
+        assert full.gists(level)[:chunked.counts[level]].tobytes() == \
+            chunked.gists(level).tobytes()
+
+
+@settings(max_examples=12)
+@given(n=st.integers(0, 700), sizes=chunks_strategy())
+def test_tree_is_generic_in_num_levels_and_block_size(n, sizes):
+    """block_size 5, three levels: LOD3 nodes appear every 125 tokens."""
+    mc = dataclasses.replace(MC, block_size=5, num_levels=3, recent_protect=10)
+    g = make_gister(gist_batch=3, block_size=5)
+    tokens = stream()[:n]
+    chunked = MegaContextTree.in_memory(mc, g)
+    append_in_chunks(chunked, tokens, sizes)
+    assert_trees_identical(chunked, memory_tree(tokens, mc, g))
+    assert_tree_invariants(chunked, tokens)
+
+
+def test_lod2_node_appears_exactly_when_its_32nd_lod1_child_completes():
+    tokens = stream()
+    t = MegaContextTree.in_memory(MC, make_gister())
+    r = t.append(tokens[:1023])
+    assert t.counts == (1023, 31, 0) and r.new_nodes == ((0, 1023), (0, 31), (0, 0))
+    r = t.append(tokens[1023:1024])
+    assert t.counts == (1024, 32, 1) and r.new_nodes == ((1023, 1024), (31, 32), (0, 1))
+    assert r.num_tokens == 1024
+    assert t.ingest_buffer.size == 0
+    r = t.append(tokens[1024:1030])
+    assert r.new_nodes == ((1024, 1030), (32, 32), (1, 1))
+    np.testing.assert_array_equal(t.ingest_buffer, tokens[1024:1030])
+
+
+def test_gisting_through_the_tree_equals_the_pure_gist_function():
+    t = reference(len(stream()))
+    g = make_gister()
+    n1, n2 = t.counts[1], t.counts[2]
+    blocks = stream()[:n1 * K].reshape(n1, K)
+    emb = embed_tokens(base_params(), jnp.asarray(blocks, jnp.int32))
+    lod1 = np.asarray(gist_blocks(gist_params(), CFG.gist, emb, 1))
+    chex.assert_trees_all_close(t.gists(1), lod1, atol=1e-5, rtol=1e-5)
+    # LOD2 gists the *stored* LOD1 rows, as the tree does.
+    lod2 = np.asarray(gist_blocks(gist_params(), CFG.gist,
+                                  t.gists(1)[:n2 * K].reshape(n2, K, D), 2))
+    chex.assert_trees_all_close(t.gists(2), lod2, atol=1e-5, rtol=1e-5)
+    # Called with the tree's own batch shape, the pure function matches bit for bit.
+    G = g.gist_batch
+    same_shape = np.asarray(gist_blocks(gist_params(), CFG.gist, emb[:G], 1))
+    assert same_shape.tobytes() == t.gists(1)[:G].tobytes()
+
+
+def test_every_gist_call_uses_one_fixed_batch_shape(monkeypatch):
+    seen = []
+    real = tree_mod.gist_blocks
+
+    def spy(params, cfg, children, level):
+        seen.append((tuple(children.shape), int(level)))
+        return real(params, cfg, children, level)
+
+    monkeypatch.setattr(tree_mod, "gist_blocks", spy)
+    g = make_gister(gist_batch=5)
+    t = MegaContextTree.in_memory(MC, g)
+    append_in_chunks(t, stream()[:2200], (1, 33, 700, 7, 1000))
+    assert {s for s, _ in seen} == {(5, K, D)}
+    assert {lv for _, lv in seen} == {1, 2}
+    assert t.stats.gist_calls == len(seen)
+    assert_tree_invariants(t, stream()[:2200])
+
+
+def test_bfloat16_storage_holds_rounded_gists_and_feeds_them_to_lod2():
+    mc = dataclasses.replace(MC, gist_dtype="bfloat16")
+    tokens = stream()[:2100]
+    t = memory_tree(tokens, mc)
+    f32 = reference(len(stream()))
+    assert t.gists(1).dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(t.gists(1), f32.gists(1)[:65].astype(ml_dtypes.bfloat16))
+    lod2 = np.asarray(gist_blocks(gist_params(), CFG.gist,
+                                  t.gists(1)[:64].astype(np.float32).reshape(2, K, D), 2))
+    chex.assert_trees_all_close(t.gists(2).astype(np.float32),
+                                lod2.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                atol=2e-2, rtol=2e-2)
+    assert_tree_invariants(t, tokens)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([1, -1, 2]), r"\[0, 263\)"),
+    (np.array([1, VOCAB]), r"\[0, 263\)"),
+    (np.array([1.0, 2.0]), "integers"),
+    (np.zeros((2, 3), np.int32), "1-D"),
+    ("abc", "1-D"),
+])
+def test_append_rejects_bad_tokens_and_leaves_the_tree_unchanged(bad, match):
+    t = memory_tree(stream()[:40])
+    with pytest.raises(TreeInputError, match=match):
+        t.append(bad)
+    assert t.counts == (40, 1, 0)
+
+
+def test_empty_append_changes_nothing():
+    t = memory_tree(stream()[:40])
+    r = t.append([])
+    assert t.counts == (40, 1, 0) and r.new_nodes == ((40, 40), (1, 1), (0, 0))
+
+
+# --------------------------------------------------------------------------- device view
+
+
+def assert_view_matches(t: MegaContextTree, view) -> None:
+    chex.assert_equal(view.num_levels, t.num_levels)
+    np.testing.assert_array_equal(np.asarray(view.counts), t.counts)
+    n0 = t.counts[0]
+    tok = np.asarray(view.tokens)
+    chex.assert_type(view.tokens, jnp.int32)
+    np.testing.assert_array_equal(tok[:n0], t.tokens().astype(np.int32))
+    assert not tok[n0:].any(), "padding must be zero"
+    for level in range(1, t.num_levels + 1):
+        g = np.asarray(view.gists[level - 1])
+        n = t.counts[level]
+        chex.assert_shape(g, (view.capacity(level), D))
+        assert g[:n].tobytes() == t.gists(level).tobytes()
+        assert not g[n:].any(), "padding must be zero"
+
+
+def test_view_grows_by_doubling_and_holds_exactly_the_stored_rows():
+    t = MegaContextTree.in_memory(MC, make_gister())
+    tokens = stream()
+    shapes, old = [], None
+    for stop in (5, 64, 65, 1000, 1100, 2048, 2300, 3000, len(tokens)):
+        t.append(tokens[t.num_tokens:stop])
+        v = t.view()
+        assert_view_matches(t, v)
+        caps = tuple(v.capacity(l) for l in range(3))
+        assert all(c & (c - 1) == 0 and c >= 64 for c in caps)  # powers of two
+        shapes.append(caps)
+        if old is not None:  # an earlier view is a value: later appends never change it
+            assert_view_matches(*old)
+        old = (memory_tree(tokens[:stop]), v)
+    assert len(set(shapes)) <= 1 + int(np.log2(len(tokens) / 64)) + 1
+
+
+def test_fixed_view_capacity_keeps_shapes_and_raises_when_exceeded():
+    t = MegaContextTree.in_memory(MC, make_gister(), view_capacity_tokens=1100)
+    t.append(stream()[:700])
+    v1 = t.view()
+    t.append(stream()[700:1100])
+    v2 = t.view()
+    assert jax.tree.map(jnp.shape, v1) == jax.tree.map(jnp.shape, v2)
+    assert (v2.capacity(0), v2.capacity(1), v2.capacity(2)) == (1100, 35, 2)
+    assert_view_matches(t, v2)
+    t.append(stream()[1100:1101])
+    with pytest.raises(TreeCapacityError, match="LOD0 holds 1101"):
+        t.view()
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def disk_tree(path, **kw) -> MegaContextTree:
+    return MegaContextTree.create(path, MC, make_gister(), model_name=MODEL,
+                                  gist_checkpoint_id="ckpt-0", **kw)
+
+
+def open_tree(path, mc: MCConfig = MC, **kw) -> MegaContextTree:
+    kw.setdefault("model_name", MODEL)
+    return MegaContextTree.open(path, mc, make_gister(block_size=mc.block_size), **kw)
+
+
+def test_disk_write_close_reopen_gives_identical_arrays(tmp_path):
+    tokens = stream()
+    with disk_tree(tmp_path) as t:
+        append_in_chunks(t, tokens, (1000, 33, 7, 1))
+        assert_trees_identical(t, reference(len(tokens)))
+        assert_view_matches(t, t.view())
+    with open_tree(tmp_path, gist_checkpoint_id="ckpt-0") as r:
+        assert r.backend == "disk" and r.recovered_bytes == (0, 0, 0)
+        assert_trees_identical(r, reference(len(tokens)))
+        assert_tree_invariants_after_reopen(r, tokens)
+        assert_view_matches(r, r.view())
+        for level in range(3):  # file size is exactly header + counted rows
+            size = (tmp_path / level_filename(level)).stat().st_size
+            assert size == r.nbytes()[level] == HEADER_SIZE + r.counts[level] * (
+                4 if level == 0 else 4 * D)
+
+
+def assert_tree_invariants_after_reopen(t: MegaContextTree, tokens: np.ndarray) -> None:
+    T = len(tokens)
+    assert t.counts == (T, T // K, T // K**2)
+    np.testing.assert_array_equal(t.tokens(), tokens)
+    np.testing.assert_array_equal(t.ingest_buffer, tokens[(T // K) * K:])
+
+
+@settings(max_examples=5)
+@given(n=st.integers(0, 2200), split=st.integers(0, 2200), sizes=chunks_strategy())
+def test_disk_backend_reopened_mid_stream_continues_bit_for_bit(n, split, sizes):
+    tokens = stream()[:n]
+    split = min(split, n)
+    with tempfile.TemporaryDirectory() as d:
+        with disk_tree(d) as t:
+            append_in_chunks(t, tokens[:split], sizes)
+        with open_tree(d) as t:
+            append_in_chunks(t, tokens[split:], sizes[::-1])
+            assert_trees_identical(t, memory_tree(tokens))
+            assert t.stats.blocks_gisted[1] == n // K - split // K  # nothing re-gisted
+
+
+def test_header_layout_is_the_spec_format(tmp_path):
+    with disk_tree(tmp_path) as t:
+        t.append(stream()[:1100])
+    for level, (dim, code, n) in enumerate([(1, 0, 1100), (D, 3, 34), (D, 3, 1)]):
+        raw = (tmp_path / level_filename(level)).read_bytes()
+        magic, version, lv, bs, d, c, count = struct.unpack_from("<IHHHHHQ", raw, 0)
+        assert (magic, version, lv, bs, d, c, count) == (MAGIC, 1, level, K, dim, code, n)
+        assert raw[22:54].rstrip(b"\0") == MODEL.encode()
+        assert raw[54:64] == bytes(10)
+        assert len(raw) == 64 + n * dim * 4
+    raw = (tmp_path / "LOD0.ctx").read_bytes()
+    np.testing.assert_array_equal(np.frombuffer(raw[64:], "<u4"), stream()[:1100])
+    raw = (tmp_path / "LOD1.ctx").read_bytes()
+    np.testing.assert_array_equal(np.frombuffer(raw[64:], "<f4").reshape(34, D),
+                                  reference(len(stream())).gists(1)[:34])
+
+
+def test_bfloat16_store_writes_dtype_code_2_and_reopens(tmp_path):
+    mc = dataclasses.replace(MC, gist_dtype="bfloat16")
+    with MegaContextTree.create(tmp_path, mc, make_gister(), model_name=MODEL) as t:
+        t.append(stream()[:1100])
+        expect = t.gists(1)
+    assert read_header(tmp_path / "LOD1.ctx").dtype_code == 2
+    assert (tmp_path / "LOD1.ctx").stat().st_size == 64 + 34 * D * 2
+    with open_tree(tmp_path, mc) as r:
+        assert r.gists(1).tobytes() == expect.tobytes()
+    with pytest.raises(MetadataError, match="gist_dtype"):
+        open_tree(tmp_path)  # configured float32
+
+
+def test_create_refuses_to_overwrite_an_existing_store(tmp_path):
+    disk_tree(tmp_path).close()
+    with pytest.raises(StoreExistsError):
+        disk_tree(tmp_path)
+    with disk_tree(tmp_path, overwrite=True) as t:
+        assert t.counts == (0, 0, 0)
+    with pytest.raises(ValueError, match="at most 32"):
+        MegaContextTree.create(tmp_path / "x", MC, make_gister(), model_name="m" * 33)
+
+
+def test_torn_tail_is_truncated_on_open_and_appending_continues(tmp_path):
+    tokens = stream()
+    with disk_tree(tmp_path) as t:
+        t.append(tokens[:1500])
+    # A crash mid-append: LOD0 got one counted-never row and half of another; LOD1 got
+    # a full uncounted row plus a partial one; LOD2 got a few stray bytes.
+    with open(tmp_path / "LOD0.ctx", "ab") as f:
+        f.write(np.array([5, 6], "<u4").tobytes()[:6])
+    with open(tmp_path / "LOD1.ctx", "ab") as f:
+        f.write(np.ones(D + 7, "<f4").tobytes())
+    with open(tmp_path / "LOD2.ctx", "ab") as f:
+        f.write(b"\x01\x02\x03")
+    with open_tree(tmp_path) as r:
+        assert r.recovered_bytes == (6, (D + 7) * 4, 3)
+        assert_trees_identical(r, reference(1500))
+        r.append(tokens[1500:])
+        assert_trees_identical(r, reference(len(tokens)))
+    with open_tree(tmp_path) as r:
+        assert r.recovered_bytes == (0, 0, 0)
+        assert_trees_identical(r, reference(len(tokens)))
+
+
+def _set_count(path: Path, count: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(14)
+        f.write(struct.pack("<Q", count))
+
+
+def test_gists_lost_in_a_crash_are_made_on_open(tmp_path):
+    """LOD0 durable but the gists' header updates never happened: reopen gists the
+    complete blocks again, giving the tree of the recovered LOD0 prefix."""
+    with disk_tree(tmp_path) as t:
+        t.append(stream()[:2100])
+    _set_count(tmp_path / "LOD1.ctx", 40)  # rows 40.. become a torn tail
+    _set_count(tmp_path / "LOD2.ctx", 0)
+    with open_tree(tmp_path) as r:
+        assert r.recovered_bytes[1:] == ((65 - 40) * D * 4, 2 * D * 4)
+        assert r.stats.blocks_gisted == [0, 25, 2]
+        assert_trees_identical(r, reference(2100))
+
+
+WRITER = r"""
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import numpy as np
+import test_tree as tt
+path, = sys.argv[1:]
+t = tt.disk_tree(path)
+tokens = tt.stream()
+for start, stop in tt.WRITER_BOUNDS:
+    t.append(tokens[start:stop])
+    print(stop, flush=True)  # acknowledged: durable from here on
+"""
+
+
+def _writer_bounds():
+    rng = np.random.default_rng(3)
+    sizes = rng.choice([1, 7, 31, 32, 33, 97, 300], size=400)
+    ends = np.minimum(np.cumsum(sizes), len(stream()))
+    starts = np.concatenate([[0], ends[:-1]])
+    return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
+
+
+WRITER_BOUNDS = _writer_bounds()
+
+
+def test_writer_killed_with_sigkill_recovers_every_complete_entry(tmp_path):
+    script = WRITER.format(repo=str(REPO), tests=str(TESTS_DIR))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    acked = 0
+    deadline = time.monotonic() + 240
+    try:
+        while acked < 1500:  # past the first LOD2 node, then kill mid-stream
+            line = proc.stdout.readline()
+            assert line, f"writer died: {proc.stderr.read()}"
+            acked = int(line)
+            assert time.monotonic() < deadline, "writer too slow"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    tokens = stream()
+    with open_tree(tmp_path) as r:
+        n = r.num_tokens
+        # Every acknowledged entry survived; at most the append in flight is lost or kept.
+        assert n >= acked
+        assert n in {stop for _, stop in WRITER_BOUNDS}
+        assert n < len(tokens), "writer finished before it was killed; kill sooner"
+        assert_trees_identical(r, memory_tree(tokens[:n]))
+        append_in_chunks(r, tokens[n:], (33, 1000, 7))
+        assert_trees_identical(r, reference(len(tokens)))
+
+
+# --------------------------------------------------------------------------- corrupt files
+
+
+def _patch(path: Path, offset: int, fmt: str, value) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def _truncate(path: Path, size: int) -> None:
+    os.truncate(path, size)
+
+
+CORRUPTIONS = {
+    "wrong_magic": (lambda d: _patch(d / "LOD1.ctx", 0, "<I", 0x4D434355),
+                    BadMagicError, r"LOD1\.ctx: magic is 0x4D434355"),
+    "wrong_version": (lambda d: _patch(d / "LOD0.ctx", 4, "<H", 2),
+                      UnsupportedVersionError, "format version 2"),
+    "wrong_level": (lambda d: _patch(d / "LOD2.ctx", 6, "<H", 1),
+                    LevelMismatchError, "header says level 1, expected 2"),
+    "wrong_block_size": (lambda d: _patch(d / "LOD1.ctx", 8, "<H", 31),
+                         BlockSizeMismatchError, "block_size 31"),
+    "wrong_dim": (lambda d: _patch(d / "LOD2.ctx", 10, "<H", D + 1),
+                  EmbeddingDimMismatchError, f"embedding_dim {D + 1}"),
+    "wrong_lod0_dim": (lambda d: _patch(d / "LOD0.ctx", 10, "<H", D),
+                       EmbeddingDimMismatchError, f"embedding_dim {D} in the header, "
+                                                  f"expected 1"),
+    "wrong_dtype": (lambda d: _patch(d / "LOD1.ctx", 12, "<H", 1),
+                    DtypeMismatchError, r"header dtype float16 \(code 1\), expected float32"),
+    "unknown_dtype": (lambda d: _patch(d / "LOD0.ctx", 12, "<H", 9),
+                      DtypeMismatchError, "unknown dtype code 9"),
+    "shorter_than_header_says": (lambda d: _truncate(d / "LOD1.ctx", 64 + 33 * D * 4 + 5),
+                                 TruncatedFileError, "header counts 34 entries"),
+    "shorter_than_a_header": (lambda d: _truncate(d / "LOD2.ctx", 40),
+                              TruncatedFileError, "shorter than the 64-byte header"),
+    "count_beyond_file": (lambda d: _patch(d / "LOD0.ctx", 14, "<Q", 1101),
+                          TruncatedFileError, "header counts 1101 entries"),
+    "nonzero_reserved": (lambda d: _patch(d / "LOD1.ctx", 60, "<B", 7),
+                         CorruptHeaderError, "reserved header bytes"),
+    "other_model": (lambda d: _patch(d / "LOD0.ctx", 22, "<32s", b"gpt2"),
+                    ModelMismatchError, "written for model 'gpt2'"),
+    "missing_level_file": (lambda d: (d / "LOD2.ctx").unlink(),
+                           MissingStoreFileError, "LOD2.ctx: missing"),
+    "missing_metadata": (lambda d: (d / "metadata.json").unlink(),
+                         MissingStoreFileError, "metadata.json is missing"),
+    "garbled_metadata": (lambda d: (d / "metadata.json").write_text("{not json"),
+                         MetadataError, "unreadable"),
+    # LOD0 lost rows that LOD1 gists summarise: never silently keep orphan gists.
+    "orphan_gists": (lambda d: _patch(d / "LOD0.ctx", 14, "<Q", 1000),
+                     InconsistentLevelsError, "LOD1 has 34 entries"),
+}
+
+
+@pytest.fixture(scope="module")
+def pristine_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pristine")
+    with disk_tree(path) as t:
+        t.append(stream()[:1100])  # counts (1100, 34, 1)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_each_kind_of_corrupt_file_raises_its_own_error(kind, pristine_store, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    for f in pristine_store.iterdir():
+        (store / f.name).write_bytes(f.read_bytes())
+    with open_tree(store) as t:  # the copy itself is fine
+        assert t.counts == (1100, 34, 1)
+    corrupt, error, match = CORRUPTIONS[kind]
+    corrupt(store)
+    with pytest.raises(error, match=match):
+        open_tree(store)
+
+
+def test_open_rejects_a_store_written_for_another_configuration(pristine_store):
+    with pytest.raises(MetadataError, match="block_size is 32, the configuration says 16"):
+        open_tree(pristine_store, dataclasses.replace(MC, block_size=16))
+    with pytest.raises(MetadataError, match="checkpoint 'ckpt-0', not 'ckpt-1'"):
+        open_tree(pristine_store, gist_checkpoint_id="ckpt-1")
+    with pytest.raises(ModelMismatchError):
+        open_tree(pristine_store, model_name="other")
