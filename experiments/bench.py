@@ -20,11 +20,10 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="suite", required=True)
-    modules = {}
-    for name in SUITES:
-        modules[name] = importlib.import_module(f"bench_{name}")
-        p = sub.add_parser(name, help=modules[name].__doc__.strip().splitlines()[0])
-        modules[name].add_args(p)
+    modules = {name: importlib.import_module(f"bench_{name}") for name in SUITES}
+    for name, module in modules.items():
+        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        module.add_args(p)
         p.add_argument("--out", help="also write the JSON to this file")
     p_all = sub.add_parser("all", help="run every suite with its defaults")
     p_all.add_argument("--out", help="also write the JSON to this file")

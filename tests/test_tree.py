@@ -127,7 +127,7 @@ def chunks_strategy():
 # --------------------------------------------------------------------------- appending
 
 
-@settings(max_examples=20)
+@settings(max_examples=40)
 @given(n=st.integers(0, 3 * 1024 + 37), sizes=chunks_strategy())
 def test_chunked_appends_equal_one_append_bit_for_bit(n, sizes):
     tokens = stream()[:n]
@@ -143,7 +143,7 @@ def test_chunked_appends_equal_one_append_bit_for_bit(n, sizes):
             chunked.gists(level).tobytes()
 
 
-@settings(max_examples=12)
+@settings(max_examples=20)
 @given(n=st.integers(0, 700), sizes=chunks_strategy())
 def test_tree_is_generic_in_num_levels_and_block_size(n, sizes):
     """block_size 5, three levels: LOD3 nodes appear every 125 tokens."""
@@ -328,7 +328,7 @@ def assert_tree_invariants_after_reopen(t: MegaContextTree, tokens: np.ndarray) 
     np.testing.assert_array_equal(t.ingest_buffer, tokens[(T // K) * K:])
 
 
-@settings(max_examples=5)
+@settings(max_examples=8)
 @given(n=st.integers(0, 2200), split=st.integers(0, 2200), sizes=chunks_strategy())
 def test_disk_backend_reopened_mid_stream_continues_bit_for_bit(n, split, sizes):
     tokens = stream()[:n]
