@@ -396,12 +396,21 @@ def test_torn_tail_is_truncated_on_open_and_appending_continues(tmp_path):
         f.write(b"\x01\x02\x03")
     with open_tree(tmp_path) as r:
         assert r.recovered_bytes == (6, (D + 7) * 4, 3)
+        assert_files_hold_exactly_the_counted_rows(tmp_path, r)
         assert_trees_identical(r, reference(1500))
-        r.append(tokens[1500:])
+        r.append(tokens[1500:1501])  # shorter than the torn tail: no stale bytes may remain
+        assert_files_hold_exactly_the_counted_rows(tmp_path, r)
+        r.append(tokens[1501:])
         assert_trees_identical(r, reference(len(tokens)))
     with open_tree(tmp_path) as r:
         assert r.recovered_bytes == (0, 0, 0)
         assert_trees_identical(r, reference(len(tokens)))
+
+
+def assert_files_hold_exactly_the_counted_rows(path: Path, t: MegaContextTree) -> None:
+    for level in range(t.num_levels + 1):
+        row = 4 if level == 0 else 4 * D
+        assert (path / level_filename(level)).stat().st_size == HEADER_SIZE + t.counts[level] * row
 
 
 def _set_count(path: Path, count: int) -> None:
@@ -420,6 +429,7 @@ def test_gists_lost_in_a_crash_are_made_on_open(tmp_path):
     with open_tree(tmp_path) as r:
         assert r.recovered_bytes[1:] == ((65 - 40) * D * 4, 2 * D * 4)
         assert r.stats.blocks_gisted == [0, 25, 2]
+        assert_files_hold_exactly_the_counted_rows(tmp_path, r)
         assert_trees_identical(r, reference(2100))
 
 
@@ -473,6 +483,7 @@ def test_writer_killed_with_sigkill_recovers_every_complete_entry(tmp_path):
         assert n >= acked
         assert n in {stop for _, stop in WRITER_BOUNDS}
         assert n < len(tokens), "writer finished before it was killed; kill sooner"
+        assert_files_hold_exactly_the_counted_rows(tmp_path, r)
         assert_trees_identical(r, memory_tree(tokens[:n]))
         append_in_chunks(r, tokens[n:], (33, 1000, 7))
         assert_trees_identical(r, reference(len(tokens)))

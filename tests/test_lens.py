@@ -1,0 +1,202 @@
+"""LensNet (SPEC §2.5): Perceiver-IO scoring of working-context slots."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcjax import lens
+from mcjax import working_context as wcm
+from mcjax.config import LensConfig, MCConfig, get_config
+from mcjax.tree import TreeView
+from test_working_context import CFG_A, CFG_B, CFG_L3
+
+DIM = 13  # embedding width of the slots (prime, distinct from every other dim)
+LENS = LensConfig(width=10, num_latents=5, num_heads=2, num_latent_layers=1, mlp_ratio=3)
+
+
+def _setup(cfg: MCConfig, lens_cfg: LensConfig = LENS, *, seed: int = 0, T: int | None = None,
+           fill: int | None = None):
+    """A WC with every level, padding slots, random slot embeddings and a random tree."""
+    rng = np.random.default_rng(seed)
+    K = cfg.block_size
+    T = T if T is not None else min(wcm.min_slots(0, cfg) + 40 * K**cfg.num_levels // 3,
+                                    _limit(cfg))
+    fill = fill or max(wcm.min_slots(T, cfg), cfg.recent_protect + K, cfg.w_max - 2 * K)
+    small = wcm.initial_layout(T, dataclasses.replace(cfg, w_max=min(fill, cfg.w_max)))
+    wc = wcm.from_entries(wcm.to_entries(small), T, cfg)
+    gists = tuple(jnp.asarray(rng.normal(size=(T // K**lvl + 2, DIM)), jnp.float32)
+                  for lvl in range(1, cfg.num_levels + 1))
+    tree = TreeView(tokens=jnp.zeros((T + 1,), jnp.int32), gists=gists,
+                    counts=jnp.asarray([T // K**lvl for lvl in range(cfg.num_levels + 1)],
+                                       jnp.int32))
+    emb = jnp.where(wc.valid[:, None],
+                    jnp.asarray(rng.normal(size=(cfg.w_max, DIM)), jnp.float32), 0.0)
+    params = lens.init_lens(lens_cfg, cfg, DIM, jax.random.PRNGKey(seed))
+    return wc, tree, emb, params
+
+
+def _limit(cfg):
+    T = 0
+    while wcm.min_slots(T + 1, cfg) <= cfg.w_max:
+        T += 1
+    return T
+
+
+def _scores(params, emb, wc, tail, cfg, lens_cfg=LENS):
+    return lens.lens_scores(params, emb, wc, tail, lens_cfg, cfg)
+
+
+def _check_legal(scores, wc, cfg):
+    s = np.asarray(scores)
+    lv, nd, va = (np.asarray(x) for x in (wc.level, wc.node, wc.valid))
+    end = (nd + 1) * cfg.block_size ** lv
+    prot = va & (end > int(wc.num_tokens) - cfg.recent_protect)
+    assert np.all(s[~va] == 0), "padding slots must score 0"
+    assert np.all(s[va & (lv == 0)] <= 0), "LOD0 cannot expand"
+    assert np.all(s[va & (lv == cfg.num_levels)] >= 0), "the top level cannot collapse"
+    assert np.all(s[prot] == 0), "the protected tail can do neither"
+
+
+LENS_CASES = {
+    "K4L2": (CFG_A, LENS),
+    "K3L2": (CFG_B, LensConfig(width=6, num_latents=3, num_heads=3, num_latent_layers=2)),
+    "K3L3": (CFG_L3, LensConfig(width=8, num_latents=7, num_heads=1, num_latent_layers=0)),
+    "L1": (MCConfig(block_size=5, num_levels=1, w_max=41, recent_protect=6, tail_lod1=4,
+                    tail_lod2=1), LENS),
+    "registry-tiny": (get_config("tiny").mc, get_config("tiny").lens),
+}
+
+
+@pytest.mark.parametrize("name", list(LENS_CASES))
+def test_output_shape_and_range_for_every_config(name):
+    cfg, lens_cfg = LENS_CASES[name]
+    wc, tree, emb, params = _setup(cfg, lens_cfg)
+    tail = lens.tail_gists(tree, cfg)
+    chex.assert_shape(tail.embeds, (cfg.num_tail_gists, DIM))
+    scores = _scores(params, emb, wc, tail, cfg, lens_cfg)
+    chex.assert_shape(scores, (cfg.w_max,))
+    chex.assert_tree_all_finite(scores)
+    assert np.all(np.abs(np.asarray(scores)) <= 1.0)
+    assert np.any(np.asarray(scores) != 0), "an untrained LensNet still scores something"
+    _check_legal(scores, wc, cfg)
+    # a leading batch axis of independent streams
+    wc2, tree2, emb2, _ = _setup(cfg, lens_cfg, seed=1)
+    stack = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.stack([x, y]), a, b)  # noqa
+    batched = _scores(params, jnp.stack([emb, emb2]), stack(wc, wc2),
+                      stack(tail, lens.tail_gists(tree2, cfg)), cfg, lens_cfg)
+    chex.assert_shape(batched, (2, cfg.w_max))
+    np.testing.assert_allclose(batched[0], scores, atol=1e-5)
+
+
+def test_scores_change_when_the_tail_gists_change():
+    cfg = CFG_A
+    wc, tree, emb, params = _setup(cfg)
+    tail = lens.tail_gists(tree, cfg)
+    assert bool(tail.valid.all())
+    base = np.asarray(_scores(params, emb, wc, tail, cfg))
+    rng = np.random.default_rng(5)
+    other = tail.replace(embeds=jnp.asarray(rng.normal(size=tail.embeds.shape), jnp.float32))
+    changed = np.asarray(_scores(params, emb, wc, other, cfg))
+    movable = np.asarray(wc.valid) & (base != 0)
+    assert np.abs(changed - base)[movable].min() > 0, "every scored slot sees the tail"
+    # an invalid tail gist is masked: changing it changes nothing
+    masked = tail.replace(valid=tail.valid.at[0].set(False))
+    a = _scores(params, emb, wc, masked, cfg)
+    b = _scores(params, emb, wc, masked.replace(embeds=masked.embeds.at[0].set(1e3)), cfg)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(np.asarray(a), base)
+
+
+def test_invalid_slots_do_not_affect_the_scores_of_valid_slots():
+    cfg = CFG_A
+    wc, tree, emb, params = _setup(cfg)
+    tail = lens.tail_gists(tree, cfg)
+    n = int(wc.num_valid)
+    assert n < cfg.w_max - 3
+    base = np.asarray(_scores(params, emb, wc, tail, cfg))
+    pad = ~wc.valid
+    rng = np.random.default_rng(9)
+    junk_emb = jnp.where(pad[:, None], jnp.asarray(rng.normal(size=emb.shape) * 1e3,
+                                                   jnp.float32), emb)
+    junk_emb = junk_emb.at[n + 1].set(jnp.nan)
+    junk_wc = wc.replace(level=jnp.where(pad, 2, wc.level), node=jnp.where(pad, 7, wc.node),
+                         edit_dir=jnp.where(pad, 1, wc.edit_dir))
+    got = np.asarray(_scores(params, junk_emb, junk_wc, tail, cfg))
+    np.testing.assert_array_equal(got, base)
+    # control: a *valid* slot's content does reach the other valid slots (via the latents)
+    moved = np.asarray(_scores(params, emb.at[0].multiply(5.0), wc, tail, cfg))
+    assert np.abs(moved - base)[1:n][base[1:n] != 0].min() > 0
+
+
+def test_illegal_directions_are_masked():
+    cfg = CFG_A
+    wc, tree, emb, params = _setup(cfg)
+    tail = lens.tail_gists(tree, cfg)
+    lv = np.asarray(wc.level)
+    va = np.asarray(wc.valid)
+    assert {0, 1, 2} <= set(lv[va].tolist())
+    prot = np.asarray(lens.slot_features(wc, cfg))[:, 2] > 0
+    assert prot.sum() >= cfg.recent_protect
+    for bias, sign in ((10.0, 1), (-10.0, -1)):  # saturate the head: every raw score = sign
+        p = jax.tree_util.tree_map(lambda x: x, params)
+        p["head"]["bias"] = jnp.full_like(p["head"]["bias"], bias)
+        p["head"]["kernel"] = jnp.zeros_like(p["head"]["kernel"])
+        s = np.asarray(_scores(p, emb, wc, tail, cfg))
+        _check_legal(s, wc, cfg)
+        if sign > 0:  # expand: every gist keeps it, LOD0 (incl. the tail) loses it
+            assert np.all(s[va & (lv >= 1)] > 0.99) and np.all(s[va & (lv == 0)] == 0)
+        else:  # collapse: LOD0/LOD1 outside the tail keep it; top level and tail lose it
+            keep = va & (lv < cfg.num_levels) & ~prot
+            assert keep.any() and np.all(s[keep] < -0.99)
+            assert np.all(s[va & ((lv == cfg.num_levels) | prot)] == 0)
+    # the mask itself on hand-made scores
+    raw = jnp.asarray(np.where(np.arange(cfg.w_max) % 2, 0.5, -0.5), jnp.float32)
+    _check_legal(lens.mask_illegal(raw, wc, cfg), wc, cfg)
+
+
+def _collect_shapes(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            out.append(tuple(getattr(v.aval, "shape", ())))
+        for sub in jax.core.subjaxprs(jaxpr) if hasattr(jax.core, "subjaxprs") else []:
+            _collect_shapes(sub, out)
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None:
+                _collect_shapes(getattr(inner, "jaxpr", inner), out)
+    return out
+
+
+def test_cost_is_linear_in_w_max_no_slot_by_slot_intermediate():
+    cfg = dataclasses.replace(CFG_A, w_max=97)
+    wc, tree, emb, params = _setup(cfg, T=600)
+    tail = lens.tail_gists(tree, cfg)
+    jaxpr = jax.make_jaxpr(lambda p, e, w, t: lens.LensNet(LENS, cfg).apply(
+        {"params": p}, e, w, t))(params, emb, wc, tail)
+    shapes = _collect_shapes(jaxpr.jaxpr, [])
+    assert any(97 in s for s in shapes)
+    quadratic = [s for s in shapes if sum(d >= 97 for d in s) >= 2]
+    assert not quadratic, f"intermediates quadratic in w_max: {quadratic[:3]}"
+
+
+def test_tail_gists_are_the_newest_rows_and_masked_while_the_history_is_short():
+    cfg = CFG_A  # tail: 3 LOD1 + 1 LOD2
+    rng = np.random.default_rng(2)
+    g1 = jnp.asarray(rng.normal(size=(30, DIM)), jnp.float32)
+    g2 = jnp.asarray(rng.normal(size=(8, DIM)), jnp.float32)
+    tree = TreeView(tokens=jnp.zeros((120,), jnp.int32), gists=(g1, g2),
+                    counts=jnp.asarray([100, 25, 6], jnp.int32))
+    tail = lens.tail_gists(tree, cfg)
+    np.testing.assert_array_equal(tail.embeds, jnp.concatenate([g1[22:25], g2[5:6]]))
+    np.testing.assert_array_equal(tail.level, [1, 1, 1, 2])
+    assert bool(tail.valid.all())
+    short = lens.tail_gists(tree.replace(counts=jnp.asarray([9, 2, 0], jnp.int32)), cfg)
+    np.testing.assert_array_equal(short.valid, [False, True, True, False])
+    np.testing.assert_array_equal(short.embeds[1:3], g1[0:2])
+    assert not np.asarray(short.embeds)[[0, 3]].any()
