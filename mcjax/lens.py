@@ -170,8 +170,10 @@ class LensNet(nn.Module):
         return mask_illegal(jnp.tanh(raw.astype(jnp.float32)), wc, self.mc)
 
 
+@functools.partial(jax.jit, static_argnames=("lens_cfg", "mc", "embed_dim"))
 def init_lens(lens_cfg: LensConfig, mc: MCConfig, embed_dim: int, rng: jax.Array):
-    """Random LensNet params for slot embeddings of width `embed_dim`."""
+    """Random LensNet params for slot embeddings of width `embed_dim` (jitted: one compile
+    instead of one per op)."""
     W, nt = mc.w_max, mc.num_tail_gists
     z = jnp.zeros((W,), jnp.int32)
     wc = WorkingContext(level=z, node=z, valid=jnp.ones((W,), bool), edit_step=z, edit_dir=z,

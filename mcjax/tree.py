@@ -61,9 +61,11 @@ scatter per level with the row count padded to a power of two.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -82,7 +84,7 @@ __all__ = [
     "StoreError", "MissingStoreFileError", "BadMagicError", "UnsupportedVersionError",
     "LevelMismatchError", "BlockSizeMismatchError", "EmbeddingDimMismatchError",
     "DtypeMismatchError", "ModelMismatchError", "TruncatedFileError", "CorruptHeaderError",
-    "InconsistentLevelsError", "MetadataError", "StoreExistsError",
+    "InconsistentLevelsError", "MetadataError", "StoreExistsError", "StoreLockedError",
     "TreeInputError", "TreeCapacityError",
     "MAGIC", "FORMAT_VERSION", "HEADER_SIZE", "DTYPE_CODES", "read_header", "level_filename",
     "bytes_per_million_tokens",
@@ -162,6 +164,10 @@ class TruncatedFileError(StoreError):
 
 class CorruptHeaderError(StoreError):
     """Reserved header bytes are not zero, or the model name is not valid utf-8."""
+
+
+class StoreLockedError(StoreError):
+    """Another open tree (this process or another) is writing the store."""
 
 
 class InconsistentLevelsError(StoreError):
@@ -253,6 +259,15 @@ def read_header(path: str | os.PathLike) -> Header:
 # --------------------------------------------------------------------------- level stores
 
 
+def _lock(fd: int, path: Path) -> None:
+    """Exclusive advisory lock for the life of `fd`; the OS drops it when the writer dies."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        raise StoreLockedError(f"{path} is open for writing elsewhere (another tree holds "
+                               f"its lock); close that tree first") from e
+
+
 class LevelStore:
     """Append-only rows of one level: `[n, width]` of one dtype (width 1 for token ids)."""
 
@@ -339,8 +354,10 @@ class DiskLevelStore(LevelStore):
     @classmethod
     def create(cls, path: Path, *, level: int, block_size: int, dtype: np.dtype, width: int,
                model_name: str, durable: bool = True) -> "DiskLevelStore":
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            _lock(fd, path)
+            os.ftruncate(fd, 0)
             os.pwrite(fd, _pack_header(level, block_size, width, np.dtype(dtype), 0,
                                        model_name), 0)
             os.fsync(fd)
@@ -352,11 +369,30 @@ class DiskLevelStore(LevelStore):
     @classmethod
     def open(cls, path: Path, *, level: int, block_size: int, dtype: np.dtype, width: int,
              model_name: str | None, durable: bool = True) -> "DiskLevelStore":
-        """Validate the header against the expectation; truncate a torn tail."""
-        if not path.exists():
-            raise MissingStoreFileError(f"{path}: missing level file of the store")
+        """Lock, validate the header against the expectation, truncate a torn tail."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as e:
+            raise MissingStoreFileError(f"{path}: missing level file of the store") from e
+        try:
+            _lock(fd, path)
+            count = cls._validate(path, fd, level=level, block_size=block_size,
+                                  dtype=np.dtype(dtype), width=width, model_name=model_name)
+            want = HEADER_SIZE + count * width * np.dtype(dtype).itemsize
+            torn = os.fstat(fd).st_size - want
+            if torn > 0:  # rows written but never counted: a crash mid-append
+                os.ftruncate(fd, want)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, level, dtype, width, count, durable, torn)
+
+    @staticmethod
+    def _validate(path: Path, fd: int, *, level: int, block_size: int, dtype: np.dtype,
+                  width: int, model_name: str | None) -> int:
+        """Check every header field and the file length; returns num_entries."""
         h = read_header(path)
-        dtype = np.dtype(dtype)
         if h.version != FORMAT_VERSION:
             raise UnsupportedVersionError(f"{path}: format version {h.version}, this code "
                                           f"reads version {FORMAT_VERSION}")
@@ -380,17 +416,13 @@ class DiskLevelStore(LevelStore):
             raise ModelMismatchError(f"{path}: written for model {h.model_name!r}, expected "
                                      f"{model_name!r}")
         row_bytes = width * dtype.itemsize
-        size = path.stat().st_size
+        size = os.fstat(fd).st_size
         want = HEADER_SIZE + h.num_entries * row_bytes
-        if size < want:
+        if size < want:  # rows are made durable before the count: this is corruption
             raise TruncatedFileError(f"{path}: {size} bytes, but the header counts "
                                      f"{h.num_entries} entries of {row_bytes} bytes "
                                      f"({want} bytes with the header)")
-        fd = os.open(path, os.O_RDWR)
-        if size > want:  # torn tail: rows written but never counted
-            os.ftruncate(fd, want)
-            os.fsync(fd)
-        return cls(path, fd, level, dtype, width, h.num_entries, durable, size - want)
+        return h.num_entries
 
     def __len__(self) -> int:
         return self._n
@@ -601,11 +633,18 @@ class MegaContextTree:
         if (path / _METADATA).exists() and not overwrite:
             raise StoreExistsError(f"{path} already holds a MegaContext store "
                                    f"(pass overwrite=True to replace it)")
-        (path / _METADATA).unlink(missing_ok=True)  # a store without metadata is unopenable
-        stores = [DiskLevelStore.create(path / level_filename(l), level=l,
-                                        block_size=mc.block_size, dtype=dt, width=w,
-                                        model_name=model_name, durable=durable)
-                  for l, dt, w in cls._level_layout(mc, gister)]
+        stores: list[DiskLevelStore] = []
+        try:
+            for l, dt, w in cls._level_layout(mc, gister):
+                stores.append(DiskLevelStore.create(
+                    path / level_filename(l), level=l, block_size=mc.block_size, dtype=dt,
+                    width=w, model_name=model_name, durable=durable))
+                if l == 0:  # we hold the lock now; until metadata is rewritten, the
+                    (path / _METADATA).unlink(missing_ok=True)  # store is unopenable
+        except BaseException:
+            for s in stores:
+                s.close()
+            raise
         metadata = {
             "format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
             "model_name": model_name, "block_size": mc.block_size,
@@ -615,9 +654,14 @@ class MegaContextTree:
             "mc_config": dataclasses.asdict(mc), "gist_config": dataclasses.asdict(gister.cfg),
             "counts": [0] * (mc.num_levels + 1),
         }
-        tree = cls(stores, mc, gister, path=path, metadata=metadata,
-                   view_capacity_tokens=view_capacity_tokens)
-        tree._write_metadata()  # last: its presence marks a complete store
+        try:
+            tree = cls(stores, mc, gister, path=path, metadata=metadata,
+                       view_capacity_tokens=view_capacity_tokens)
+            tree._write_metadata()  # last: its presence marks a complete store
+        except BaseException:
+            for s in stores:
+                s.close()
+            raise
         return tree
 
     @classmethod
@@ -648,6 +692,10 @@ class MegaContextTree:
             if metadata.get(key) != want:
                 raise MetadataError(f"{meta_path}: {key} is {metadata.get(key)!r}, the "
                                     f"configuration says {want!r}")
+        if metadata.get("gist_batch") != gister.gist_batch:
+            warnings.warn(f"{path} was written with gist_batch={metadata.get('gist_batch')}, "
+                          f"now {gister.gist_batch}: new gists may differ from an "
+                          f"uninterrupted run in the last bits", stacklevel=2)
         if gist_checkpoint_id is not None and \
                 metadata.get("gist_checkpoint_id") != gist_checkpoint_id:
             raise MetadataError(f"{meta_path}: gists were made by GistNet checkpoint "

@@ -31,7 +31,7 @@ from mcjax.tree import (
     HEADER_SIZE, MAGIC, BadMagicError, BlockGister, BlockSizeMismatchError, CorruptHeaderError,
     DtypeMismatchError, EmbeddingDimMismatchError, InconsistentLevelsError, LevelMismatchError,
     MegaContextTree, MetadataError, MissingStoreFileError, ModelMismatchError,
-    StoreExistsError, TreeCapacityError, TreeInputError, TruncatedFileError,
+    StoreExistsError, StoreLockedError, TreeCapacityError, TreeInputError, TruncatedFileError,
     UnsupportedVersionError, level_filename, read_header)
 
 CFG = get_config("tiny")
@@ -219,6 +219,9 @@ def test_bfloat16_storage_holds_rounded_gists_and_feeds_them_to_lod2():
                                 lod2.astype(ml_dtypes.bfloat16).astype(np.float32),
                                 atol=2e-2, rtol=2e-2)
     assert_tree_invariants(t, tokens)
+    v = t.view()
+    assert v.gists[0].dtype == jnp.bfloat16
+    assert_view_matches(t, v)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -380,6 +383,22 @@ def test_create_refuses_to_overwrite_an_existing_store(tmp_path):
         assert t.counts == (0, 0, 0)
     with pytest.raises(ValueError, match="at most 32"):
         MegaContextTree.create(tmp_path / "x", MC, make_gister(), model_name="m" * 33)
+
+
+def test_a_store_has_one_writer_at_a_time(tmp_path):
+    t = disk_tree(tmp_path)
+    t.append(stream()[:100])
+    with pytest.raises(StoreLockedError, match="open for writing elsewhere"):
+        open_tree(tmp_path)
+    with pytest.raises(StoreLockedError):
+        disk_tree(tmp_path, overwrite=True)
+    # The failed attempts changed nothing: the writer goes on, and the store reopens.
+    t.append(stream()[100:1100])
+    t.close()
+    with pytest.warns(UserWarning, match="gist_batch=16, now 5"):
+        r = MegaContextTree.open(tmp_path, MC, make_gister(gist_batch=5), model_name=MODEL)
+    with r:
+        assert_trees_identical(r, reference(1100))
 
 
 def test_torn_tail_is_truncated_on_open_and_appending_continues(tmp_path):
