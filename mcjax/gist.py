@@ -26,7 +26,7 @@ One set of weights serves every level; the level enters through the level embedd
 
 Public API:
     GistNet                                         the flax module
-    init_gist_params(cfg, embed_dim, rng, *, block_size=32) -> params
+    init_gist_params(cfg, embed_dim, rng, *, block_size=32, output_rms=1.0) -> params
     gist_blocks(params, cfg, children[N, K, D], level) -> gists[N, D] float32   (jitted)
     num_params(params) -> int
 """
@@ -178,14 +178,24 @@ class GistNet(nn.Module):
 
 
 def init_gist_params(cfg: GistConfig, embed_dim: int, rng: jax.Array, *,
-                     block_size: int = 32) -> Params:
-    """Random GistNet parameters for base width `embed_dim` (the weights do not depend on
-    `block_size`; it only shapes the dummy input)."""
+                     block_size: int = 32, output_rms: float = 1.0) -> Params:
+    """Random GistNet parameters for base width `embed_dim`.
+
+    `output_rms` sets the initial scale of the gists (the output norm's gain; the output
+    projection preserves RMS in expectation): pass the RMS of the base model's token
+    embeddings so that even an untrained GistNet emits vectors of the right magnitude.
+    The weights do not depend on `block_size`; it only shapes the dummy input.
+    """
     if embed_dim <= 0 or block_size <= 0:
         raise GistInputError(f"embed_dim and block_size must be > 0, got {embed_dim}, "
                              f"{block_size}")
+    if not output_rms > 0:
+        raise GistInputError(f"output_rms must be > 0, got {output_rms}")
     dummy = jnp.zeros((1, block_size, embed_dim), jnp.float32)
-    return GistNet(cfg, embed_dim).init(rng, dummy, jnp.ones((), jnp.int32))["params"]
+    params = GistNet(cfg, embed_dim).init(rng, dummy, jnp.ones((), jnp.int32))["params"]
+    params = dict(params)
+    params["out_norm"] = {"scale": jnp.full_like(params["out_norm"]["scale"], output_rms)}
+    return params
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -170,10 +170,18 @@ class LensNet(nn.Module):
         return mask_illegal(jnp.tanh(raw.astype(jnp.float32)), wc, self.mc)
 
 
-@functools.partial(jax.jit, static_argnames=("lens_cfg", "mc", "embed_dim"))
 def init_lens(lens_cfg: LensConfig, mc: MCConfig, embed_dim: int, rng: jax.Array):
-    """Random LensNet params for slot embeddings of width `embed_dim` (jitted: one compile
-    instead of one per op)."""
+    """Random LensNet params for slot embeddings of width `embed_dim`.
+
+    Params depend only on the LensConfig, num_levels and embed_dim (never on w_max), so one
+    jitted init serves every budget."""
+    return _init_lens(lens_cfg, mc.num_levels, embed_dim, rng)
+
+
+@functools.partial(jax.jit, static_argnames=("lens_cfg", "num_levels", "embed_dim"))
+def _init_lens(lens_cfg: LensConfig, num_levels: int, embed_dim: int, rng: jax.Array):
+    mc = MCConfig(block_size=2, num_levels=num_levels, w_max=4, recent_protect=0,
+                  tail_lod1=1, tail_lod2=1)
     W, nt = mc.w_max, mc.num_tail_gists
     z = jnp.zeros((W,), jnp.int32)
     wc = WorkingContext(level=z, node=z, valid=jnp.ones((W,), bool), edit_step=z, edit_dir=z,

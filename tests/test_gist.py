@@ -139,6 +139,21 @@ def test_every_parameter_receives_gradient(pooling):
     assert num_params(p) > 0
 
 
+def test_gist_blocks_runs_inside_a_jitted_step_with_traced_params_and_level():
+    p, c = params_for("query"), cfg_for("query")
+    x = children(3, seed=11)
+    step = jax.jit(lambda params, xs, lv: gist_blocks(params, c, xs, lv))
+    chex.assert_trees_all_close(step(p, x, jnp.int32(2)), gist_blocks(p, c, x, 2), atol=1e-6)
+
+
+def test_output_rms_sets_the_initial_gist_scale():
+    x = children(8, seed=12)
+    for rms in (0.05, 1.0):
+        p = init_gist_params(cfg_for("mean"), D, jax.random.PRNGKey(3), output_rms=rms)
+        out = np.asarray(gist_blocks(p, cfg_for("mean"), x, 1))
+        assert 0.5 * rms < np.sqrt(np.mean(out ** 2)) < 2.0 * rms
+
+
 def test_bf16_compute_stays_close_to_fp32():
     c32 = cfg_for("query")
     c16 = dataclasses.replace(c32, dtype="bfloat16")

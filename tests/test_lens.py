@@ -13,7 +13,7 @@ import pytest
 
 from mcjax import lens
 from mcjax import working_context as wcm
-from mcjax.config import LensConfig, MCConfig, get_config
+from mcjax.config import LensConfig, MCConfig, get_config, list_configs
 from mcjax.tree import TreeView
 from test_working_context import CFG_A, CFG_L3
 
@@ -67,15 +67,38 @@ def _check_legal(scores, wc, cfg):
 
 LENS_CASES = {
     "K4L2": (CFG_A, LENS),
-    "K3L3": (CFG_L3, LensConfig(width=6, num_latents=3, num_heads=3, num_latent_layers=2)),
     "L1": (MCConfig(block_size=5, num_levels=1, w_max=41, recent_protect=6, tail_lod1=4,
-                    tail_lod2=1), LENS),
+                    tail_lod2=1), LensConfig(width=6, num_latents=3, num_heads=3,
+                                             num_latent_layers=2)),
     "registry-tiny": (get_config("tiny").mc, get_config("tiny").lens),
 }
 
 
+@pytest.mark.parametrize("name", list_configs())
+def test_output_shape_and_dtype_for_every_registered_config(name):
+    """Abstract evaluation (no compile): shapes hold at full size, e.g. w_max = 8,192."""
+    exp = get_config(name)
+    dim = exp.base_config.hidden_size if exp.base_config else 576
+    for mc in (exp.mc, CFG_L3):
+        W, nt = mc.w_max, mc.num_tail_gists
+        wc = jax.eval_shape(lambda: wcm.initial_layout(0, mc))
+        tail = lens.TailGists(embeds=jax.ShapeDtypeStruct((nt, dim), jnp.float32),
+                              level=jax.ShapeDtypeStruct((nt,), jnp.int32),
+                              valid=jax.ShapeDtypeStruct((nt,), bool))
+        emb = jax.ShapeDtypeStruct((W, dim), jnp.float32)
+        params = jax.eval_shape(lambda: lens.LensNet(exp.lens, mc).init(
+            jax.random.key(0), jnp.zeros((W, dim)), wcm.empty(mc), _concrete(tail)))
+        out = jax.eval_shape(lambda p, e, w, t: lens.LensNet(exp.lens, mc).apply(
+            {"params": p}, e, w, t), params["params"], emb, wc, tail)
+        assert out.shape == (W,) and out.dtype == jnp.float32
+
+
+def _concrete(tail):
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tail)
+
+
 @pytest.mark.parametrize("name", list(LENS_CASES))
-def test_output_shape_and_range_for_every_config(name):
+def test_output_shape_and_range_for_every_tiny_config(name):
     cfg, lens_cfg = LENS_CASES[name]
     wc, tree, emb, params = _setup(cfg, lens_cfg)
     tail = lens.tail_gists(tree, cfg)
@@ -167,28 +190,35 @@ def test_illegal_directions_are_masked():
 
 
 def _collect_shapes(jaxpr, out):
+    """Shapes of every intermediate, descending into nested jaxprs (pjit, custom_jvp, ...)."""
     for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            out.append(tuple(getattr(v.aval, "shape", ())))
-        for sub in jax.core.subjaxprs(jaxpr) if hasattr(jax.core, "subjaxprs") else []:
-            _collect_shapes(sub, out)
+        out.extend(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
         for p in eqn.params.values():
-            inner = getattr(p, "jaxpr", None)
-            if inner is not None:
-                _collect_shapes(getattr(inner, "jaxpr", inner), out)
+            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _collect_shapes(inner, out)
     return out
 
 
 def test_cost_is_linear_in_w_max_no_slot_by_slot_intermediate():
-    cfg = dataclasses.replace(CFG_A, w_max=97)
-    wc, tree, emb, params = _setup(cfg, T=600)
-    tail = lens.tail_gists(tree, cfg)
+    W = 97  # prime, distinct from every other dim
+    cfg = dataclasses.replace(CFG_A, w_max=W)
+    params = lens.init_lens(LENS, cfg, DIM, jax.random.PRNGKey(0))
+    wc = wcm.initial_layout(600, cfg)
+    tail = lens.TailGists(embeds=jnp.zeros((cfg.num_tail_gists, DIM)),
+                          level=jnp.ones((cfg.num_tail_gists,), jnp.int32),
+                          valid=jnp.ones((cfg.num_tail_gists,), bool))
+    emb = jax.ShapeDtypeStruct((W, DIM), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, e, w, t: lens.LensNet(LENS, cfg).apply(
         {"params": p}, e, w, t))(params, emb, wc, tail)
     shapes = _collect_shapes(jaxpr.jaxpr, [])
-    assert any(97 in s for s in shapes)
-    quadratic = [s for s in shapes if sum(d >= 97 for d in s) >= 2]
+    assert any(W in s for s in shapes)
+    quadratic = [s for s in shapes if sum(d >= W for d in s) >= 2]
     assert not quadratic, f"intermediates quadratic in w_max: {quadratic[:3]}"
+    # the same check does catch slot-slot attention
+    bad = jax.make_jaxpr(lambda e: e @ e.T)(emb)
+    assert [s for s in _collect_shapes(bad.jaxpr, []) if sum(d >= W for d in s) >= 2]
 
 
 def test_tail_gists_are_the_newest_rows_and_masked_while_the_history_is_short():

@@ -379,7 +379,7 @@ def _random_tree(cfg: MCConfig, T: int, capacity: int, dim: int, rng) -> TreeVie
 
 @pytest.fixture(scope="module")
 def base_params():
-    return base_model.init_params(TINY_LLAMA, jax.random.PRNGKey(0))
+    return jax.jit(base_model.init_params, static_argnums=0)(TINY_LLAMA, jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("scheme", ["absolute", "compact"])

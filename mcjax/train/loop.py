@@ -180,7 +180,8 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     log = MetricsLog(workdir / "metrics.jsonl")
-    eval_set = held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
+    eval_set = (held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
+                if eval_batches else [])
 
     start = 0
     if resume and ckpt.latest_step() is not None:
@@ -190,7 +191,7 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     base_params = sharded.place_base(frozen.params)
     state = sharded.place_state(state)
     result: dict[str, Any] = {"start_step": start}
-    if start == 0:
+    if start == 0 and eval_set:
         result["eval_before"] = evaluate_substitution(
             state.params["gist"], frozen, eval_set, layouts)
         log.write(0, "eval", result["eval_before"])
@@ -215,14 +216,14 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
             log.write(done, "train", metrics)
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
                             dnll=f"{float(metrics['delta_nll']):+.4f}")
-        if done % tc.eval_every == 0 and done != end:
+        if eval_set and done % tc.eval_every == 0 and done != end:
             log.write(done, "eval", evaluate_substitution(state.params["gist"], frozen,
                                                           eval_set, layouts))
         if done % tc.checkpoint_every == 0 or done == end:
             ckpt.save(done, state, batches.state(), cfg)
     ckpt.wait()
     ckpt.close()
-    if end == tc.steps:
+    if end == tc.steps and eval_set:
         result["eval_after"] = evaluate_substitution(state.params["gist"], frozen, eval_set,
                                                      layouts)
         log.write(end, "eval", result["eval_after"])

@@ -36,7 +36,9 @@ class TrainState:
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine decay, after global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.learning_rate,
+        # start at lr/warmup, not 0: a first step that cannot move any parameter is wasted
+        init_value=train.learning_rate / max(train.warmup_steps, 1),
+        peak_value=train.learning_rate,
         warmup_steps=max(train.warmup_steps, 1),
         decay_steps=max(train.steps, train.warmup_steps + 1), end_value=0.1 * train.learning_rate)
     return optax.chain(optax.clip_by_global_norm(train.grad_clip),
@@ -76,7 +78,7 @@ class GistStep:
         grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, base_params, tokens)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def evaluate(self, trainable, base_params, tokens):
