@@ -34,8 +34,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="stream length for the one-block-per-append (streaming) run")
     p.add_argument("--batch-blocks", type=int, default=64,
                    help="blocks per gist call in the throughput measurement")
-    p.add_argument("--gist-batch", type=int, default=16,
-                   help="the tree's fixed gist batch (blocks per call)")
+    p.add_argument("--gist-batch", type=int, default=None,
+                   help="the tree's fixed gist batch (blocks per call; default: "
+                   "mcjax.tree.default_gist_batch() for this backend)")
+    p.add_argument("--sweep", type=int, nargs="*", default=[1, 4, 16, 64],
+                   help="gist batch sizes whose per-block cost is measured")
     p.add_argument("--gist-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of gists in the tree")
     p.add_argument("--iters", type=int, default=5)
@@ -81,7 +84,7 @@ def run(args) -> dict:
     from mcjax.base import model as base
     from mcjax.benchmarking import time_call, time_compile
     from mcjax.config import GistConfig, MCConfig
-    from mcjax.gist import _gist_blocks, gist_blocks, init_gist_params, num_params
+    from mcjax.gist import _gist_blocks, init_gist_params, num_params
     from mcjax.tree import BlockGister, MegaContextTree, bytes_per_million_tokens
 
     bcfg = smollm2_135m_config()
@@ -123,6 +126,17 @@ def run(args) -> dict:
             "gist_compile_s": compile_s,
         }
     result["gisting"] = gisting
+    # Per-block cost against the batch size: what the tree's fixed gist batch trades off
+    # (bulk throughput vs. the padding paid by a one-block streaming append).
+    sweep = {}
+    for g in args.sweep:
+        ch = jnp.asarray(rng.normal(size=(g, K, D)), jnp.float32)
+        reps = max(1, max(args.sweep) // g)  # same number of blocks per timing
+        t = time_call(lambda: [_gist_blocks(gparams, gcfg, ch, level) for _ in range(reps)],
+                      iters=args.iters)
+        sweep[str(g)] = {"ms_per_block": 1e3 * t["median_s"] / (reps * g),
+                         "ms_per_call": 1e3 * t["median_s"] / reps}
+    result["gist_batch_sweep"] = sweep
     headline = gisting[f"batch_{args.batch_blocks}"]
     result["goal"] = {"ratio_gist_over_base_forward_max": 0.10,
                       "ratio": headline["ratio_gist_over_base_forward"],
@@ -130,11 +144,12 @@ def run(args) -> dict:
 
     # ---------------------------------------------------------------- tree append
     gister = BlockGister.from_base(gcfg, gparams, base_params, bcfg, block_size=K,
-                                   gist_batch=args.gist_batch)
+                                   gist_batch=args.gist_batch)  # None: backend default
     tokens = rng.integers(0, bcfg.vocab_size, args.tokens).astype(np.int32)
     warm = MegaContextTree.in_memory(mc, gister)  # compile embed + gist outside the timings
     warm.append(tokens[:K * K])
-    appends: dict = {"tokens": args.tokens, "chunk": args.chunk, "gist_batch": args.gist_batch,
+    appends: dict = {"tokens": args.tokens, "chunk": args.chunk,
+                     "gist_batch": gister.gist_batch,
                      "gist_dtype": args.gist_dtype}
     mem = MegaContextTree.in_memory(mc, gister)
     secs = _append_run(mem, tokens, args.chunk)
@@ -184,8 +199,4 @@ def run(args) -> dict:
         if args.dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     result["tree_append"] = appends
-    # Tree-internal gist call at the tree's batch, for reading the append numbers.
-    ch = jnp.zeros((args.gist_batch, K, D), jnp.float32)
-    result["tree_gist_call_s"] = time_call(lambda: gist_blocks(gparams, gcfg, ch, 1),
-                                           iters=args.iters)["median_s"]
     return result

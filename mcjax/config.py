@@ -206,10 +206,13 @@ class LensConfig:
     num_latents: int = 32
     num_heads: int = 8
     num_latent_layers: int = 2
-    mlp_ratio: int = 4
+    mlp_ratio: int = 4  # MLPs on the latents (run num_latents times)
+    query_mlp_ratio: int = 1  # MLP on the per-slot output queries (run w_max times: keep small)
     dtype: str = "float32"
 
     def __post_init__(self):
+        _require(self.mlp_ratio >= 1 and self.query_mlp_ratio >= 1,
+                 "LensConfig.mlp_ratio and query_mlp_ratio must be >= 1")
         _require(self.width % self.num_heads == 0,
                  f"LensConfig.width ({self.width}) must be divisible by num_heads "
                  f"({self.num_heads})")

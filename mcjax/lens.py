@@ -140,7 +140,7 @@ class LensNet(nn.Module):
         valid = wc.valid
         content = nn.Dense(d, dtype=dt, name="slot_proj")(norm("slot_in_norm")(slot_embeds))
         level_emb = nn.Embed(self.mc.num_levels + 1, d, name="level_embed")
-        feats = _MLP(d, d, dt, name="feature_mlp")(slot_features(wc, self.mc))
+        feats = _MLP(d, 32, dt, name="feature_mlp")(slot_features(wc, self.mc))
         slot_tok = content + level_emb(wc.level) + feats
         slot_tok = jnp.where(valid[..., None], slot_tok, 0).astype(dt)
 
@@ -165,7 +165,7 @@ class LensNet(nn.Module):
         # decode: one query per slot <- latents
         q = slot_tok
         q = q + attn("dec_cross")(norm("dec_q_norm")(q), latents)
-        q = q + mlp("dec_mlp")(norm("dec_mlp_norm")(q))
+        q = q + _MLP(d, c.query_mlp_ratio * d, dt, name="dec_mlp")(norm("dec_mlp_norm")(q))
         raw = nn.Dense(1, dtype=jnp.float32, name="head")(norm("head_norm")(q))[..., 0]
         return mask_illegal(jnp.tanh(raw.astype(jnp.float32)), wc, self.mc)
 
@@ -188,6 +188,11 @@ def _init_lens(lens_cfg: LensConfig, num_levels: int, embed_dim: int, rng: jax.A
                         num_tokens=jnp.int32(W), step=jnp.int32(0))
     tail = TailGists(embeds=jnp.zeros((nt, embed_dim)), level=jnp.ones((nt,), jnp.int32),
                      valid=jnp.ones((nt,), bool))
+    # Draw the ~50 param leaves with XLA's RngBitGenerator ("rbg") seeded from `rng`: same
+    # distributions, about half the compile time of threefry per leaf.
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
     return LensNet(lens_cfg, mc).init(rng, jnp.zeros((W, embed_dim)), wc, tail)["params"]
 
 

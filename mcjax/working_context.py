@@ -344,11 +344,15 @@ def _relayout(level, node, valid, edit_step, edit_dir, action, step, K: int):
     return (z(new_level), z(new_node), out_valid, z(new_edit_step), z(new_edit_dir)), src, total
 
 
+def _group_cover(collapse_heads, K: int) -> jax.Array:
+    """How many chosen sibling groups (K slots from each head) cover each slot."""
+    h = collapse_heads.astype(jnp.int32)
+    return jnp.cumsum(h - jnp.concatenate([jnp.zeros((K,), jnp.int32), h[:-K]])[: h.shape[0]])
+
+
 def _actions_from_masks(expand_mask, collapse_heads, K: int) -> jax.Array:
     """Per-slot action codes; a group head's K-1 followers become ABSORBED."""
-    h = collapse_heads.astype(jnp.int32)
-    delta = h - jnp.concatenate([jnp.zeros((K,), jnp.int32), h[:-K]])[: h.shape[0]]
-    in_group = jnp.cumsum(delta) > 0
+    in_group = _group_cover(collapse_heads, K) > 0
     return jnp.where(collapse_heads, COLLAPSE,
                      jnp.where(in_group, ABSORBED, jnp.where(expand_mask, EXPAND, KEEP)))
 
@@ -358,9 +362,7 @@ def _edits_ok(wc: WorkingContext, expand_mask, collapse_heads, cfg: MCConfig) ->
     K = cfg.block_size
     legal_e = legal_expand_mask(wc.level, wc.valid, cfg)
     legal_c = legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
-    h = collapse_heads.astype(jnp.int32)
-    delta = h - jnp.concatenate([jnp.zeros((K,), jnp.int32), h[:-K]])[: h.shape[0]]
-    covered = jnp.cumsum(delta)  # how many chosen groups cover each slot
+    covered = _group_cover(collapse_heads, K)
     n_exp = jnp.sum(expand_mask, dtype=jnp.int32)
     n_col = jnp.sum(collapse_heads, dtype=jnp.int32)
     new_count = wc.num_valid + (K - 1) * (n_exp - n_col)

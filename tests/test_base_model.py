@@ -94,24 +94,33 @@ def test_kv_cache_decode_equals_full_forward_token_by_token(tiny_llama):
     chex.assert_trees_all_close(logits, full[:, :prefix], atol=1e-5)
     for t in range(prefix, T):
         step, cache = base.decode_step(params, config, cache, tokens[:, t],
-                                       jnp.full((B,), t), jnp.full((B,), t))
+                                       jnp.full((B,), t), t)
         chex.assert_trees_all_close(step, full[:, t], atol=1e-5)
     assert bool(cache.valid[:, :T].all()) and not bool(cache.valid[:, T:].any())
 
 
-def test_kv_cache_per_stream_indices_decode_independently(tiny_llama):
+def test_streams_of_different_lengths_share_a_cache_and_decode_exactly(tiny_llama):
     config, params = tiny_llama
     rng = np.random.default_rng(5)
-    a = jnp.asarray(rng.integers(0, config.vocab_size, (1, 9)))
-    b = jnp.asarray(rng.integers(0, config.vocab_size, (1, 6)))
+    a = jnp.asarray(rng.integers(0, config.vocab_size, (1, 10)))
+    b = jnp.asarray(rng.integers(0, config.vocab_size, (1, 7)))
     cache = base.init_cache(config, 2, capacity=12)
+    # both prompts right-padded to 8 slots; b's slots 5..7 are invalid
     padded = jnp.concatenate([a[:, :8], jnp.pad(b[:, :5], ((0, 0), (0, 3)))], axis=0)
     mask = jnp.asarray([[True] * 8, [True] * 5 + [False] * 3])
-    _, cache = base.prefill(params, config, cache, tokens=padded, mask=mask)
-    step, _ = base.decode_step(params, config, cache, jnp.asarray([a[0, 8], b[0, 5]]),
-                               jnp.asarray([8, 5]), jnp.asarray([8, 5]))
-    chex.assert_trees_all_close(step[0], base.forward(params, config, tokens=a)[0, -1], atol=1e-5)
-    chex.assert_trees_all_close(step[1], base.forward(params, config, tokens=b)[0, -1], atol=1e-5)
+    positions = jnp.asarray([list(range(8)), list(range(5)) + [0, 0, 0]])
+    _, cache = base.prefill(params, config, cache, tokens=padded, mask=mask, positions=positions)
+    for step in range(2):  # both streams write at the shared slot 8 + step
+        logits, cache = base.decode_step(
+            params, config, cache, jnp.asarray([a[0, 8 + step], b[0, 5 + step]]),
+            jnp.asarray([8 + step, 5 + step]), 8 + step)
+        chex.assert_trees_all_close(
+            logits[0], base.forward(params, config, tokens=a[:, : 9 + step])[0, -1], atol=1e-5)
+        chex.assert_trees_all_close(
+            logits[1], base.forward(params, config, tokens=b[:, : 6 + step])[0, -1], atol=1e-5)
+    with pytest.raises(base.InputError, match="index must be a scalar"):
+        base.decode_step(params, config, cache, a[:, 0].repeat(2), jnp.asarray([1, 1]),
+                         jnp.asarray([10, 11]))
 
 
 def test_invalid_slots_do_not_change_valid_outputs(tiny_llama):
@@ -188,3 +197,20 @@ def test_forward_compiles_once_per_shape(tiny_llama):
         tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (1, 7))
         base.forward(params, config, tokens=tokens)
     assert base._forward._cache_size() == 1
+
+
+def test_blocked_causal_attention_equals_full_attention(tiny_llama, monkeypatch):
+    config, params = tiny_llama
+    rng = np.random.default_rng(8)
+    T = 29  # not a multiple of the block size: the last block is short
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, T)))
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    mask = jnp.asarray(rng.random((2, T)) < 0.8).at[:, 0].set(True)
+
+    def run(chunk):
+        monkeypatch.setattr(base, "ATTENTION_CHUNK", chunk)
+        return jax.jit(lambda p: base.forward_core(p, config, tokens, None, positions, mask))(
+            params)
+
+    blocked, full = run(4), run(10_000)
+    chex.assert_trees_all_close(blocked, full, atol=1e-5)

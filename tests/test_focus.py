@@ -163,3 +163,15 @@ def test_chosen_actions_never_overlap():
     _, acts, _, out = run(wc, scores, cfg)
     assert acts == [("expand", 0)]  # and its group can no longer collapse
     wcm.check_invariants(out, None, cfg)
+
+
+def test_ties_go_to_the_expansion_then_to_the_oldest_slot():
+    cfg = CFG_A
+    wc = wcm.from_entries([(1, n) for n in range(8)] + [(0, t) for t in range(32, 48)], 48,
+                          cfg)
+    scores = np.zeros(cfg.w_max, np.float32)
+    scores[5] = scores[6] = 0.5  # equal expansions: the older slot first
+    scores[8:12] = -0.5  # tokens [32, 36): a collapse exactly as strong
+    _, acts, _, _ = run(wc, scores, cfg)
+    assert acts == [("expand", 5), ("expand", 6), ("collapse", 8)]
+    assert focus.reference_allocate(wc, scores, cfg)[1] == acts

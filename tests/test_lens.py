@@ -18,7 +18,7 @@ from mcjax.tree import TreeView
 from test_working_context import CFG_A, CFG_L3
 
 DIM = 13  # embedding width of the slots (prime, distinct from every other dim)
-LENS = LensConfig(width=10, num_latents=5, num_heads=2, num_latent_layers=1, mlp_ratio=3)
+LENS = get_config("tiny").lens  # one LensNet init (a slow compile) shared by most tests
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +69,7 @@ LENS_CASES = {
     "K4L2": (CFG_A, LENS),
     "L1": (MCConfig(block_size=5, num_levels=1, w_max=41, recent_protect=6, tail_lod1=4,
                     tail_lod2=1), LensConfig(width=6, num_latents=3, num_heads=3,
-                                             num_latent_layers=2)),
+                                             num_latent_layers=2, query_mlp_ratio=2)),
     "registry-tiny": (get_config("tiny").mc, get_config("tiny").lens),
 }
 
@@ -155,6 +155,13 @@ def test_invalid_slots_do_not_affect_the_scores_of_valid_slots():
                          edit_dir=jnp.where(pad, 1, wc.edit_dir))
     got = np.asarray(_scores(params, junk_emb, junk_wc, tail, cfg))
     np.testing.assert_array_equal(got, base)
+    # nor does their number: the same history in a larger budget scores the same
+    big = dataclasses.replace(cfg, w_max=cfg.w_max + 13)
+    wc_big = wcm.from_entries(wcm.to_entries(wc), int(wc.num_tokens), big)
+    emb_big = jnp.concatenate([emb, jnp.ones((13, DIM), jnp.float32)])
+    got = np.asarray(_scores(params, emb_big, wc_big, tail, big))
+    np.testing.assert_allclose(got[:n], base[:n], atol=1e-6)
+    assert not got[n:].any()
     # control: valid slots' contents do reach a valid slot's score (via the latents)
     j = int(np.flatnonzero(base != 0)[0])
     others = (jnp.arange(cfg.w_max) != j) & wc.valid

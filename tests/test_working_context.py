@@ -492,3 +492,19 @@ def test_check_invariants_names_each_broken_invariant_and_slot():
     with pytest.raises(wcm.InvariantError, match="stream 1: .*'contiguity'"):
         batch = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), wc, gap)
         wcm.check_invariants(batch, None, cfg)
+
+
+def test_append_and_refocus_vmap_over_a_batch_of_streams():
+    cfg = CFG_A
+    rng = np.random.default_rng(4)
+    wcs = [wcm.initial_layout(T, cfg) for T in (37, 300)]
+    batch = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *wcs)
+    scores = jnp.asarray(rng.integers(-32, 33, (2, cfg.w_max)) / 32, jnp.float32)
+    num = jnp.asarray([5, 9], jnp.int32)
+    appended, info = jax.vmap(lambda w, n, s: wcm.append(w, n, cfg, s))(batch, num, scores)
+    refocused, _ = jax.vmap(lambda w, s: focus.allocate(w, s, cfg))(appended, scores)
+    wcm.check_invariants(refocused, None, cfg)
+    for b in range(2):
+        one, _ = wcm.append(wcs[b], num[b], cfg, scores[b])
+        one, _ = focus.allocate(one, scores[b], cfg)
+        chex.assert_trees_all_equal(jax.tree_util.tree_map(lambda x: x[b], refocused), one)

@@ -26,7 +26,7 @@ class DecodeState:
     cache: base.KVCache
     token: jax.Array  # [B] last generated token, the next step's input
     position: jax.Array  # [B] its position id
-    index: jax.Array  # [B] its cache slot
+    index: jax.Array  # [] its cache slot (shared: shorter prompts leave invalid slots)
     step: jax.Array  # [] tokens generated so far
     output: jax.Array  # [B, max_new_tokens] generated ids (pad after EOS)
     done: jax.Array  # [B] stream has emitted EOS
@@ -56,12 +56,12 @@ class GreedySampler:
         slots = jnp.arange(T)[None, :]
         hidden, cache = base.prefill_core(
             params, self.config, cache, prompt, None, jnp.broadcast_to(slots, (B, T)),
-            slots < lengths[:, None], jnp.zeros((B,), jnp.int32), return_hidden=True)
+            slots < lengths[:, None], jnp.int32(0), return_hidden=True)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
         first = jnp.argmax(base.logits_from_hidden(params, self.config, last), -1)
         first = first.astype(jnp.int32)
         output = jnp.full((B, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(first)
-        return DecodeState(cache=cache, token=first, position=lengths, index=lengths,
+        return DecodeState(cache=cache, token=first, position=lengths, index=jnp.int32(T),
                            step=jnp.int32(1), output=output, done=self._is_eos(first))
 
     def _is_eos(self, tok):

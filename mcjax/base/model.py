@@ -73,18 +73,57 @@ def _dense(features: int, name: str, dtype) -> nn.Dense:
                     kernel_init=nn.initializers.normal(0.02))
 
 
-def _write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """buf[b, index[b] : index[b] + T] = new[b] for every batch row b."""
-    def one(b, n, i):
-        return jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0)
-    return jax.vmap(one)(buf, new.astype(buf.dtype), index)
+def _write_layer_slots(buf: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
+    """buf[layer, :, index : index + T] = new, with buf [L, B, S, ...].
+
+    One write index for every stream keeps this a plain in-place dynamic-update-slice (a
+    per-stream index becomes a scatter that XLA:CPU copies the whole cache for). Streams
+    of different lengths stay exact: the slots a shorter stream skips are invalid.
+    """
+    start = (layer, 0, index) + (0,) * (buf.ndim - 3)
+    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), start)
+
+
+ATTENTION_CHUNK = 256  # query rows per block of the causal, cache-free attention
+
+
+def _attend(q, k, v, bias):
+    """q [B, T, H, hd], k/v [B, S, KVH, hd], bias [B, T, S] -> [B, T, H·hd] (GQA)."""
+    B, T, H, hd = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(B, T, kvh, H // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * hd)
+
+
+def attention(q, k, v, bias, *, causal_prefix: bool):
+    """Masked attention. With `causal_prefix` (keys are the queries' own slots, so slot i
+    sees only slots <= i) query block b attends only to the first (b+1)·C keys: the
+    masked upper triangle is skipped instead of computed and thrown away. Blocks are
+    static slices, so this is a fixed, trace-time partition (no data-dependent shapes)."""
+    T = q.shape[1]
+    if not causal_prefix or T <= ATTENTION_CHUNK:
+        return _attend(q, k, v, bias)
+    outs = []
+    for start in range(0, T, ATTENTION_CHUNK):
+        stop = min(start + ATTENTION_CHUNK, T)
+        outs.append(_attend(q[:, start:stop], k[:, :stop], v[:, :stop],
+                            bias[:, start:stop, :stop]))
+    return jnp.concatenate(outs, axis=1)
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm block. The carry is (hidden, stacked KV cache or None, layer index):
+    keeping the whole [layers, ...] cache in the scan carry lets XLA update it in place
+    (a scanned-out cache would be rewritten in full on every decode step)."""
+
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, h, layer_cache, cos, sin, bias, index):
+    def __call__(self, carry, cos, sin, bias, index):
+        h, cache, layer = carry
         c = self.config
         dt = _dtype(c)
         B, T, _ = h.shape
@@ -93,25 +132,21 @@ class DecoderLayer(nn.Module):
         k = _dense(c.num_kv_heads * c.head_dim, "k_proj", dt)(x).reshape(B, T, c.num_kv_heads, c.head_dim)
         v = _dense(c.num_kv_heads * c.head_dim, "v_proj", dt)(x).reshape(B, T, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if layer_cache is None:
+        if cache is None:
             keys, values = k, v
-            new_cache = (k, v)
         else:
-            keys = _write_slots(layer_cache[0], k, index)
-            values = _write_slots(layer_cache[1], v, index)
-            new_cache = (keys, values)
-        groups = c.num_heads // c.num_kv_heads
-        qg = q.reshape(B, T, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dt),
-                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
-        probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(dt)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dt))
+            cache = (_write_layer_slots(cache[0], k, layer, index),
+                     _write_layer_slots(cache[1], v, layer, index))
+            keys = jax.lax.dynamic_index_in_dim(cache[0], layer, 0, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(cache[1], layer, 0, keepdims=False)
+        attn = attention(q, keys.astype(dt), values.astype(dt), bias,
+                         causal_prefix=cache is None)
         h = h + _dense(c.hidden_size, "o_proj", dt)(attn.reshape(B, T, c.num_heads * c.head_dim))
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(h)
         gate = _dense(c.intermediate_size, "gate_proj", dt)(x)
         up = _dense(c.intermediate_size, "up_proj", dt)(x)
         h = h + _dense(c.hidden_size, "down_proj", dt)(nn.silu(gate) * up)
-        return h, new_cache
+        return (h, cache, layer + 1), None
 
 
 class Llama(nn.Module):
@@ -128,7 +163,7 @@ class Llama(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )(c)
         self.final_norm = RMSNorm(c.rms_norm_eps, dt)
@@ -137,7 +172,8 @@ class Llama(nn.Module):
 
     def __call__(self, embeds, positions, bias, cache=None, index=None):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        h, kv = self.layers(embeds.astype(_dtype(self.config)), cache, cos, sin, bias, index)
+        carry = (embeds.astype(_dtype(self.config)), cache, jnp.int32(0))
+        (h, kv, _), _ = self.layers(carry, cos, sin, bias, index)
         return self.final_norm(h), kv
 
     def logits(self, hidden):
@@ -299,7 +335,7 @@ def forward(params: Params, config: LlamaConfig, *, tokens=None, embeds=None, po
 
 def prefill_core(params, config, cache, tokens, embeds, positions, mask, index,
                  return_hidden=False):
-    """Unvalidated, unjitted prefill (see `prefill`); index is [B] int32.
+    """Unvalidated, unjitted prefill (see `prefill`); index is a scalar int32.
 
     With return_hidden the first output is the final hidden state [B, T, D], so callers
     that need a few positions' logits skip the [B, T, V] head.
@@ -307,8 +343,8 @@ def prefill_core(params, config, cache, tokens, embeds, positions, mask, index,
     if embeds is None:
         embeds = embed_tokens(params, tokens)
     B, T = embeds.shape[:2]
-    valid = _write_slots(cache.valid, mask, index)
-    query_slot = index[:, None] + jnp.arange(T)[None, :]
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+    query_slot = jnp.broadcast_to(index + jnp.arange(T)[None, :], (B, T))
     bias = _causal_bias(valid, query_slot)
     model = Llama(config)
     hidden, (k, v) = model.apply({"params": params}, embeds, positions, bias,
@@ -331,20 +367,22 @@ def _check_cache(config: LlamaConfig, cache: KVCache, B: int, T: int, index, nam
         raise InputError(f"{name}: cache batch {cache.batch_size} != input batch {B}")
     if T > cache.capacity:
         raise InputError(f"{name}: {T} slots do not fit a cache of capacity {cache.capacity}")
-    if _is_concrete(index):
-        idx = np.asarray(index)
-        if idx.min() < 0 or idx.max() + T > cache.capacity:
-            raise InputError(f"{name}: writing {T} slots at index {idx.tolist()} overruns the "
-                             f"cache capacity {cache.capacity}")
+    if np.ndim(index) != 0:
+        raise InputError(f"{name}: index must be a scalar slot (shared by all streams), got "
+                         f"shape {np.shape(index)}")
+    if _is_concrete(index) and not 0 <= int(index) <= cache.capacity - T:
+        raise InputError(f"{name}: writing {T} slots at index {int(index)} overruns the "
+                         f"cache capacity {cache.capacity}")
 
 
-def _index_array(index, B):
-    return jnp.broadcast_to(jnp.asarray(index, jnp.int32), (B,))
+def _index_scalar(index):
+    return jnp.asarray(index, jnp.int32)
 
 
 def prefill(params: Params, config: LlamaConfig, cache: KVCache, *, tokens=None, embeds=None,
             positions=None, mask=None, index=0) -> tuple[jax.Array, KVCache]:
-    """Write T slots into the cache at `index` (scalar or [B]) and return their logits.
+    """Write T slots into the cache at slot `index` (a scalar shared by all streams; give
+    shorter streams invalid slots via `mask`) and return their logits.
 
     The slots attend to every valid cache slot before them, so re-prefilling from the first
     changed slot of a working context reuses the unchanged prefix. The cache is donated.
@@ -354,7 +392,7 @@ def prefill(params: Params, config: LlamaConfig, cache: KVCache, *, tokens=None,
     return _prefill(params, config, cache, None if tokens is None else jnp.asarray(tokens),
                     None if embeds is None else jnp.asarray(embeds),
                     _default_positions(positions, B, T), _default_mask(mask, B, T),
-                    _index_array(index, B))
+                    _index_scalar(index))
 
 
 def decode_step_unchecked(params, config, cache, token, position, index):
@@ -371,7 +409,8 @@ _decode_step = jax.jit(decode_step_unchecked, static_argnames=("config",),
 
 def decode_step(params: Params, config: LlamaConfig, cache: KVCache, token, position, index
                 ) -> tuple[jax.Array, KVCache]:
-    """Append one token per stream: token/position/index [B] → (logits [B, V], cache)."""
+    """Append one token per stream at cache slot `index` (scalar): token/position [B] →
+    (logits [B, V], cache)."""
     token = jnp.asarray(token)
     if token.ndim != 1:
         raise InputError(f"decode_step: token must be [batch], got shape {token.shape}")
@@ -381,4 +420,4 @@ def decode_step(params: Params, config: LlamaConfig, cache: KVCache, token, posi
         raise InputError(f"decode_step: position shape {np.shape(position)} != ({B},)")
     _check_cache(config, cache, B, 1, index, "decode_step")
     return _decode_step(params, config, cache, token, jnp.asarray(position),
-                        _index_array(index, B))
+                        _index_scalar(index))
