@@ -18,6 +18,7 @@ from mcjax.gist import GistInputError, _gist_blocks, gist_blocks, init_gist_para
 D = 44  # base width (tiny Llama)
 K = 32  # block size
 POOLINGS = ("mean", "query", "cls")
+N = K + 1  # most tests use this batch size, so each pooling compiles once for them
 BASE_CFG = GistConfig(width=36, num_heads=3, num_layers=2, mlp_ratio=2, pooling="query")
 
 
@@ -42,9 +43,9 @@ def assert_rows_differ(out: np.ndarray, ref: np.ndarray, what: str) -> None:
 
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_gist_blocks_maps_n_blocks_to_n_base_width_vectors(pooling):
-    x = children(5)
+    x = children(N)
     out = gist_blocks(params_for(pooling), cfg_for(pooling), x, 1)
-    chex.assert_shape(out, (5, D))
+    chex.assert_shape(out, (N, D))
     chex.assert_type(out, jnp.float32)
     chex.assert_tree_all_finite(out)
     # Distinct blocks give distinct gists, and no gist is (near) zero.
@@ -67,8 +68,9 @@ def test_each_pooling_head_depends_on_every_child(pooling):
 def test_gists_change_when_two_children_swap(pooling):
     """Children carry RoPE positions, so the block is a sequence, not a set."""
     x = children(1, seed=2)[0]
-    pairs = [(0, 1), (0, 31), (3, 17), (30, 31), (15, 16)]
-    batch = np.repeat(x[None], len(pairs) + 1, axis=0)
+    pairs = [(i, (3 * i + 1) % K) for i in range(K - 1)] + [(0, K - 1)]  # 2i+1 is odd: i != j
+    assert all(i != j for i, j in pairs) and len(pairs) == N - 1
+    batch = np.repeat(x[None], N, axis=0)
     for r, (i, j) in enumerate(pairs):
         batch[r, [i, j]] = batch[r, [j, i]]
     out = np.asarray(gist_blocks(params_for(pooling), cfg_for(pooling), batch, 1))
@@ -78,7 +80,7 @@ def test_gists_change_when_two_children_swap(pooling):
 
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_blocks_in_one_batch_do_not_interact(pooling):
-    x = children(6, seed=3)
+    x = children(N, seed=3)
     y = x.copy()
     y[0] += 1.0  # change block 0 only
     a = np.asarray(gist_blocks(params_for(pooling), cfg_for(pooling), x, 1))
@@ -89,18 +91,19 @@ def test_blocks_in_one_batch_do_not_interact(pooling):
 
 def test_level_embedding_changes_the_gist_and_level_may_vary_per_block():
     p, c = params_for("query"), cfg_for("query")
-    x = children(4, seed=4)
+    x = children(N, seed=4)
     g1 = np.asarray(gist_blocks(p, c, x, 1))
     g2 = np.asarray(gist_blocks(p, c, x, 2))
     assert_rows_differ(g1, g2, "level 1 vs 2")
-    mixed = np.asarray(gist_blocks(p, c, x, np.array([1, 2, 1, 2], np.int32)))
-    chex.assert_trees_all_close(mixed[[0, 2]], g1[[0, 2]], atol=1e-6)
-    chex.assert_trees_all_close(mixed[[1, 3]], g2[[1, 3]], atol=1e-6)
+    levels = np.arange(N, dtype=np.int32) % 2 + 1  # 1, 2, 1, 2, ...
+    mixed = np.asarray(gist_blocks(p, c, x, levels))
+    chex.assert_trees_all_close(mixed[levels == 1], g1[levels == 1], atol=1e-6)
+    chex.assert_trees_all_close(mixed[levels == 2], g2[levels == 2], atol=1e-6)
 
 
 def test_gist_blocks_compiles_once_per_shape_for_every_level():
     p, c = params_for("mean"), cfg_for("mean")
-    x = children(3, seed=5)
+    x = children(N, seed=5)
     gist_blocks(p, c, x, 1)  # ensure compiled
     before = _gist_blocks._cache_size()
     for level in (1, 2, 3, 4, 2, 1):
@@ -147,7 +150,7 @@ def test_gist_blocks_runs_inside_a_jitted_step_with_traced_params_and_level():
 
 
 def test_output_rms_sets_the_initial_gist_scale():
-    x = children(8, seed=12)
+    x = children(N, seed=12)
     for rms in (0.05, 1.0):
         p = init_gist_params(cfg_for("mean"), D, jax.random.PRNGKey(3), output_rms=rms)
         out = np.asarray(gist_blocks(p, cfg_for("mean"), x, 1))

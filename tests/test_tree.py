@@ -454,34 +454,55 @@ def test_gists_lost_in_a_crash_are_made_on_open(tmp_path):
 
 WRITER = r"""
 import sys
-sys.path[:0] = [{repo!r}, {tests!r}]
-import numpy as np
-import test_tree as tt
-path, = sys.argv[1:]
-t = tt.disk_tree(path)
-tokens = tt.stream()
-for start, stop in tt.WRITER_BOUNDS:
+import jax, jax.numpy as jnp, numpy as np
+from flax.traverse_util import unflatten_dict
+from mcjax.config import get_config
+from mcjax.tree import BlockGister, MegaContextTree
+
+path, blob = sys.argv[1:]
+data = dict(np.load(blob))
+table = jnp.asarray(data.pop("__embed__"))
+tokens, bounds = data.pop("__tokens__"), data.pop("__bounds__")
+gparams = unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in data.items()})
+cfg = get_config("tiny")
+gister = BlockGister(cfg.gist, gparams, lambda ids: jnp.take(table, ids, axis=0),
+                     embed_dim=table.shape[1], block_size=cfg.mc.block_size,
+                     vocab_size=table.shape[0], gist_batch=16)
+t = MegaContextTree.create(path, cfg.mc, gister, model_name=MODEL_NAME)
+for start, stop in bounds:
     t.append(tokens[start:stop])
     print(stop, flush=True)  # acknowledged: durable from here on
 """
 
 
+WRITER_TOKENS = 12_000  # far more than the writer reaches before the kill
+
+
 def _writer_bounds():
     rng = np.random.default_rng(3)
-    sizes = rng.choice([1, 7, 31, 32, 33, 97, 300], size=400)
-    ends = np.minimum(np.cumsum(sizes), len(stream()))
+    sizes = rng.choice([1, 7, 31, 32, 33, 97, 300], size=1000)
+    ends = np.minimum(np.cumsum(sizes), WRITER_TOKENS)
     starts = np.concatenate([[0], ends[:-1]])
     return [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
 
 
-WRITER_BOUNDS = _writer_bounds()
-
-
 def test_writer_killed_with_sigkill_recovers_every_complete_entry(tmp_path):
-    script = WRITER.format(repo=str(REPO), tests=str(TESTS_DIR))
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    """A separate process appends (same params, saved to a file: a lighter start); we
+    SIGKILL it mid-stream, reopen, compare with an in-memory tree, and keep appending."""
+    from flax.traverse_util import flatten_dict
+
+    bounds = _writer_bounds()
+    tokens = stream(WRITER_TOKENS, seed=5)
+    blob = tmp_path / "writer_inputs.npz"
+    np.savez(blob, __embed__=np.asarray(base_params()["embed"]["embedding"]),
+             __tokens__=tokens, __bounds__=np.asarray(bounds),
+             **{"/".join(k): np.asarray(v) for k, v in flatten_dict(gist_params()).items()})
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER.replace("MODEL_NAME", repr(MODEL)), str(store), str(blob)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu",
+             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     acked = 0
     deadline = time.monotonic() + 240
     try:
@@ -495,17 +516,16 @@ def test_writer_killed_with_sigkill_recovers_every_complete_entry(tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    tokens = stream()
-    with open_tree(tmp_path) as r:
+    with open_tree(store) as r:
         n = r.num_tokens
         # Every acknowledged entry survived; at most the append in flight is lost or kept.
         assert n >= acked
-        assert n in {stop for _, stop in WRITER_BOUNDS}
+        assert n in {stop for _, stop in bounds}
         assert n < len(tokens), "writer finished before it was killed; kill sooner"
-        assert_files_hold_exactly_the_counted_rows(tmp_path, r)
+        assert_files_hold_exactly_the_counted_rows(store, r)
         assert_trees_identical(r, memory_tree(tokens[:n]))
         append_in_chunks(r, tokens[n:], (33, 1000, 7))
-        assert_trees_identical(r, reference(len(tokens)))
+        assert_trees_identical(r, memory_tree(tokens))
 
 
 # --------------------------------------------------------------------------- corrupt files

@@ -1,8 +1,11 @@
-"""The GistNet training loop (big_vision style: one readable loop) and its evaluation.
+"""Training loops (big_vision style: one readable loop, `run_training`, shared by all) and
+their evaluations.
 
 `train_gist(cfg, workdir)` resumes from the latest checkpoint in `workdir` by default,
 logs metrics as JSON lines to `workdir/metrics.jsonl`, evaluates held-out ΔNLL@H beside
 the truncation and mean-pooling baselines, and checkpoints state + data position.
+`train_lens` (LensNet on counterfactual utilities, GistNet frozen: trained from a gist
+workdir or untrained) and `train_joint` (both nets, summed objectives) do the same.
 Randomness per step is `fold_in(seed, step)` and the data position is checkpointed, so a
 killed and resumed run ends with the same params as an uninterrupted one.
 """
@@ -13,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcjax import sharding
-from mcjax.checkpoint import Checkpointer
-from mcjax.config import ExperimentConfig
+from mcjax.checkpoint import CheckpointError, Checkpointer
+from mcjax.config import ExperimentConfig, LensConfig
 from mcjax.gist import init_gist_params
+from mcjax.lens import init_lens
 from mcjax.train import data, losses, steps
 
 
@@ -151,60 +156,82 @@ def maybe_initialize_distributed() -> bool:
     return False
 
 
-def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
-               progress: bool = True, eval_batches: int = 4,
-               stop_after: int | None = None) -> dict[str, Any]:
-    """Train GistNet on substitutability; returns the final metrics and evaluations.
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What one kind of training run adds to the shared loop (`run_training`)."""
 
-    `stop_after` ends the process's work after that many steps of this call (the run can be
-    resumed later), which tests use to emulate interruptions deterministically.
-    """
+    name: str  # progress-bar label and `run` in checkpoint metadata
+    step: Any  # steps.GistStep | steps.LensStep | steps.JointStep
+    optimizer: Any
+    params: dict  # initial trainable params
+    frozen_inputs: Any  # the step's frozen argument (unplaced)
+    # (trainable params, sharded step, placed frozen inputs, held-out batches) -> metrics
+    evaluate: Callable[[Any, steps.ShardedStep, Any, list], dict] | None
+    postfix: Callable[[dict], dict]  # train metrics -> progress-bar fields
+    meta: dict | None = None  # saved with every checkpoint; a resume must match it
+    notes: dict | None = None  # written to the log (and stderr) when the run starts
+
+
+def _check_resume(saved: dict, expected: dict | None, where: Path) -> None:
+    for key, want in (expected or {}).items():
+        have = saved.get(key)
+        if have != want:
+            raise ValueError(
+                f"cannot resume {where}: its checkpoints were made with {key}={have!r} but this "
+                f"run uses {key}={want!r}; pass the original settings or start afresh "
+                f"(--no-resume / resume=False) in another workdir")
+
+
+def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job, *,
+                 resume: bool, progress: bool, eval_batches: int, stop_after: int | None
+                 ) -> dict[str, Any]:
+    """The loop every trainer shares: sharded jitted step, resumable data, checkpoints with
+    the data position, metrics.jsonl, held-out evaluation before / during / after."""
     from tqdm.auto import tqdm
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    frozen = load_frozen(cfg)
-    cfg = frozen.cfg
-    layout = gist_layout(cfg)
-    layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
     tc = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
-    optimizer = steps.make_optimizer(tc)
-    gist_params = init_gist_params(cfg.gist, cfg.base_config.hidden_size,
-                                   jax.random.key(tc.seed), block_size=cfg.mc.block_size)
-    state = steps.init_state({"gist": gist_params}, optimizer)
-    step_fn = steps.GistStep(cfg, layout)
-    sharded = steps.jit_step(step_fn, optimizer, mesh, state, frozen.params, tc.batch_size)
+    state = steps.init_state(job.params, job.optimizer)
+    sharded = steps.jit_step(job.step, job.optimizer, mesh, state, job.frozen_inputs,
+                             tc.batch_size)
     corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "train",
                                    separator=frozen.separator, progress=progress)
     batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     log = MetricsLog(workdir / "metrics.jsonl")
     eval_set = (held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
-                if eval_batches else [])
+                if eval_batches and job.evaluate is not None else [])
 
     start = 0
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state, cfg)
+        _check_resume(meta.get("extra") or {}, job.meta, workdir)
         batches.restore(meta["data_position"])
         start = int(state.step)
-    base_params = sharded.place_base(frozen.params)
+    frozen_placed = sharded.place_base(job.frozen_inputs)
     state = sharded.place_state(state)
+    if job.notes:
+        log.write(start, "info", job.notes)
+        for k, v in job.notes.items():
+            print(f"{job.name}: {k}: {v}", file=sys.stderr)
+
+    def evaluate(params):
+        return job.evaluate(params, sharded, frozen_placed, eval_set)
+
     result: dict[str, Any] = {"start_step": start}
     if start == 0 and eval_set:
-        result["eval_before"] = evaluate_substitution(
-            state.params["gist"], frozen, eval_set, layouts)
+        result["eval_before"] = evaluate(state.params)
         log.write(0, "eval", result["eval_before"])
 
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     tokens_per_step = tc.batch_size * tc.seq_len
-    bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train_gist",
+    bar = tqdm(range(start, end), initial=start, total=tc.steps, desc=job.name,
                disable=not progress)
     t_last, metrics = time.perf_counter(), {}
     for step in bar:
         batch = sharded.place_batch(next(batches))
         rng = sharded.place_rng(jax.random.fold_in(jax.random.key(tc.seed), step))
-        state, metrics = sharded.train(state, base_params, batch, rng)
+        state, metrics = sharded.train(state, frozen_placed, batch, rng)
         done = step + 1
         if done % tc.log_every == 0 or done == end:
             metrics = jax.device_get(metrics)
@@ -214,20 +241,190 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
                 now - t_last, 1e-9)
             t_last = now
             log.write(done, "train", metrics)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
-                            dnll=f"{float(metrics['delta_nll']):+.4f}")
+            bar.set_postfix(**job.postfix(metrics))
         if eval_set and done % tc.eval_every == 0 and done != end:
-            log.write(done, "eval", evaluate_substitution(state.params["gist"], frozen,
-                                                          eval_set, layouts))
+            log.write(done, "eval", evaluate(state.params))
         if done % tc.checkpoint_every == 0 or done == end:
-            ckpt.save(done, state, batches.state(), cfg)
+            ckpt.save(done, state, batches.state(), cfg, job.meta)
     ckpt.wait()
     ckpt.close()
     if end == tc.steps and eval_set:
-        result["eval_after"] = evaluate_substitution(state.params["gist"], frozen, eval_set,
-                                                     layouts)
+        result["eval_after"] = evaluate(state.params)
         log.write(end, "eval", result["eval_after"])
     result.update(end_step=end, last_train_metrics=_to_py(jax.device_get(metrics)),
                   workdir=str(workdir))
     result["state"] = state
     return result
+
+
+def _init_gist(cfg: ExperimentConfig):
+    return init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(cfg.train.seed),
+                            block_size=cfg.mc.block_size)
+
+
+def _init_lens(cfg: ExperimentConfig):
+    return init_lens(cfg.lens, cfg.mc, cfg.base_config.hidden_size,
+                     jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+
+
+def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
+               progress: bool = True, eval_batches: int = 4,
+               stop_after: int | None = None) -> dict[str, Any]:
+    """Train GistNet on substitutability; returns the final metrics and evaluations.
+
+    `stop_after` ends the process's work after that many steps of this call (the run can be
+    resumed later), which tests use to emulate interruptions deterministically.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    frozen = load_frozen(cfg)
+    cfg = frozen.cfg
+    layout = gist_layout(cfg)
+    layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
+    job = Job(
+        name="train_gist", step=steps.GistStep(cfg, layout),
+        optimizer=steps.make_optimizer(cfg.train), params={"gist": _init_gist(cfg)},
+        frozen_inputs=frozen.params,
+        evaluate=lambda params, sh, fz, batches: evaluate_substitution(
+            params["gist"], frozen, batches, layouts),
+        postfix=lambda m: {"loss": f"{float(m['loss']):.4f}",
+                           "dnll": f"{float(m['delta_nll']):+.4f}"})
+    return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
+                        eval_batches=eval_batches, stop_after=stop_after)
+
+
+# --------------------------------------------------------------------------- LensNet
+
+
+def lens_task(cfg: ExperimentConfig, candidates: int = 4) -> losses.LensTask:
+    """The counterfactual task of a config: the WC covers the window's prefix
+    (seq_len − H tokens), scored on the H continuation tokens."""
+    H = cfg.mc.horizon
+    prefix = cfg.train.seq_len - H
+    if prefix <= 0 or prefix % cfg.mc.block_size:
+        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) minus mc.horizon ({H}) must be "
+                         f"a positive multiple of block_size ({cfg.mc.block_size})")
+    return losses.LensTask.build(cfg.mc, prefix, candidates=candidates,
+                                 layout_seed=cfg.train.seed)
+
+
+def _task_meta(task: losses.LensTask) -> dict:
+    return {"prefix_len": task.prefix_len, "horizon": task.horizon,
+            "num_expand": task.num_expand, "num_collapse": task.num_collapse,
+            "num_layouts": task.num_layouts, "max_random_edits": task.max_random_edits,
+            "layout_seed": task.layout_seed}
+
+
+def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | None
+                     ) -> tuple[Any, dict]:
+    """GistNet params for lens training and where they came from.
+
+    From the latest checkpoint of a `train_gist` (or `train_joint`) workdir, checked against
+    `cfg`'s base model, GistNet and block structure (LensNet settings may differ); or, with
+    no workdir, an untrained GistNet drawn from the config's seed.
+    """
+    if gist_workdir is None:
+        return _init_gist(cfg), {"source": "untrained", "seed": cfg.train.seed}
+    ckpt = Checkpointer(gist_workdir, create=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {gist_workdir}")
+        meta = ckpt.read_meta(step)
+        saved = meta["config"]
+        # only GistNet's architecture matters here: accept the checkpoint's LensNet section
+        check_cfg = dataclasses.replace(cfg, lens=LensConfig(**saved["lens"]))
+        params = {"gist": _init_gist(cfg)}
+        optimizer = steps.make_optimizer(cfg.train)
+        if (meta.get("extra") or {}).get("run") == "train_joint":
+            params["lens"] = _init_lens(check_cfg)
+            optimizer = steps.make_joint_optimizer(cfg.train)
+        state, _ = ckpt.restore(steps.init_state(params, optimizer), check_cfg, step)
+    finally:
+        ckpt.close()
+    path = str(Path(gist_workdir).absolute())
+    return state.params["gist"], {"source": "checkpoint", "path": path, "step": int(step)}
+
+
+def evaluate_lens(sharded: steps.ShardedStep, params, frozen_placed, batches: list[np.ndarray],
+                  prefix: str = "") -> dict[str, float]:
+    """Held-out lens metrics (the step's `evaluate`, fixed candidate key), averaged over
+    batches; `prefix` selects and strips a metric prefix (e.g. "lens/")."""
+    sums: dict[str, float] = {}
+    for batch in batches:
+        metrics = jax.device_get(sharded.evaluate(params, frozen_placed,
+                                                  sharded.place_batch(batch)))
+        for k, v in metrics.items():
+            if k.startswith(prefix):
+                sums[k[len(prefix):]] = sums.get(k[len(prefix):], 0.0) + float(v)
+    return {k: v / len(batches) for k, v in sums.items()}
+
+
+def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
+               gist_workdir: str | os.PathLike | None = None, resume: bool = True,
+               progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
+               candidates: int = 4) -> dict[str, Any]:
+    """Train LensNet on counterfactual focus utilities with the base model and GistNet
+    frozen (GistNet from `gist_workdir`'s latest checkpoint, else untrained — logged).
+
+    Held-out evaluation: the lens loss and its terms, pair accuracy and score/utility
+    correlations on a fixed set of candidates, and ΔNLL@H of the compressed WCs.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    frozen = load_frozen(cfg)
+    cfg = frozen.cfg
+    gist_params, gist_source = load_gist_params(cfg, gist_workdir)
+    task = lens_task(cfg, candidates)
+    step = steps.LensStep(cfg, task)
+    if gist_source["source"] == "untrained":
+        note = (f"untrained GistNet (random init, seed {cfg.train.seed}): no gist workdir was "
+                f"given; pass --gist-workdir to use trained gists")
+    else:
+        note = f"GistNet from {gist_source['path']} (step {gist_source['step']})"
+    job = Job(
+        name="train_lens", step=step, optimizer=steps.make_optimizer(cfg.train),
+        params={"lens": _init_lens(cfg)},
+        frozen_inputs=step.frozen_inputs(frozen.params, gist_params),
+        evaluate=lambda params, sh, fz, batches: {"lens": evaluate_lens(sh, params, fz,
+                                                                        batches)},
+        postfix=lambda m: {"loss": f"{float(m['loss']):.4f}",
+                           "corr": f"{float(m['score_target_corr']):+.3f}"},
+        meta={"run": "train_lens", "gistnet": gist_source, "lens_task": _task_meta(task)},
+        notes={"gistnet": note})
+    result = run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
+                          eval_batches=eval_batches, stop_after=stop_after)
+    result["gistnet"] = gist_source
+    return result
+
+
+def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
+                progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
+                candidates: int = 4, lens_weight: float = 1.0) -> dict[str, Any]:
+    """Train GistNet and LensNet together on the same batches (summed objectives, see
+    `steps.JointStep`). Held-out evaluation: substitution ΔNLL@H beside the baselines (as
+    `train_gist`) and the lens metrics (as `train_lens`)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    frozen = load_frozen(cfg)
+    cfg = frozen.cfg
+    layout = gist_layout(cfg)
+    layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
+    task = lens_task(cfg, candidates)
+
+    def evaluate(params, sh, fz, batches):
+        return {"substitution": evaluate_substitution(params["gist"], frozen, batches, layouts),
+                "lens": evaluate_lens(sh, params, fz, batches, prefix="lens/")}
+
+    job = Job(
+        name="train_joint",
+        step=steps.JointStep(cfg, layout, task, lens_weight=lens_weight),
+        optimizer=steps.make_joint_optimizer(cfg.train),
+        params={"gist": _init_gist(cfg), "lens": _init_lens(cfg)},
+        frozen_inputs=frozen.params, evaluate=evaluate,
+        postfix=lambda m: {"gist": f"{float(m['gist/loss']):.4f}",
+                           "lens": f"{float(m['lens/loss']):.4f}"},
+        meta={"run": "train_joint", "lens_task": _task_meta(task),
+              "lens_weight": lens_weight})
+    return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
+                        eval_batches=eval_batches, stop_after=stop_after)

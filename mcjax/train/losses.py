@@ -13,19 +13,24 @@ previous token (`target[i] = token[i + 1]`), so their NLLs are directly comparab
 
 The gists flow into the frozen base model as input embeddings; gradients reach GistNet
 only (the base params are a separate, undifferentiated pytree).
+
+LensNet counterfactual focus (`LensTask`, `counterfactuals`, `lens_objective`,
+`lens_loss`): see the section comment further down.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mcjax.base import model as base
-from mcjax.config import GistConfig, LlamaConfig, MCConfig
+from mcjax.config import GistConfig, LensConfig, LlamaConfig, MCConfig
 from mcjax.gist import GistNet
 
 Params = Any
@@ -180,3 +185,445 @@ def gist_loss(gist_params, base_params, tokens: jax.Array, *, base_cfg: LlamaCon
     loss = nll_weight * nll.mean() + kl_weight * kl.mean()
     return loss, {"loss": loss, "nll": nll.mean(), "nll_full": full_nll.mean(),
                   "delta_nll": (nll - full_nll).mean(), "kl": kl.mean()}
+
+
+# =========================================================================== LensNet
+#
+# Counterfactual focus (SPEC §2.8.2). For each window of S = P + H tokens:
+#
+# 1. The prefix [0, P) forms a MegaContext tree (LOD1 gists of every block, LOD2 gists of
+#    every complete group, made by GistNet from LOD1 gists as the tree does) and a
+#    *compressed* working context over it: one of a bank of legal layouts (initial layouts
+#    at several budgets, plus a few random expands/collapses so older spans are sometimes
+#    fine and newer ones coarse), each leaving room for one more expansion.
+# 2. C candidate actions are drawn from the legal ones: `num_expand` gists to expand and
+#    `num_collapse` aligned sibling groups to collapse.
+# 3. One batched forward of the frozen base model scores V = C + 1 variants — the WC as is
+#    and the WC with each single action applied — on the identical H continuation targets
+#    tokens[P : P + H]. Each variant is packed as [WC slots (W, padding masked) ‖ tokens
+#    P .. P+H-2]; target 0 is predicted from the WC's last valid slot (token P-1), target i
+#    from the continuation slot holding token P+i-1. ΔNLL@H differences between variants
+#    are the counterfactual utilities (the full-context NLL cancels out).
+# 4. The *value of detail* of a candidate, in nats/token, is what its span's detail is
+#    worth: for an expansion the NLL it saves, for a collapse the NLL it costs. Both should
+#    map to the same signed score: expand a gist when its value beats the budget's price,
+#    collapse a group when its value is below it. Per example the price is the mean value
+#    over the candidates (zero-sum: expansions are paid for by collapses) and the spread is
+#    normalised: target = tanh((value − mean) / (std + utility_eps)).
+#
+# Loss on LensNet's scores (gradients reach LensNet only; the utilities are constants):
+#   regression · mean (ŝ − target)²   ŝ = the slot's score (expand) or the group's mean
+#                                       score (collapse), exactly what the allocator reads
+# + ranking    · Bradley–Terry: −log σ(β (ŝ_i − ŝ_j)) over candidate pairs with
+#                value_i > value_j, weighted by |target_i − target_j|
+# + budget     · (Σ_legal-expands relu(s) − Σ_legal-groups relu(−mean s))² / n_legal²:
+#                expansion pressure is balanced by collapse pressure
+# + illegal    · mean over valid slots of the squared illegal part of the *unmasked* score
+#                (LOD0 expanding, top level / protected tail collapsing); the output mask
+#                hides these, the penalty keeps the raw head honest
+# =========================================================================== LensNet
+
+# Candidate kinds.
+NO_CANDIDATE, EXPAND_CANDIDATE, COLLAPSE_CANDIDATE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LensTask:
+    """Static shape of the counterfactual lens objective (hashable: a jit static argument)."""
+
+    mc: MCConfig
+    prefix_len: int  # P: tokens the working context covers, a multiple of block_size
+    horizon: int  # H: continuation tokens scored
+    num_expand: int = 2  # expansion candidates per example
+    num_collapse: int = 2  # collapse candidates per example
+    num_layouts: int = 16  # compressed layouts in the bank
+    max_random_edits: int = 3  # random legal edits applied to a bank layout
+    layout_seed: int = 0
+
+    @classmethod
+    def build(cls, mc: MCConfig, prefix_len: int, *, horizon: int | None = None,
+              candidates: int = 4, num_layouts: int = 16, max_random_edits: int = 3,
+              layout_seed: int = 0) -> "LensTask":
+        from mcjax import working_context as wcm
+
+        K, H = mc.block_size, horizon or mc.horizon
+        if prefix_len <= 0 or prefix_len % K:
+            raise ValueError(f"prefix_len ({prefix_len}) must be a positive multiple of "
+                             f"block_size ({K})")
+        if H < 1:
+            raise ValueError(f"horizon must be >= 1, got {H}")
+        if candidates < 1 or num_layouts < 1 or max_random_edits < 0:
+            raise ValueError(f"need candidates >= 1, num_layouts >= 1, max_random_edits >= 0; "
+                             f"got {candidates}, {num_layouts}, {max_random_edits}")
+        lo = max(wcm.min_slots(prefix_len, mc), mc.recent_protect + K)
+        if lo + K - 1 > mc.w_max:
+            raise ValueError(
+                f"w_max={mc.w_max} cannot hold a compressed working context of "
+                f"{prefix_len} tokens ({lo} slots) plus one expansion ({K - 1} more): "
+                f"need w_max >= {lo + K - 1}")
+        num_expand = (candidates + 1) // 2
+        return cls(mc=mc, prefix_len=prefix_len, horizon=H, num_expand=num_expand,
+                   num_collapse=candidates - num_expand, num_layouts=num_layouts,
+                   max_random_edits=max_random_edits, layout_seed=layout_seed)
+
+    @property
+    def num_candidates(self) -> int:
+        return self.num_expand + self.num_collapse
+
+    @property
+    def num_variants(self) -> int:
+        return self.num_candidates + 1
+
+    @property
+    def window_len(self) -> int:
+        return self.prefix_len + self.horizon
+
+
+def _collapsible_head(entries, i: int, num_tokens: int, mc: MCConfig) -> bool:
+    """Host mirror of `legal_collapse_heads` on an entry list."""
+    K = mc.block_size
+    lvl, node = entries[i]
+    return (lvl < mc.num_levels and node % K == 0 and i + K - 1 < len(entries)
+            and entries[i + K - 1] == (lvl, node + K - 1)
+            and (node // K + 1) * K ** (lvl + 1) <= num_tokens - mc.recent_protect)
+
+
+@functools.lru_cache(maxsize=16)
+def lens_layout_bank(task: LensTask):
+    """`num_layouts` legal compressed WCs of the prefix, stacked: a WorkingContext of numpy
+    arrays with a leading layout axis. Deterministic in `task` (host, numpy, cached).
+
+    Layout i starts from `initial_layout` at a budget spread between the coarsest legal
+    one and w_max − (K − 1), then takes up to `max_random_edits` random legal edits (a
+    collapse or an expansion, equally likely) that keep K − 1 slots free, so every layout
+    can still take any single counterfactual expansion.
+    """
+    with jax.ensure_compile_time_eval():  # host constants, even when first asked inside jit
+        return _build_layout_bank(task)
+
+
+def _build_layout_bank(task: LensTask):
+    from mcjax import working_context as wcm
+
+    mc, T, K = task.mc, task.prefix_len, task.mc.block_size
+    rng = np.random.default_rng([task.layout_seed, 0x1E45])
+    room = mc.w_max - (K - 1)
+    lo = max(wcm.min_slots(T, mc), mc.recent_protect + K)
+    budgets = np.linspace(lo, room, task.num_layouts).round().astype(int)
+    layouts = []
+    for budget in budgets:
+        start = wcm.initial_layout(T, dataclasses.replace(mc, w_max=int(budget)))
+        entries = [(lv, nd) for lv, nd, _, _ in wcm.to_entries(start)]
+        for _ in range(int(rng.integers(0, task.max_random_edits + 1))):
+            expands = ([i for i, (lv, _) in enumerate(entries) if lv >= 1]
+                       if len(entries) + K - 1 <= room else [])
+            heads = [i for i in range(len(entries)) if _collapsible_head(entries, i, T, mc)]
+            kinds = [k for k, c in (("expand", expands), ("collapse", heads)) if c]
+            if not kinds:
+                break
+            kind = kinds[int(rng.integers(len(kinds)))]
+            if kind == "expand":
+                i = expands[int(rng.integers(len(expands)))]
+                lv, nd = entries[i]
+                entries[i: i + 1] = [(lv - 1, nd * K + r) for r in range(K)]
+            else:
+                i = heads[int(rng.integers(len(heads)))]
+                lv, nd = entries[i]
+                entries[i: i + K] = [(lv + 1, nd // K)]
+        wc = wcm.from_entries(entries, T, mc)
+        wcm.check_invariants(wc, None, mc)
+        layouts.append(jax.tree.map(np.asarray, wc))
+    return jax.tree.map(lambda *xs: np.stack(xs), *layouts)
+
+
+def prefix_tree(gist_fn: Callable, base_params, tokens: jax.Array, task: LensTask):
+    """Batched TreeView of each window's prefix: token ids [B, P], LOD1 gists of every block
+    and, level by level, gists of every complete group of K lower gists ([B, max(n, 1), D];
+    a level with no complete group keeps one zero row and count 0)."""
+    from mcjax.tree import TreeView
+
+    mc, P = task.mc, task.prefix_len
+    K = mc.block_size
+    B = tokens.shape[0]
+    prefix = tokens[:, :P]
+    lower = base.embed_tokens(base_params, prefix)
+    D = lower.shape[-1]
+    gists, counts = [], [P]
+    for lvl in range(1, mc.num_levels + 1):
+        n = counts[-1] // K
+        if n:
+            rows = gist_fn(lower[:, : n * K].reshape(B * n, K, D), lvl).reshape(B, n, D)
+        else:
+            rows = jnp.zeros((B, 1, D), jnp.float32)
+        gists.append(rows.astype(jnp.dtype(mc.gist_dtype)))
+        counts.append(n)
+        lower = rows
+    counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (B, mc.num_levels + 1))
+    return TreeView(tokens=prefix.astype(jnp.int32), gists=tuple(gists), counts=counts)
+
+
+@flax.struct.dataclass
+class Candidates:
+    """C candidate actions on one WC: expansions first, then collapses."""
+
+    kind: jax.Array  # [..., C] int32 EXPAND_CANDIDATE / COLLAPSE_CANDIDATE
+    slot: jax.Array  # [..., C] int32 the gist's slot / the group's first slot
+    valid: jax.Array  # [..., C] bool: a legal action was drawn and applies
+
+
+def sample_candidates(wc, rng: jax.Array, task: LensTask) -> Candidates:
+    """Draw `num_expand` legal expansions and `num_collapse` legal collapses of one WC,
+    uniformly without replacement (Gumbel-style top-k of uniform keys over the legal
+    mask); slots beyond what is legal are marked invalid."""
+    from mcjax import working_context as wcm
+
+    mc = task.mc
+    k_exp, k_col = jax.random.split(rng)
+    legal_exp = wcm.legal_expand_mask(wc.level, wc.valid, mc)
+    legal_col = wcm.legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, mc)
+
+    def draw(key, legal, k):
+        if k == 0:
+            return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
+        keys = jnp.where(legal, jax.random.uniform(key, legal.shape), -1.0)
+        vals, idx = jax.lax.top_k(keys, k)
+        return idx.astype(jnp.int32), vals >= 0.0
+
+    e_slot, e_ok = draw(k_exp, legal_exp, task.num_expand)
+    c_slot, c_ok = draw(k_col, legal_col, task.num_collapse)
+    kind = jnp.concatenate([jnp.full((task.num_expand,), EXPAND_CANDIDATE, jnp.int32),
+                            jnp.full((task.num_collapse,), COLLAPSE_CANDIDATE, jnp.int32)])
+    return Candidates(kind=kind, slot=jnp.concatenate([e_slot, c_slot]),
+                      valid=jnp.concatenate([e_ok, c_ok]))
+
+
+def candidate_variants(wc, cands: Candidates, task: LensTask):
+    """The V = C + 1 variant WCs of one example (variant 0: `wc` unchanged) and, per
+    candidate, whether its edit applied (an illegal or over-budget edit leaves the WC as
+    is and is marked invalid)."""
+    from mcjax import working_context as wcm
+
+    W = task.mc.w_max
+    at = (jnp.arange(W)[None, :] == cands.slot[:, None]) & cands.valid[:, None]
+    expand_masks = at & (cands.kind == EXPAND_CANDIDATE)[:, None]
+    collapse_heads = at & (cands.kind == COLLAPSE_CANDIDATE)[:, None]
+    edited, ok = jax.vmap(lambda e, c: wcm.apply_edits(wc, e, c, task.mc))(
+        expand_masks, collapse_heads)
+    variants = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), wc, edited)
+    return variants, cands.valid & ok
+
+
+def _variant_inputs(variants, tree_view, base_params, tokens, task: LensTask):
+    """Packed base-model inputs of one example's variants: embeds [V, W+H-1, D], positions,
+    mask, the slot predicting each target [V, H] and the last token that slot holds."""
+    from mcjax import working_context as wcm
+
+    mc, P, H, W = task.mc, task.prefix_len, task.horizon, task.mc.w_max
+    emb, pos, valid = jax.vmap(lambda wc: wcm.materialize(wc, tree_view, base_params, mc))(
+        variants)
+    V = emb.shape[0]
+    n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [V]
+    cont = base.embed_tokens(base_params, tokens[P: P + H - 1]).astype(emb.dtype)
+    cont_pos = (P + jnp.arange(H - 1, dtype=jnp.int32)[None, :] if mc.position_scheme ==
+                "absolute" else n_valid[:, None] + jnp.arange(H - 1, dtype=jnp.int32))
+    embeds = jnp.concatenate([emb, jnp.broadcast_to(cont, (V,) + cont.shape)], axis=1)
+    positions = jnp.concatenate([pos, jnp.broadcast_to(cont_pos, (V, H - 1))], axis=1)
+    mask = jnp.concatenate([valid, jnp.ones((V, H - 1), bool)], axis=1)
+    last = n_valid - 1
+    predict_slot = jnp.concatenate(
+        [last[:, None], jnp.broadcast_to(W + jnp.arange(H - 1, dtype=jnp.int32), (V, H - 1))],
+        axis=1)
+    last_level = jnp.take_along_axis(variants.level, last[:, None], axis=1)[:, 0]
+    last_node = jnp.take_along_axis(variants.node, last[:, None], axis=1)[:, 0]
+    last_token = (last_node + 1) * wcm.span_size(last_level, mc) - 1
+    source_token = jnp.concatenate(
+        [last_token[:, None], jnp.broadcast_to(P + jnp.arange(H - 1, dtype=jnp.int32),
+                                               (V, H - 1))], axis=1)
+    return embeds, positions, mask, predict_slot, source_token
+
+
+@flax.struct.dataclass
+class Counterfactuals:
+    """Everything the lens objective needs, per example (leading batch axis B)."""
+
+    wc: Any  # WorkingContext [B, W]: the compressed WC LensNet scores
+    slot_embeds: jax.Array  # [B, W, D] its materialized slots
+    tail: Any  # TailGists [B, Nt, D]
+    candidates: Candidates  # [B, C]
+    valid: jax.Array  # [B, C] candidate drawn and applied
+    nll: jax.Array  # [B, V, H] per-target NLL of each variant (variant 0: the WC as is)
+    targets: jax.Array  # [B, H] tokens[P : P + H], the same for every variant
+    source_token: jax.Array  # [B, V, H] last token held by the slot predicting each target
+    value: jax.Array  # [B, C] value of detail of each candidate's span (nats/token)
+    nll_full: jax.Array | None = None  # [B, H] NLL given the whole raw window, if computed
+
+
+def counterfactuals(gist_fn: Callable, base_params, base_cfg: LlamaConfig, tokens: jax.Array,
+                    rng: jax.Array, task: LensTask, *, with_full_context: bool = False
+                    ) -> Counterfactuals:
+    """Compressed WCs, candidate actions and their counterfactual NLLs for a batch of windows
+    [B, ≥ P + H]: one batched forward over B · (C + 1) variants. Constant w.r.t. every
+    parameter (stop_gradient): utilities are targets, not paths for gradients."""
+    from mcjax import lens as lensmod
+
+    base_params = jax.lax.stop_gradient(base_params)
+    mc, P, H = task.mc, task.prefix_len, task.horizon
+    if tokens.shape[1] < task.window_len:
+        raise ValueError(f"windows of {tokens.shape[1]} tokens are shorter than prefix "
+                         f"{P} + horizon {H}")
+    B, V = tokens.shape[0], task.num_variants
+    views = jax.lax.stop_gradient(prefix_tree(gist_fn, base_params, tokens, task))
+    bank = jax.tree.map(jnp.asarray, lens_layout_bank(task))
+    keys = jax.random.split(rng, B)
+
+    def per_example(key, view, toks):
+        k_layout, k_cand = jax.random.split(key)
+        pick = jax.random.randint(k_layout, (), 0, task.num_layouts)
+        wc = jax.tree.map(lambda x: x[pick], bank)
+        cands = sample_candidates(wc, k_cand, task)
+        variants, ok = candidate_variants(wc, cands, task)
+        inputs = _variant_inputs(variants, view, base_params, toks, task)
+        tail = lensmod.tail_gists(view, mc)
+        return wc, inputs[0][0, : mc.w_max], tail, cands, ok, inputs
+
+    wc, slot_embeds, tail, cands, ok, inputs = jax.vmap(per_example)(keys, views, tokens)
+    embeds, positions, mask, predict_slot, source_token = inputs
+    flat = lambda x: x.reshape((B * V,) + x.shape[2:])  # noqa: E731
+    hidden = base.forward_core(base_params, base_cfg, None, flat(embeds), flat(positions),
+                               flat(mask), return_hidden=True)
+    hidden = jnp.take_along_axis(hidden, flat(predict_slot)[..., None], axis=1)  # [BV, H, D]
+    logp = jax.nn.log_softmax(base.logits_from_hidden(base_params, base_cfg, hidden), axis=-1)
+    targets = tokens[:, P: P + H]
+    flat_targets = jnp.repeat(targets, V, axis=0)
+    nll = -jnp.take_along_axis(logp, flat_targets[..., None], axis=-1)[..., 0]
+    nll = nll.reshape(B, V, H)
+    mean_nll = nll.mean(-1)
+    change = mean_nll[:, 1:] - mean_nll[:, :1]  # NLL change of each single action
+    value = jnp.where(cands.kind == EXPAND_CANDIDATE, -change, change)
+    value = jnp.where(ok, value, 0.0)
+    if with_full_context:
+        inputs_full = tokens[:, : P + H - 1]
+        nll_full = _nll_and_logprobs(base_params, base_cfg, base.embed_tokens(
+            base_params, inputs_full), np.arange(P + H - 1), targets, H)[0]
+    else:
+        nll_full = None
+    return jax.lax.stop_gradient(Counterfactuals(
+        wc=wc, slot_embeds=slot_embeds, tail=tail, candidates=cands, valid=ok, nll=nll,
+        targets=targets, source_token=source_token, value=value, nll_full=nll_full))
+
+
+@dataclasses.dataclass(frozen=True)
+class LensLossConfig:
+    """Weights of the lens objective's terms and its two scales."""
+
+    regression: float = 1.0
+    ranking: float = 0.5
+    budget: float = 0.1
+    illegal: float = 0.1
+    bt_scale: float = 4.0  # β of the Bradley–Terry logistic on score differences in (−2, 2)
+    utility_eps: float = 1e-3  # nats/token: spreads below this give near-zero targets
+
+
+def normalized_utility(value: jax.Array, valid: jax.Array, eps: float) -> jax.Array:
+    """Per example: tanh((value − mean) / (std + eps)) over the valid candidates [.., C];
+    0 where invalid. The mean is the budget's price (zero-sum), std makes it scale-free."""
+    n = jnp.maximum(jnp.sum(valid, -1, keepdims=True), 1)
+    mean = jnp.sum(jnp.where(valid, value, 0.0), -1, keepdims=True) / n
+    var = jnp.sum(jnp.where(valid, (value - mean) ** 2, 0.0), -1, keepdims=True) / n
+    return jnp.where(valid, jnp.tanh((value - mean) / (jnp.sqrt(var) + eps)), 0.0)
+
+
+def candidate_scores(scores: jax.Array, cands: Candidates, block_size: int) -> jax.Array:
+    """What the allocator reads for each candidate of one WC: the slot's score for an
+    expansion, the mean score of the K siblings for a collapse. scores [W] -> [C]."""
+    group = jax.vmap(lambda s: jax.lax.dynamic_slice(scores, (s,), (block_size,)))(cands.slot)
+    return jnp.where(cands.kind == EXPAND_CANDIDATE, scores[cands.slot], group.mean(-1))
+
+
+def lens_scores_and_raw(lens_params, lens_cfg: LensConfig, mc: MCConfig, slot_embeds, wc,
+                        tail) -> tuple[jax.Array, jax.Array]:
+    """LensNet's legality-masked scores and its unmasked tanh scores (the `head` output,
+    captured), both [..., W]."""
+    from mcjax.lens import LensNet
+
+    scores, state = LensNet(lens_cfg, mc).apply(
+        {"params": lens_params}, slot_embeds, wc, tail,
+        capture_intermediates=lambda module, method: module.name == "head")
+    raw = jnp.tanh(state["intermediates"]["head"]["__call__"][0][..., 0].astype(jnp.float32))
+    return scores, raw
+
+
+def lens_objective(lens_params, cf: Counterfactuals, *, lens_cfg: LensConfig, mc: MCConfig,
+                   weights: LensLossConfig = LensLossConfig()
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The lens loss (see the section comment) and its metrics for precomputed
+    counterfactuals."""
+    from mcjax import working_context as wcm
+
+    K, L = mc.block_size, mc.num_levels
+    wc, cands, valid = cf.wc, cf.candidates, cf.valid
+    scores, raw = lens_scores_and_raw(lens_params, lens_cfg, mc, cf.slot_embeds, wc, cf.tail)
+    pred = jax.vmap(lambda s, c: candidate_scores(s, c, K))(scores, cands)  # [B, C]
+    target = normalized_utility(cf.value, valid, weights.utility_eps)
+    validf = valid.astype(jnp.float32)
+    n_valid = jnp.maximum(validf.sum(), 1.0)
+    regression = jnp.sum(validf * (pred - target) ** 2) / n_valid
+
+    # Bradley–Terry over ordered pairs (i better than j) within each example
+    pair = valid[:, :, None] & valid[:, None, :] & (cf.value[:, :, None] > cf.value[:, None, :])
+    pair_w = jnp.where(pair, jnp.abs(target[:, :, None] - target[:, None, :]), 0.0)
+    diff = pred[:, :, None] - pred[:, None, :]
+    ranking = (jnp.sum(pair_w * jax.nn.softplus(-weights.bt_scale * diff))
+               / jnp.maximum(pair_w.sum(), 1e-9))
+    pair_accuracy = jnp.sum(pair & (diff > 0)) / jnp.maximum(jnp.sum(pair), 1)
+
+    # zero-sum budget: expansion pressure balanced by collapse pressure, per example
+    legal_exp = wcm.legal_expand_mask(wc.level, wc.valid, mc)
+    heads = jax.vmap(lambda w: wcm.legal_collapse_heads(w.level, w.node, w.valid,
+                                                        w.num_tokens, mc))(wc)
+    group_mean = jax.vmap(lambda s: wcm.group_windows(s, K, 0.0).mean(-1))(scores)
+    push = (jnp.sum(jnp.where(legal_exp, jax.nn.relu(scores), 0.0), -1)
+            - jnp.sum(jnp.where(heads, jax.nn.relu(-group_mean), 0.0), -1))
+    n_legal = jnp.maximum(jnp.sum(legal_exp, -1) + jnp.sum(heads, -1), 1)
+    budget = jnp.mean((push / n_legal) ** 2)
+
+    # illegal directions of the unmasked head
+    prot = wcm.protected_mask(wc.level, wc.node, wc.valid, wc.num_tokens, mc)
+    bad_up = wc.valid & (wc.level == 0)
+    bad_down = wc.valid & ((wc.level >= L) | prot)
+    illegal = (jnp.sum(jnp.where(bad_up, jax.nn.relu(raw) ** 2, 0.0)
+                       + jnp.where(bad_down, jax.nn.relu(-raw) ** 2, 0.0))
+               / jnp.maximum(jnp.sum(wc.valid), 1))
+
+    loss = (weights.regression * regression + weights.ranking * ranking
+            + weights.budget * budget + weights.illegal * illegal)
+    metrics = {"loss": loss, "regression": regression, "ranking": ranking, "budget": budget,
+               "illegal": illegal, "pair_accuracy": pair_accuracy,
+               "score_target_corr": _masked_corr(pred, target, valid),
+               "score_value_corr": _masked_corr(pred, cf.value, valid),
+               "candidates_valid": jnp.mean(validf),
+               "value_abs": jnp.sum(validf * jnp.abs(cf.value)) / n_valid,
+               "nll_wc": cf.nll[:, 0].mean()}
+    if cf.nll_full is not None:
+        metrics["delta_nll_wc"] = (cf.nll[:, 0] - cf.nll_full).mean()
+    return loss, metrics
+
+
+def _masked_corr(x, y, mask):
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    xc = (x - jnp.sum(m * x) / n) * m
+    yc = (y - jnp.sum(m * y) / n) * m
+    return jnp.sum(xc * yc) / jnp.sqrt(jnp.sum(xc * xc) * jnp.sum(yc * yc) + 1e-12)
+
+
+def lens_loss(lens_params, gist_params, base_params, tokens: jax.Array, rng: jax.Array, *,
+              base_cfg: LlamaConfig, gist_cfg: GistConfig, lens_cfg: LensConfig,
+              task: LensTask, weights: LensLossConfig = LensLossConfig(),
+              with_full_context: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Counterfactual focus loss of LensNet for a batch of windows. GistNet and the base
+    model are frozen here (their params only produce constants)."""
+    gist_params = jax.lax.stop_gradient(gist_params)
+    cf = counterfactuals(gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size), base_params,
+                         base_cfg, tokens, rng, task, with_full_context=with_full_context)
+    return lens_objective(lens_params, cf, lens_cfg=lens_cfg, mc=task.mc, weights=weights)

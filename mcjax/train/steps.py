@@ -5,6 +5,10 @@ Every step is a pure function `step(state, frozen, batch, rng) -> (state, metric
 params (never differentiated, never updated). Steps are `jax.jit`ted with explicit
 in/out `NamedSharding`s (state replicated, base params by `mcjax.sharding` rules, batch on
 `data`) and donate the state buffer.
+
+Steps: `GistStep` (substitutability), `LensStep` (counterfactual focus; GistNet frozen and
+passed with the base params as `{"base", "gist"}`), `JointStep` (both, summed, on the
+same batches). `jit_step` jits any of them the same way.
 """
 
 from __future__ import annotations
@@ -113,11 +117,21 @@ class ShardedStep:
         return jax.device_put(rng, self.replicated)
 
 
-def jit_step(step: GistStep, optimizer, mesh: Mesh, state: TrainState, base_params,
+def frozen_shardings(step, frozen, mesh: Mesh) -> Any:
+    """Shardings of a step's frozen input: the step's own rule (`step.frozen_shardings`) if
+    it has one, else the base-model parameter rules of `mcjax.sharding`."""
+    rule = getattr(step, "frozen_shardings", None)
+    return rule(frozen, mesh) if rule is not None else sharding.param_shardings(frozen, mesh)
+
+
+def jit_step(step: "Step", optimizer, mesh: Mesh, state: TrainState, base_params,
              batch_size: int) -> ShardedStep:
-    """Jit `step` with explicit in/out shardings over `mesh`; train donates the state."""
+    """Jit `step` with explicit in/out shardings over `mesh`; train donates the state.
+
+    `step` is a GistStep, LensStep or JointStep; `base_params` is whatever the step takes
+    as its frozen input (the base params, or for LensStep `{"base", "gist"}`)."""
     state_sh = _replicated(mesh, state)
-    base_sh = sharding.param_shardings(base_params, mesh)
+    base_sh = frozen_shardings(step, base_params, mesh)
     batch_sh = sharding.batch_sharding(mesh, 2, batch_size)
     replicated = NamedSharding(mesh, P())
     train = jax.jit(functools.partial(step.update, optimizer),
@@ -126,3 +140,131 @@ def jit_step(step: GistStep, optimizer, mesh: Mesh, state: TrainState, base_para
     evaluate = jax.jit(step.evaluate, in_shardings=(state_sh.params, base_sh, batch_sh),
                        out_shardings=replicated)
     return ShardedStep(train, evaluate, state_sh, base_sh, batch_sh, replicated)
+
+
+def _apply_grads(optimizer, state: TrainState, grads, metrics):
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class LensStep:
+    """LensNet on counterfactual focus utilities, GistNet and the base model frozen.
+
+    Trainable state: `{"lens": ...}`. Frozen input: `{"base": base params, "gist": GistNet
+    params}` (build it with `frozen_inputs`); GistNet params are replicated on the mesh.
+    The rng of `update` draws each example's layout and candidates; `evaluate` uses a fixed
+    key (`eval_seed`), so held-out losses are comparable across evaluations, and also
+    reports ΔNLL@H of the compressed WC against the full window.
+    """
+
+    cfg: ExperimentConfig
+    task: losses.LensTask
+    weights: losses.LensLossConfig = losses.LensLossConfig()
+    eval_seed: int = 0
+
+    @staticmethod
+    def frozen_inputs(base_params, gist_params) -> dict:
+        return {"base": base_params, "gist": gist_params}
+
+    @staticmethod
+    def frozen_shardings(frozen, mesh: Mesh) -> dict:
+        return {"base": sharding.param_shardings(frozen["base"], mesh),
+                "gist": _replicated(mesh, frozen["gist"])}
+
+    @property
+    def base_cfg(self):
+        return self.cfg.base_config
+
+    def counterfactuals(self, gist_params, base_params, tokens, rng, with_full_context=False):
+        fn = losses.gistnet_fn(jax.lax.stop_gradient(gist_params), self.cfg.gist,
+                               self.base_cfg.hidden_size)
+        return losses.counterfactuals(fn, base_params, self.base_cfg, tokens, rng, self.task,
+                                      with_full_context=with_full_context)
+
+    def objective(self, lens_params, cf):
+        return losses.lens_objective(lens_params, cf, lens_cfg=self.cfg.lens, mc=self.task.mc,
+                                     weights=self.weights)
+
+    def loss(self, trainable, frozen, tokens, rng, with_full_context=False):
+        cf = self.counterfactuals(frozen["gist"], frozen["base"], tokens, rng,
+                                  with_full_context)
+        return self.objective(trainable["lens"], cf)
+
+    def update(self, optimizer, state: TrainState, frozen, tokens, rng):
+        # utilities first (no gradient path), then differentiate LensNet's scoring only
+        cf = self.counterfactuals(frozen["gist"], frozen["base"], tokens, rng)
+        grads, metrics = jax.grad(lambda p: self.objective(p["lens"], cf), has_aux=True)(
+            state.params)
+        return _apply_grads(optimizer, state, grads, metrics)
+
+    def evaluate(self, trainable, frozen, tokens):
+        return self.loss(trainable, frozen, tokens, jax.random.key(self.eval_seed),
+                         with_full_context=True)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class JointStep:
+    """GistNet and LensNet trained together on the same batches: *summed* objectives, one
+    gradient step of both nets per batch.
+
+    loss = gist_loss(gist) + lens_weight · lens_loss(lens | gists of the current GistNet).
+    The lens term sees GistNet through stop_gradient (its utilities are targets), so each
+    net gets exactly its own objective's gradient; summing rather than alternating keeps
+    LensNet's utilities tracking the GistNet being trained, at every step. Use
+    `make_joint_optimizer` so global-norm clipping is per net. Trainable state:
+    `{"gist", "lens"}`; frozen input: the base params (as GistStep). Metrics are prefixed
+    `gist/` and `lens/`.
+    """
+
+    cfg: ExperimentConfig
+    layout: losses.GistLayout
+    task: losses.LensTask
+    lens_weight: float = 1.0
+    nll_weight: float = 1.0
+    kl_weight: float = 1.0
+    weights: losses.LensLossConfig = losses.LensLossConfig()
+    eval_seed: int = 0
+
+    @property
+    def gist_step(self) -> GistStep:
+        return GistStep(self.cfg, self.layout, self.nll_weight, self.kl_weight)
+
+    @property
+    def lens_step(self) -> LensStep:
+        return LensStep(self.cfg, self.task, self.weights, self.eval_seed)
+
+    def _total(self, trainable, base_params, tokens, cf):
+        g_loss, g_metrics = self.gist_step.loss(trainable, base_params, tokens)
+        l_loss, l_metrics = self.lens_step.objective(trainable["lens"], cf)
+        metrics = {"loss": g_loss + self.lens_weight * l_loss,
+                   **{f"gist/{k}": v for k, v in g_metrics.items()},
+                   **{f"lens/{k}": v for k, v in l_metrics.items()}}
+        return metrics["loss"], metrics
+
+    def update(self, optimizer, state: TrainState, base_params, tokens, rng):
+        cf = self.lens_step.counterfactuals(state.params["gist"], base_params, tokens, rng)
+        grads, metrics = jax.grad(self._total, has_aux=True)(state.params, base_params,
+                                                             tokens, cf)
+        metrics = dict(metrics, **{f"{k}/grad_norm": optax.tree.norm(g)
+                                   for k, g in grads.items()})
+        return _apply_grads(optimizer, state, grads, metrics)
+
+    def evaluate(self, trainable, base_params, tokens):
+        cf = self.lens_step.counterfactuals(trainable["gist"], base_params, tokens,
+                                            jax.random.key(self.eval_seed),
+                                            with_full_context=True)
+        return self._total(trainable, base_params, tokens, cf)[1]
+
+
+def make_joint_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """`make_optimizer` applied to each top-level entry of the trainable params separately
+    (per-net clipping and moments), e.g. {"gist": ..., "lens": ...}."""
+    return optax.multi_transform(
+        {"gist": make_optimizer(train), "lens": make_optimizer(train)},
+        lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
+
+
+Step = Any  # GistStep | LensStep | JointStep: update(optimizer, state, frozen, tokens, rng)

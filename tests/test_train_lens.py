@@ -1,0 +1,299 @@
+"""LensNet training (SPEC §2.8.2-3): counterfactual utilities on identical next-token targets
+that match a one-variant-at-a-time computation, gradients to LensNet only, sharded step
+equality, kill-and-resume determinism, a short run that lowers the held-out lens loss, and
+the joint step training both nets."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mcjax import sharding
+from mcjax import working_context as wcm
+from mcjax.base import model as base
+from mcjax.checkpoint import Checkpointer
+from mcjax.config import get_config, override
+from mcjax.gist import init_gist_params
+from mcjax.lens import init_lens
+from mcjax.train import losses, steps
+from mcjax.train.loop import (gist_layout, held_out_batches, lens_task, load_frozen,
+                              load_gist_params, train_lens)
+from mcjax.tree import BlockGister, MegaContextTree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny: P = 1,088 prefix tokens (one LOD2 group, LOD1 blocks, raw tail), H = 16, w_max = 256;
+# 3 candidates (2 expansions, 1 collapse) keep every example's V = 4 variants cheap.
+CANDIDATES = 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_config("tiny")
+    frozen = load_frozen(cfg)
+    cfg = frozen.cfg
+    task = lens_task(cfg, CANDIDATES)
+    D = cfg.base_config.hidden_size
+    gist = init_gist_params(cfg.gist, D, jax.random.key(3), block_size=cfg.mc.block_size)
+    lens = init_lens(cfg.lens, cfg.mc, D, jax.random.key(4))
+    tokens = jnp.asarray(held_out_batches(frozen, 1, 4, task.window_len, seed=7)[0])
+    base_snapshot = jax.tree.map(lambda x: np.array(x, copy=True), frozen.params)
+    return cfg, frozen, task, gist, lens, tokens, base_snapshot
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.array, tree)
+
+
+@pytest.fixture(scope="module")
+def lens_steps(tiny):
+    """One lens train step from the same state and batch on a 1-device and a 2x4 mesh."""
+    cfg, frozen, task, gist, lens, tokens, _ = tiny
+    opt = steps.make_optimizer(cfg.train)
+    step = steps.LensStep(cfg, task)
+    out = {}
+    for name, shape in {"single": (1, 1), "mesh": (2, 4)}.items():
+        mesh = sharding.make_mesh(shape)
+        state = steps.init_state({"lens": _copy(lens)}, opt)  # the step donates its state
+        fz = step.frozen_inputs(frozen.params, gist)
+        sh = steps.jit_step(step, opt, mesh, state, fz, tokens.shape[0])
+        new_state, metrics = sh.train(sh.place_state(state), sh.place_base(fz),
+                                      sh.place_batch(tokens), sh.place_rng(jax.random.key(5)))
+        out[name] = (new_state, metrics, sh, mesh)
+    return out
+
+
+def test_layout_bank_is_legal_and_leaves_room_for_one_expansion(tiny):
+    cfg, _, task, _, _, _, _ = tiny
+    bank = losses.lens_layout_bank(task)
+    K, W = cfg.mc.block_size, cfg.mc.w_max
+    levels = set()
+    for i in range(task.num_layouts):
+        wc = jax.tree.map(lambda x: x[i], bank)
+        wcm.check_invariants(wc, None, cfg.mc)
+        assert int(wc.num_tokens) == task.prefix_len
+        assert int(np.sum(wc.valid)) <= W - (K - 1)
+        levels |= set(np.asarray(wc.level)[np.asarray(wc.valid)].tolist())
+    assert levels == {0, 1, 2}
+    with pytest.raises(ValueError, match="w_max=100 cannot hold"):
+        losses.LensTask.build(override(cfg.mc, {"w_max": 100}), 1088)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        losses.LensTask.build(cfg.mc, 1000)
+
+
+def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one_variant_at_a_time(
+        tiny):
+    cfg, frozen, task, gist, _, tokens, _ = tiny
+    mc, bp, bc = cfg.mc, frozen.params, cfg.base_config
+    P, H = task.prefix_len, task.horizon
+    fn = jax.jit(lambda gp, bp, t, r: losses.counterfactuals(
+        losses.gistnet_fn(gp, cfg.gist, bc.hidden_size), bp, bc, t, r, task))
+    cf = jax.device_get(fn(gist, bp, tokens, jax.random.key(11)))
+    # every variant of every example is scored on tokens[P : P+H], each target predicted from
+    # the slot holding the token right before it
+    np.testing.assert_array_equal(cf.targets, np.asarray(tokens[:, P:P + H]))
+    np.testing.assert_array_equal(
+        cf.source_token, np.broadcast_to(P - 1 + np.arange(H), cf.source_token.shape))
+    assert cf.valid.any(axis=1).all() and cf.valid[:, 0].all()  # some action is always legal
+
+    # independent recomputation for example 0: a real MegaContextTree, single edits with
+    # expand/collapse, only the valid slots (no padding), the validated forward
+    b = 0
+    gister = BlockGister.from_base(cfg.gist, gist, bp, bc, block_size=mc.block_size)
+    tree = MegaContextTree.in_memory(mc, gister)
+    tree.append(np.asarray(tokens[b, :P]))
+    view = tree.view()
+    wc = jax.tree.map(lambda x: jnp.asarray(x[b]), cf.wc)
+    cont = base.embed_tokens(bp, tokens[b, P:P + H - 1])
+    means = []
+    for v in range(task.num_variants):
+        variant = wc
+        if v > 0:
+            kind, slot = int(cf.candidates.kind[b, v - 1]), int(cf.candidates.slot[b, v - 1])
+            if not cf.valid[b, v - 1]:
+                continue
+            edit = wcm.expand if kind == losses.EXPAND_CANDIDATE else wcm.collapse
+            variant, applied = edit(wc, slot, mc)
+            assert bool(applied)
+            wcm.check_invariants(variant, view, mc)
+        emb, pos, valid = wcm.materialize(variant, view, bp, mc)
+        n = int(np.sum(valid))
+        embeds = jnp.concatenate([emb[:n], cont])[None]
+        positions = jnp.concatenate([pos[:n], P + jnp.arange(H - 1)])[None]
+        logp = jax.nn.log_softmax(base.forward(bp, bc, embeds=embeds, positions=positions)
+                                  [0, -H:], -1)
+        nll = -np.asarray(jnp.take_along_axis(logp, tokens[b, P:P + H, None], -1)[:, 0])
+        np.testing.assert_allclose(cf.nll[b, v], nll, atol=2e-4, err_msg=f"variant {v}")
+        means.append(nll.mean())
+        if v > 0:  # value of detail: NLL saved by an expansion, NLL cost of a collapse
+            sign = -1.0 if kind == losses.EXPAND_CANDIDATE else 1.0
+            np.testing.assert_allclose(cf.value[b, v - 1], sign * (nll.mean() - means[0]),
+                                       atol=2e-4)
+    assert len(means) >= 2
+
+
+def _first_moments(state):
+    """Adam's first moments after one step: (1 - b1) x the clipped gradient, per leaf."""
+    return optax.tree_utils.tree_get(state.opt_state, "mu")
+
+
+def test_one_lens_step_trains_every_lensnet_param_and_no_base_or_gistnet_param(tiny, lens_steps):
+    cfg, frozen, task, gist, lens, tokens, base_snapshot = tiny
+    new_state, metrics, _, _ = lens_steps["single"]
+    assert set(new_state.params) == {"lens"}  # base model and GistNet are not trainable state
+    for path, m in jax.tree_util.tree_leaves_with_path(_first_moments(new_state)):
+        assert float(jnp.abs(m).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(lens),
+                            jax.tree.leaves(new_state.params["lens"])):
+        assert not np.array_equal(a, b), f"{jax.tree_util.keystr(path)} did not change"
+    # the lens loss sends no gradient into GistNet or the base model (utilities are targets)
+    grad_fn = jax.jit(jax.grad(lambda gp, bp: losses.lens_loss(
+        lens, gp, bp, tokens, jax.random.key(5), base_cfg=cfg.base_config, gist_cfg=cfg.gist,
+        lens_cfg=cfg.lens, task=task)[0], argnums=(0, 1)))
+    for name, grads in zip(("GistNet", "base"), grad_fn(gist, frozen.params)):
+        for path, g in jax.tree_util.tree_leaves_with_path(grads):
+            assert float(jnp.abs(g).max()) == 0, f"{name} {jax.tree_util.keystr(path)} got a grad"
+    # and the frozen inputs of the step are untouched
+    fresh_gist = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(3),
+                                  block_size=cfg.mc.block_size)
+    chex.assert_trees_all_equal(fresh_gist, gist)
+    chex.assert_trees_all_equal(jax.device_get(frozen.params), base_snapshot)
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    for term in ("regression", "ranking", "budget", "illegal"):
+        assert np.isfinite(float(metrics[term])) and float(metrics[term]) >= 0, term
+
+
+def test_sharded_lens_step_equals_single_device_step_with_declared_shardings(lens_steps):
+    s1, m1, _, _ = lens_steps["single"]
+    s8, m8, sh8, mesh8 = lens_steps["mesh"]
+    mu1, mu8 = jax.device_get((_first_moments(s1), _first_moments(s8)))
+    chex.assert_trees_all_close(mu1, mu8, atol=1e-7, rtol=1e-3)  # the gradients agree
+    p1, p8 = jax.device_get((s1.params, s8.params))
+    for (path, a), b, m in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8),
+                               jax.tree.leaves(mu1)):
+        # Adam's first step is ~lr * sign(grad): where the true gradient is 0 (e.g. attention
+        # key biases, which softmax ignores) float noise of either sign moves the param
+        signal = np.abs(m) > 1e-7
+        np.testing.assert_allclose(a[signal], b[signal], atol=2e-5, rtol=2e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+    for k in ("loss", "regression", "ranking", "budget", "illegal"):
+        np.testing.assert_allclose(float(m1[k]), float(m8[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    for leaf, want in zip(jax.tree.leaves(s8), jax.tree.leaves(sh8.state_sharding)):
+        assert leaf.sharding == want
+    assert sh8.batch_sharding.spec[0] == "data" and mesh8.shape["model"] == 4
+    # GistNet rides along replicated; base params follow the model-axis rules
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(sh8.base_sharding["gist"]))
+    assert sh8.base_sharding["base"]["embed"]["embedding"].spec[0] == "model"
+    assert m8["loss"].sharding.is_fully_replicated
+
+
+# --------------------------------------------------------------------------- runs
+
+RUN_STEPS = 40
+RUN_SETTINGS = {"train.steps": RUN_STEPS, "train.checkpoint_every": 1, "train.log_every": 10,
+                "train.eval_every": 1000, "train.warmup_steps": 4,
+                "train.learning_rate": 3e-3}
+EVAL_BATCHES = 3
+
+
+def _kill_after_checkpoint(proc, workdir, min_step: int, timeout: float = 900) -> None:
+    """SIGKILL `proc` as soon as a checkpoint of step >= min_step is complete."""
+    ckpts = workdir / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+        if any(int(p.name) >= min_step for p in done):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted tiny train_lens run (untrained GistNet, held-out eval before/after)
+    and, concurrently, the same run as a train_lens.py process SIGKILLed after its second
+    checkpoint (a watcher thread kills it while this process trains)."""
+    cfg = override(get_config("tiny"), RUN_SETTINGS)
+    killed = tmp_path_factory.mktemp("lens_killed")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "train_lens.py"), "--config",
+           "tiny", "--workdir", str(killed), "--eval-batches", str(EVAL_BATCHES),
+           "--candidates", str(CANDIDATES), "--no-progress"]
+    for k, v in RUN_SETTINGS.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watcher = threading.Thread(target=_kill_after_checkpoint, args=(proc, killed, 2))
+    watcher.start()
+    try:
+        reference = train_lens(cfg, tmp_path_factory.mktemp("lens_ref"), progress=False,
+                               eval_batches=EVAL_BATCHES, candidates=CANDIDATES)
+    finally:
+        watcher.join()
+    return cfg, reference, proc, killed
+
+
+def test_short_tiny_lens_run_lowers_held_out_lens_loss(runs):
+    _, result, _, _ = runs
+    before, after = result["eval_before"]["lens"], result["eval_after"]["lens"]
+    # same held-out windows, layouts and candidates (fixed eval key) before and after
+    assert after["loss"] < before["loss"] - 0.05, (before, after)
+    assert after["regression"] < before["regression"], (before, after)
+    assert result["gistnet"] == {"source": "untrained", "seed": 0}
+
+
+def test_lens_run_killed_with_sigkill_resumes_to_the_same_params(runs, tmp_path):
+    cfg, reference, proc, workdir = runs
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    latest = Checkpointer(workdir, create=False).latest_step()
+    assert latest is not None and 2 <= latest < RUN_STEPS
+
+    resumed = train_lens(cfg, workdir, progress=False, eval_batches=0, candidates=CANDIDATES)
+    assert resumed["start_step"] == latest
+    chex.assert_trees_all_close(jax.device_get(resumed["state"].params),
+                                jax.device_get(reference["state"].params), atol=1e-6)
+
+    # GistNet params load from a gist workdir; resuming with another GistNet than the
+    # checkpoints were made with is a clear error
+    frozen_cfg = load_frozen(cfg).cfg
+    gist_dir = tmp_path / "gist"
+    gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(9),
+                          block_size=cfg.mc.block_size)
+    ck = Checkpointer(gist_dir)
+    ck.save(3, steps.init_state({"gist": gp}, steps.make_optimizer(cfg.train)),
+            {"epoch": 0, "cursor": 0}, frozen_cfg)
+    ck.wait()
+    ck.close()
+    loaded, source = load_gist_params(frozen_cfg, gist_dir)
+    chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(gp))
+    assert source["source"] == "checkpoint" and source["step"] == 3
+    with pytest.raises(ValueError, match="cannot resume .* gistnet="):
+        train_lens(cfg, workdir, gist_workdir=gist_dir, progress=False, eval_batches=0,
+                   candidates=CANDIDATES)
+
+
+def test_joint_step_trains_gistnet_and_lensnet_on_the_same_batch(tiny):
+    cfg, frozen, task, gist, lens, tokens, _ = tiny
+    step = steps.JointStep(cfg, gist_layout(cfg), task)
+    opt = steps.make_joint_optimizer(cfg.train)
+    params = {"gist": _copy(gist), "lens": _copy(lens)}
+    state = steps.init_state(params, opt)
+    update = jax.jit(lambda s, b, t, r: step.update(opt, s, b, t, r))
+    new_state, metrics = update(state, frozen.params, tokens, jax.random.key(5))
+    for net in ("gist", "lens"):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params[net]),
+                                jax.tree.leaves(new_state.params[net])):
+            assert not np.array_equal(a, b), f"{net}{jax.tree_util.keystr(path)} did not change"
+        assert float(metrics[f"{net}/grad_norm"]) > 0
+    # summed objective: both terms present and finite, total = gist + lens_weight * lens
+    np.testing.assert_allclose(float(metrics["loss"]),
+                               float(metrics["gist/loss"]) + float(metrics["lens/loss"]),
+                               rtol=1e-6)
+    assert np.isfinite(float(metrics["gist/delta_nll"])) and int(new_state.step) == 1
