@@ -1,4 +1,4 @@
-"""Benchmarks. `python experiments/bench.py {base,gist,focus,all} [--out FILE]` prints JSON.
+"""Benchmarks. `python experiments/bench.py {base,gist,focus,e2e,all} [--out FILE]` prints JSON.
 
 Every speed goal is a ratio of two measurements taken side by side in the same run; every
 timer calls `block_until_ready` (see `mcjax.benchmarking`). Each suite lives in its own
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-SUITES = ("base", "gist", "focus")
+SUITES = ("base", "gist", "focus", "e2e")
 
 
 def main(argv=None) -> int:

@@ -1,67 +1,232 @@
-"""Stream a greedy generation from the frozen base model.
+"""Stream a text (and a question) through a MegaContext session and print the answer.
 
-Until the MegaContext runtime lands this is the project's main job (`make run`): it loads
-the embedded SmolLM2-135M-Instruct (converted from the shipped GGUF on first use) or any
-local Llama-family HF directory, and streams the greedy continuation of a prompt.
+The main job (`make run`). Loads the embedded SmolLM2-135M-Instruct (converted from the
+shipped GGUF on first use) or any local Llama-family HF directory, feeds the prompt — a
+text file of any length plus an optional question — into a `mcjax.runtime.Session`, and
+streams the greedy answer, followed by a compact focus map (which spans of the history the
+working context holds as raw tokens, LOD1 or LOD2 gists) and a telemetry summary.
+
+GistNet / LensNet come from training workdirs (`--gist-checkpoint`, `--lens-checkpoint`);
+without them the untrained networks are used, and the output says so plainly.
+`--mode base` streams the plain base model over the whole prompt instead.
+
+Examples:
+  python experiments/generate.py --prompt "The capital of France is"
+  python experiments/generate.py --prompt-file book.txt --question "Who is the narrator?" \\
+      --chat --gist-checkpoint runs/gist --lens-checkpoint runs/lens
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m",
                         help="shipped model name or local HF directory (default: %(default)s)")
+    parser.add_argument("--mode", choices=["megacontext", "base"], default="megacontext",
+                        help="MegaContext session, or the plain base model over the whole "
+                             "prompt (default: %(default)s)")
     parser.add_argument("--prompt", default="The capital of France is",
                         help="text to continue (default: %(default)r)")
-    parser.add_argument("--prompt-file", help="read the prompt from this file instead")
+    parser.add_argument("--prompt-file", help="read the prompt (a document) from this file")
+    parser.add_argument("--question", default=None,
+                        help="appended after the prompt/document, e.g. a question about it")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template as a user turn")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--chunk", type=int, default=4, help="tokens decoded per streamed chunk")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        parser.error("--max-new-tokens must be > 0")
+    parser.add_argument("--chunk", type=int, default=4,
+                        help="base mode: tokens decoded per streamed chunk")
+    parser.add_argument("--config", default="smollm2_135m_cpu",
+                        help="megacontext mode: registered experiment config (default: "
+                             "%(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE", help="override a config field; repeatable")
+    parser.add_argument("--gist-checkpoint", default=None,
+                        help="train_gist / train_joint workdir with the GistNet to use")
+    parser.add_argument("--lens-checkpoint", default=None,
+                        help="train_lens / train_joint workdir with the LensNet to use")
+    parser.add_argument("--feed-chunk", type=int, default=4096,
+                        help="feed the prompt in pieces of this many tokens (progress shown; "
+                             "the result does not depend on it)")
+    parser.add_argument("--debug-invariants", action="store_true",
+                        help="check every working-context invariant after each refocus")
+    parser.add_argument("--telemetry", default=None,
+                        help="write one JSON line per refocus event to this file")
+    return parser
 
-    from mcjax.base.generate import GreedySampler
-    from mcjax.base.loading import load_base_model
 
-    prompt = open(args.prompt_file).read() if args.prompt_file else args.prompt
-    if not prompt:
+def _prompt_ids(model, args, parser) -> tuple[list[int], str]:
+    text = open(args.prompt_file).read() if args.prompt_file else args.prompt
+    if args.question:
+        text = f"{text.rstrip()}\n\n{args.question}" if text else args.question
+    if not text:
         parser.error("the prompt is empty")
-    model = load_base_model(args.model)
     if args.chat:
         ids = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     else:
-        ids = model.encode(prompt)
+        ids = [int(i) for i in model.encode(text)]
+    return ids, text
+
+
+class _Printer:
+    """Prints a growing continuation; decodes it whole so multi-byte characters print once."""
+
+    def __init__(self, model):
+        self.model, self.tokens, self.shown = model, [], ""
+
+    def add(self, chunk) -> None:
+        eos = self.model.config.eos_token_id
+        self.tokens.extend(int(t) for t in chunk)
+        text = self.model.decode([t for t in self.tokens if t != eos])
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+def _echo(text: str, args) -> None:
+    if args.chat:
+        return
+    if len(text) <= 600:
+        sys.stdout.write(text)
+    else:
+        sys.stdout.write(f"[... {len(text)} characters ...]{text[-200:]}")
+
+
+def run_base(model, ids, text, args) -> int:
+    from mcjax.base.generate import GreedySampler
+
     if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
         print(f"note: {len(ids)} prompt tokens + {args.max_new_tokens} new exceed the model's "
               f"trained context of {model.config.max_position_embeddings}", file=sys.stderr)
     sampler = GreedySampler(model.config, max_new_tokens=args.max_new_tokens,
                             max_prompt_len=len(ids), eos_id=model.config.eos_token_id)
-    print(f"[{model.path.name}: {len(ids)} prompt tokens, greedy]", file=sys.stderr)
-    sys.stdout.write(prompt if not args.chat else "")
-    t0, n = time.perf_counter(), 0
-    shown = ""
-    generated: list[int] = []
+    print(f"[{model.path.name}: plain base model, {len(ids)} prompt tokens, greedy]",
+          file=sys.stderr)
+    _echo(text, args)
+    t0, printer = time.perf_counter(), _Printer(model)
     for chunk in sampler.stream(model.params, ids, chunk=args.chunk):
-        generated.extend(int(t) for t in chunk)
-        n += len(chunk)
-        # Decode the whole continuation so multi-byte characters split across chunks print once.
-        text = model.decode([t for t in generated if t != model.config.eos_token_id])
-        sys.stdout.write(text[len(shown):])
-        sys.stdout.flush()
-        shown = text
+        printer.add(chunk)
     dt = time.perf_counter() - t0
-    print(f"\n[{n} tokens in {dt:.2f}s incl. compile]", file=sys.stderr)
+    print(f"\n[{len(printer.tokens)} tokens in {dt:.2f}s incl. compile]", file=sys.stderr)
     return 0
+
+
+def _network_lines(provenance: dict, untrained: tuple[str, ...]) -> list[str]:
+    lines = []
+    for part, name in (("gist", "GistNet"), ("lens", "LensNet")):
+        source = provenance.get(part, {})
+        if source.get("source") == "checkpoint":
+            how = f" ({source['chosen_by']})" if source.get("chosen_by") else ""
+            lines.append(f"[{name}: checkpoint {source['path']} step {source['step']}{how}]")
+    if untrained:
+        names = " and ".join({"gist": "GistNet", "lens": "LensNet"}[p] for p in untrained)
+        flags = " / ".join(f"--{p}-checkpoint" for p in untrained)
+        lines.append(f"[note: {names} {'is' if len(untrained) == 1 else 'are'} UNTRAINED (no "
+                     f"{flags} given): gists are not summaries and focus decisions are "
+                     f"arbitrary until trained checkpoints are used]")
+    return lines
+
+
+def run_megacontext(model, ids, text, args, parser) -> int:
+    import dataclasses
+
+    import numpy as np
+
+    from mcjax.checkpoint import CheckpointError
+    from mcjax.config import ConfigError, get_config
+    from mcjax.runtime import Session
+    from mcjax.working_context import CapacityError
+
+    try:
+        cfg = get_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.model != cfg.base:  # a local directory: checkpoints must name the same base
+        cfg = dataclasses.replace(cfg, base=args.model)
+    mc = cfg.mc
+    need = len(ids) + args.max_new_tokens + mc.block_size
+    max_tokens = max(mc.w_max, 1 << (need - 1).bit_length())
+    events = []
+    try:
+        session = Session.from_checkpoints(
+            model, cfg, gist_checkpoint=args.gist_checkpoint,
+            lens_checkpoint=args.lens_checkpoint, max_tokens=max_tokens,
+            debug_invariants=args.debug_invariants, on_event=events.append)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[{model.path.name}: MegaContext session ({cfg.name}): w_max={mc.w_max}, "
+          f"K={mc.block_size}, {mc.num_levels} gist levels, positions {mc.position_scheme}; "
+          f"{len(ids)} prompt tokens, greedy]", file=sys.stderr)
+    for line in _network_lines(session.provenance, session.untrained):
+        print(line, file=sys.stderr)
+
+    t0 = time.perf_counter()
+    try:
+        step = max(1, args.feed_chunk)
+        for start in range(0, len(ids), step):
+            session.feed(np.asarray(ids[start:start + step], np.int32))
+            if len(ids) > step:
+                tree = session.tree()
+                print(f"[fed {tree.num_tokens}/{len(ids)} tokens: "
+                      f"{', '.join(f'{n} LOD{l}' for l, n in enumerate(tree.counts))}]",
+                      file=sys.stderr)
+        session.sync()
+    except CapacityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_feed = time.perf_counter() - t0
+    _echo(text, args)
+    printer = _Printer(model)
+    t1 = time.perf_counter()
+    for chunk in session.stream(args.max_new_tokens, eos_id=model.config.eos_token_id):
+        printer.add(chunk[0])
+    t_gen = time.perf_counter() - t1
+    n = len(printer.tokens)
+    print(f"\n[{n} tokens in {t_gen:.2f}s after {t_feed:.2f}s of ingest + layout + prefill "
+          f"(both incl. compile)]", file=sys.stderr)
+
+    session.flush()  # the answer joins the history: the map covers it too
+    print("\nfocus map (the working context's view of the history, oldest first):")
+    print(session.focus_map(0))
+    if events:
+        actions = sum(e.num_expand[0] + e.num_collapse[0] for e in events)
+        last = events[-1]
+        refocus_s = [e.timings["refocus_s"] for e in (events[1:] or events)]
+        print(f"telemetry: {len(events)} refocuses, {actions} focus actions, "
+              f"{sum(e.append_collapses[0] for e in events)} budget collapses; now "
+              f"{last.num_tokens[0]} tokens in {sum(last.lod_histogram[0])} slots "
+              f"(budget use {last.budget_use[0]:.0%}, LOD histogram {last.lod_histogram[0]}); "
+              f"median refocus {1e3 * float(np.median(refocus_s)):.0f} ms "
+              f"(first one incl. compile: {1e3 * events[0].timings['refocus_s']:.0f} ms)")
+    if args.telemetry:
+        with open(args.telemetry, "w") as f:
+            for e in events:
+                f.write(json.dumps(e.to_dict()) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        parser.error("--max-new-tokens must be > 0")
+
+    from mcjax.base.loading import load_base_model
+
+    model = load_base_model(args.model)
+    ids, text = _prompt_ids(model, args, parser)
+    if args.mode == "base":
+        return run_base(model, ids, text, args)
+    return run_megacontext(model, ids, text, args, parser)
 
 
 if __name__ == "__main__":

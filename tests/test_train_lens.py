@@ -3,6 +3,7 @@ that match a one-variant-at-a-time computation, gradients to LensNet only, shard
 equality, kill-and-resume determinism, a short run that lowers the held-out lens loss, and
 the joint step training both nets."""
 
+import json
 import os
 import signal
 import subprocess
@@ -198,78 +199,130 @@ def test_sharded_lens_step_equals_single_device_step_with_declared_shardings(tin
 
 
 # --------------------------------------------------------------------------- runs
+#
+# The train_lens.py runs are separate processes started before the first test of this
+# module, so they train while this process runs the in-process tests: an uninterrupted
+# reference run, and the same run SIGKILLed after a checkpoint and then resumed.
 
-RUN_STEPS = 40
-RUN_SETTINGS = {"train.steps": RUN_STEPS, "train.checkpoint_every": 1, "train.log_every": 10,
+RUN_STEPS = 30
+RUN_SETTINGS = {"train.steps": RUN_STEPS, "train.checkpoint_every": 10, "train.log_every": 10,
                 "train.eval_every": 1000, "train.warmup_steps": 4,
                 "train.learning_rate": 3e-3}
-EVAL_BATCHES = 3
+EVAL_BATCHES = 4
+RUN_TIMEOUT = 1200
 
 
-def _kill_after_checkpoint(proc, workdir, min_step: int, timeout: float = 900) -> None:
-    """SIGKILL `proc` as soon as a checkpoint of step >= min_step is complete."""
-    ckpts = workdir / "checkpoints"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
-        if any(int(p.name) >= min_step for p in done):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """An uninterrupted tiny train_lens run (untrained GistNet, held-out eval before/after)
-    and, concurrently, the same run as a train_lens.py process SIGKILLed after its second
-    checkpoint (a watcher thread kills it while this process trains)."""
-    cfg = override(get_config("tiny"), RUN_SETTINGS)
-    killed = tmp_path_factory.mktemp("lens_killed")
+def _train_lens_cmd(workdir, eval_batches: int) -> list[str]:
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "train_lens.py"), "--config",
-           "tiny", "--workdir", str(killed), "--eval-batches", str(EVAL_BATCHES),
+           "tiny", "--workdir", str(workdir), "--eval-batches", str(eval_batches),
            "--candidates", str(CANDIDATES), "--no-progress"]
     for k, v in RUN_SETTINGS.items():
         cmd += ["--set", f"{k}={v}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watcher = threading.Thread(target=_kill_after_checkpoint, args=(proc, killed, 2))
-    watcher.start()
+    return cmd
+
+
+class _Runs:
+    """The background processes and what the kill/resume watcher saw."""
+
+    def __init__(self, root):
+        self.root = root
+        self.ref_dir, self.killed_dir = root / "ref", root / "killed"
+        self.procs: list[subprocess.Popen] = []
+        self.kill_returncode = None
+        self.killed_at = None  # latest complete checkpoint when the run was killed
+        self.resume = None
+
+    def start(self, workdir, eval_batches: int, log: str) -> subprocess.Popen:
+        with open(self.root / log, "w") as err:
+            proc = subprocess.Popen(_train_lens_cmd(workdir, eval_batches),
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        self.procs.append(proc)
+        return proc
+
+    def kill_then_resume(self, proc) -> None:
+        """SIGKILL `proc` once a checkpoint of step >= 10 is complete, then resume it."""
+        ckpts = self.killed_dir / "checkpoints"
+        deadline = time.time() + RUN_TIMEOUT
+        while time.time() < deadline and proc.poll() is None:
+            done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+            if any(int(p.name) >= 10 for p in done):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        self.kill_returncode = proc.wait()
+        self.killed_at = Checkpointer(self.killed_dir, create=False).latest_step()
+        # no held-out evaluation while resuming: it does not touch the trained params
+        self.resume = self.start(self.killed_dir, 0, "resume.log")
+
+    def wait(self, proc, log: str) -> None:
+        rc = proc.wait(timeout=RUN_TIMEOUT)
+        assert rc == 0, f"train_lens.py failed ({rc}):\n{(self.root / log).read_text()[-3000:]}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lens_runs(tmp_path_factory):
+    runs = _Runs(tmp_path_factory.mktemp("lens_runs"))
+    runs.reference = runs.start(runs.ref_dir, EVAL_BATCHES, "reference.log")
+    killed = runs.start(runs.killed_dir, 0, "killed.log")
+    runs.watcher = threading.Thread(target=runs.kill_then_resume, args=(killed,), daemon=True)
+    runs.watcher.start()
+    yield runs
+    runs.watcher.join(timeout=RUN_TIMEOUT)
+    for proc in runs.procs:  # only ours, by handle; normally all have exited already
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _final_params(workdir, lens_like, run_cfg):
+    abstract = steps.init_state({"lens": lens_like}, steps.make_optimizer(run_cfg.train))
+    ck = Checkpointer(workdir, create=False)
     try:
-        reference = train_lens(cfg, tmp_path_factory.mktemp("lens_ref"), progress=False,
-                               eval_batches=EVAL_BATCHES, candidates=CANDIDATES)
+        state, _ = ck.restore(abstract, run_cfg)
     finally:
-        watcher.join()
-    return cfg, reference, proc, killed
+        ck.close()
+    return jax.device_get(state.params), int(state.step)
 
 
-def test_short_tiny_lens_run_lowers_held_out_lens_loss(runs):
-    _, result, _, _ = runs
+def test_short_tiny_lens_run_lowers_held_out_lens_loss(lens_runs):
+    lens_runs.wait(lens_runs.reference, "reference.log")
+    result = json.loads((lens_runs.ref_dir / "summary.json").read_text())
     before, after = result["eval_before"]["lens"], result["eval_after"]["lens"]
-    # same held-out windows, layouts and candidates (fixed eval key) before and after
-    assert after["loss"] < before["loss"] - 0.05, (before, after)
+    # same held-out windows, layouts and candidates (fixed eval key) before and after. On the
+    # random tiny base the utilities are float-level noise (|value| ~ 0.003 nats/token, far
+    # below utility_eps), so what a short run can learn is structure: calibrated (small)
+    # scores, legal directions, balanced budget pressure
+    assert after["loss"] < before["loss"] - 0.03, (before, after)
     assert after["regression"] < before["regression"], (before, after)
+    assert after["illegal"] < 0.5 * before["illegal"], (before, after)
     assert result["gistnet"] == {"source": "untrained", "seed": 0}
+    rows = [json.loads(line) for line in open(lens_runs.ref_dir / "metrics.jsonl")]
+    assert rows[0]["kind"] == "info" and "untrained GistNet" in rows[0]["gistnet"]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [10, 20, 30]
 
 
-def test_lens_run_killed_with_sigkill_resumes_to_the_same_params(runs, tmp_path):
-    cfg, reference, proc, workdir = runs
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    latest = Checkpointer(workdir, create=False).latest_step()
-    assert latest is not None and 2 <= latest < RUN_STEPS
-
-    resumed = train_lens(cfg, workdir, progress=False, eval_batches=0, candidates=CANDIDATES)
-    assert resumed["start_step"] == latest
-    chex.assert_trees_all_close(jax.device_get(resumed["state"].params),
-                                jax.device_get(reference["state"].params), atol=1e-6)
+def test_lens_run_killed_with_sigkill_resumes_to_the_same_params(tiny, lens_runs, tmp_path):
+    frozen_cfg, lens_like = tiny[0], tiny[4]  # the tiny architecture; a LensNet param tree
+    run_cfg = override(frozen_cfg, RUN_SETTINGS)
+    lens_runs.wait(lens_runs.reference, "reference.log")
+    lens_runs.watcher.join(timeout=RUN_TIMEOUT)
+    assert lens_runs.kill_returncode == -signal.SIGKILL, "the run ended before it was killed"
+    assert lens_runs.killed_at is not None and 10 <= lens_runs.killed_at < RUN_STEPS
+    lens_runs.wait(lens_runs.resume, "resume.log")
+    summary = json.loads((lens_runs.killed_dir / "summary.json").read_text())
+    assert summary["start_step"] == lens_runs.killed_at and summary["end_step"] == RUN_STEPS
+    resumed, step_r = _final_params(lens_runs.killed_dir, lens_like, run_cfg)
+    reference, step_u = _final_params(lens_runs.ref_dir, lens_like, run_cfg)
+    assert step_r == step_u == RUN_STEPS
+    chex.assert_trees_all_close(resumed, reference, atol=1e-6)
 
     # GistNet params load from a gist workdir; resuming with another GistNet than the
-    # checkpoints were made with is a clear error
-    frozen_cfg = load_frozen(cfg).cfg
+    # checkpoints were made with is a clear error (raised before any model is loaded)
     gist_dir = tmp_path / "gist"
-    gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(9),
-                          block_size=cfg.mc.block_size)
+    gp = init_gist_params(frozen_cfg.gist, frozen_cfg.base_config.hidden_size,
+                          jax.random.key(9), block_size=frozen_cfg.mc.block_size)
     ck = Checkpointer(gist_dir)
-    ck.save(3, steps.init_state({"gist": gp}, steps.make_optimizer(cfg.train)),
+    ck.save(3, steps.init_state({"gist": gp}, steps.make_optimizer(frozen_cfg.train)),
             {"epoch": 0, "cursor": 0}, frozen_cfg)
     ck.wait()
     ck.close()
@@ -277,8 +330,8 @@ def test_lens_run_killed_with_sigkill_resumes_to_the_same_params(runs, tmp_path)
     chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(gp))
     assert source["source"] == "checkpoint" and source["step"] == 3
     with pytest.raises(ValueError, match="cannot resume .* gistnet="):
-        train_lens(cfg, workdir, gist_workdir=gist_dir, progress=False, eval_batches=0,
-                   candidates=CANDIDATES)
+        train_lens(run_cfg, lens_runs.killed_dir, gist_workdir=gist_dir, progress=False,
+                   eval_batches=0, candidates=CANDIDATES)
 
 
 def test_joint_step_trains_gistnet_and_lensnet_on_the_same_batch(tiny):

@@ -182,6 +182,19 @@ def _check_resume(saved: dict, expected: dict | None, where: Path) -> None:
                 f"(--no-resume / resume=False) in another workdir")
 
 
+def check_resumable(workdir: Path, expected: dict | None, resume: bool) -> None:
+    """Fail fast (before loading models) when `workdir` holds checkpoints made with other
+    run settings than `expected` (e.g. another GistNet); `run_training` checks again."""
+    if not resume or not expected or not (workdir / "checkpoints").is_dir():
+        return
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        if ckpt.latest_step() is not None:
+            _check_resume(ckpt.read_meta().get("extra") or {}, expected, workdir)
+    finally:
+        ckpt.close()
+
+
 def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job, *,
                  resume: bool, progress: bool, eval_batches: int, stop_after: int | None
                  ) -> dict[str, Any]:
@@ -323,13 +336,12 @@ def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | No
     `cfg`'s base model, GistNet and block structure (LensNet settings may differ); or, with
     no workdir, an untrained GistNet drawn from the config's seed.
     """
+    source = gist_source(cfg, gist_workdir)
     if gist_workdir is None:
-        return _init_gist(cfg), {"source": "untrained", "seed": cfg.train.seed}
+        return _init_gist(cfg), source
+    step = source["step"]
     ckpt = Checkpointer(gist_workdir, create=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {gist_workdir}")
         meta = ckpt.read_meta(step)
         saved = meta["config"]
         # only GistNet's architecture matters here: accept the checkpoint's LensNet section
@@ -342,8 +354,22 @@ def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | No
         state, _ = ckpt.restore(steps.init_state(params, optimizer), check_cfg, step)
     finally:
         ckpt.close()
-    path = str(Path(gist_workdir).absolute())
-    return state.params["gist"], {"source": "checkpoint", "path": path, "step": int(step)}
+    return state.params["gist"], source
+
+
+def gist_source(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | None) -> dict:
+    """Where lens training's GistNet comes from (cheap: no params are read)."""
+    if gist_workdir is None:
+        return {"source": "untrained", "seed": cfg.train.seed}
+    ckpt = Checkpointer(gist_workdir, create=False)
+    try:
+        step = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint under {gist_workdir}")
+    return {"source": "checkpoint", "path": str(Path(gist_workdir).absolute()),
+            "step": int(step)}
 
 
 def evaluate_lens(sharded: steps.ShardedStep, params, frozen_placed, batches: list[np.ndarray],
@@ -372,16 +398,19 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    task = lens_task(cfg, candidates)
+    meta = {"run": "train_lens", "gistnet": gist_source(cfg, gist_workdir),
+            "lens_task": _task_meta(task)}
+    check_resumable(workdir, meta, resume)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
-    gist_params, gist_source = load_gist_params(cfg, gist_workdir)
-    task = lens_task(cfg, candidates)
+    gist_params, source = load_gist_params(cfg, gist_workdir)
     step = steps.LensStep(cfg, task)
-    if gist_source["source"] == "untrained":
+    if source["source"] == "untrained":
         note = (f"untrained GistNet (random init, seed {cfg.train.seed}): no gist workdir was "
                 f"given; pass --gist-workdir to use trained gists")
     else:
-        note = f"GistNet from {gist_source['path']} (step {gist_source['step']})"
+        note = f"GistNet from {source['path']} (step {source['step']})"
     job = Job(
         name="train_lens", step=step, optimizer=steps.make_optimizer(cfg.train),
         params={"lens": _init_lens(cfg)},
@@ -390,11 +419,10 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
                                                                         batches)},
         postfix=lambda m: {"loss": f"{float(m['loss']):.4f}",
                            "corr": f"{float(m['score_target_corr']):+.3f}"},
-        meta={"run": "train_lens", "gistnet": gist_source, "lens_task": _task_meta(task)},
-        notes={"gistnet": note})
+        meta=meta, notes={"gistnet": note})
     result = run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                           eval_batches=eval_batches, stop_after=stop_after)
-    result["gistnet"] = gist_source
+    result["gistnet"] = source
     return result
 
 
@@ -406,11 +434,13 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
     `train_gist`) and the lens metrics (as `train_lens`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    task = lens_task(cfg, candidates)
+    meta = {"run": "train_joint", "lens_task": _task_meta(task), "lens_weight": lens_weight}
+    check_resumable(workdir, meta, resume)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
     layout = gist_layout(cfg)
     layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
-    task = lens_task(cfg, candidates)
 
     def evaluate(params, sh, fz, batches):
         return {"substitution": evaluate_substitution(params["gist"], frozen, batches, layouts),
@@ -424,7 +454,6 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
         frozen_inputs=frozen.params, evaluate=evaluate,
         postfix=lambda m: {"gist": f"{float(m['gist/loss']):.4f}",
                            "lens": f"{float(m['lens/loss']):.4f}"},
-        meta={"run": "train_joint", "lens_task": _task_meta(task),
-              "lens_weight": lens_weight})
+        meta=meta)
     return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                         eval_batches=eval_batches, stop_after=stop_after)

@@ -209,13 +209,14 @@ def gist_loss(gist_params, base_params, tokens: jax.Array, *, base_cfg: LlamaCon
 #    map to the same signed score: expand a gist when its value beats the budget's price,
 #    collapse a group when its value is below it. Per example the price is the mean value
 #    over the candidates (zero-sum: expansions are paid for by collapses) and the spread is
-#    normalised: target = tanh((value − mean) / (std + utility_eps)).
+#    normalised: target = tanh((value − mean) / (std + utility_eps)); utility_eps (0.01
+#    nats/token) is the resolution below which utility differences give small targets.
 #
 # Loss on LensNet's scores (gradients reach LensNet only; the utilities are constants):
 #   regression · mean (ŝ − target)²   ŝ = the slot's score (expand) or the group's mean
 #                                       score (collapse), exactly what the allocator reads
 # + ranking    · Bradley–Terry: −log σ(β (ŝ_i − ŝ_j)) over candidate pairs with
-#                value_i > value_j, weighted by |target_i − target_j|
+#                value_i > value_j, weighted by |target_i − target_j|, mean over pairs
 # + budget     · (Σ_legal-expands relu(s) − Σ_legal-groups relu(−mean s))² / n_legal²:
 #                expansion pressure is balanced by collapse pressure
 # + illegal    · mean over valid slots of the squared illegal part of the *unmasked* score
@@ -521,7 +522,10 @@ class LensLossConfig:
     budget: float = 0.1
     illegal: float = 0.1
     bt_scale: float = 4.0  # β of the Bradley–Terry logistic on score differences in (−2, 2)
-    utility_eps: float = 1e-3  # nats/token: spreads below this give near-zero targets
+    # nats/token: the resolution of utilities. Per-example spreads well below it give
+    # near-zero targets (no confident action for differences that do not matter); a pure
+    # std-normalisation would blow float-level differences up to full-size targets.
+    utility_eps: float = 1e-2
 
 
 def normalized_utility(value: jax.Array, valid: jax.Array, eps: float) -> jax.Array:
@@ -573,8 +577,9 @@ def lens_objective(lens_params, cf: Counterfactuals, *, lens_cfg: LensConfig, mc
     pair = valid[:, :, None] & valid[:, None, :] & (cf.value[:, :, None] > cf.value[:, None, :])
     pair_w = jnp.where(pair, jnp.abs(target[:, :, None] - target[:, None, :]), 0.0)
     diff = pred[:, :, None] - pred[:, None, :]
+    # mean over ordered pairs (not over their weights): near-ties carry ~no loss at all
     ranking = (jnp.sum(pair_w * jax.nn.softplus(-weights.bt_scale * diff))
-               / jnp.maximum(pair_w.sum(), 1e-9))
+               / jnp.maximum(jnp.sum(pair), 1))
     pair_accuracy = jnp.sum(pair & (diff > 0)) / jnp.maximum(jnp.sum(pair), 1)
 
     # zero-sum budget: expansion pressure balanced by collapse pressure, per example

@@ -1,0 +1,187 @@
+"""e2e: decode tokens/s of a MegaContext session vs the plain base model over a w_max window.
+
+For each history length (default 8k, 32k, 128k tokens) a `mcjax.runtime.Session` is fed that
+many random tokens, warmed up, then timed generating `--decode-tokens` greedy tokens
+end to end: K-token decode blocks plus one refocus per K tokens (tree ingest + GistNet,
+LensNet twice, allocator, materialize, re-prefill from the first changed slot). Side by
+side, interleaved in the same run: the plain base model (`GreedySampler`) decoding the same
+number of tokens after a w_max-token prompt, i.e. over a w_max window with a KV cache.
+ratio = session / base tokens/s (goal ≥ 0.95: < 5 % overhead); the session's cost per token
+must stay flat as the history grows. XLA compilations during the timed part are counted
+(goal 0). Every timed call returns host tokens, i.e. blocks on the device.
+
+Defaults are the SPEC's (SmolLM2-135M dims, w_max 8,192, K 32); random weights cost what
+real ones do (`--model smollm2-135m` loads the real ones). On a CPU shrink it, e.g.
+`--w-max 512 --decode-tokens 64 --iters 2`. GistNet / LensNet are untrained (same cost per
+call); an untrained LensNet's arbitrary expand/collapse actions each force a re-prefill
+from their slot, so `--focus quiet` (a LensNet that never acts) measures the runtime's
+floor: appends plus budget collapses only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--w-max", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--histories", type=int, nargs="+", default=[8192, 32768, 131072],
+                   help="history lengths in tokens")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="tokens per timed generation (a multiple of the block size)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--model", default="random",
+                   help="'random' (SmolLM2-135M dims, random weights) or a loadable model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.FIELD=VALUE", help="ExperimentConfig override; repeatable")
+    p.add_argument("--headroom", type=int, default=None,
+                   help="Session collapse_headroom in slots (default: w_max/8; 0 = off)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="Session prefill_chunk (default: largest K*2^i <= 256 dividing w_max)")
+    p.add_argument("--focus", choices=["untrained", "quiet"], default="untrained",
+                   help="LensNet: untrained (acts arbitrarily), or quiet (head zeroed: never "
+                        "asks for edits, so only appends and budget collapses happen)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+SMOLLM2_DIMS = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, max_position_embeddings=8192,
+                    tie_word_embeddings=True)
+
+
+def _median(xs) -> float:
+    import numpy as np
+
+    return float(np.median(np.asarray(xs, float)))
+
+
+def run(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mcjax.base import model as base
+    from mcjax.base.generate import GreedySampler
+    from mcjax.benchmarking import block
+    from mcjax.config import (ExperimentConfig, GistConfig, LensConfig, LlamaConfig, MCConfig,
+                              override)
+    from mcjax.runtime import CompileCounter, Session, untrained_params
+
+    K, W, N = args.block_size, args.w_max, args.decode_tokens
+    if N % K:
+        raise SystemExit(f"--decode-tokens ({N}) must be a multiple of --block-size ({K})")
+    if args.model == "random":
+        llama = LlamaConfig(**SMOLLM2_DIMS, dtype=args.dtype)
+        params = block(jax.jit(base.init_params, static_argnums=0)(llama,
+                                                                   jax.random.key(args.seed)))
+    else:
+        from mcjax.base.loading import load_base_model
+
+        loaded = load_base_model(args.model, with_tokenizer=False)
+        llama, params = loaded.config, loaded.params
+    cfg = ExperimentConfig(
+        name="e2e", base=args.model, base_config=llama,
+        mc=MCConfig(block_size=K, w_max=W, recent_protect=2 * K, gist_dtype=args.dtype),
+        gist=GistConfig(dtype=args.dtype), lens=LensConfig(dtype=args.dtype))
+    if args.overrides:
+        cfg = override(cfg, args.overrides)
+    lens_params = untrained_params(cfg, "lens")
+    if args.focus == "quiet":
+        lens_params = dict(lens_params, head=jax.tree.map(jnp.zeros_like, lens_params["head"]))
+    rng = np.random.default_rng(args.seed)
+    # One view capacity for every history: the programs compile once for the whole run.
+    max_tokens = max(args.histories) + (args.iters + 2) * N + K
+
+    # ---- baseline: the plain base model decoding N tokens after a w_max-token window
+    sampler = GreedySampler(llama, max_new_tokens=N + 1, max_prompt_len=W)
+    prompt, lengths = sampler._prepare(rng.integers(0, llama.vocab_size, W), None)
+
+    def base_decode() -> float:
+        state = block(sampler._start(params, prompt, lengths))  # prefill: not timed
+        t0 = time.perf_counter()
+        out = block(sampler._advance(params, state, jnp.int32(N + 1)))
+        assert int(out.step) == N + 1
+        return time.perf_counter() - t0
+
+    base_decode()  # compile
+
+    result: dict = {
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(), "dtype": args.dtype, "model": args.model,
+        "w_max": W, "block_size": K, "decode_tokens": N, "iters": args.iters,
+        "max_tokens": max_tokens, "focus": args.focus,
+        "gistnet_lensnet": "untrained (cost only)" if args.focus == "untrained" else
+        "untrained GistNet, LensNet head zeroed (no focus actions)",
+        "collapse_headroom": None, "prefill_chunk": None,
+        "histories": {},
+    }
+    for H in args.histories:
+        session = Session((llama, params), None, lens_params, cfg, max_tokens=max_tokens,
+                          collapse_headroom=args.headroom, prefill_chunk=args.prefill_chunk)
+        t0 = time.perf_counter()
+        session.feed(rng.integers(0, llama.vocab_size, H))
+        t_ingest = time.perf_counter() - t0
+        session.sync()  # initial layout, refocus, prefill
+        t_layout = time.perf_counter() - t0 - t_ingest
+        session.generate(N)  # warm-up: decode and refocus programs, view row buckets
+        n_warm = len(session.events)
+        t_session, t_base = [], []
+        with CompileCounter() as compiles:
+            for _ in range(args.iters):  # interleaved so background load hits both alike
+                t_base.append(base_decode())
+                t1 = time.perf_counter()
+                out = session.generate(N)
+                t_session.append(time.perf_counter() - t1)
+                assert out.shape == (1, N)
+        timed = list(session.events)[n_warm:]
+        result["collapse_headroom"] = session._plan.headroom
+        result["prefill_chunk"] = session._plan.prefill_chunk
+        last = timed[-1]
+        session_tps, base_tps = N / _median(t_session), N / _median(t_base)
+        decode_s = _median([e.timings["decode_s"] for e in timed])
+        result["histories"][str(H)] = {
+            "session_tokens_per_s": session_tps, "base_tokens_per_s": base_tps,
+            "ratio_session_over_base": session_tps / base_tps,
+            "session_s_per_token": 1 / session_tps,
+            "compiles_after_warmup": compiles.count, "compiled": sorted(set(compiles.names)),
+            "ingest_s": t_ingest, "layout_and_prefill_s_incl_compile": t_layout,
+            "tree_counts": list(session.tree().counts),
+            "wc_lod_histogram": last.lod_histogram[0], "budget_use": last.budget_use[0],
+            "residency": last.residency[0],
+            "per_refocus": {
+                "count": len(timed),
+                "decode_block_s": decode_s,
+                "decode_only_tokens_per_s": K / decode_s,
+                "ingest_s": _median([e.timings["ingest_s"] for e in timed]),
+                "refocus_s": _median([e.timings["refocus_s"] for e in timed]),
+                "reprefill_slots": _median([e.reprefill_slots for e in timed]),
+                "focus_actions": float(np.mean([e.num_expand[0] + e.num_collapse[0]
+                                                for e in timed])),
+                "budget_collapses": float(np.mean([e.append_collapses[0] for e in timed])),
+                "headroom_collapses": float(np.mean([e.headroom_collapses[0] for e in timed])),
+                "swap_rate": float(np.mean([e.swap_rate[0] for e in timed])),
+            },
+        }
+        del session
+    rows = result["histories"].values()
+    tps = [r["session_tokens_per_s"] for r in rows]
+    ratios = [r["ratio_session_over_base"] for r in rows]
+    result["flatness_max_over_min_s_per_token"] = max(tps) / min(tps)
+    result["compiles_after_warmup_total"] = sum(r["compiles_after_warmup"] for r in rows)
+    result["goal"] = ("session >= 0.95x base tokens/s at every history, flat cost per token, "
+                      "0 compilations after warm-up")
+    result["goal_met"] = bool(min(ratios) >= 0.95 and result["compiles_after_warmup_total"] == 0)
+    return result
+
+
+if __name__ == "__main__":
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_args(parser)
+    print(json.dumps(run(parser.parse_args()), indent=2))

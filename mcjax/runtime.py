@@ -1,0 +1,1101 @@
+"""Streaming MegaContext runtime (SPEC §2.7): a `Session` over a batch of streams.
+
+A session serves B independent streams with one frozen base model. Per stream it keeps a
+MegaContext tree of the whole history (host side, `mcjax.tree`, gisting every completed
+block once) and a fixed-shape working context (WC, `mcjax.working_context`); the WC
+operations run vmapped over the leading stream axis. All streams share one KV cache of
+`w_max + K` slots (K = block size = refocus cadence):
+
+    slots [0, w_max)          the materialized WC (each stream's valid slots packed at the
+                              front, its padding slots invalid)
+    slots [w_max, w_max + K)  "pending": the tokens decoded since the last refocus
+
+Every stream writes its decoded token at the same slot (the base model's cache write index
+is one shared scalar, so a decode step is an in-place update); streams of different
+lengths stay exact because attention ignores invalid slots, and positions (which only feed
+RoPE) are per stream: a pending token sits at its absolute index (`absolute` scheme) or
+right after the WC (`compact`).
+
+Refocus — every K decoded tokens, and once after new input:
+  1. host: append the new tokens to each stream's tree (GistNet gists the blocks they
+     complete) and write the new rows into a batched device view of the trees with a fixed
+     capacity (`max_tokens`), so no device shape ever depends on the history length;
+  2. one jitted program: LensNet scores the WC → `append` adds the new tokens at LOD0,
+     collapsing the lowest-scored sibling groups when the budget would overflow → LensNet
+     scores the result → if the next block would not fit, collapse ahead until
+     `collapse_headroom` slots are free (so most refocuses only append) → the focus
+     allocator applies ≤ n_diff expand/collapse edits →
+     materialize → re-prefill the cache from the first slot that changed in any stream
+     (rounded down to a multiple of K) through the last valid slot, in fixed-shape chunks
+     inside `while_loop`s (K-slot chunks up to a multiple of C = `prefill_chunk`, C-slot
+     chunks, a K-slot tail: big matmuls for bulk, < K wasted slots at either end) → the
+     next token of each stream whose newest slot was recomputed. A stream whose only change
+     is the append of its pending tokens re-prefills nothing: their KV entries are copied
+     from the pending slots (same context, same positions).
+Unchanged slots before the first change keep their cache entries. Slots a stream did not
+need re-prefilled (the range is shared by the batch) are recomputed from identical inputs,
+so they can differ from their old values only in the last bits (chunk shapes differ).
+
+Decoding (`generate` / `stream`): one jitted `lax.while_loop` runs up to K greedy steps over
+a fixed-shape `StreamState`; the host reads the block's tokens, then refocuses when K are
+pending. Generating n tokens in pieces equals generating them at once.
+
+Input (`feed`) is ingested into the trees at once (gisting happens as text arrives) and the
+WC is brought up to date lazily, by one refocus before the next generation (or `sync()`):
+a fresh stream starts from `initial_layout` (recent tokens LOD0, older LOD1, oldest LOD2 —
+any length, even ≫ w_max) followed by a refocus; a running stream appends. Feeding a text
+in pieces therefore equals feeding it at once, bit for bit.
+
+Programs are compiled once per plan (configs, batch size, capacity, headroom, chunk size,
+mesh) and shared by every session with that plan; with a mesh the decode step and the
+refocus are jitted with `NamedSharding`s over ("data", "model") — streams on `data`, base
+weights split on `model` by `mcjax.sharding`'s rules. After warm-up nothing recompiles as
+the history grows (`CompileCounter` counts XLA compilations to prove it).
+
+Telemetry: one `RefocusEvent` per refocus (actions, swap rate, LOD histogram, budget use,
+residency, re-prefilled slots, timings) in `session.events` and to an optional callback.
+`debug_invariants=True` runs `check_invariants` (and a cache/WC consistency check) after
+every refocus.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mcjax import focus, lens, sharding
+from mcjax import working_context as wcm
+from mcjax.base import model as base
+from mcjax.base.model import InputError, KVCache
+from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer
+from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig
+from mcjax.gist import init_gist_params
+from mcjax.tree import BlockGister, MegaContextTree, TreeView
+
+__all__ = [
+    "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
+    "load_trained_params", "untrained_params", "format_focus_map", "focus_runs",
+    "DEFAULT_MAX_TOKENS",
+]
+
+DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
+_MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class StreamState:
+    """Everything the jitted programs carry between calls; leading axis B = streams."""
+
+    wc: wcm.WorkingContext  # [B, W] working contexts (what cache slots [0, W) hold)
+    cache: KVCache  # k/v [layers, B, W + K, kv_heads, head_dim]; valid [B, W + K]
+    next_token: jax.Array  # [B] int32 greedy prediction after the newest history token
+    pending: jax.Array  # [B, K] int32 tokens decoded since the last refocus (pad if done)
+    num_pending: jax.Array  # [] int32 pending slots used (shared by all streams)
+    done: jax.Array  # [B] bool stream emitted EOS in the current generation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static, hashable description of a session's programs (the jit cache key)."""
+
+    llama: LlamaConfig
+    mc: Any  # MCConfig
+    lens: Any  # LensConfig
+    batch_size: int
+    max_tokens: int
+    pad_id: int
+    headroom: int  # slots to free ahead when the next block would not fit (0: off)
+    prefill_chunk: int  # C: slots per bulk re-prefill chunk (a multiple of K dividing w_max)
+
+    @property
+    def num_slots(self) -> int:
+        return self.mc.w_max + self.mc.block_size
+
+    def view_rows(self, level: int) -> int:
+        return max(1, -(-self.max_tokens // self.mc.block_size**level))
+
+
+# --------------------------------------------------------------------------- jitted programs
+
+
+def _score_stream(plan: _Plan, lens_params, base_params, wc, view):
+    """LensNet scores [W] of one stream's WC (materialized from its tree view)."""
+    emb, _, _ = wcm.materialize(wc, view, base_params, plan.mc)
+    tail = lens.tail_gists(view, plan.mc)
+    return lens.lens_scores(lens_params, emb, wc, tail, plan.lens, plan.mc)
+
+
+def _pending_base_position(plan: _Plan, wc) -> jax.Array:
+    """[B] position of the first pending slot: the next token index, or (compact) the next
+    running index after the WC."""
+    if plan.mc.position_scheme == "compact":
+        return wc.num_valid
+    return wc.num_tokens
+
+
+def _decode_block(plan: _Plan, base_params, state: StreamState, num_steps, eos_id):
+    """Up to `num_steps` (≤ K − num_pending) greedy steps: emit `next_token`, write it at the
+    next pending slot, predict the next one. Stops early once every stream is done.
+    Returns (state, tokens [B, K] emitted (pad beyond the steps run), steps run)."""
+    W, K, B = plan.mc.w_max, plan.mc.block_size, plan.batch_size
+    first_position = _pending_base_position(plan, state.wc)
+
+    def cond(carry):
+        s, i, _ = carry
+        return (i < num_steps) & ~jnp.all(s.done)
+
+    def body(carry):
+        s, i, out = carry
+        p = s.num_pending
+        live = ~s.done
+        token = s.next_token
+        hidden, cache = base.prefill_core(
+            base_params, plan.llama, s.cache, token[:, None], None,
+            (first_position + p)[:, None], live[:, None], W + p, return_hidden=True)
+        logits = base.logits_from_hidden(base_params, plan.llama, hidden[:, 0])
+        emitted = jnp.where(live, token, plan.pad_id).astype(jnp.int32)
+        out = jax.lax.dynamic_update_slice(out, emitted[:, None], (0, i))
+        pending = jax.lax.dynamic_update_slice(s.pending, emitted[:, None], (0, p))
+        s = s.replace(cache=cache, next_token=jnp.argmax(logits, -1).astype(jnp.int32),
+                      pending=pending, num_pending=p + 1,
+                      done=s.done | (live & (token == eos_id)))
+        return s, i + 1, out
+
+    out0 = jnp.full((B, K), plan.pad_id, jnp.int32)
+    state, steps_run, out = jax.lax.while_loop(cond, body, (state, jnp.int32(0), out0))
+    return state, out, steps_run
+
+
+def _collapse_ahead(plan: _Plan, wc, scores, trigger):
+    """Free `plan.headroom` slots at once when fewer than K are free (and `trigger`).
+
+    Without it a full WC collapses one group per refocus — the oldest LOD0 group, right
+    after the gists — so nearly the whole cache is re-prefilled every K tokens. Collapsing
+    ahead (same choice as `append`: lowest mean score, else oldest; never the protected tail
+    nor a group an expansion created within the cooldown) lets the next headroom/K refocuses
+    only append, re-prefilling just the new tokens. Returns (wc, scores realigned, count).
+    """
+    mc = plan.mc
+    K, W = mc.block_size, mc.w_max
+    slots = jnp.arange(W)
+    trigger = trigger & (W - wc.num_valid < K)
+
+    def group_keys(wc, scores):
+        heads = wcm.legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, mc)
+        fresh = (wc.edit_dir == 1) & (wc.step - wc.edit_step < mc.cooldown) & wc.valid
+        blocked = jnp.any(wcm.group_windows(fresh, K, False), axis=1)
+        mean = jnp.mean(wcm.group_windows(scores, K, 0.0), axis=1)
+        return jnp.where(heads & ~blocked, mean, jnp.inf), mean
+
+    def cond(carry):
+        wc, scores, _ = carry
+        key, _ = group_keys(wc, scores)
+        return trigger & (wc.num_valid > W - plan.headroom) & jnp.any(jnp.isfinite(key))
+
+    def body(carry):
+        wc, scores, count = carry
+        key, mean = group_keys(wc, scores)
+        head = jnp.argmin(key).astype(jnp.int32)  # first minimum: the oldest among equals
+        wc, _ = wcm.collapse(wc, head, mc)
+        later = scores[jnp.minimum(slots + K - 1, W - 1)]
+        scores = jnp.where(slots < head, scores, jnp.where(slots == head, mean[head], later))
+        return wc, jnp.where(wc.valid, scores, 0.0), count + 1
+
+    if plan.headroom == 0:
+        return wc, scores, jnp.int32(0)
+    return jax.lax.while_loop(cond, body, (wc, scores, jnp.int32(0)))
+
+
+def _copy_pending_kv(plan: _Plan, cache: KVCache, copy, dest, count) -> KVCache:
+    """For streams with `copy`: cache slots [dest, dest + count) ← pending slots
+    [W, W + count). One in-place K-slot update per stream (a scalar offset each)."""
+    W, K = plan.mc.w_max, plan.mc.block_size
+    first_k = jnp.arange(K)[None, None, :, None, None]
+
+    def one(b, kv):
+        def move(buf):
+            block = jax.lax.dynamic_slice_in_dim(
+                jax.lax.dynamic_slice_in_dim(buf, b, 1, axis=1), W, K, axis=2)
+            here = jax.lax.dynamic_slice(buf, (0, b, dest[b], 0, 0), block.shape)
+            new = jnp.where(copy[b] & (first_k < count[b]), block, here)
+            return jax.lax.dynamic_update_slice(buf, new, (0, b, dest[b], 0, 0))
+
+        return tuple(move(buf) for buf in kv)
+
+    k, v = jax.lax.fori_loop(0, plan.batch_size, one, (cache.k, cache.v))
+    return cache.replace(k=k, v=v)
+
+
+def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: TreeView,
+             num_new, reset, layout, revive, from_pending):
+    """One refocus of every stream (module docstring, step 2).
+
+    num_new [B]: tokens the trees gained since the WC was last updated; reset [B]: the
+    stream starts from `layout` (its initial layout; its cache holds nothing yet); revive
+    [B]: clear the stream's EOS flag (it got new input); from_pending []: the new tokens are
+    the decoded ones in the pending slots (their KV entries can be reused).
+    """
+    mc, llama = plan.mc, plan.llama
+    W, K, B, L = mc.w_max, mc.block_size, plan.batch_size, mc.num_levels
+
+    def pick(new, old):
+        return jnp.where(reset.reshape(reset.shape + (1,) * (new.ndim - 1)), new, old)
+
+    wc0 = jax.tree.map(pick, layout, state.wc)
+    cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
+
+    score = jax.vmap(functools.partial(_score_stream, plan), in_axes=(None, None, 0, 0))
+    scores0 = score(lens_params, base_params, wc0, view)
+    wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
+    scores1 = score(lens_params, base_params, wc1, view)
+    # Only streams with new tokens (or a fresh layout) refocus, so a stream's focus never
+    # depends on its batch neighbours (e.g. one that already emitted EOS).
+    active = reset | (num_new > 0)
+    wc1, scores1, ahead = jax.vmap(functools.partial(_collapse_ahead, plan))(wc1, scores1,
+                                                                          active)
+    wc2, focus_info = jax.vmap(lambda wc, s: focus.allocate(wc, s, mc))(wc1, scores1)
+    wc2 = jax.tree.map(lambda new, old: jnp.where(
+        active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old), wc2, wc1)
+    focus_info = jax.tree.map(lambda x: jnp.where(
+        active.reshape(active.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), focus_info)
+    emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, base_params, mc))(wc2, view)
+
+    both = valid & cached_valid
+    changed = (valid != cached_valid) | (both & ((wc2.level != state.wc.level)
+                                                 | (wc2.node != state.wc.node)))
+    first_changed = jnp.where(jnp.any(changed, -1), jnp.argmax(changed, -1), W).astype(jnp.int32)
+    num_valid = wc2.num_valid
+    # A stream whose only change is the append of its pending tokens (no collapse, no edit
+    # before them) needs no re-prefill: their KV entries, computed over the same context at
+    # the same positions, are copied from the pending slots to their WC slots.
+    old_valid = state.wc.num_valid
+    slots = jnp.arange(W)[None, :]
+    appended = (slots >= old_valid[:, None]) & (slots < num_valid[:, None])
+    as_tokens = (wc2.level == 0) & (wc2.node == state.wc.num_tokens[:, None]
+                                    + slots - old_valid[:, None])
+    append_only = (from_pending & ~reset & (num_new > 0) & (first_changed >= old_valid)
+                   & (num_valid == old_valid + num_new)
+                   & jnp.all(~appended | as_tokens, axis=1))
+    cache = jax.lax.cond(jnp.any(append_only), functools.partial(_copy_pending_kv, plan),
+                         lambda c, *_: c, state.cache, append_only, old_valid, num_new)
+    needs = (first_changed < W) & ~append_only
+    start = (jnp.min(jnp.where(needs, first_changed, W)) // K) * K  # shared by the batch
+    stop = jnp.max(jnp.where(needs, num_valid, 0))
+    newest = num_valid - 1
+
+    cache = cache.replace(valid=jnp.concatenate([valid, jnp.zeros((B, K), bool)], 1))
+
+    def prefill_chunks(carry, size: int, more):
+        """Re-prefill `size`-slot chunks from carry's slot while `more(slot)`, keeping the
+        hidden state of each stream's newest slot."""
+        def body(carry):
+            cache, s, newest_hidden, got = carry
+            chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, s, size, axis=1)  # noqa: E731
+            hidden, cache = base.prefill_core(base_params, llama, cache, None, chunk(emb),
+                                              chunk(pos), chunk(valid), s, return_hidden=True)
+            inside = (newest >= s) & (newest < s + size)
+            row = jnp.clip(newest - s, 0, size - 1)
+            h = jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]
+            return cache, s + size, jnp.where(inside[:, None], h, newest_hidden), got | inside
+
+        return jax.lax.while_loop(lambda c: more(c[1]), body, carry)
+
+    carry = (cache, start.astype(jnp.int32),
+             jnp.zeros((B, llama.hidden_size), jnp.dtype(llama.dtype)), jnp.zeros((B,), bool))
+    C = plan.prefill_chunk
+    if C > K:  # K-slot chunks up to a multiple of C, C-slot chunks, then a K-slot tail
+        stop_k = -(-stop // K) * K
+        carry = prefill_chunks(carry, K, lambda s: (s < stop) & (s % C != 0))
+        carry = prefill_chunks(carry, C, lambda s: s + C <= stop_k)
+    cache, _, newest_hidden, got = prefill_chunks(carry, K, lambda s: s < stop)
+    logits = base.logits_from_hidden(base_params, llama, newest_hidden)
+    next_token = jnp.where(got, jnp.argmax(logits, -1).astype(jnp.int32), state.next_token)
+    new_state = StreamState(wc=wc2, cache=cache, next_token=next_token, pending=state.pending,
+                            num_pending=jnp.int32(0), done=state.done & ~revive)
+
+    levels = jnp.arange(L + 1)
+    in_level = (wc2.level[..., None] == levels) & valid[..., None]  # [B, W, L+1]
+    span = wcm.span_size(wc2.level, mc)
+    slot = jnp.clip(focus_info.action_slot, 0, W - 1)
+    telemetry = dict(
+        num_tokens=wc2.num_tokens, num_valid=num_valid,
+        level_hist=jnp.sum(in_level, axis=1, dtype=jnp.int32),
+        level_tokens=jnp.sum(in_level * span[..., None], axis=1, dtype=jnp.int32),
+        action_kind=focus_info.action_kind, action_slot=focus_info.action_slot,
+        action_level=jnp.take_along_axis(wc1.level, slot, axis=1),
+        num_expand=focus_info.num_expand, num_collapse=focus_info.num_collapse,
+        append_collapses=append_info.num_collapses, append_overflow=append_info.overflow,
+        headroom_collapses=ahead,
+        nan_scores=focus_info.nan_scores | append_info.nan_scores,
+        first_changed=first_changed, reprefill_start=start, reprefill_stop=stop,
+        active=active, kv_reused=append_only)
+    return new_state, telemetry
+
+
+def _scatter_rows(buf, rows, start, count):
+    """buf[b, start[b] + i] = rows[b, i] for i < count[b] (other rows dropped)."""
+    B, R = rows.shape[:2]
+    i = jnp.arange(R)[None, :]
+    idx = jnp.where(i < count[:, None], start[:, None] + i, buf.shape[1])  # out of range: dropped
+    return buf.at[jnp.arange(B)[:, None], idx].set(rows.astype(buf.dtype), mode="drop")
+
+
+def _write_view(view: TreeView, token_rows, gist_rows, start, count, counts) -> TreeView:
+    """Write each stream's new tree rows into the batched fixed-capacity view."""
+    tokens = _scatter_rows(view.tokens, token_rows, start[:, 0], count[:, 0])
+    gists = tuple(_scatter_rows(g, r, start[:, l + 1], count[:, l + 1])
+                  for l, (g, r) in enumerate(zip(view.gists, gist_rows)))
+    return TreeView(tokens=tokens, gists=gists, counts=counts)
+
+
+class _Programs(NamedTuple):
+    decode: Callable
+    refocus: Callable
+    write_view: Callable
+    shardings: dict | None
+
+
+def _abstract_base_params(llama: LlamaConfig):
+    return jax.eval_shape(lambda k: base.init_params(llama, k), jax.random.key(0))
+
+
+def _shardings(plan: _Plan, mesh: Mesh) -> dict:
+    """NamedShardings of every program argument: streams on `data` (when B divides), base
+    weights by `mcjax.sharding` rules, small nets and scalars replicated."""
+    data = "data" if plan.batch_size % mesh.shape["data"] == 0 else None
+    rep = NamedSharding(mesh, P())
+
+    def lead(ndim):
+        return NamedSharding(mesh, P(data, *([None] * (ndim - 1))))
+
+    wc = wcm.WorkingContext(level=lead(2), node=lead(2), valid=lead(2), edit_step=lead(2),
+                            edit_dir=lead(2), num_tokens=lead(1), step=lead(1))
+    kv = NamedSharding(mesh, P(None, data))
+    state = StreamState(wc=wc, cache=KVCache(k=kv, v=kv, valid=lead(2)), next_token=lead(1),
+                        pending=lead(2), num_pending=rep, done=lead(1))
+    view = TreeView(tokens=lead(2), gists=tuple(lead(3) for _ in range(plan.mc.num_levels)),
+                    counts=lead(2))
+    return dict(rep=rep, lead=lead, wc=wc, state=state, view=view,
+                params=sharding.param_shardings(_abstract_base_params(plan.llama), mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(plan: _Plan, mesh: Mesh | None) -> _Programs:
+    """The jitted programs of a plan (shared by every session with that plan)."""
+    decode = functools.partial(_decode_block, plan)
+    refocus = functools.partial(_refocus, plan)
+    if mesh is None:
+        return _Programs(jax.jit(decode, donate_argnums=1), jax.jit(refocus, donate_argnums=2),
+                         jax.jit(_write_view, donate_argnums=0), None)
+    sh = _shardings(plan, mesh)
+    rep, lead = sh["rep"], sh["lead"]
+    return _Programs(
+        decode=jax.jit(decode, donate_argnums=1,
+                       in_shardings=(sh["params"], sh["state"], rep, rep),
+                       out_shardings=(sh["state"], lead(2), rep)),
+        refocus=jax.jit(refocus, donate_argnums=2,
+                        in_shardings=(sh["params"], rep, sh["state"], sh["view"], lead(1),
+                                      lead(1), sh["wc"], lead(1), rep),
+                        out_shardings=(sh["state"], rep)),
+        write_view=jax.jit(_write_view, donate_argnums=0,
+                           in_shardings=(sh["view"], lead(2), tuple(
+                               lead(3) for _ in range(plan.mc.num_levels)), lead(2), lead(2),
+                               lead(2)),
+                           out_shardings=sh["view"]),
+        shardings=sh)
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+@dataclasses.dataclass(frozen=True)
+class RefocusEvent:
+    """What one refocus did, per stream (lists have one entry per stream).
+
+    swap_rate: share of the WC's entries this refocus created by an edit (an expansion
+    creates K, a collapse 1; budget and headroom collapses included). residency: share of
+    the history's tokens resident at each LOD (index 0 = raw tokens). reprefill_slots:
+    cache slots recomputed (per stream; the same K-aligned range for all).
+    """
+
+    index: int  # refocus number in this session
+    trigger: str  # "input" (after feed) or "decode" (K tokens decoded)
+    num_tokens: list[int]
+    num_new: list[int]
+    actions: list[list[tuple[str, int, int]]]  # (expand|collapse, slot, level before)
+    num_expand: list[int]
+    num_collapse: list[int]
+    append_collapses: list[int]  # budget collapses while appending
+    headroom_collapses: list[int]  # collapses ahead of need (see `_collapse_ahead`)
+    swap_rate: list[float]
+    lod_histogram: list[list[int]]
+    budget_use: list[float]
+    residency: list[list[float]]
+    first_changed_slot: list[int]
+    kv_reused: list[bool]  # only the pending tokens were appended: their KV was copied
+    reprefill_start: int
+    reprefill_slots: int
+    nan_scores: list[bool]
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _event_from(index: int, trigger: str, num_new, t: dict, mc, timings: dict) -> RefocusEvent:
+    K, W = mc.block_size, mc.w_max
+    kinds = {focus.ACT_EXPAND: "expand", focus.ACT_COLLAPSE: "collapse"}
+    num_valid = t["num_valid"].astype(np.int64)
+    created = (K * t["num_expand"] + t["num_collapse"] + t["append_collapses"]
+               + t["headroom_collapses"])
+    start, stop = int(t["reprefill_start"]), int(t["reprefill_stop"])
+    slots = max(0, -(-stop // K) * K - start) if start < stop else 0
+    tokens = np.maximum(t["num_tokens"], 1)
+    return RefocusEvent(
+        index=index, trigger=trigger,
+        num_tokens=[int(x) for x in t["num_tokens"]], num_new=[int(x) for x in num_new],
+        actions=[[(kinds[int(k)], int(s), int(l))
+                  for k, s, l in zip(t["action_kind"][b], t["action_slot"][b],
+                                     t["action_level"][b]) if int(k) in kinds]
+                 for b in range(len(num_valid))],
+        num_expand=[int(x) for x in t["num_expand"]],
+        num_collapse=[int(x) for x in t["num_collapse"]],
+        append_collapses=[int(x) for x in t["append_collapses"]],
+        headroom_collapses=[int(x) for x in t["headroom_collapses"]],
+        swap_rate=[float(c / max(n, 1)) for c, n in zip(created, num_valid)],
+        lod_histogram=t["level_hist"].astype(int).tolist(),
+        budget_use=[float(n / W) for n in num_valid],
+        residency=(t["level_tokens"] / tokens[:, None]).round(6).tolist(),
+        first_changed_slot=[int(x) for x in t["first_changed"]],
+        kv_reused=[bool(x) for x in t["kv_reused"]],
+        reprefill_start=start if slots else W, reprefill_slots=slots,
+        nan_scores=[bool(x) for x in t["nan_scores"]], timings=timings)
+
+
+class CompileCounter:
+    """Counts XLA compilations in this process while active: `with CompileCounter() as c:`.
+
+    Listens to JAX's backend-compile monitoring event, so it sees every compilation — of
+    jitted functions and of eager ops alike. `c.names` lists what compiled.
+    """
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.names: list[str] = []
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == self._EVENT:
+            self.count += 1
+            self.names.append(str(kwargs.get("fun_name", "?")))
+
+    def __enter__(self) -> "CompileCounter":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _arch_without_dtype(base_config) -> Any:
+    if not isinstance(base_config, dict):
+        return base_config
+    return {k: v for k, v in base_config.items() if k != "dtype"}
+
+
+def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[str]:
+    """Fields that must agree for `part` (gist|lens) params of a checkpoint to mean the same
+    thing here: the base model, the block structure and the part's own architecture."""
+    from mcjax.checkpoint import config_to_json
+
+    mine = config_to_json(cfg)
+    pairs = {
+        "base": (saved.get("base"), mine.get("base")),
+        "base_config": (_arch_without_dtype(saved.get("base_config")),
+                        _arch_without_dtype(mine.get("base_config"))),
+        "mc.block_size": ((saved.get("mc") or {}).get("block_size"), cfg.mc.block_size),
+        "mc.num_levels": ((saved.get("mc") or {}).get("num_levels"), cfg.mc.num_levels),
+        part: (saved.get(part), mine.get(part)),
+    }
+    out = []
+    for name, (theirs, ours) in pairs.items():
+        if theirs == ours:
+            continue
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            for k in sorted(set(theirs) | set(ours)):
+                if theirs.get(k) != ours.get(k):
+                    out.append(f"{name}.{k}: checkpoint {theirs.get(k)!r} vs session "
+                               f"{ours.get(k)!r}")
+        else:
+            out.append(f"{name}: checkpoint {theirs!r} vs session {ours!r}")
+    return out
+
+
+def _expected_params(cfg: ExperimentConfig, part: str):
+    D = cfg.base_config.hidden_size
+    if part == "gist":
+        return jax.eval_shape(lambda k: init_gist_params(cfg.gist, D, k,
+                                                         block_size=cfg.mc.block_size),
+                              jax.random.key(0))
+    return jax.eval_shape(lambda k: lens.init_lens(cfg.lens, cfg.mc, D, k), jax.random.key(0))
+
+
+def _check_param_tree(params, expected, what: str, exc=ValueError) -> None:
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = jax.tree_util.tree_flatten_with_path(expected)[0]
+    got_shapes = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in got}
+    want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in want}
+    if got_shapes != want_shapes:
+        missing = sorted(set(want_shapes) - set(got_shapes))[:3]
+        extra = sorted(set(got_shapes) - set(want_shapes))[:3]
+        wrong = [f"{k}: {got_shapes[k]} != {want_shapes[k]}" for k in sorted(want_shapes)
+                 if k in got_shapes and got_shapes[k] != want_shapes[k]][:3]
+        raise exc(f"{what} do not match the configured architecture (missing {missing}, "
+                  f"unexpected {extra}, wrong shapes {wrong})")
+
+
+def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
+                        step: int | None = None) -> tuple[Any, dict]:
+    """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
+    (`train_gist`, `train_lens` or `train_joint`), and where they came from.
+
+    `cfg.base_config` must be filled in (the base model's architecture). Raises
+    CheckpointError for a missing directory, no complete checkpoint, or a checkpoint without
+    that part; CheckpointMismatchError when it was trained for another base model, block
+    structure or architecture of the part.
+    """
+    import orbax.checkpoint as ocp
+
+    if part not in ("gist", "lens"):
+        raise ValueError(f"part must be 'gist' or 'lens', got {part!r}")
+    if cfg.base_config is None:
+        raise ConfigError("load_trained_params needs cfg.base_config (the base architecture)")
+    path = Path(workdir)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    ckpt = Checkpointer(path, create=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {path}")
+        meta = ckpt.read_meta(step)
+        diffs = _config_differences(meta.get("config") or {}, cfg, part)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} (step {step}) was trained for a different setup than this "
+                f"session's {part} network:\n  " + "\n  ".join(diffs))
+        # Only the params are needed: restore the raw tree (independent of the optimizer).
+        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ckpt.close()
+    trained = (raw.get("params") or {}) if isinstance(raw, dict) else {}
+    if part not in trained:
+        raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
+                              f"has {sorted(trained)})")
+    params = jax.tree.map(jnp.asarray, trained[part])
+    _check_param_tree(params, _expected_params(cfg, part), f"{part} params in {path}",
+                      CheckpointMismatchError)
+    extra = meta.get("extra") or {}
+    return params, {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
+                    "run": extra.get("run"), "gistnet": extra.get("gistnet")}
+
+
+@functools.lru_cache(maxsize=8)
+def _untrained(cfg: ExperimentConfig, part: str):
+    D = cfg.base_config.hidden_size
+    key = jax.random.key(cfg.train.seed)
+    if part == "gist":
+        return jax.jit(lambda k: init_gist_params(cfg.gist, D, k,
+                                                  block_size=cfg.mc.block_size))(key)
+    return lens.init_lens(cfg.lens, cfg.mc, D, jax.random.fold_in(key, 1))
+
+
+def untrained_params(cfg: ExperimentConfig, part: str):
+    """The untrained GistNet / LensNet the trainers start from (same seed and init)."""
+    if cfg.base_config is None:
+        raise ConfigError("untrained_params needs cfg.base_config")
+    return _untrained(cfg, part)
+
+
+# --------------------------------------------------------------------------- focus maps
+
+
+def focus_runs(wc: wcm.WorkingContext, mc) -> list[tuple[int, int, int, int]]:
+    """Runs of consecutive entries of one level in one stream's WC (host):
+    (level, first token, end token, number of entries)."""
+    entries = wcm.to_entries(jax.device_get(wc))
+    runs: list[list[int]] = []
+    for level, node, _, _ in entries:
+        size = mc.block_size**level
+        if runs and runs[-1][0] == level:
+            runs[-1][2] = (node + 1) * size
+            runs[-1][3] += 1
+        else:
+            runs.append([level, node * size, (node + 1) * size, 1])
+    return [tuple(r) for r in runs]
+
+
+def format_focus_map(runs: Sequence[tuple[int, int, int, int]], width: int = 64) -> str:
+    """Compact focus map: one line per run (`[start, end) LODℓ × n`) plus a bar of the
+    history, each character the finest LOD covering that stretch ('0' = raw tokens)."""
+    if not runs:
+        return "(empty)"
+    total = runs[-1][2]
+    lines = [f"  [{s:>7}, {e:>7})  LOD{l} x {n}" + (" tokens" if l == 0 else " gists")
+             for l, s, e, n in runs]
+    bar = []
+    for i in range(min(width, total)):
+        lo, hi = i * total // min(width, total), (i + 1) * total // min(width, total)
+        bar.append(str(min(l for l, s, e, _ in runs if s < hi and e > lo)))
+    return "\n".join(lines + [f"  history |{''.join(bar)}| {total} tokens (oldest left)"])
+
+
+# --------------------------------------------------------------------------- session
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+class Session:
+    """A batch of MegaContext streams over one frozen base model (module docstring).
+
+    base: a `BaseModel` (gives text encoding) or `(LlamaConfig, params)`. gist_params /
+    lens_params: trained params, or None for the untrained networks the trainers start
+    from (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
+    max_tokens: per-stream history capacity (fixes the device view's shapes).
+    collapse_headroom: slots freed at once when the next block would not fit (default
+    w_max/8 in whole blocks; 0 = collapse only as needed): trades up to that much budget
+    for re-prefilling only the new tokens on most refocuses (see `_collapse_ahead`).
+    prefill_chunk: slots per bulk re-prefill chunk (default: the largest K·2^i <= 256 that
+    divides w_max); bigger chunks use the hardware better, K-slot chunks trim the ends.
+    """
+
+    def __init__(self, base_model, gist_params, lens_params, cfg: ExperimentConfig, *,
+                 batch_size: int = 1, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 mesh: Mesh | None = None, debug_invariants: bool = False,
+                 collapse_headroom: int | None = None, prefill_chunk: int | None = None,
+                 gist_batch: int | None = None, pad_id: int = 0,
+                 on_event: Callable[[RefocusEvent], None] | None = None,
+                 max_events: int = 100_000, provenance: dict | None = None):
+        if hasattr(base_model, "config") and hasattr(base_model, "params"):
+            llama, params = base_model.config, base_model.params
+            self._encode = getattr(base_model, "encode", None)
+            self.decode_text = getattr(base_model, "decode", None)
+        else:
+            try:
+                llama, params = base_model
+            except (TypeError, ValueError):
+                raise TypeError("base must be a BaseModel or a (LlamaConfig, params) pair"
+                                ) from None
+            self._encode, self.decode_text = None, None
+        if not isinstance(llama, LlamaConfig):
+            raise TypeError(f"base config must be a LlamaConfig, got {type(llama).__name__}")
+        if not isinstance(cfg, ExperimentConfig):
+            raise TypeError(f"cfg must be an ExperimentConfig, got {type(cfg).__name__}")
+        if cfg.base_config is None:
+            cfg = dataclasses.replace(cfg, base_config=llama)
+        elif _arch_without_dtype(dataclasses.asdict(cfg.base_config)) != \
+                _arch_without_dtype(dataclasses.asdict(llama)):
+            raise ConfigError(f"config {cfg.name!r} describes a different base model "
+                              f"({cfg.base_config}) than the one given ({llama})")
+        mc = cfg.mc
+        K = mc.block_size
+        if mc.w_max % K:
+            raise ConfigError(f"w_max ({mc.w_max}) must be a multiple of the block size K "
+                              f"({K}): the cache is re-prefilled in K-slot chunks on a fixed "
+                              f"grid and K tokens are decoded between refocuses")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if int(max_tokens) < mc.w_max:
+            raise ConfigError(f"max_tokens ({max_tokens}) must be >= w_max ({mc.w_max})")
+        if not 0 <= pad_id < llama.vocab_size:
+            raise ConfigError(f"pad_id {pad_id} is outside the vocabulary")
+        if collapse_headroom is None:  # default: an eighth of the budget, whole blocks
+            collapse_headroom = (mc.w_max // 8) // K * K
+        if not 0 <= collapse_headroom <= mc.w_max - mc.recent_protect - K:
+            raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K]"
+                              f" = [0, {mc.w_max - mc.recent_protect - K}], got "
+                              f"{collapse_headroom}")
+        if prefill_chunk is None:  # default: the largest K·2^i <= 256 that divides w_max
+            prefill_chunk = K
+            while prefill_chunk * 2 <= max(256, K) and mc.w_max % (prefill_chunk * 2) == 0:
+                prefill_chunk *= 2
+        if prefill_chunk % K or mc.w_max % prefill_chunk or prefill_chunk <= 0:
+            raise ConfigError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of "
+                              f"K ({K}) that divides w_max ({mc.w_max})")
+        self.cfg, self.mc, self.llama = cfg, mc, llama
+        self.batch_size, self.max_tokens = int(batch_size), int(max_tokens)
+        self.debug_invariants = debug_invariants
+        self.mesh = mesh
+        self.on_event = on_event
+        self.events: collections.deque[RefocusEvent] = collections.deque(maxlen=max_events)
+        self.provenance = dict(provenance or {})
+
+        self.untrained: tuple[str, ...] = ()
+        if gist_params is None:
+            gist_params = untrained_params(cfg, "gist")
+            self.untrained += ("gist",)
+            self.provenance.setdefault("gist", {"source": "untrained",
+                                                "seed": cfg.train.seed})
+        if lens_params is None:
+            lens_params = untrained_params(cfg, "lens")
+            self.untrained += ("lens",)
+            self.provenance.setdefault("lens", {"source": "untrained",
+                                                "seed": cfg.train.seed})
+        _check_param_tree(gist_params, _expected_params(cfg, "gist"), "gist params")
+        _check_param_tree(lens_params, _expected_params(cfg, "lens"), "lens params")
+
+        self._plan = _Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=self.batch_size,
+                           max_tokens=self.max_tokens, pad_id=int(pad_id),
+                           headroom=int(collapse_headroom),
+                           prefill_chunk=int(prefill_chunk))
+        self._programs = _programs(self._plan, mesh)
+        sh = self._programs.shardings
+        if sh is None:
+            self._params = jax.device_put(params)
+            self._lens_params = jax.device_put(lens_params)
+        else:
+            self._params = jax.device_put(params, sh["params"])
+            self._lens_params = jax.device_put(lens_params, sh["rep"])
+        self._gister = BlockGister.from_base(cfg.gist, gist_params, self._params, llama,
+                                             block_size=K, gist_batch=gist_batch)
+        self._trees = [MegaContextTree.in_memory(mc, self._gister,
+                                                 view_capacity_tokens=self.max_tokens)
+                       for _ in range(self.batch_size)]
+        self._gist_dtype = np.dtype(jnp.dtype(mc.gist_dtype))
+        self._state = self._put(self._initial_state(), "state")
+        self._view = self._put(self._empty_view(), "view")
+        self._empty_layout = self._put(self._layouts(np.zeros(self.batch_size, bool)), "wc")
+        self._no_streams = np.zeros(self.batch_size, bool)
+        L = mc.num_levels
+        self._view_synced = np.zeros((self.batch_size, L + 1), np.int64)
+        self._unsynced = np.zeros(self.batch_size, np.int64)  # tree tokens not yet in the WC
+        self._laid_out = np.zeros(self.batch_size, bool)
+        self._num_pending = 0  # host mirror of state.num_pending
+        self._num_refocus = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoints(cls, base_model, cfg: ExperimentConfig, *,
+                         gist_checkpoint: str | os.PathLike | None = None,
+                         lens_checkpoint: str | os.PathLike | None = None, **kwargs
+                         ) -> "Session":
+        """A session with GistNet / LensNet from training workdirs (None: untrained).
+
+        Without `gist_checkpoint`, a LensNet checkpoint's own GistNet is used when it has
+        one (a `train_joint` run) or names one that exists (a `train_lens` run trained on a
+        GistNet checkpoint), so that LensNet sees the gists it was trained on.
+        """
+        llama = base_model.config if hasattr(base_model, "config") else base_model[0]
+        if cfg.base_config is None:
+            cfg = dataclasses.replace(cfg, base_config=llama)
+        provenance: dict = {}
+        gist = lens_params = None
+        if lens_checkpoint is not None:
+            lens_params, provenance["lens"] = load_trained_params(lens_checkpoint, cfg, "lens")
+        if gist_checkpoint is not None:
+            gist, provenance["gist"] = load_trained_params(gist_checkpoint, cfg, "gist")
+        elif lens_checkpoint is not None:
+            source = provenance["lens"].get("gistnet") or {}
+            if provenance["lens"].get("run") == "train_joint":
+                gist, provenance["gist"] = load_trained_params(lens_checkpoint, cfg, "gist")
+            elif source.get("source") == "checkpoint" and Path(source.get("path", "")).is_dir():
+                gist, provenance["gist"] = load_trained_params(source["path"], cfg, "gist")
+                provenance["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
+        return cls(base_model, gist, lens_params, cfg, provenance=provenance, **kwargs)
+
+    def _put(self, tree, kind: str):
+        sh = self._programs.shardings
+        return jax.device_put(tree) if sh is None else jax.device_put(tree, sh[kind])
+
+    def _initial_state(self) -> StreamState:
+        B, W, K, c = self.batch_size, self.mc.w_max, self.mc.block_size, self.llama
+        kv_shape = (c.num_layers, B, W + K, c.num_kv_heads, c.head_dim)
+        dt = np.dtype(jnp.dtype(c.dtype))
+        return StreamState(
+            wc=self._layouts(np.zeros(B, bool)),
+            cache=KVCache(k=np.zeros(kv_shape, dt), v=np.zeros(kv_shape, dt),
+                          valid=np.zeros((B, W + K), bool)),
+            next_token=np.full((B,), self._plan.pad_id, np.int32),
+            pending=np.full((B, K), self._plan.pad_id, np.int32),
+            num_pending=np.int32(0), done=np.zeros((B,), bool))
+
+    def _empty_view(self) -> TreeView:
+        B, D = self.batch_size, self.llama.hidden_size
+        return TreeView(
+            tokens=np.zeros((B, self._plan.view_rows(0)), np.int32),
+            gists=tuple(np.zeros((B, self._plan.view_rows(l), D), self._gist_dtype)
+                        for l in range(1, self.mc.num_levels + 1)),
+            counts=np.zeros((B, self.mc.num_levels + 1), np.int32))
+
+    def _layouts(self, reset: np.ndarray) -> wcm.WorkingContext:
+        """Batched host WC: the initial layout of each reset stream's history, else empty."""
+        B, W = self.batch_size, self.mc.w_max
+        arrays = {k: np.zeros((B, W), np.int32) for k in ("level", "node", "edit_step",
+                                                          "edit_dir")}
+        valid = np.zeros((B, W), bool)
+        num_tokens, step = np.zeros((B,), np.int32), np.zeros((B,), np.int32)
+        for b in np.flatnonzero(reset):
+            wc = jax.device_get(wcm.initial_layout(self._trees[b].num_tokens, self.mc))
+            for k in arrays:
+                arrays[k][b] = getattr(wc, k)
+            valid[b], num_tokens[b], step[b] = wc.valid, wc.num_tokens, wc.step
+        return wcm.WorkingContext(valid=valid, num_tokens=num_tokens, step=step, **arrays)
+
+    # ------------------------------------------------------------------ input
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        """[B] history length of each stream (fed and generated tokens)."""
+        pending = self._pending_tokens() if self._num_pending else [[]] * self.batch_size
+        return np.asarray([t.num_tokens + len(p) for t, p in zip(self._trees, pending)])
+
+    def tree(self, stream: int = 0) -> MegaContextTree:
+        return self._trees[stream]
+
+    def _token_lists(self, inputs) -> list[np.ndarray]:
+        B, V = self.batch_size, self.llama.vocab_size
+
+        def one(x) -> np.ndarray:
+            if isinstance(x, str):
+                if self._encode is None:
+                    raise InputError("text input needs a tokenizer: build the Session from a "
+                                     "BaseModel, or feed token ids")
+                x = self._encode(x)
+            arr = np.asarray(x)
+            if arr.size == 0:
+                return np.zeros((0,), np.int64)
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"a stream's input must be text or a 1-D sequence of integer "
+                                 f"token ids, got shape {arr.shape} dtype {arr.dtype}")
+            if arr.min() < 0 or arr.max() >= V:
+                bad = int(arr.max()) if arr.max() >= V else int(arr.min())
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
+            return arr.astype(np.int64)
+
+        per_stream = (isinstance(inputs, (list, tuple)) and len(inputs) > 0
+                      and all(isinstance(x, str) or np.ndim(x) >= 1 for x in inputs))
+        if not per_stream and not isinstance(inputs, str) and np.ndim(inputs) == 2:
+            inputs, per_stream = list(np.asarray(inputs)), True
+        if per_stream:
+            if len(inputs) != B:
+                raise InputError(f"got inputs for {len(inputs)} streams, this session has {B}")
+            return [one(x) for x in inputs]
+        if B != 1:
+            raise InputError(f"this session has {B} streams: pass one input per stream (a "
+                             f"list of {B} texts or token sequences)")
+        return [one(inputs)]
+
+    def _pending_tokens(self) -> list[np.ndarray]:
+        """Per stream: the decoded tokens in pending slots (not yet in the trees)."""
+        p, W = self._num_pending, self.mc.w_max
+        tokens = np.asarray(self._state.pending)[:, :p]
+        valid = np.asarray(self._state.cache.valid)[:, W:W + p]
+        return [tokens[b][valid[b]].astype(np.int64) for b in range(self.batch_size)]
+
+    def _check_room(self, extra: Sequence[int]) -> None:
+        for b, (tree, n) in enumerate(zip(self._trees, extra)):
+            total = tree.num_tokens + int(n)
+            if total > self.max_tokens:
+                raise wcm.CapacityError(
+                    f"stream {b}: history would reach {total} tokens, more than this "
+                    f"session's max_tokens={self.max_tokens} (the fixed capacity of its device "
+                    f"tree view); create the Session with a larger max_tokens")
+            wcm.check_capacity(total, self.mc)
+
+    def feed(self, inputs) -> None:
+        """Append input to the streams: text or token ids (one stream), or a list of B of
+        them (an empty entry leaves that stream unchanged). Any length works — far beyond
+        w_max too. The trees ingest it now; the WC and cache follow at the next
+        `generate`/`sync`. Tokens decoded since the last refocus are kept in the history."""
+        ids = self._token_lists(inputs)
+        if sum(len(x) for x in ids) == 0:
+            raise InputError("feed: empty input (no tokens for any stream)")
+        self._ingest(ids)
+
+    def _ingest(self, ids: list[np.ndarray]) -> None:
+        """Append the pending decoded tokens, then `ids`, to each stream's tree."""
+        pending = self._pending_tokens() if self._num_pending else \
+            [np.zeros((0,), np.int64)] * self.batch_size
+        new = [np.concatenate([p, x]) for p, x in zip(pending, ids)]
+        self._check_room([len(x) for x in new])
+        for tree, tokens in zip(self._trees, new):
+            if len(tokens):
+                tree.append(tokens)
+        self._unsynced += np.asarray([len(x) for x in new])
+        self._num_pending = 0  # now in the trees; the next refocus clears the slots
+
+    def flush(self) -> None:
+        """Bring the WC up to date with the whole history, including the tokens decoded
+        since the last refocus (one refocus). Unlike `sync`, this changes when later
+        refocuses happen, so call it between turns, not between pieces of one generation."""
+        if self._num_pending:
+            self._ingest([np.zeros((0,), np.int64)] * self.batch_size)
+        self.sync()
+
+    def sync(self) -> None:
+        """Bring every WC and the cache up to date with the trees (one refocus)."""
+        if not self._unsynced.any():
+            return
+        counts = np.asarray([t.num_tokens for t in self._trees])
+        reset = ~self._laid_out & (counts > 0)
+        num_new = np.where(reset, 0, self._unsynced)
+        layout = self._put(self._layouts(reset), "wc") if reset.any() else self._empty_layout
+        self._laid_out |= reset
+        self._unsynced[:] = 0
+        self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset, trigger="input",
+                      timings={})
+
+    # ------------------------------------------------------------------ refocus
+
+    def _upload_view(self) -> None:
+        counts = np.asarray([t.counts for t in self._trees], np.int64)
+        new = counts - self._view_synced
+        if not new.any():
+            return
+        B, D, K = self.batch_size, self.llama.hidden_size, self.mc.block_size
+        token_rows = np.zeros((B, _bucket(new[:, 0].max(), K)), np.int32)
+        gist_rows = [np.zeros((B, _bucket(new[:, l].max(), _MIN_GIST_ROWS), D),
+                              self._gist_dtype) for l in range(1, self.mc.num_levels + 1)]
+        for b, tree in enumerate(self._trees):
+            lo, hi = self._view_synced[b], counts[b]
+            token_rows[b, :new[b, 0]] = tree.tokens(lo[0], hi[0])
+            for l in range(1, self.mc.num_levels + 1):
+                gist_rows[l - 1][b, :new[b, l]] = tree.gists(l, lo[l], hi[l])
+        self._view = self._programs.write_view(
+            self._view, token_rows, tuple(gist_rows), self._view_synced.astype(np.int32),
+            new.astype(np.int32), counts.astype(np.int32))
+        self._view_synced = counts
+
+    def _refocus(self, num_new, reset, layout, *, revive, trigger: str, timings: dict) -> None:
+        t0 = time.perf_counter()
+        self._upload_view()
+        self._state, telemetry = self._programs.refocus(
+            self._params, self._lens_params, self._state, self._view,
+            np.asarray(num_new, np.int32), np.asarray(reset, bool), layout,
+            np.asarray(revive, bool), np.bool_(trigger == "decode"))
+        telemetry = jax.device_get(telemetry)  # waits for the refocus
+        timings = dict(timings, refocus_s=time.perf_counter() - t0)
+        if telemetry["append_overflow"].any():
+            b = int(np.argmax(telemetry["append_overflow"]))
+            raise wcm.CapacityError(f"stream {b}: the working context could not absorb "
+                                    f"{int(num_new[b])} new tokens: "
+                                    + wcm.capacity_message(self._trees[b].num_tokens, self.mc))
+        event = _event_from(self._num_refocus, trigger, num_new, telemetry, self.mc, timings)
+        self._num_refocus += 1
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        if self.debug_invariants:
+            self._check()
+
+    def _refocus_pending(self, timings: dict) -> None:
+        """K tokens decoded: ingest them into the trees and refocus."""
+        t0 = time.perf_counter()
+        new = self._pending_tokens()
+        for tree, tokens in zip(self._trees, new):
+            if len(tokens):
+                tree.append(tokens)
+        timings = dict(timings, ingest_s=time.perf_counter() - t0)
+        self._num_pending = 0
+        self._refocus(np.asarray([len(x) for x in new]), self._no_streams, self._empty_layout,
+                      revive=self._no_streams, trigger="decode", timings=timings)
+
+    def check(self) -> None:
+        """Check every WC invariant against the trees, and that the cache holds exactly the
+        WC and the pending tokens (raises `working_context.InvariantError`)."""
+        self.sync()
+        self._check()
+
+    def _check(self) -> None:
+        wc = jax.device_get(self._state.wc)
+        counts = np.asarray([t.counts for t in self._trees])
+        wcm.check_invariants(wc, counts, self.mc)
+        W, p = self.mc.w_max, self._num_pending
+        cache_valid = np.asarray(self._state.cache.valid)
+        if not (cache_valid[:, :W] == wc.valid).all():
+            raise wcm.InvariantError("cache validity differs from the working context's")
+        if cache_valid[:, W + p:].any():
+            raise wcm.InvariantError("cache slots past the pending tokens are valid")
+
+    # ------------------------------------------------------------------ generation
+
+    def stream(self, max_new_tokens: int, *, eos_id: int | None = None
+               ) -> Iterator[np.ndarray]:
+        """Greedy tokens, yielded block by block ([B, ≤ K] int32): each stream emits its
+        next tokens (pad after it emitted `eos_id`); a refocus follows every K tokens. Stops
+        after `max_new_tokens` or when every stream is done."""
+        n = int(max_new_tokens)
+        if n <= 0:
+            raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        self.sync()
+        empty = [b for b, t in enumerate(self._trees) if t.num_tokens == 0]
+        if empty:
+            raise InputError(f"stream(s) {empty} have no history: feed them before generating")
+        self._check_room([self._num_pending + n] * self.batch_size)
+        eos = np.int32(-1 if eos_id is None else eos_id)
+        K, produced = self.mc.block_size, 0
+        while produced < n:
+            steps = min(n - produced, K - self._num_pending)
+            t0 = time.perf_counter()
+            self._state, out, ran = self._programs.decode(self._params, self._state,
+                                                          np.int32(steps), eos)
+            ran = int(ran)
+            tokens = np.asarray(out)[:, :ran]
+            decode_s = time.perf_counter() - t0
+            self._num_pending += ran
+            produced += ran
+            if ran:
+                yield tokens
+            if self._num_pending == K:
+                self._refocus_pending({"decode_s": decode_s, "decoded": K})
+            if ran < steps:
+                return  # every stream emitted EOS
+
+    def generate(self, max_new_tokens: int, *, eos_id: int | None = None) -> np.ndarray:
+        """Greedy generation: tokens [B, n] (n ≤ max_new_tokens; pad after a stream's EOS)."""
+        chunks = list(self.stream(max_new_tokens, eos_id=eos_id))
+        if not chunks:
+            return np.zeros((self.batch_size, 0), np.int32)
+        return np.concatenate(chunks, axis=1)
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def working_context(self) -> wcm.WorkingContext:
+        """Host copy of the batched WC (after bringing it up to date)."""
+        self.sync()
+        return jax.device_get(self._state.wc)
+
+    def focus_runs(self, stream: int = 0) -> list[tuple[int, int, int, int]]:
+        wc = self.working_context
+        return focus_runs(jax.tree.map(lambda x: x[stream], wc), self.mc)
+
+    def focus_map(self, stream: int = 0, width: int = 64) -> str:
+        return format_focus_map(self.focus_runs(stream), width)
+
+    def compiled_programs(self) -> dict[str, int]:
+        """Compiled variants of each program (1 each after warm-up)."""
+        return {name: getattr(self._programs, name)._cache_size()
+                for name in ("decode", "refocus", "write_view")}

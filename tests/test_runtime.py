@@ -1,0 +1,239 @@
+"""Streaming runtime: invariants and zero recompiles while streaming 20 × w_max tokens,
+equality with the plain base model while the WC is all LOD0, chunking invariance, batch ==
+alone, sharded == unsharded, clear errors."""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcjax.base.generate import GreedySampler
+from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer
+from mcjax.config import TINY_LLAMA, ConfigError, get_config
+from mcjax.runtime import CompileCounter, InputError, Session, load_trained_params, \
+    untrained_params
+from mcjax.sharding import make_mesh
+from mcjax.working_context import CapacityError
+
+# K = 16 keeps LOD2 (256 tokens) reachable in short streams; w_max a multiple of K.
+OVERRIDES = {"mc.w_max": 96, "mc.block_size": 16, "mc.recent_protect": 32}
+W, K = 96, 16
+MAX_TOKENS = 4096  # fixed per-stream view capacity: every test session shares one plan
+HEADROOM = 2 * K  # collapse ahead to 2 free blocks (the default, w_max/8, is 0 blocks here)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dataclasses.replace(get_config("tiny", OVERRIDES), base_config=TINY_LLAMA)
+
+
+@pytest.fixture(scope="module")
+def nets(cfg):
+    """(gist, lens) params: untrained, as the trainers start (one init per test run)."""
+    return untrained_params(cfg, "gist"), untrained_params(cfg, "lens")
+
+
+def _session(tiny_llama, cfg, nets, **kw):
+    kw.setdefault("max_tokens", MAX_TOKENS)
+    kw.setdefault("collapse_headroom", HEADROOM)
+    return Session(tiny_llama, nets[0], nets[1], cfg, **kw)
+
+
+def _tokens(seed, n):
+    return np.random.default_rng(seed).integers(3, TINY_LLAMA.vocab_size, n)
+
+
+def _stream_20x_w_max(tiny_llama, cfg, nets):
+    """Feed 20·w_max tokens in pieces of 3K, generating K tokens after each piece. The
+    warm-up runs until the first LOD2 gist (K² = 256 tokens: 4 rounds of 4K); compilations
+    are counted over the remaining 36 rounds."""
+    session = _session(tiny_llama, cfg, nets, debug_invariants=True)
+    pieces = np.split(_tokens(0, 20 * W), 20 * W // (3 * K))
+    outputs = []
+    for piece in pieces[:4]:
+        session.feed(piece)
+        outputs.append(session.generate(K))
+    assert session.tree().counts[2] == 1
+    with CompileCounter() as compiles:
+        for piece in pieces[4:]:
+            session.feed(piece)
+            outputs.append(session.generate(K))
+    return session, np.concatenate(outputs, 1), compiles
+
+
+def test_session_fed_20x_w_max_keeps_invariants_never_recompiles_and_repeats(
+        tiny_llama, cfg, nets):
+    first, out1, compiles = _stream_20x_w_max(tiny_llama, cfg, nets)
+    assert compiles.count == 0, f"recompiled after warm-up: {compiles.names}"
+    assert first.compiled_programs() == {"decode": 1, "refocus": 1, "write_view": 2}
+    first.check()  # debug_invariants also checked after each of the refocuses
+    events = list(first.events)
+    assert len(events) == 2 * (20 * W // (3 * K))  # one after each feed, one per K decoded
+    history = 20 * W + out1.shape[1]
+    assert first.num_tokens.tolist() == [history]
+    last = events[-1]
+    assert last.num_tokens == [history] and history > 20 * W
+    assert last.lod_histogram[0][2] > 0  # LOD2 gists: the history really is compressed
+    assert all(0 < e.budget_use[0] <= 1.0 for e in events)
+    assert all(e.reprefill_slots % K == 0 for e in events)
+    assert abs(sum(last.residency[0]) - 1.0) < 1e-4
+    assert any(e.headroom_collapses[0] for e in events)  # collapsing ahead of need happens
+
+    second, out2, _ = _stream_20x_w_max(tiny_llama, cfg, nets)
+    np.testing.assert_array_equal(out1, out2)
+    assert [e.actions for e in events] == [e.actions for e in second.events]
+    np.testing.assert_array_equal(first.working_context.node, second.working_context.node)
+
+
+def test_all_lod0_session_equals_plain_greedy_generation(tiny_llama, cfg, nets):
+    config, params = tiny_llama
+    quiet_lens = jax.tree.map(lambda x: x, nets[1])  # a LensNet that never asks for edits
+    quiet_lens["head"] = jax.tree.map(jnp.zeros_like, quiet_lens["head"])
+    session = _session(tiny_llama, cfg, (nets[0], quiet_lens))
+    # 90 tokens <= w_max; at every refocus (29, 45, 61, 77 tokens) a block still fits, so
+    # nothing collapses, not even ahead of need: the WC stays all LOD0.
+    prompt, n = _tokens(1, 29), 61
+    session.feed(prompt)
+    out = session.generate(n)
+    reference, _ = GreedySampler(config, max_new_tokens=n, max_prompt_len=len(prompt)
+                                 ).generate(params, prompt)
+    assert out[0].tolist() == reference[0].tolist()
+    assert len(session.events) == 1 + n // K  # the refocuses really ran
+    assert all(e.lod_histogram[0][1:] == [0, 0] and e.actions == [[]] for e in session.events)
+    # appending decoded tokens reuses their KV entries: nothing is re-prefilled
+    decoded = [e for e in session.events if e.trigger == "decode"]
+    assert all(e.kv_reused == [True] and e.reprefill_slots == 0 for e in decoded)
+
+
+def test_feeding_a_text_in_pieces_equals_feeding_it_at_once(tiny_llama, cfg, nets):
+    tokens = _tokens(2, 5 * W + 7)
+    whole = _session(tiny_llama, cfg, nets)
+    whole.feed(tokens)
+    out_whole = whole.generate(2 * K + 3)
+
+    pieces = _session(tiny_llama, cfg, nets)
+    for piece in np.split(tokens, [1, 5, 40, 41, 200, 333]):
+        pieces.feed(piece.tolist())
+    # generating in pieces equals generating at once too
+    out_pieces = np.concatenate([pieces.generate(5), pieces.generate(2 * K - 2)], 1)
+    np.testing.assert_array_equal(out_whole, out_pieces)
+    for level in (1, 2):
+        np.testing.assert_array_equal(whole.tree().gists(level), pieces.tree().gists(level))
+    np.testing.assert_array_equal(whole.working_context.node, pieces.working_context.node)
+    np.testing.assert_array_equal(whole.working_context.level, pieces.working_context.level)
+
+
+def _two_streams():
+    return [_tokens(3, 37), _tokens(4, 700)]  # one all-LOD0, one compressed
+
+
+def test_batch_of_streams_of_different_lengths_equals_each_alone(tiny_llama, cfg, nets):
+    prompts, n = _two_streams(), 2 * K + 5
+    batch = _session(tiny_llama, cfg, nets, batch_size=2)
+    batch.feed(prompts)
+    out = batch.generate(n)
+    more = [_tokens(5, 50), _tokens(6, 3)]
+    batch.feed(more)
+    out_more = batch.generate(K)
+    for b in range(2):
+        alone = _session(tiny_llama, cfg, nets)
+        alone.feed(prompts[b])
+        assert alone.generate(n)[0].tolist() == out[b].tolist()
+        alone.feed(more[b])
+        assert alone.generate(K)[0].tolist() == out_more[b].tolist()
+        assert alone.events[-1].actions[0] == batch.events[-1].actions[b]
+
+
+def test_streams_stop_at_eos_independently(tiny_llama, cfg, nets):
+    prompts = _two_streams()
+    free = _session(tiny_llama, cfg, nets, batch_size=2)
+    free.feed(prompts)
+    ref = free.generate(K + 4)
+    eos = int(ref[0, 3])  # pretend stream 0's fourth token is EOS
+    batch = _session(tiny_llama, cfg, nets, batch_size=2)
+    batch.feed(prompts)
+    out = batch.generate(K + 4, eos_id=eos)
+    for b in range(2):
+        hits = np.flatnonzero(ref[b] == eos)
+        stop = hits[0] + 1 if len(hits) else ref.shape[1]
+        assert out[b, :stop].tolist() == ref[b, :stop].tolist()
+        assert (out[b, stop:] == 0).all()
+
+
+def test_sharded_decode_on_an_8_device_mesh_equals_unsharded(tiny_llama, cfg, nets):
+    assert len(jax.devices()) == 8
+    prompts, n = _two_streams(), K + 3
+    plain = _session(tiny_llama, cfg, nets, batch_size=2)
+    plain.feed(prompts)
+    expected = plain.generate(n)
+    mesh = make_mesh((2, 4))
+    sharded = _session(tiny_llama, cfg, nets, batch_size=2, mesh=mesh)
+    sharded.feed(prompts)
+    np.testing.assert_array_equal(sharded.generate(n), expected)
+    state = sharded._state
+    assert state.cache.k.sharding.spec[:2] == (None, "data")
+    assert state.wc.level.sharding.spec[0] == "data"
+    q = sharded._params["layers"]["q_proj"]["kernel"]
+    assert "model" in tuple(q.sharding.spec)
+
+
+def test_bad_input_is_a_clear_error(tiny_llama, cfg, nets, tmp_path):
+    config, params = tiny_llama
+    with_text = types.SimpleNamespace(
+        config=config, params=params,
+        encode=lambda s: np.frombuffer(s.encode(), np.uint8).astype(np.int32))
+    session = Session(with_text, nets[0], nets[1], cfg, max_tokens=MAX_TOKENS)
+    with pytest.raises(InputError, match="empty input"):
+        session.feed("")
+    with pytest.raises(InputError, match="empty input"):
+        session.feed([])
+    with pytest.raises(InputError, match="no history"):
+        session.generate(3)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        session.feed([1, config.vocab_size])
+    with pytest.raises(CapacityError, match="max_tokens"):
+        session.feed(np.ones(MAX_TOKENS + 1, np.int32))
+    pair = _session(tiny_llama, cfg, nets, batch_size=2)
+    with pytest.raises(InputError, match="empty input"):
+        pair.feed([[], []])
+    with pytest.raises(InputError, match="one input per stream"):
+        pair.feed([5, 6, 7])
+    with pytest.raises(ConfigError, match="multiple of the block size"):
+        bad = dataclasses.replace(cfg, mc=dataclasses.replace(cfg.mc, w_max=100))
+        Session(tiny_llama, nets[0], nets[1], bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Session.from_checkpoints(tiny_llama, cfg, gist_checkpoint=tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        Session.from_checkpoints(tiny_llama, cfg, lens_checkpoint=tmp_path)
+
+
+def _save_checkpoint(workdir, cfg, params):
+    from mcjax.train.steps import init_state, make_optimizer
+
+    ckpt = Checkpointer(workdir)
+    ckpt.save(3, init_state(params, make_optimizer(cfg.train)), {}, cfg, {"run": "train_gist"})
+    ckpt.wait()
+    ckpt.close()
+
+
+def test_checkpoints_load_and_one_for_another_base_model_is_refused(tiny_llama, cfg, nets,
+                                                                    tmp_path):
+    trained = jax.tree.map(lambda x: x + 0.5, nets[0])
+    _save_checkpoint(tmp_path / "gist", cfg, {"gist": trained})
+    params, source = load_trained_params(tmp_path / "gist", cfg, "gist")
+    assert source["step"] == 3 and source["source"] == "checkpoint"
+    jax.tree.map(np.testing.assert_array_equal, params, trained)
+    session = Session.from_checkpoints(tiny_llama, cfg, gist_checkpoint=tmp_path / "gist",
+                                       max_tokens=MAX_TOKENS)
+    assert session.untrained == ("lens",)
+    with pytest.raises(CheckpointError, match="holds no lens params"):
+        load_trained_params(tmp_path / "gist", cfg, "lens")
+
+    other_base = dataclasses.replace(TINY_LLAMA, vocab_size=TINY_LLAMA.vocab_size + 6)
+    _save_checkpoint(tmp_path / "other", dataclasses.replace(cfg, base_config=other_base),
+                     {"gist": nets[0]})
+    with pytest.raises(CheckpointMismatchError, match="base_config.vocab_size"):
+        Session.from_checkpoints(tiny_llama, cfg, gist_checkpoint=tmp_path / "other")
