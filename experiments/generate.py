@@ -202,7 +202,8 @@ def run_megacontext(model, ids, text, args, parser) -> int:
         last = events[-1]
         refocus_s = [e.timings["refocus_s"] for e in (events[1:] or events)]
         print(f"telemetry: {len(events)} refocuses, {actions} focus actions, "
-              f"{sum(e.append_collapses[0] for e in events)} budget collapses; now "
+              f"{sum(e.append_collapses[0] + e.headroom_collapses[0] for e in events)} "
+              f"budget collapses, {sum(e.kv_reused[0] for e in events)} append-only; now "
               f"{last.num_tokens[0]} tokens in {sum(last.lod_histogram[0])} slots "
               f"(budget use {last.budget_use[0]:.0%}, LOD histogram {last.lod_histogram[0]}); "
               f"median refocus {1e3 * float(np.median(refocus_s)):.0f} ms "

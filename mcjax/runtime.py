@@ -429,7 +429,9 @@ class RefocusEvent:
     swap_rate: share of the WC's entries this refocus created by an edit (an expansion
     creates K, a collapse 1; budget and headroom collapses included). residency: share of
     the history's tokens resident at each LOD (index 0 = raw tokens). reprefill_slots:
-    cache slots recomputed (per stream; the same K-aligned range for all).
+    cache slots recomputed (per stream; the same K-aligned range for all). timings (s):
+    ingest_s (tree appends incl. GistNet), refocus_s (view upload + the jitted refocus,
+    waited for), decode_s (the decode block before a "decode" refocus).
     """
 
     index: int  # refocus number in this session
@@ -722,8 +724,8 @@ class Session:
         K = mc.block_size
         if mc.w_max % K:
             raise ConfigError(f"w_max ({mc.w_max}) must be a multiple of the block size K "
-                              f"({K}): the cache is re-prefilled in K-slot chunks on a fixed "
-                              f"grid and K tokens are decoded between refocuses")
+                              f"({K}): the working context is re-prefilled in chunks of K "
+                              f"slots and K tokens are decoded between refocuses")
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if int(max_tokens) < mc.w_max:
@@ -751,17 +753,17 @@ class Session:
         self.events: collections.deque[RefocusEvent] = collections.deque(maxlen=max_events)
         self.provenance = dict(provenance or {})
 
-        self.untrained: tuple[str, ...] = ()
         if gist_params is None:
             gist_params = untrained_params(cfg, "gist")
-            self.untrained += ("gist",)
-            self.provenance.setdefault("gist", {"source": "untrained",
-                                                "seed": cfg.train.seed})
+            self.provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
         if lens_params is None:
             lens_params = untrained_params(cfg, "lens")
-            self.untrained += ("lens",)
-            self.provenance.setdefault("lens", {"source": "untrained",
-                                                "seed": cfg.train.seed})
+            self.provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
+        for part in ("gist", "lens"):
+            self.provenance.setdefault(part, {"source": "given"})
+        # Which networks are untrained (their gists / focus decisions mean nothing yet).
+        self.untrained: tuple[str, ...] = tuple(
+            p for p in ("gist", "lens") if self.provenance[p]["source"] == "untrained")
         _check_param_tree(gist_params, _expected_params(cfg, "gist"), "gist params")
         _check_param_tree(lens_params, _expected_params(cfg, "lens"), "lens params")
 
@@ -793,6 +795,7 @@ class Session:
         self._laid_out = np.zeros(self.batch_size, bool)
         self._num_pending = 0  # host mirror of state.num_pending
         self._num_refocus = 0
+        self._ingest_s = 0.0  # tree ingest time since the last refocus (feed side)
 
     # ------------------------------------------------------------------ construction
 
@@ -823,6 +826,13 @@ class Session:
             elif source.get("source") == "checkpoint" and Path(source.get("path", "")).is_dir():
                 gist, provenance["gist"] = load_trained_params(source["path"], cfg, "gist")
                 provenance["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
+            elif source.get("source") == "untrained" and "seed" in source:
+                # LensNet was trained on the untrained GistNet of that seed: use the same one
+                seeded = dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, seed=int(source["seed"])))
+                gist = untrained_params(seeded, "gist")
+                provenance["gist"] = {"source": "untrained", "seed": int(source["seed"]),
+                                      "chosen_by": "the LensNet checkpoint's GistNet"}
         return cls(base_model, gist, lens_params, cfg, provenance=provenance, **kwargs)
 
     def _put(self, tree, kind: str):
@@ -936,6 +946,7 @@ class Session:
 
     def _ingest(self, ids: list[np.ndarray]) -> None:
         """Append the pending decoded tokens, then `ids`, to each stream's tree."""
+        t0 = time.perf_counter()
         pending = self._pending_tokens() if self._num_pending else \
             [np.zeros((0,), np.int64)] * self.batch_size
         new = [np.concatenate([p, x]) for p, x in zip(pending, ids)]
@@ -945,6 +956,7 @@ class Session:
                 tree.append(tokens)
         self._unsynced += np.asarray([len(x) for x in new])
         self._num_pending = 0  # now in the trees; the next refocus clears the slots
+        self._ingest_s += time.perf_counter() - t0
 
     def flush(self) -> None:
         """Bring the WC up to date with the whole history, including the tokens decoded
@@ -964,8 +976,9 @@ class Session:
         layout = self._put(self._layouts(reset), "wc") if reset.any() else self._empty_layout
         self._laid_out |= reset
         self._unsynced[:] = 0
+        timings, self._ingest_s = {"ingest_s": self._ingest_s}, 0.0
         self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset, trigger="input",
-                      timings={})
+                      timings=timings)
 
     # ------------------------------------------------------------------ refocus
 

@@ -19,6 +19,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mcjax import lens as lens_mod
 from mcjax import sharding
 from mcjax import working_context as wcm
 from mcjax.base import model as base
@@ -89,6 +90,30 @@ def test_layout_bank_is_legal_and_leaves_room_for_one_expansion(tiny):
         losses.LensTask.build(override(cfg.mc, {"w_max": 100}), 1088)
     with pytest.raises(ValueError, match="multiple of block_size"):
         losses.LensTask.build(cfg.mc, 1000)
+
+
+def test_illegal_penalty_reads_the_unmasked_head_that_the_score_mask_hides(tiny):
+    cfg, _, task, _, lens, _, _ = tiny
+    mc, D = cfg.mc, cfg.base_config.hidden_size
+    bank = jax.tree.map(jnp.asarray, losses.lens_layout_bank(task))
+    rng = np.random.default_rng(0)
+    emb = jnp.asarray(rng.normal(size=bank.level.shape + (D,)), jnp.float32)
+    nt = mc.num_tail_gists
+    tail = lens_mod.TailGists(embeds=jnp.asarray(rng.normal(size=(task.num_layouts, nt, D)),
+                                                 jnp.float32),
+                              level=jnp.ones((task.num_layouts, nt), jnp.int32),
+                              valid=jnp.ones((task.num_layouts, nt), bool))
+    scores, raw = jax.jit(lambda p, e, w, t: losses.lens_scores_and_raw(
+        p, cfg.lens, mc, e, w, t))(lens, emb, bank, tail)
+    np.testing.assert_array_equal(scores, lens_mod.mask_illegal(raw, bank, mc))
+    chex.assert_trees_all_close(scores, lens_mod.lens_scores(lens, emb, bank, tail, cfg.lens, mc),
+                                atol=1e-6)
+    legal_both = (np.asarray(bank.valid) & (np.asarray(bank.level) >= 1)
+                  & (np.asarray(bank.level) < mc.num_levels)
+                  & ~np.asarray(wcm.protected_mask(bank.level, bank.node, bank.valid,
+                                                   bank.num_tokens, mc)))
+    assert legal_both.any() and (np.asarray(scores) != np.asarray(raw)).any()
+    np.testing.assert_array_equal(np.asarray(scores)[legal_both], np.asarray(raw)[legal_both])
 
 
 def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one_variant_at_a_time(
