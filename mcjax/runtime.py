@@ -938,7 +938,9 @@ class Session:
         """Append input to the streams: text or token ids (one stream), or a list of B of
         them (an empty entry leaves that stream unchanged). Any length works — far beyond
         w_max too. The trees ingest it now; the WC and cache follow at the next
-        `generate`/`sync`. Tokens decoded since the last refocus are kept in the history."""
+        `generate`/`sync`. Tokens decoded since the last refocus are kept in the history —
+        for every stream, as the pending slots are shared: a feed to some streams also
+        refocuses the others if they have pending tokens."""
         ids = self._token_lists(inputs)
         if sum(len(x) for x in ids) == 0:
             raise InputError("feed: empty input (no tokens for any stream)")
@@ -1067,7 +1069,9 @@ class Session:
         if empty:
             raise InputError(f"stream(s) {empty} have no history: feed them before generating")
         self._check_room([self._num_pending + n] * self.batch_size)
-        eos = np.int32(-1 if eos_id is None else eos_id)
+        return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
+
+    def _stream(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
         K, produced = self.mc.block_size, 0
         while produced < n:
             steps = min(n - produced, K - self._num_pending)

@@ -29,9 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcjax import lens as lens_lib
+from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.config import GistConfig, LensConfig, LlamaConfig, MCConfig
 from mcjax.gist import GistNet
+from mcjax.tree import TreeView
 
 Params = Any
 
@@ -245,8 +248,6 @@ class LensTask:
     def build(cls, mc: MCConfig, prefix_len: int, *, horizon: int | None = None,
               candidates: int = 4, num_layouts: int = 16, max_random_edits: int = 3,
               layout_seed: int = 0) -> "LensTask":
-        from mcjax import working_context as wcm
-
         K, H = mc.block_size, horizon or mc.horizon
         if prefix_len <= 0 or prefix_len % K:
             raise ValueError(f"prefix_len ({prefix_len}) must be a positive multiple of "
@@ -304,8 +305,6 @@ def lens_layout_bank(task: LensTask):
 
 
 def _build_layout_bank(task: LensTask):
-    from mcjax import working_context as wcm
-
     mc, T, K = task.mc, task.prefix_len, task.mc.block_size
     rng = np.random.default_rng([task.layout_seed, 0x1E45])
     room = mc.w_max - (K - 1)
@@ -341,8 +340,6 @@ def prefix_tree(gist_fn: Callable, base_params, tokens: jax.Array, task: LensTas
     """Batched TreeView of each window's prefix: token ids [B, P], LOD1 gists of every block
     and, level by level, gists of every complete group of K lower gists ([B, max(n, 1), D];
     a level with no complete group keeps one zero row and count 0)."""
-    from mcjax.tree import TreeView
-
     mc, P = task.mc, task.prefix_len
     K = mc.block_size
     B = tokens.shape[0]
@@ -376,8 +373,6 @@ def sample_candidates(wc, rng: jax.Array, task: LensTask) -> Candidates:
     """Draw `num_expand` legal expansions and `num_collapse` legal collapses of one WC,
     uniformly without replacement (Gumbel-style top-k of uniform keys over the legal
     mask); slots beyond what is legal are marked invalid."""
-    from mcjax import working_context as wcm
-
     mc = task.mc
     k_exp, k_col = jax.random.split(rng)
     legal_exp = wcm.legal_expand_mask(wc.level, wc.valid, mc)
@@ -402,8 +397,6 @@ def candidate_variants(wc, cands: Candidates, task: LensTask):
     """The V = C + 1 variant WCs of one example (variant 0: `wc` unchanged) and, per
     candidate, whether its edit applied (an illegal or over-budget edit leaves the WC as
     is and is marked invalid)."""
-    from mcjax import working_context as wcm
-
     W = task.mc.w_max
     at = (jnp.arange(W)[None, :] == cands.slot[:, None]) & cands.valid[:, None]
     expand_masks = at & (cands.kind == EXPAND_CANDIDATE)[:, None]
@@ -417,8 +410,6 @@ def candidate_variants(wc, cands: Candidates, task: LensTask):
 def _variant_inputs(variants, tree_view, base_params, tokens, task: LensTask):
     """Packed base-model inputs of one example's variants: embeds [V, W+H-1, D], positions,
     mask, the slot predicting each target [V, H] and the last token that slot holds."""
-    from mcjax import working_context as wcm
-
     mc, P, H, W = task.mc, task.prefix_len, task.horizon, task.mc.w_max
     emb, pos, valid = jax.vmap(lambda wc: wcm.materialize(wc, tree_view, base_params, mc))(
         variants)
@@ -465,8 +456,6 @@ def counterfactuals(gist_fn: Callable, base_params, base_cfg: LlamaConfig, token
     """Compressed WCs, candidate actions and their counterfactual NLLs for a batch of windows
     [B, ≥ P + H]: one batched forward over B · (C + 1) variants. Constant w.r.t. every
     parameter (stop_gradient): utilities are targets, not paths for gradients."""
-    from mcjax import lens as lensmod
-
     base_params = jax.lax.stop_gradient(base_params)
     mc, P, H = task.mc, task.prefix_len, task.horizon
     if tokens.shape[1] < task.window_len:
@@ -484,7 +473,7 @@ def counterfactuals(gist_fn: Callable, base_params, base_cfg: LlamaConfig, token
         cands = sample_candidates(wc, k_cand, task)
         variants, ok = candidate_variants(wc, cands, task)
         inputs = _variant_inputs(variants, view, base_params, toks, task)
-        tail = lensmod.tail_gists(view, mc)
+        tail = lens_lib.tail_gists(view, mc)
         return wc, inputs[0][0, : mc.w_max], tail, cands, ok, inputs
 
     wc, slot_embeds, tail, cands, ok, inputs = jax.vmap(per_example)(keys, views, tokens)
@@ -548,9 +537,7 @@ def lens_scores_and_raw(lens_params, lens_cfg: LensConfig, mc: MCConfig, slot_em
                         tail) -> tuple[jax.Array, jax.Array]:
     """LensNet's legality-masked scores and its unmasked tanh scores (the `head` output,
     captured), both [..., W]."""
-    from mcjax.lens import LensNet
-
-    scores, state = LensNet(lens_cfg, mc).apply(
+    scores, state = lens_lib.LensNet(lens_cfg, mc).apply(
         {"params": lens_params}, slot_embeds, wc, tail,
         capture_intermediates=lambda module, method: module.name == "head")
     raw = jnp.tanh(state["intermediates"]["head"]["__call__"][0][..., 0].astype(jnp.float32))
@@ -562,8 +549,6 @@ def lens_objective(lens_params, cf: Counterfactuals, *, lens_cfg: LensConfig, mc
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The lens loss (see the section comment) and its metrics for precomputed
     counterfactuals."""
-    from mcjax import working_context as wcm
-
     K, L = mc.block_size, mc.num_levels
     wc, cands, valid = cf.wc, cf.candidates, cf.valid
     scores, raw = lens_scores_and_raw(lens_params, lens_cfg, mc, cf.slot_embeds, wc, cf.tail)
