@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many steps (resume later)")
+    parser.add_argument("--single-layout", action="store_true",
+                        help="train on the LOD1+LOD2 layout only (default: alternate it with "
+                             "the LOD1-only layout step by step)")
     parser.add_argument("--list", action="store_true", help="list registered configs")
     args = parser.parse_args(argv)
 
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
         parser.error(str(e))
     maybe_initialize_distributed()
     result = train_gist(cfg, args.workdir, resume=not args.no_resume,
-                        eval_batches=args.eval_batches, stop_after=args.stop_after)
+                        eval_batches=args.eval_batches, stop_after=args.stop_after,
+                        alternate=not args.single_layout)
     result.pop("state")
     summary = Path(args.workdir) / "summary.json"
     summary.write_text(json.dumps(result, indent=2))

@@ -43,7 +43,7 @@ import numpy as np
 
 from mcjax.config import GistConfig
 
-__all__ = ["GistNet", "GistInputError", "init_gist_params", "gist_blocks", "num_params"]
+__all__ = ["GistNet", "GistInputError", "embedding_rms", "init_gist_params", "gist_blocks", "num_params"]
 
 Params = Any
 
@@ -175,6 +175,13 @@ class GistNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- pure functions
+
+
+def embedding_rms(base_params) -> float:
+    """RMS of a Llama base model's token-embedding table: the scale gists should start at
+    (pass it as `init_gist_params(..., output_rms=...)`)."""
+    table = base_params["embed"]["embedding"]
+    return float(jnp.sqrt(jnp.mean(jnp.square(jnp.asarray(table, jnp.float32)))))
 
 
 def init_gist_params(cfg: GistConfig, embed_dim: int, rng: jax.Array, *,

@@ -80,7 +80,7 @@ from mcjax.base import model as base
 from mcjax.base.model import InputError, KVCache
 from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig
-from mcjax.gist import init_gist_params
+from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.tree import BlockGister, MegaContextTree, TreeView
 
 __all__ = [
@@ -622,20 +622,23 @@ def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part:
 
 
 @functools.lru_cache(maxsize=8)
-def _untrained(cfg: ExperimentConfig, part: str):
+def _untrained(cfg: ExperimentConfig, part: str, output_rms: float):
     D = cfg.base_config.hidden_size
     key = jax.random.key(cfg.train.seed)
     if part == "gist":
-        return jax.jit(lambda k: init_gist_params(cfg.gist, D, k,
-                                                  block_size=cfg.mc.block_size))(key)
+        return jax.jit(lambda k: init_gist_params(cfg.gist, D, k, block_size=cfg.mc.block_size,
+                                                  output_rms=output_rms))(key)
     return lens.init_lens(cfg.lens, cfg.mc, D, jax.random.fold_in(key, 1))
 
 
-def untrained_params(cfg: ExperimentConfig, part: str):
-    """The untrained GistNet / LensNet the trainers start from (same seed and init)."""
+def untrained_params(cfg: ExperimentConfig, part: str, base_params=None):
+    """The untrained GistNet / LensNet the trainers start from (same seed and init; pass
+    the base params so an untrained GistNet's gists have the embeddings' scale, as in
+    training)."""
     if cfg.base_config is None:
         raise ConfigError("untrained_params needs cfg.base_config")
-    return _untrained(cfg, part)
+    rms = 1.0 if part != "gist" or base_params is None else embedding_rms(base_params)
+    return _untrained(cfg, part, rms)
 
 
 # --------------------------------------------------------------------------- focus maps
@@ -754,7 +757,7 @@ class Session:
         self.provenance = dict(provenance or {})
 
         if gist_params is None:
-            gist_params = untrained_params(cfg, "gist")
+            gist_params = untrained_params(cfg, "gist", params)
             self.provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
         if lens_params is None:
             lens_params = untrained_params(cfg, "lens")
@@ -830,7 +833,8 @@ class Session:
                 # LensNet was trained on the untrained GistNet of that seed: use the same one
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(
                     cfg.train, seed=int(source["seed"])))
-                gist = untrained_params(seeded, "gist")
+                gist = untrained_params(seeded, "gist", (
+                    base_model.params if hasattr(base_model, "params") else base_model[1]))
                 provenance["gist"] = {"source": "untrained", "seed": int(source["seed"]),
                                       "chosen_by": "the LensNet checkpoint's GistNet"}
         return cls(base_model, gist, lens_params, cfg, provenance=provenance, **kwargs)

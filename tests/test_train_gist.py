@@ -18,9 +18,9 @@ from mcjax import sharding
 from mcjax.base import model as base
 from mcjax.checkpoint import Checkpointer, CheckpointMismatchError
 from mcjax.config import get_config, override
-from mcjax.gist import init_gist_params
+from mcjax.gist import embedding_rms, gist_blocks, init_gist_params
 from mcjax.train import losses, steps
-from mcjax.train.loop import load_frozen, train_gist
+from mcjax.train.loop import _init_gist, load_frozen, train_gist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,6 +94,39 @@ def test_one_step_trains_every_gistnet_param_and_no_base_param(tiny):
     for a, b in zip(jax.tree.leaves(before_base), jax.tree.leaves(frozen.params)):
         np.testing.assert_array_equal(a, b)
     assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_alternating_step_trains_lod1_only_and_lod2_layouts_in_turn(tiny):
+    cfg, frozen, layout, tokens = tiny
+    lod1 = losses.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
+                                   use_lod2=False)
+    assert lod1.num_gists == 33 and layout.num_gists == 2
+    gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(5))
+    opt = steps.make_optimizer(cfg.train)
+    step = steps.GistStep(cfg, layout, alternate=lod1)
+    update = jax.jit(lambda s, b, t: step.update(opt, s, b, t, None))
+    state = steps.init_state({"gist": gp}, opt)
+    seen = []
+    for _ in range(3):
+        expected = [layout, lod1][int(state.step) % 2]
+        want = step.loss(state.params, frozen.params, tokens, expected)[1]["loss"]
+        state, metrics = update(state, frozen.params, tokens)
+        seen.append(int(metrics["layout"]))
+        np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
+    assert seen == [0, 1, 0]
+
+
+def test_untrained_gists_start_at_the_base_embedding_scale(tiny):
+    cfg, frozen, _, _ = tiny
+    table = np.asarray(frozen.params["embed"]["embedding"]) * 7.0  # a scale that isn't 1
+    base_params = {"embed": {"embedding": table}}
+    rms = embedding_rms(base_params)
+    np.testing.assert_allclose(rms, np.sqrt(np.mean(table ** 2)), rtol=1e-6)
+    gp = _init_gist(cfg, base_params)
+    children = jnp.asarray(table[np.random.default_rng(0).integers(0, 256, (5, 32))])
+    gists = gist_blocks(gp, cfg.gist, children, 1)
+    gist_rms = float(jnp.sqrt(jnp.mean(jnp.square(gists))))
+    assert 0.5 * rms < gist_rms < 2.0 * rms, (gist_rms, rms)
 
 
 def test_sharded_step_equals_single_device_step_with_declared_shardings(tiny):
@@ -175,7 +208,37 @@ def test_short_tiny_run_lowers_held_out_loss(tmp_path, tiny):
     cfg = override(cfg, {"train.steps": 30, "train.learning_rate": 3e-3,
                          "train.checkpoint_every": 30, "train.log_every": 10})
     result = train_gist(cfg, tmp_path, progress=False, eval_batches=1)
-    before = result["eval_before"]["lod1+lod2"]
-    after = result["eval_after"]["lod1+lod2"]
-    # same held-out windows, same targets; the trained gists must do measurably better
-    assert after["delta_nll_gistnet"] < before["delta_nll_gistnet"] - 0.01, (before, after)
+    # same held-out windows, same targets; the trained gists must do measurably better at
+    # both levels (steps alternate between the LOD1+LOD2 and the LOD1-only layout)
+    for name in ("lod1+lod2", "lod1"):
+        before, after = result["eval_before"][name], result["eval_after"][name]
+        assert after["delta_nll_gistnet"] < before["delta_nll_gistnet"] - 0.01, (name, before,
+                                                                                 after)
+    # the metrics are also TensorBoard scalars
+    scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30]
+    evals = scalars["eval/lod1/delta_nll_gistnet"]
+    assert evals[0][0] == 0 and evals[-1][0] == 30
+    np.testing.assert_allclose(evals[-1][1], result["eval_after"]["lod1"]["delta_nll_gistnet"],
+                               rtol=1e-6)
+
+
+def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Parse TFRecord-framed Event protos (length, crc, data, crc) from every events file."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(logdir.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {logdir}"
+    for path in files:
+        buf = path.read_bytes()
+        i = 0
+        while i < len(buf):
+            (n,) = struct.unpack("<Q", buf[i:i + 8])
+            event = event_pb2.Event.FromString(buf[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out

@@ -28,7 +28,7 @@ import numpy as np
 from mcjax import sharding
 from mcjax.checkpoint import CheckpointError, Checkpointer
 from mcjax.config import ExperimentConfig, LensConfig
-from mcjax.gist import init_gist_params
+from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
 from mcjax.train import data, losses, steps
 
@@ -126,17 +126,51 @@ def evaluate_substitution(gist_params, frozen: Frozen, batches: list[np.ndarray]
 
 
 class MetricsLog:
-    """Append-only JSON-lines metrics file (one object per line, `step` in each)."""
+    """Metrics as append-only JSON lines (`path`, one object per line, `step` in each) and
+    as TensorBoard scalars (event files under `tensorboard_dir`, tags `kind/name`, nested
+    dicts joined with "/"; non-numeric values go to the JSONL only). Only process 0
+    writes, so a multi-host run logs once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), "kind": kind, "time": time.time(),
                **{k: _to_py(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard_dir is not None:
+            if self._writer is None:
+                from tensorboardX import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.tensorboard_dir))
+            for tag, value in _scalars(kind, row).items():
+                self._writer.add_scalar(tag, value, int(step), walltime=row["time"])
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _scalars(prefix: str, values: dict) -> dict[str, float]:
+    out = {}
+    for k, v in values.items():
+        if k in ("step", "kind", "time"):
+            continue
+        if isinstance(v, dict):
+            out.update(_scalars(f"{prefix}/{k}", v))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}/{k}"] = float(v)
+    return out
 
 
 def _to_py(v):
@@ -211,7 +245,7 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
                                    separator=frozen.separator, progress=progress)
     batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     eval_set = (held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
                 if eval_batches and job.evaluate is not None else [])
 
@@ -240,7 +274,7 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     tokens_per_step = tc.batch_size * tc.seq_len
     bar = tqdm(range(start, end), initial=start, total=tc.steps, desc=job.name,
                disable=not progress)
-    t_last, metrics = time.perf_counter(), {}
+    t_last, logged_at, metrics = time.perf_counter(), start, {}
     for step in bar:
         batch = sharded.place_batch(next(batches))
         rng = sharded.place_rng(jax.random.fold_in(jax.random.key(tc.seed), step))
@@ -249,10 +283,10 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
         if done % tc.log_every == 0 or done == end:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
-            steps_done = (done - start) if done == end else tc.log_every
-            metrics["tokens_per_s"] = tokens_per_step * min(steps_done, tc.log_every) / max(
+            # the first interval includes compilation; later ones are steady-state
+            metrics["tokens_per_s"] = tokens_per_step * (done - logged_at) / max(
                 now - t_last, 1e-9)
-            t_last = now
+            t_last, logged_at = now, done
             log.write(done, "train", metrics)
             bar.set_postfix(**job.postfix(metrics))
         if eval_set and done % tc.eval_every == 0 and done != end:
@@ -264,15 +298,19 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     if end == tc.steps and eval_set:
         result["eval_after"] = evaluate(state.params)
         log.write(end, "eval", result["eval_after"])
+    log.close()
     result.update(end_step=end, last_train_metrics=_to_py(jax.device_get(metrics)),
                   workdir=str(workdir))
     result["state"] = state
     return result
 
 
-def _init_gist(cfg: ExperimentConfig):
+def _init_gist(cfg: ExperimentConfig, base_params=None):
+    # Gists start at the embeddings' scale: at output_rms=1 they are ~O(10x) too large for
+    # SmolLM2 and the frozen model reads them as noise before training has moved anything.
     return init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(cfg.train.seed),
-                            block_size=cfg.mc.block_size)
+                            block_size=cfg.mc.block_size,
+                            output_rms=1.0 if base_params is None else embedding_rms(base_params))
 
 
 def _init_lens(cfg: ExperimentConfig):
@@ -281,9 +319,13 @@ def _init_lens(cfg: ExperimentConfig):
 
 
 def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
-               progress: bool = True, eval_batches: int = 4,
-               stop_after: int | None = None) -> dict[str, Any]:
+               progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
+               alternate: bool = True) -> dict[str, Any]:
     """Train GistNet on substitutability; returns the final metrics and evaluations.
+
+    Steps alternate between the LOD1+LOD2 layout and the LOD1-only layout (`alternate`);
+    when the window holds no complete LOD2 group the two are the same and no alternation
+    happens.
 
     `stop_after` ends the process's work after that many steps of this call (the run can be
     resumed later), which tests use to emulate interruptions deterministically.
@@ -295,8 +337,10 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     layout = gist_layout(cfg)
     layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
     job = Job(
-        name="train_gist", step=steps.GistStep(cfg, layout),
-        optimizer=steps.make_optimizer(cfg.train), params={"gist": _init_gist(cfg)},
+        name="train_gist",
+        step=steps.GistStep(cfg, layout, alternate=(
+            layouts["lod1"] if alternate and layouts["lod1"] != layout else None)),
+        optimizer=steps.make_optimizer(cfg.train), params={"gist": _init_gist(cfg, frozen.params)},
         frozen_inputs=frozen.params,
         evaluate=lambda params, sh, fz, batches: evaluate_substitution(
             params["gist"], frozen, batches, layouts),
@@ -328,8 +372,8 @@ def _task_meta(task: losses.LensTask) -> dict:
             "layout_seed": task.layout_seed}
 
 
-def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | None
-                     ) -> tuple[Any, dict]:
+def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | None,
+                     base_params=None) -> tuple[Any, dict]:
     """GistNet params for lens training and where they came from.
 
     From the latest checkpoint of a `train_gist` (or `train_joint`) workdir, checked against
@@ -338,7 +382,7 @@ def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | No
     """
     source = gist_source(cfg, gist_workdir)
     if gist_workdir is None:
-        return _init_gist(cfg), source
+        return _init_gist(cfg, base_params), source
     step = source["step"]
     ckpt = Checkpointer(gist_workdir, create=False)
     try:
@@ -346,7 +390,7 @@ def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | No
         saved = meta["config"]
         # only GistNet's architecture matters here: accept the checkpoint's LensNet section
         check_cfg = dataclasses.replace(cfg, lens=LensConfig(**saved["lens"]))
-        params = {"gist": _init_gist(cfg)}
+        params = {"gist": _init_gist(cfg)}  # a template: its values are restored
         optimizer = steps.make_optimizer(cfg.train)
         if (meta.get("extra") or {}).get("run") == "train_joint":
             params["lens"] = _init_lens(check_cfg)
@@ -404,7 +448,7 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     check_resumable(workdir, meta, resume)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
-    gist_params, source = load_gist_params(cfg, gist_workdir)
+    gist_params, source = load_gist_params(cfg, gist_workdir, frozen.params)
     step = steps.LensStep(cfg, task)
     if source["source"] == "untrained":
         note = (f"untrained GistNet (random init, seed {cfg.train.seed}): no gist workdir was "
@@ -450,7 +494,7 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
         name="train_joint",
         step=steps.JointStep(cfg, layout, task, lens_weight=lens_weight),
         optimizer=steps.make_joint_optimizer(cfg.train),
-        params={"gist": _init_gist(cfg), "lens": _init_lens(cfg)},
+        params={"gist": _init_gist(cfg, frozen.params), "lens": _init_lens(cfg)},
         frozen_inputs=frozen.params, evaluate=evaluate,
         postfix=lambda m: {"gist": f"{float(m['gist/loss']):.4f}",
                            "lens": f"{float(m['lens/loss']):.4f}"},

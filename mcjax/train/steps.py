@@ -60,26 +60,47 @@ def _replicated(mesh: Mesh, tree: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class GistStep:
-    """The GistNet substitutability step for one experiment and window layout."""
+    """The GistNet substitutability step for one experiment and window layout.
+
+    With `alternate` set, even steps train on `layout` and odd steps on `alternate` (e.g.
+    LOD1+LOD2 and LOD1 only): a single layout leaves most LOD1 gists seen only through
+    their LOD2 parent, so stand-alone LOD1 gists would never be trained. The choice is a
+    `lax.cond` on the traced step counter, so both layouts share one compiled step.
+    """
 
     cfg: ExperimentConfig
     layout: losses.GistLayout
     nll_weight: float = 1.0
     kl_weight: float = 1.0
+    alternate: losses.GistLayout | None = None
 
-    def loss(self, trainable, base_params, tokens):
+    def loss(self, trainable, base_params, tokens, layout: losses.GistLayout | None = None):
         return losses.gist_loss(trainable["gist"], base_params, tokens,
                                 base_cfg=self.base_cfg, gist_cfg=self.cfg.gist,
-                                layout=self.layout, nll_weight=self.nll_weight,
+                                layout=layout or self.layout, nll_weight=self.nll_weight,
                                 kl_weight=self.kl_weight)
 
     @property
     def base_cfg(self):
         return self.cfg.base_config
 
+    def _grads(self, params, base_params, tokens, layout):
+        return jax.grad(functools.partial(self.loss, layout=layout), has_aux=True)(
+            params, base_params, tokens)
+
     def update(self, optimizer, state: TrainState, base_params, tokens, rng):
         del rng  # the objective is deterministic; kept for the common step signature
-        grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, base_params, tokens)
+        if self.alternate is None:
+            grads, metrics = self._grads(state.params, base_params, tokens, self.layout)
+            metrics = dict(metrics, layout=jnp.zeros((), jnp.int32))
+        else:
+            def branch(index, layout):
+                def run(params):
+                    grads, metrics = self._grads(params, base_params, tokens, layout)
+                    return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
+                return run
+            grads, metrics = jax.lax.cond(state.step % 2 == 0, branch(0, self.layout),
+                                          branch(1, self.alternate), state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
