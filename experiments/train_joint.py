@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_lens import build_parser, run  # noqa: E402
+from _train_cli import build_parser, run  # noqa: E402
 
 
 def main(argv=None) -> int:

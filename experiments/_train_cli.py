@@ -1,0 +1,82 @@
+"""The command line shared by train_gist.py, train_lens.py and train_joint.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
+                 layouts: bool = False) -> argparse.ArgumentParser:
+    """`gist_workdir`: --gist-workdir (LensNet on a trained GistNet); `lens`: --candidates
+    (counterfactual actions per window); `layouts`: --single-layout (GistNet layouts)."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="smollm2_135m_cpu",
+                        help="registered experiment config (see --list)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE", help="override a config field; repeatable")
+    parser.add_argument("--workdir", required=False,
+                        help="checkpoints, metrics.jsonl, tensorboard/ event files, summary.json")
+    if gist_workdir:
+        parser.add_argument("--gist-workdir", default=None,
+                            help="train_gist/train_joint workdir to load GistNet from "
+                                 "(default: an untrained GistNet)")
+    if lens:
+        parser.add_argument("--candidates", type=int, default=4,
+                            help="counterfactual candidate actions per window (half expansions)")
+    if layouts:
+        parser.add_argument("--single-layout", action="store_true",
+                            help="train on the LOD1+LOD2 layout only (default: alternate it "
+                                 "with the LOD1-only layout step by step)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from scratch even if --workdir has checkpoints")
+    parser.add_argument("--eval-batches", type=int, default=4,
+                        help="held-out batches for the evaluations before / during / after")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps (resume later)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list", action="store_true", help="list registered configs")
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
+    """Parse, build the config, call `mcjax.train.loop.<train_fn_name>`, write summary.json."""
+    args = parser.parse_args(argv)
+
+    from mcjax.config import ConfigError, get_config, list_configs
+    from mcjax.train import loop
+
+    if args.list:
+        print("\n".join(list_configs()))
+        return 0
+    if not args.workdir:
+        parser.error("--workdir is required")
+    if getattr(args, "candidates", 1) < 1:
+        parser.error("--candidates must be >= 1")
+    try:
+        cfg = get_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    loop.maybe_initialize_distributed()
+    kwargs = dict(resume=not args.no_resume, eval_batches=args.eval_batches,
+                  stop_after=args.stop_after, progress=not args.no_progress)
+    if hasattr(args, "candidates"):
+        kwargs["candidates"] = args.candidates
+    if getattr(args, "gist_workdir", None) is not None:
+        kwargs["gist_workdir"] = args.gist_workdir
+    if hasattr(args, "single_layout"):
+        kwargs["alternate"] = not args.single_layout
+    try:
+        result = getattr(loop, train_fn_name)(cfg, args.workdir, **kwargs)
+    except (ValueError, loop.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result.pop("state")
+    summary = Path(args.workdir) / "summary.json"
+    summary.write_text(json.dumps(result, indent=2))
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
