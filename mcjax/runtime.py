@@ -86,10 +86,13 @@ from mcjax.tree import BlockGister, MegaContextTree, TreeView
 __all__ = [
     "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
     "load_trained_params", "untrained_params", "format_focus_map", "focus_runs",
-    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "recency_scores", "random_scores",
 ]
 
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
+# Where refocus scores come from: LensNet (the design), or a baseline policy that replaces
+# its scores inside the same session machinery (see `recency_scores`, `random_scores`).
+FOCUS_POLICIES = ("lens", "random", "recency")
 _MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
 
 
@@ -120,6 +123,7 @@ class _Plan:
     pad_id: int
     headroom: int  # slots to free ahead when the next block would not fit (0: off)
     prefill_chunk: int  # C: slots per bulk re-prefill chunk (a multiple of K dividing w_max)
+    focus_policy: str = "lens"  # one of FOCUS_POLICIES
 
     @property
     def num_slots(self) -> int:
@@ -137,6 +141,38 @@ def _score_stream(plan: _Plan, lens_params, base_params, wc, view):
     emb, _, _ = wcm.materialize(wc, view, base_params, plan.mc)
     tail = lens.tail_gists(view, plan.mc)
     return lens.lens_scores(lens_params, emb, wc, tail, plan.lens, plan.mc)
+
+
+def recency_scores(wc, mc) -> jax.Array:
+    """Recency-focus baseline scores [..., W]: linear in the age of a slot's span, from +1
+    (span ends at the newest token: expand) to -1 (oldest: collapse), legality-masked like
+    LensNet's. No learned parts; jittable."""
+    end = (wc.node + 1) * wcm.span_size(wc.level, mc)
+    frac = end.astype(jnp.float32) / jnp.maximum(
+        jnp.asarray(wc.num_tokens, jnp.float32)[..., None], 1.0)
+    return lens.mask_illegal(2.0 * jnp.clip(frac, 0.0, 1.0) - 1.0, wc, mc)
+
+
+def random_scores(key: jax.Array, wc, mc) -> jax.Array:
+    """Random-focus baseline scores [W] of one WC: uniform in (-1, 1) from `key`,
+    legality-masked like LensNet's."""
+    return lens.mask_illegal(jax.random.uniform(key, wc.level.shape, jnp.float32, -1.0, 1.0),
+                             wc, mc)
+
+
+def _policy_scores(plan: _Plan, lens_params, base_params, wc, view, stream, call: int):
+    """Scores [W] of one stream's WC under the plan's focus policy. For "random",
+    `lens_params` is the seed ([] uint32); the key folds in the stream, the WC's refocus
+    step and which scoring of the refocus this is, so it is deterministic given the seed
+    and differs from refocus to refocus."""
+    if plan.focus_policy == "lens":
+        return _score_stream(plan, lens_params, base_params, wc, view)
+    if plan.focus_policy == "recency":
+        return recency_scores(wc, plan.mc)
+    key = jax.random.key(lens_params)
+    for x in (stream, wc.step, call):
+        key = jax.random.fold_in(key, x)
+    return random_scores(key, wc, plan.mc)
 
 
 def _pending_base_position(plan: _Plan, wc) -> jax.Array:
@@ -258,10 +294,16 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
     wc0 = jax.tree.map(pick, layout, state.wc)
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
-    score = jax.vmap(functools.partial(_score_stream, plan), in_axes=(None, None, 0, 0))
-    scores0 = score(lens_params, base_params, wc0, view)
+    streams = jnp.arange(B, dtype=jnp.int32)
+
+    def score(lens_params, base_params, wc, view, call):
+        fn = functools.partial(_policy_scores, plan, call=call)
+        return jax.vmap(fn, in_axes=(None, None, 0, 0, 0))(lens_params, base_params, wc, view,
+                                                            streams)
+
+    scores0 = score(lens_params, base_params, wc0, view, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
-    scores1 = score(lens_params, base_params, wc1, view)
+    scores1 = score(lens_params, base_params, wc1, view, 1)
     # Only streams with new tokens (or a fresh layout) refocus, so a stream's focus never
     # depends on its batch neighbours (e.g. one that already emitted EOS).
     active = reset | (num_new > 0)
@@ -693,6 +735,10 @@ class Session:
     for re-prefilling only the new tokens on most refocuses (see `_collapse_ahead`).
     prefill_chunk: slots per bulk re-prefill chunk (default: the largest K·2^i <= 256 that
     divides w_max); bigger chunks use the hardware better, K-slot chunks trim the ends.
+    focus_policy: where refocus scores come from — "lens" (LensNet, the default), or the
+    baselines "random" (uniform scores, deterministic given `focus_seed`, new ones every
+    refocus) and "recency" (newer spans toward expand, older toward collapse); both are
+    legality-masked like LensNet's and go through the same allocator and budget logic.
     """
 
     def __init__(self, base_model, gist_params, lens_params, cfg: ExperimentConfig, *,
@@ -701,7 +747,11 @@ class Session:
                  collapse_headroom: int | None = None, prefill_chunk: int | None = None,
                  gist_batch: int | None = None, pad_id: int = 0,
                  on_event: Callable[[RefocusEvent], None] | None = None,
-                 max_events: int = 100_000, provenance: dict | None = None):
+                 max_events: int = 100_000, provenance: dict | None = None,
+                 focus_policy: str = "lens", focus_seed: int = 0):
+        if focus_policy not in FOCUS_POLICIES:
+            raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
+                              f"{focus_policy!r}")
         if hasattr(base_model, "config") and hasattr(base_model, "params"):
             llama, params = base_model.config, base_model.params
             self._encode = getattr(base_model, "encode", None)
@@ -764,18 +814,26 @@ class Session:
             self.provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
         for part in ("gist", "lens"):
             self.provenance.setdefault(part, {"source": "given"})
-        # Which networks are untrained (their gists / focus decisions mean nothing yet).
+        self.focus_policy, self.focus_seed = focus_policy, int(focus_seed)
+        self.provenance["focus_policy"] = (
+            {"policy": focus_policy} if focus_policy == "lens"
+            else {"policy": focus_policy, "seed": self.focus_seed, "lens": "not used"})
+        # Which networks are untrained (their gists / focus decisions mean nothing yet); an
+        # untrained LensNet does not count when a baseline policy replaces its scores.
         self.untrained: tuple[str, ...] = tuple(
-            p for p in ("gist", "lens") if self.provenance[p]["source"] == "untrained")
+            p for p in ("gist", "lens") if self.provenance[p]["source"] == "untrained"
+            and (p == "gist" or focus_policy == "lens"))
         _check_param_tree(gist_params, _expected_params(cfg, "gist"), "gist params")
         _check_param_tree(lens_params, _expected_params(cfg, "lens"), "lens params")
 
         self._plan = _Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=self.batch_size,
                            max_tokens=self.max_tokens, pad_id=int(pad_id),
                            headroom=int(collapse_headroom),
-                           prefill_chunk=int(prefill_chunk))
+                           prefill_chunk=int(prefill_chunk), focus_policy=focus_policy)
         self._programs = _programs(self._plan, mesh)
         sh = self._programs.shardings
+        if focus_policy == "random":  # the refocus program reads the seed in LensNet's place
+            lens_params = np.uint32(self.focus_seed % (1 << 32))
         if sh is None:
             self._params = jax.device_put(params)
             self._lens_params = jax.device_put(lens_params)

@@ -1,0 +1,149 @@
+"""Evaluate MegaContext checkpoints against baselines on held-out data (SPEC §2.9).
+
+All in one run, into --out:
+  1. ΔNLL@H vs compression ratio: full context, trained GistNet, untrained GistNet (the
+     trainer's init), mean-pooled embeddings and truncation on the same held-out windows
+     and identical target tokens, at layouts of increasing compression;
+  2. passkey accuracy vs history length at a fixed --w-max: MegaContext with LensNet,
+     random and recency focus, the sliding window of W_max tokens, and full context where
+     it fits (otherwise reported as "skipped: does not fit ...");
+  3. focus quality: LensNet (and recency / random) scores vs measured counterfactual
+     utility (Pearson, Spearman, sign agreement, counts);
+writing results.json, report.md and accuracy_vs_length.png, dnll_vs_ratio.png,
+focus_map.png.
+
+--checkpoint is a train_gist / train_lens / train_joint workdir; what it holds decides
+which nets are trained (a train_gist workdir leaves LensNet untrained, and the report says
+so). --gist-checkpoint / --lens-checkpoint combine workdirs; --untrained evaluates the
+untrained nets on purpose.
+
+Example (SmolLM2 on a CPU; see --help for the sizes):
+  python experiments/evaluate.py --checkpoint runs/gist --out runs/eval \\
+      --lengths 1024,2048,4096 --cases 4 --nll-batches 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="training workdir (train_gist / train_lens / "
+                                        "train_joint) to evaluate")
+    p.add_argument("--gist-checkpoint", help="workdir whose GistNet to use (overrides "
+                                             "--checkpoint's)")
+    p.add_argument("--lens-checkpoint", help="workdir whose LensNet to use (overrides "
+                                             "--checkpoint's)")
+    p.add_argument("--untrained", action="store_true",
+                   help="evaluate the untrained GistNet and LensNet (no checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--config", default="smollm2_135m_cpu",
+                   help="registered experiment config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.FIELD=VALUE", help="override a config field; repeatable")
+    p.add_argument("--only", default=",".join(("nll", "passkey", "focus")),
+                   help="comma-separated sections to run: nll,passkey,focus (default: all)")
+    g = p.add_argument_group("ΔNLL@H and focus quality")
+    g.add_argument("--nll-batches", type=int, default=2,
+                   help="held-out batches of train.batch_size windows (default: %(default)s)")
+    g.add_argument("--focus-batches", type=int, default=4,
+                   help="held-out batches of train.batch_size windows for focus quality "
+                        "(default: %(default)s)")
+    g.add_argument("--focus-candidates", type=int, default=8,
+                   help="candidate expand/collapse actions per window whose counterfactual "
+                        "utility is measured (default: %(default)s)")
+    g.add_argument("--keep-raw", default=None,
+                   help="raw tail sizes in blocks of the ΔNLL layouts, e.g. 17,4,1 "
+                        "(default: about half, an eighth and one block of the prefix); each "
+                        "also with LOD2 where a complete 1,024-token group exists")
+    g = p.add_argument_group("passkey retrieval")
+    g.add_argument("--lengths", default=None,
+                   help="history lengths in tokens, comma-separated; each must exceed "
+                        "--w-max (default: the config's eval.history_lengths, 1024,2048,4096 "
+                        "for smollm2_135m_cpu; a GPU takes e.g. 1024,...,32768)")
+    g.add_argument("--w-max", type=int, default=None,
+                   help="working-context budget of the MegaContext sessions and the sliding "
+                        "window (default: the config's mc.w_max)")
+    g.add_argument("--cases", type=int, default=4,
+                   help="passkey cases per length, run as one batch of session streams "
+                        "(default: %(default)s)")
+    g.add_argument("--refocus-steps", type=int, default=2,
+                   help="feed the last N blocks of each history one refocus at a time "
+                        "(default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens per answer (default: longest answer + 4)")
+    g.add_argument("--haystack", choices=["filler", "held_out"], default="filler",
+                   help="repeated filler text or held-out corpus text (default: %(default)s)")
+    g.add_argument("--full-memory-gb", type=float, default=6.0,
+                   help="memory limit of the full-context baseline's prefill; longer histories "
+                        "are reported as skipped (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="passkey keys / random focus / candidate draws (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _git_state() -> dict:
+    """Commit and dirtiness of the source tree (best effort: {} outside a git checkout)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from mcjax.checkpoint import CheckpointError
+    from mcjax.eval import pipeline, report
+    from mcjax.eval.tasks import EvalInputError, parse_int_list
+
+    command = "python experiments/evaluate.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        opts = pipeline.EvalOptions(
+            checkpoint=args.checkpoint, gist_checkpoint=args.gist_checkpoint,
+            lens_checkpoint=args.lens_checkpoint, untrained=args.untrained, config=args.config,
+            overrides=tuple(args.overrides),
+            sections=tuple(s.strip() for s in args.only.split(",") if s.strip()),
+            nll_batches=args.nll_batches, focus_batches=args.focus_batches,
+            focus_candidates=args.focus_candidates,
+            keep_raw=(None if args.keep_raw is None
+                      else parse_int_list(args.keep_raw, "--keep-raw")),
+            lengths=(None if args.lengths is None
+                     else parse_int_list(args.lengths, "--lengths")), w_max=args.w_max,
+            cases=args.cases, refocus_steps=args.refocus_steps,
+            max_new_tokens=args.max_new_tokens, haystack=args.haystack,
+            full_memory_gb=args.full_memory_gb, seed=args.seed,
+            progress=not args.no_progress, command=command)
+        results = pipeline.run_evaluation(opts)
+    except (EvalInputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results["meta"]["git"] = _git_state()
+    paths = report.write_outputs(results, args.out)
+    untrained = results["meta"]["untrained"]
+    if untrained:
+        names = " and ".join({"gist": "GistNet", "lens": "LensNet"}[p] for p in untrained)
+        print(f"note: {names} {'is' if len(untrained) == 1 else 'are'} UNTRAINED in this "
+              f"evaluation (see report.md)", file=sys.stderr)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

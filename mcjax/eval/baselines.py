@@ -1,0 +1,313 @@
+"""What the evaluation runs: ΔNLL@H of every context variant, passkey generation by each
+method (MegaContext sessions with LensNet / random / recency focus, sliding window, full
+context), and focus quality (LensNet and baseline scores against measured counterfactual
+utility). Library code: no argparse, no printing; progress bars only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax import lens as lens_lib
+from mcjax.base.generate import GreedySampler
+from mcjax.config import ExperimentConfig, LlamaConfig
+from mcjax.eval import metrics
+from mcjax.eval.tasks import LayoutSpec, feed_schedule
+from mcjax.runtime import Session, random_scores, recency_scores
+from mcjax.train import data, losses
+from mcjax.train.loop import Frozen, variant_nll
+
+__all__ = ["NLL_VARIANTS", "window_variant_nll", "delta_nll_sweep", "PasskeyRun",
+           "trim_at_eos", "score_outputs", "megacontext_passkey", "sliding_window_generate",
+           "full_context_fit", "full_context_generate", "focus_quality", "FOCUS_SCORERS"]
+
+# Context variants of the ΔNLL sweep; "gistnet_untrained" is the GistNet the trainer
+# starts from (same seed and init), the others as in `mcjax.train.loop.variant_nll`.
+NLL_VARIANTS = ("full", "gistnet", "gistnet_untrained", "mean_pool", "truncation")
+
+TARGETS_NOTE = ("targets are the next tokens tokens[P : P + H] of each held-out window "
+                "(P = prefix length, H = horizon), identical for every variant; ΔNLL@H = "
+                "mean NLL of a variant minus that of the full (uncompressed) context, per "
+                "window, then averaged over windows (± standard error over windows)")
+
+
+# --------------------------------------------------------------------------- ΔNLL@H
+
+
+def window_variant_nll(frozen: Frozen, gist_params, untrained_gist_params, tokens,
+                       layout, variants: Sequence[str] = NLL_VARIANTS) -> dict[str, np.ndarray]:
+    """NLL [B, H] of the continuation of each window under each variant (host arrays).
+    Every variant scores the same targets tokens[:, P : P + H]."""
+    cfg = frozen.cfg
+    tokens = jnp.asarray(tokens)
+    out = {}
+    for v in variants:
+        params = untrained_gist_params if v == "gistnet_untrained" else gist_params
+        kind = "gistnet" if v == "gistnet_untrained" else v
+        out[v] = np.asarray(variant_nll(frozen.params, params, tokens, base_cfg=cfg.base_config,
+                                        gist_cfg=cfg.gist, layout=layout, variant=kind))
+    return out
+
+
+def delta_nll_sweep(frozen: Frozen, gist_params, untrained_gist_params,
+                    batches: Sequence[np.ndarray], layouts: Sequence[LayoutSpec], *,
+                    progress: bool = False) -> dict[str, Any]:
+    """ΔNLL@H of every variant at every layout on the same held-out windows.
+
+    The full-context NLL depends only on (prefix, horizon) and truncation only on the raw
+    tail, so each is computed once per window and shared by the layouts that agree."""
+    from tqdm.auto import tqdm
+
+    if not batches:
+        raise ValueError("delta_nll_sweep needs at least one batch of windows")
+    full_cache: dict[tuple, list[np.ndarray]] = {}
+    trunc_cache: dict[tuple, list[np.ndarray]] = {}
+    rows = []
+    bar = tqdm(total=len(layouts) * len(batches), desc="ΔNLL@H layouts x batches",
+               disable=not progress)
+    for spec in layouts:
+        lay = spec.layout
+        full_key = (lay.prefix_len, lay.horizon)
+        trunc_key = (lay.prefix_len, lay.horizon, lay.raw_start)
+        per_window: dict[str, list[np.ndarray]] = {v: [] for v in NLL_VARIANTS}
+        for i, batch in enumerate(batches):
+            todo = [v for v in NLL_VARIANTS
+                    if not (v == "full" and len(full_cache.get(full_key, [])) > i)
+                    and not (v == "truncation" and len(trunc_cache.get(trunc_key, [])) > i)]
+            got = window_variant_nll(frozen, gist_params, untrained_gist_params, batch, lay,
+                                     todo)
+            if "full" in got:
+                full_cache.setdefault(full_key, []).append(got["full"])
+            if "truncation" in got:
+                trunc_cache.setdefault(trunc_key, []).append(got["truncation"])
+            got["full"] = full_cache[full_key][i]
+            got["truncation"] = trunc_cache[trunc_key][i]
+            for v in NLL_VARIANTS:
+                per_window[v].append(got[v].mean(axis=1))  # [B] mean over the H targets
+            bar.update(1)
+        nll = {v: np.concatenate(per_window[v]) for v in NLL_VARIANTS}
+        rows.append({**spec.describe(),
+                     "nll": {v: float(nll[v].mean()) for v in NLL_VARIANTS},
+                     "delta_nll": {v: metrics.mean_stderr(nll[v] - nll["full"])
+                                   for v in NLL_VARIANTS}})
+    bar.close()
+    windows = sum(len(b) for b in batches)
+    return {"windows": windows, "window_len": int(batches[0].shape[1]),
+            "variants": list(NLL_VARIANTS), "targets": TARGETS_NOTE, "layouts": rows}
+
+
+# --------------------------------------------------------------------------- passkey
+
+
+@dataclasses.dataclass
+class PasskeyRun:
+    """Greedy continuations of one method on a batch of passkey cases."""
+
+    tokens: list[list[int]]  # per case, up to (excluding) EOS
+    texts: list[str]
+    scores: list[metrics.PasskeyScore]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    focus_snapshots: list[dict] | None = None  # stream 0's WC after each refocus
+
+    def summary(self) -> dict[str, Any]:
+        return {**metrics.accuracy(self.scores), **self.info}
+
+
+def trim_at_eos(tokens, eos_id: int | None) -> list[int]:
+    out = []
+    for t in np.asarray(tokens).ravel().tolist():
+        if eos_id is not None and t == eos_id:
+            break
+        out.append(int(t))
+    return out
+
+
+def score_outputs(outputs, cases, decode, eos_id) -> tuple[list, list, list]:
+    toks = [trim_at_eos(o, eos_id) for o in outputs]
+    texts = [decode(t) for t in toks]
+    return toks, texts, [metrics.score_passkey(t, c.key) for t, c in zip(texts, cases)]
+
+
+def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
+                        cases: Sequence[data.RetrievalExample], *, policy: str,
+                        max_new_tokens: int, decode: Callable, eos_id: int | None,
+                        refocus_steps: int, max_tokens: int, focus_seed: int = 0,
+                        record_focus: bool = False) -> PasskeyRun:
+    """Feed every case (one session stream each) with `feed_schedule` — the bulk at once,
+    then the last blocks one refocus at a time — and generate greedily. `policy` picks the
+    refocus scores: "lens", "random" or "recency" (`Session(focus_policy=...)`).
+    With `record_focus`, stream 0's focus (the LOD of every span) is recorded after each
+    refocus before the answer and once more with the answer in the history."""
+    lengths = {len(c.tokens) for c in cases}
+    if len(lengths) != 1:
+        raise ValueError(f"cases of one run must have one length, got {sorted(lengths)}")
+    length = lengths.pop()
+    session = Session(base, gist_params, lens_params, cfg, batch_size=len(cases),
+                      max_tokens=max_tokens, focus_policy=policy, focus_seed=focus_seed)
+    snapshots: list[dict] | None = [] if record_focus else None
+
+    def snap(stage: str):
+        if snapshots is not None:
+            snapshots.append({"stage": stage, "num_tokens": int(session.num_tokens[0]),
+                              "runs": [list(r) for r in session.focus_runs(0)]})
+
+    for start, stop in feed_schedule(length, cfg.mc.block_size, refocus_steps):
+        session.feed([c.tokens[start:stop] for c in cases])
+        session.sync()
+        snap("feed" if start == 0 else "refocus")
+    out = session.generate(max_new_tokens, eos_id=eos_id)
+    toks, texts, scores = score_outputs(out, cases, decode, eos_id)
+    events = list(session.events)  # the refocuses up to the answer
+    if record_focus:
+        session.flush()
+        snap("after answer")
+    info = {"refocuses": len(events),
+            "focus_actions": int(sum(sum(e.num_expand) + sum(e.num_collapse) for e in events)),
+            "budget_collapses": int(sum(sum(e.append_collapses) + sum(e.headroom_collapses)
+                                        for e in events)),
+            "untrained_nets": list(session.untrained)}
+    return PasskeyRun(toks, texts, scores, info, snapshots)
+
+
+def sliding_window_generate(llama: LlamaConfig, params, histories: Sequence[np.ndarray],
+                            w_max: int, max_new_tokens: int, eos_id: int | None = None,
+                            pad_id: int = 0) -> np.ndarray:
+    """Plain base-model greedy generation from the last `w_max` tokens of each history
+    (positions 0.. of that window): tokens [B, max_new_tokens], pad after EOS."""
+    windows = [np.asarray(h)[-w_max:] for h in histories]
+    T = max(len(w) for w in windows)
+    prompt = np.full((len(windows), T), pad_id, np.int32)
+    for b, w in enumerate(windows):
+        prompt[b, : len(w)] = w
+    sampler = GreedySampler(llama, max_new_tokens=max_new_tokens, max_prompt_len=T,
+                            eos_id=eos_id, pad_id=pad_id)
+    out, _ = sampler.generate(params, prompt, np.asarray([len(w) for w in windows]))
+    return out
+
+
+def full_context_fit(llama: LlamaConfig, length: int, max_new_tokens: int, num_cases: int,
+                     memory_limit_bytes: float) -> tuple[int, str | None]:
+    """(streams per batch, None) when plain full-context generation over `length` tokens
+    fits, else (0, why not): past the model's trained positions, or even one stream's
+    prefill (fp32 attention scores and probabilities of every head over T x (T + new)
+    slots, the bias, and the KV cache) over the memory limit."""
+    total = length + max_new_tokens
+    if total > llama.max_position_embeddings:
+        return 0, (f"does not fit: {length} + {max_new_tokens} tokens exceed the model's "
+                   f"{llama.max_position_embeddings} trained positions")
+    per_stream = (4.0 * length * total * (2 * llama.num_heads + 1)
+                  + 2 * 4.0 * llama.num_layers * total * llama.num_kv_heads * llama.head_dim)
+    batch = int(memory_limit_bytes // per_stream)
+    if batch < 1:
+        return 0, (f"does not fit: one stream's prefill needs ~{per_stream / 2**30:.1f} GiB, "
+                   f"over the memory limit of {memory_limit_bytes / 2**30:.1f} GiB")
+    return min(batch, num_cases), None
+
+
+def full_context_generate(llama: LlamaConfig, params, histories: Sequence[np.ndarray],
+                          max_new_tokens: int, eos_id: int | None, batch: int) -> np.ndarray:
+    """Plain base-model greedy generation over each whole history, `batch` streams at a
+    time (one compilation per history length)."""
+    T = len(histories[0])
+    sampler = GreedySampler(llama, max_new_tokens=max_new_tokens, max_prompt_len=T,
+                            eos_id=eos_id)
+    outs = []
+    for i in range(0, len(histories), batch):
+        chunk = np.stack([np.asarray(h) for h in histories[i: i + batch]])
+        if len(chunk) < batch:  # keep one compiled shape: pad with copies, drop them after
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+        out, _ = sampler.generate(params, chunk)
+        outs.append(out[: min(batch, len(histories) - i)])
+    return np.concatenate(outs)
+
+
+# --------------------------------------------------------------------------- focus quality
+
+FOCUS_SCORERS = ("lens", "recency", "random")
+
+
+@functools.partial(jax.jit, static_argnames=("base_cfg", "gist_cfg", "task"))
+def _counterfactuals(gist_params, base_params, tokens, rng, *, base_cfg, gist_cfg, task):
+    fn = losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
+    return losses.counterfactuals(fn, base_params, base_cfg, tokens, rng, task)
+
+
+@functools.partial(jax.jit, static_argnames=("lens_cfg", "task", "scorer"))
+def _candidate_predictions(lens_params, cf, key, *, lens_cfg, task, scorer):
+    mc = task.mc
+    if scorer == "lens":
+        scores = lens_lib.LensNet(lens_cfg, mc).apply({"params": lens_params}, cf.slot_embeds,
+                                                      cf.wc, cf.tail)
+    elif scorer == "recency":
+        scores = recency_scores(cf.wc, mc)
+    else:
+        keys = jax.random.split(key, cf.wc.level.shape[0])
+        scores = jax.vmap(lambda k, wc: random_scores(k, wc, mc))(keys, cf.wc)
+    return jax.vmap(lambda s, c: losses.candidate_scores(s, c, mc.block_size))(
+        scores, cf.candidates)
+
+
+def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np.ndarray],
+                  task: losses.LensTask, *, seed: int = 0,
+                  scorers: Sequence[str] = FOCUS_SCORERS, progress: bool = False
+                  ) -> dict[str, Any]:
+    """Scores against measured counterfactual utility on held-out windows.
+
+    Per window: a compressed WC of the prefix and candidate expansions / collapses
+    (`losses.counterfactuals`, the lens trainer's task), each candidate's *value of detail*
+    measured by one counterfactual forward (nats/token: NLL an expansion saves, NLL a
+    collapse costs), and what the allocator would read for it (the slot's score for an
+    expansion, the group's mean score for a collapse) under each scorer. A good scorer
+    ranks candidates by value: Pearson / Spearman of (score, value); sign agreement of the
+    score with the normalised utility (value relative to the window's mean value, the
+    zero-sum budget price, as the lens is trained), over the pairs where both are nonzero.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = frozen.cfg
+    eps = losses.LensLossConfig().utility_eps
+    pred: dict[str, list] = {s: [] for s in scorers}
+    values, targets, kinds = [], [], []
+    for i, batch in enumerate(tqdm(batches, desc="focus quality", disable=not progress)):
+        if batch.shape[1] < task.window_len:
+            raise ValueError(f"windows of {batch.shape[1]} tokens are shorter than the lens "
+                             f"task's {task.window_len}")
+        rng = jax.random.fold_in(jax.random.key(seed), i)
+        cf = _counterfactuals(gist_params, frozen.params, jnp.asarray(batch), rng,
+                              base_cfg=cfg.base_config, gist_cfg=cfg.gist, task=task)
+        valid = np.asarray(cf.valid)
+        values.append(np.asarray(cf.value)[valid])
+        targets.append(np.asarray(losses.normalized_utility(cf.value, cf.valid, eps))[valid])
+        kinds.append(np.asarray(cf.candidates.kind)[valid])
+        for s in scorers:
+            p = _candidate_predictions(lens_params, cf, jax.random.fold_in(rng, 7),
+                                       lens_cfg=cfg.lens, task=task, scorer=s)
+            pred[s].append(np.asarray(p)[valid])
+    value = np.concatenate(values)
+    target = np.concatenate(targets)
+    kind = np.concatenate(kinds)
+    out: dict[str, Any] = {
+        "windows": int(sum(len(b) for b in batches)), "candidates": int(value.size),
+        "expand_candidates": int((kind == losses.EXPAND_CANDIDATE).sum()),
+        "collapse_candidates": int((kind == losses.COLLAPSE_CANDIDATE).sum()),
+        "value_mean_abs": float(np.abs(value).mean()) if value.size else None,
+        "definition": ("value = NLL change of the candidate action on the H continuation "
+                       "tokens, signed so that higher means the span's detail is worth more "
+                       "(expansion: NLL saved; collapse: NLL cost); normalised utility = "
+                       "tanh((value - window mean) / (window std + 0.01))"),
+        "scorers": {}}
+    for s in scorers:
+        p = np.concatenate(pred[s])
+        row = {"vs_value": metrics.correlation_summary(p, value),
+               "vs_normalised_utility": metrics.correlation_summary(p, target)}
+        for name, k in (("expand", losses.EXPAND_CANDIDATE),
+                        ("collapse", losses.COLLAPSE_CANDIDATE)):
+            row[f"{name}_vs_value"] = metrics.correlation_summary(p[kind == k], value[kind == k])
+        out["scorers"][s] = row
+    return out

@@ -1,0 +1,133 @@
+"""Which GistNet / LensNet an evaluation uses, and where they came from.
+
+A training workdir tells by its checkpoint metadata which nets it holds: `train_gist` →
+GistNet (LensNet stays untrained), `train_lens` → LensNet (its GistNet is the one it was
+trained on, when that can be found), `train_joint` → both. Explicit `gist_checkpoint` /
+`lens_checkpoint` take precedence; `untrained=True` evaluates the untrained nets on
+purpose. Loading goes through `mcjax.runtime.load_trained_params`, so a checkpoint of
+another base model or architecture is a `CheckpointMismatchError` naming the fields, and a
+missing directory or one without a complete checkpoint a `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from mcjax.checkpoint import CheckpointError, Checkpointer
+from mcjax.config import ExperimentConfig
+from mcjax.runtime import load_trained_params, untrained_params
+
+__all__ = ["Networks", "checkpoint_parts", "resolve_networks"]
+
+_RUN_PARTS = {"train_gist": ("gist",), "train_lens": ("lens",), "train_joint": ("gist", "lens")}
+
+
+@dataclasses.dataclass
+class Networks:
+    gist: Any  # GistNet params the MegaContext methods use
+    lens: Any  # LensNet params
+    untrained_gist: Any  # the GistNet training starts from (ΔNLL baseline)
+    sources: dict[str, dict]  # "gist" / "lens" / "untrained_gist" -> provenance
+
+    @property
+    def untrained(self) -> tuple[str, ...]:
+        """Nets the methods use untrained ("gist", "lens")."""
+        return tuple(p for p in ("gist", "lens") if self.sources[p]["source"] == "untrained")
+
+
+def _seed_of(workdir, default: int) -> int:
+    """The training seed a checkpoint was made with (its init is the untrained baseline)."""
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        meta = ckpt.read_meta()
+    finally:
+        ckpt.close()
+    return int(((meta.get("config") or {}).get("train") or {}).get("seed", default))
+
+
+def checkpoint_parts(workdir: str | os.PathLike) -> tuple[str, tuple[str, ...]]:
+    """(run kind, nets it holds) of a training workdir's latest checkpoint."""
+    path = Path(workdir)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    ckpt = Checkpointer(path, create=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise CheckpointError(f"no complete checkpoint under {path}")
+        run = (ckpt.read_meta().get("extra") or {}).get("run") or "train_gist"
+    finally:
+        ckpt.close()
+    if run not in _RUN_PARTS:
+        raise CheckpointError(f"checkpoint {path} comes from an unknown run {run!r}")
+    return run, _RUN_PARTS[run]
+
+
+def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
+
+
+def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
+                     gist_checkpoint=None, lens_checkpoint=None, untrained: bool = False
+                     ) -> Networks:
+    """GistNet and LensNet params (and the untrained GistNet baseline) with provenance.
+
+    `cfg.base_config` must be set. Raises CheckpointError / CheckpointMismatchError (see the
+    module docstring) and ValueError for contradictory or missing choices.
+    """
+    given = [x for x in (checkpoint, gist_checkpoint, lens_checkpoint) if x is not None]
+    if untrained and given:
+        raise ValueError("--untrained evaluates untrained nets: do not combine it with "
+                         "checkpoints")
+    if not untrained and not given:
+        raise ValueError("no checkpoint given: pass --checkpoint DIR (a train_gist / "
+                         "train_lens / train_joint workdir), --gist-checkpoint / "
+                         "--lens-checkpoint, or --untrained to evaluate untrained nets")
+    gist_dir, lens_dir = gist_checkpoint, lens_checkpoint
+    notes = {}
+    if checkpoint is not None:
+        run, parts = checkpoint_parts(checkpoint)
+        notes = {"checkpoint_run": run}
+        if "gist" in parts and gist_dir is None:
+            gist_dir = checkpoint
+        if "lens" in parts and lens_dir is None:
+            lens_dir = checkpoint
+    for d in (gist_dir, lens_dir):
+        if d is not None:
+            checkpoint_parts(d)  # clear error for a missing / empty directory
+
+    seed = cfg.train.seed
+    sources: dict[str, dict] = {}
+    if lens_dir is not None:
+        lens, sources["lens"] = load_trained_params(lens_dir, cfg, "lens")
+    else:
+        lens = untrained_params(cfg, "lens")
+        sources["lens"] = {"source": "untrained", "seed": seed,
+                           "why": "no LensNet checkpoint given"
+                           + (f" ({checkpoint} is a {notes['checkpoint_run']} workdir)"
+                              if checkpoint is not None else "")}
+    gist = None
+    if gist_dir is not None:
+        gist, sources["gist"] = load_trained_params(gist_dir, cfg, "gist")
+        seed = _seed_of(gist_dir, seed)
+    elif lens_dir is not None:  # the GistNet LensNet was trained with, if it can be found
+        origin = sources["lens"].get("gistnet") or {}
+        if origin.get("source") == "checkpoint" and Path(origin.get("path", "")).is_dir():
+            gist, sources["gist"] = load_trained_params(origin["path"], cfg, "gist")
+            sources["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
+            seed = _seed_of(origin["path"], seed)
+        elif origin.get("source") == "untrained" and "seed" in origin:
+            seed = int(origin["seed"])
+    untrained_gist = untrained_params(_with_seed(cfg, seed), "gist", base_params)
+    if gist is None:
+        gist = untrained_gist
+        sources["gist"] = {"source": "untrained", "seed": seed,
+                           "why": "no GistNet checkpoint given or found"}
+    sources["untrained_gist"] = {"source": "untrained", "seed": seed,
+                                 "why": "baseline: the GistNet training starts from (same "
+                                        "seed and init)"}
+    for k, v in notes.items():
+        sources.setdefault("notes", {})[k] = v
+    return Networks(gist=gist, lens=lens, untrained_gist=untrained_gist, sources=sources)

@@ -1,0 +1,414 @@
+"""Checkpoint evaluation (mcjax/eval, experiments/evaluate.py): metrics against hand
+computations, passkey scoring, identical ΔNLL targets, the random / recency focus
+baselines, the sliding-window baseline, an end-to-end run on the tiny config and clear
+errors for bad input.
+
+Every session here uses the plan of the end-to-end run (tiny config, w_max 256, 2 streams,
+max_tokens 2048), so the programs compile once for the whole file.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcjax import focus
+from mcjax import working_context as wcm
+from mcjax.base.generate import GreedySampler
+from mcjax.checkpoint import Checkpointer
+from mcjax.config import get_config, override
+from mcjax.eval import baselines, metrics, tasks
+from mcjax.runtime import Session, _policy_scores, recency_scores, untrained_params
+from mcjax.train import steps
+from mcjax.train.loop import load_frozen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import evaluate  # noqa: E402
+
+CASES, LENGTHS, MAX_TOKENS = 2, (512, 1024), 2048  # the end-to-end run's plan
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    return load_frozen(get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def cfg(frozen):
+    return frozen.cfg  # tiny, base_config filled in
+
+
+def _write_workdir(path, cfg, params, extra=None, step=2):
+    """A training workdir as the trainers write it (TrainState with `params`, AdamW state,
+    data position, config, run metadata), without spending a training run's compile time."""
+    state = steps.init_state(params, steps.make_optimizer(cfg.train))
+    ckpt = Checkpointer(path)
+    ckpt.save(step, state, {"epoch": 0, "cursor": 0}, cfg, extra)
+    ckpt.wait()
+    ckpt.close()
+
+
+def _write_gist_workdir(path, cfg, gist_params, step=2):
+    """A train_gist workdir (no run metadata, {"gist": ...})."""
+    _write_workdir(path, cfg, {"gist": gist_params}, None, step)
+
+
+@pytest.fixture(scope="module")
+def gist_workdir(tmp_path_factory, frozen, cfg):
+    """A tiny train_gist workdir whose GistNet differs from the untrained init."""
+    init = untrained_params(cfg, "gist", frozen.params)
+    trained = jax.tree.map(lambda x: x * 1.5 + 0.01, init)
+    path = tmp_path_factory.mktemp("gist_run")
+    _write_gist_workdir(path, cfg, trained)
+    return path, trained
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_correlations_and_sign_agreement_match_hand_computation():
+    x, y = [1, 2, 3, 4], [2, 4, 5, 9]
+    # dx = (-1.5, -.5, .5, 1.5), dy = (-3, -1, 0, 4): Σdxdy = 11, Σdx² = 5, Σdy² = 26
+    assert metrics.pearson(x, y) == pytest.approx(11 / np.sqrt(5 * 26))
+    assert metrics.spearman(x, y) == pytest.approx(1.0)  # same order
+    # ties get average ranks: x -> (1, 2.5, 2.5, 4), y -> (1, 3, 2, 4): r = 4.5 / √(4.5·5)
+    np.testing.assert_allclose(metrics.rankdata([1, 2, 2, 3]), [1, 2.5, 2.5, 4])
+    assert metrics.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(22.5))
+    assert metrics.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # signs: pairs with both nonzero are 0 (agree), 1 and 3 (disagree); pair 2 has x = 0
+    assert metrics.sign_agreement([1, -1, 0, 2], [0.5, 0.5, 1, -1]) == \
+        (pytest.approx(1 / 3), 3)
+    s = metrics.correlation_summary([1, -1, 0, 2], [0.5, 0.5, 1, -1])
+    assert s["n"] == 4 and s["n_sign"] == 3 and s["degenerate"] is None
+
+
+def test_degenerate_correlation_input_is_reported_not_nan():
+    s = metrics.correlation_summary([0.3, 0.3, 0.3], [1.0, 2.0, 3.0])
+    assert s["pearson"] is None and s["spearman"] is None
+    assert s["degenerate"] == "x is constant"
+    assert metrics.correlation_summary([1.0, 2.0], [5.0, 5.0])["degenerate"] == "y is constant"
+    one = metrics.correlation_summary([1.0], [2.0])
+    assert one["pearson"] is None and "fewer than 2" in one["degenerate"]
+    assert metrics.sign_agreement([0, 0], [1, 2]) == (None, 0)
+    with pytest.raises(ValueError, match="finite"):
+        metrics.pearson([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="same number"):
+        metrics.pearson([1.0, 2.0], [1.0])
+
+
+def test_passkey_scoring_found_not_found_and_partial_digits():
+    hit = metrics.score_passkey(" The pass key is 12345. Remember", "12345")
+    assert hit.found and hit.predicted == "12345" and hit.digit_accuracy == 1.0
+    miss = metrics.score_passkey(" I do not know.", "12345")
+    assert not miss.found and miss.predicted == "" and miss.digits_correct == 0
+    partial = metrics.score_passkey(" 12945 is it", "12345")
+    assert not partial.found and partial.digits_correct == 4
+    assert partial.digit_accuracy == pytest.approx(0.8)
+    # the key must be a whole number, not part of a longer one
+    assert not metrics.score_passkey("9912345", "12345").found
+    assert metrics.score_passkey("key:12345!", "12345").found
+    acc = metrics.accuracy([hit, miss, partial])
+    assert acc["correct"] == 1 and acc["n"] == 3
+    assert acc["accuracy"] == pytest.approx(1 / 3)
+    assert acc["digit_accuracy"] == pytest.approx((1 + 0 + 0.8) / 3)
+    with pytest.raises(ValueError, match="digit string"):
+        metrics.score_passkey("123", "")
+
+
+# --------------------------------------------------------------------------- ΔNLL@H
+
+
+def test_every_delta_nll_variant_scores_the_same_next_token_targets(frozen, cfg):
+    layouts = tasks.nll_layouts(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, (1,))
+    assert [s.name for s in layouts] == ["lod1_keep1", "lod1+lod2_keep1"]
+    assert layouts[0].context_ratio < layouts[1].context_ratio
+    lay = layouts[1].layout
+    P, H = lay.prefix_len, lay.horizon
+    gist = untrained_params(cfg, "gist", frozen.params)
+    other = jax.tree.map(lambda x: x * 1.5 + 0.01, gist)
+    tokens = np.random.default_rng(0).integers(3, 256, (2, cfg.train.seq_len)).astype(np.int32)
+    base = baselines.window_variant_nll(frozen, other, gist, tokens, lay)
+    assert set(base) == set(baselines.NLL_VARIANTS)
+    for pos, col in ((P + H - 1, H - 1), (P, 0)):
+        changed = tokens.copy()
+        changed[:, pos] = (changed[:, pos] + 7) % 256
+        new = baselines.window_variant_nll(frozen, other, gist, changed, lay)
+        for v in baselines.NLL_VARIANTS:
+            diff = np.abs(new[v] - base[v]) > 1e-6
+            # target `col` is tokens[P + col] in every variant: it changes there ...
+            assert diff[:, col].all(), (v, pos)
+            if col == H - 1:  # ... and the last target is no variant's input
+                assert not diff[:, :col].any(), v
+
+    sweep = baselines.delta_nll_sweep(frozen, other, gist, [tokens], layouts)
+    for row in sweep["layouts"]:
+        assert row["delta_nll"]["full"]["mean"] == 0.0
+        assert row["delta_nll"]["full"]["n"] == 2
+        for v in baselines.NLL_VARIANTS:  # ΔNLL is NLL(variant) - NLL(full) per window
+            assert row["delta_nll"][v]["mean"] == pytest.approx(
+                row["nll"][v] - row["nll"]["full"], abs=1e-5)
+    # truncation depends only on the raw tail: both layouts keep one block
+    a, b = sweep["layouts"]
+    assert a["nll"]["truncation"] == b["nll"]["truncation"]
+    assert a["nll"]["gistnet"] != a["nll"]["gistnet_untrained"]
+
+
+# --------------------------------------------------------------------------- focus baselines
+
+
+def test_random_focus_is_deterministic_for_a_seed_and_differs_across_seeds_and_refocuses(
+        frozen, cfg):
+    from mcjax.runtime import _Plan
+
+    plan = _Plan(llama=cfg.base_config, mc=cfg.mc, lens=cfg.lens, batch_size=1,
+                 max_tokens=MAX_TOKENS, pad_id=0, headroom=0, prefill_chunk=cfg.mc.block_size,
+                 focus_policy="random")
+    wc = wcm.initial_layout(3000, cfg.mc)
+
+    def scores(seed, step, stream=0, call=1):
+        return np.asarray(_policy_scores(plan, jnp.uint32(seed), None, wc.replace(
+            step=jnp.int32(step)), None, stream, call))
+
+    np.testing.assert_array_equal(scores(3, 5), scores(3, 5))
+    assert not np.array_equal(scores(3, 5), scores(4, 5))  # another seed
+    assert not np.array_equal(scores(3, 5), scores(3, 6))  # the next refocus
+    assert not np.array_equal(scores(3, 5), scores(3, 5, stream=1))
+    s = scores(3, 5)
+    legal = np.asarray(wc.valid)
+    assert np.all(np.abs(s) < 1) and np.all(s[~legal] == 0)
+    assert np.all(s[np.asarray(wc.level) == 0] <= 0)  # raw tokens never score "expand"
+
+    # the same through whole sessions: actions repeat for a seed and change with it
+    history = np.random.default_rng(1).integers(3, 256, (CASES, 1500))
+
+    def actions(seed):
+        s = Session((cfg.base_config, frozen.params), None, None, cfg, batch_size=CASES,
+                    max_tokens=MAX_TOKENS, focus_policy="random", focus_seed=seed)
+        assert s.untrained == ("gist",)  # LensNet is not used by the random policy
+        for lo, hi in tasks.feed_schedule(1500, cfg.mc.block_size, 3):
+            s.feed(list(history[:, lo:hi]))
+            s.sync()
+        return [e.actions for e in s.events], s.working_context.node
+
+    a, nodes_a = actions(0)
+    b, nodes_b = actions(0)
+    c, _ = actions(1)
+    assert a == b and np.array_equal(nodes_a, nodes_b)
+    assert sum(len(x) for e in a for x in e) > 0  # random focus does act
+    assert a != c
+
+
+def test_recency_focus_collapses_the_oldest_and_expands_the_newest(cfg):
+    mc = cfg.mc  # K = 32, w_max = 256, recent_protect = 64
+    K = mc.block_size
+    entries = ([(1, n) for n in range(2 * K)]  # two complete LOD1 sibling groups
+               + [(0, t) for t in range(2 * K * K, 2 * K * K + 160)])  # 160 raw tokens
+    T = 2 * K * K + 160
+    wc = wcm.from_entries(entries, T, mc)
+    s = np.asarray(recency_scores(wc, mc))
+    n = len(entries)
+    assert s[0] == s[:n].min() and s[0] < -0.9  # the oldest span scores toward collapse
+    gists = slice(0, 2 * K)
+    assert np.all(np.diff(s[gists]) > 0)  # newer gists score higher
+    assert np.all(s[2 * K:n] <= 0)  # raw tokens cannot expand (masked)
+    assert np.all(s[n:] == 0)
+
+    new, info = focus.allocate(wc, jnp.asarray(s), mc)
+    wcm.check_invariants(new, None, mc)
+    heads = np.flatnonzero(np.asarray(info.collapse_heads))
+    expanded = np.flatnonzero(np.asarray(info.expand_mask))
+    assert heads.tolist() == [0]  # the oldest LOD1 group became one LOD2 gist
+    assert sorted(expanded.tolist()) == [2 * K - 2, 2 * K - 1]  # the two newest gists
+    got = wcm.to_entries(new)
+    assert got[0][:2] == (2, 0)
+    # the raw tail is untouched: the newest tokens stay LOD0
+    assert [e[:2] for e in got[-160:]] == [(0, t) for t in range(T - 160, T)]
+
+
+def test_sliding_window_equals_plain_greedy_on_the_last_w_max_tokens(frozen, cfg):
+    W, n = cfg.mc.w_max, 6
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(3, 256, 600), rng.integers(3, 256, 300)]
+    out = baselines.sliding_window_generate(cfg.base_config, frozen.params, histories, W, n)
+    sampler = GreedySampler(cfg.base_config, max_new_tokens=n, max_prompt_len=W)
+    for b, h in enumerate(histories):
+        ref, _ = sampler.generate(frozen.params, np.asarray(h[-W:])[None])
+        assert out[b].tolist() == ref[0].tolist()
+
+
+def test_full_context_fit_skips_explicitly_past_positions_or_memory():
+    llama = get_config("tiny").base_config
+    batch, why = baselines.full_context_fit(llama, 1000, 10, 4, 8 * 2**30)
+    assert batch == 4 and why is None
+    batch, why = baselines.full_context_fit(llama, llama.max_position_embeddings, 10, 4,
+                                            8 * 2**30)
+    assert batch == 0 and why.startswith("does not fit") and "positions" in why
+    batch, why = baselines.full_context_fit(llama, 2000, 10, 4, 1e6)
+    assert batch == 0 and "memory limit" in why
+
+
+def test_feed_schedule_feeds_the_bulk_then_one_block_per_refocus():
+    assert tasks.feed_schedule(1000, 32, 2) == [(0, 936), (936, 968), (968, 1000)]
+    assert tasks.feed_schedule(40, 32, 5) == [(0, 8), (8, 40)]
+    assert tasks.feed_schedule(100, 32, 0) == [(0, 100)]
+
+
+def test_passkey_cases_have_the_exact_length_and_spread_needles(frozen):
+    cases = tasks.passkey_cases(frozen.encode, 700, 4, seed=0)
+    assert all(len(c.tokens) == 700 for c in cases)
+    starts = [c.needle_span[0] for c in cases]
+    assert starts == sorted(starts) and starts[0] < 200 and starts[-1] > 400
+    for c in cases:
+        lo, hi = c.needle_span
+        assert c.key in tasks.byte_decode(c.tokens[lo:hi])
+    again = tasks.passkey_cases(frozen.encode, 700, 4, seed=0)
+    assert [c.key for c in cases] == [c.key for c in again]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, gist_workdir):
+    out = tmp_path_factory.mktemp("eval_out")
+    # 0.02 GiB: the 512-token full-context prefill fits (batch 1), the 1024-token one not
+    argv = ["--config", "tiny", "--checkpoint", str(gist_workdir[0]), "--out", str(out),
+            "--lengths", ",".join(map(str, LENGTHS)), "--cases", str(CASES),
+            "--nll-batches", "1", "--focus-batches", "1", "--keep-raw", "1",
+            "--refocus-steps", "2",
+            "--full-memory-gb", "0.02", "--no-progress"]
+    assert evaluate.main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
+    out, res = e2e
+    meta = res["meta"]
+    assert meta["untrained"] == ["lens"]  # a train_gist workdir leaves LensNet untrained
+    assert meta["networks"]["gist"]["source"] == "checkpoint"
+    assert meta["networks"]["notes"]["checkpoint_run"] == "train_gist"
+    assert "--checkpoint" in meta["command"] and meta["config"]["name"] == "tiny"
+
+    nll = res["delta_nll"]
+    assert [r["name"] for r in nll["layouts"]] == ["lod1_keep1", "lod1+lod2_keep1"]
+    for row in nll["layouts"]:
+        assert set(row["delta_nll"]) == {"full", "gistnet", "gistnet_untrained", "mean_pool",
+                                         "truncation"}
+        assert row["delta_nll"]["full"]["mean"] == 0.0
+        assert row["context_ratio"] > 1 and np.isfinite(row["nll"]["full"])
+        assert row["delta_nll"]["gistnet"]["mean"] != row["delta_nll"]["gistnet_untrained"][
+            "mean"]  # the checkpoint's GistNet, not the init
+
+    pk = res["passkey"]
+    assert pk["w_max"] == 256 and pk["lengths"] == list(LENGTHS)
+    assert set(pk["methods"]) == {"megacontext_lens", "megacontext_random",
+                                  "megacontext_recency", "sliding_window", "full_context"}
+    for method, per in pk["methods"].items():
+        assert set(per) == {str(L) for L in LENGTHS}, method
+        for L, row in per.items():
+            if method == "full_context" and L == "1024":
+                assert row["status"].startswith("skipped: does not fit")
+                continue
+            assert row["status"] == "ok", (method, L, row["status"])
+            assert row["n"] == CASES and 0 <= row["accuracy"] <= 1
+            assert len(row["examples"]) == CASES
+            assert all(len(ex["key"]) == 5 for ex in row["examples"])
+    assert pk["methods"]["megacontext_lens"]["1024"]["refocuses"] == 3  # bulk + 2 blocks
+    assert "whole number" in pk["scoring"]
+
+    fq = res["focus_quality"]
+    assert set(fq["scorers"]) == {"lens", "recency", "random"}
+    assert fq["candidates"] > 2 and fq["candidates"] == fq["scorers"]["lens"]["vs_value"]["n"]
+
+    fm = res["focus_map"]
+    assert fm["length"] == 1024 and len(fm["snapshots"]) == 4  # 3 refocuses + after answer
+    last = fm["snapshots"][-1]
+    assert last["runs"][0][1] == 0 and last["runs"][-1][2] == last["num_tokens"] > 1024
+
+    report = (out / "report.md").read_text()
+    assert "LensNet: UNTRAINED" in report and "GistNet: trained" in report
+    assert "skipped: does not fit" in report
+    for name in ("accuracy_vs_length.png", "dnll_vs_ratio.png", "focus_map.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+        assert f"]({name})" in report
+
+
+def test_focus_grid_gives_the_finest_lod_per_bucket():
+    from mcjax.eval.report import focus_grid
+
+    snaps = [{"runs": [[1, 0, 256, 8], [0, 256, 288, 32]], "num_tokens": 288},
+             {"runs": [[2, 0, 1024, 1], [0, 1024, 1100, 76]], "num_tokens": 1100}]
+    grid = focus_grid(snaps, 1100, 11)  # buckets of 100 tokens
+    assert grid[0, :2].tolist() == [1, 1] and grid[0, 2] == 0  # [200, 300) holds raw tokens
+    assert np.isnan(grid[0, 3:]).all()  # not yet in the history
+    assert (grid[1, :10] == 2).all() and grid[1, 10] == 0
+    assert grid[1, 9] == 2  # [900, 1000) lies inside the LOD2 span
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _fails(capsys, argv, match):
+    assert evaluate.main(["--config", "tiny", "--no-progress"] + argv) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_bad_input_gives_clear_errors(capsys, tmp_path, gist_workdir):
+    out = ["--out", str(tmp_path / "o")]
+    ck = ["--checkpoint", str(gist_workdir[0])]
+    _fails(capsys, ["--checkpoint", str(tmp_path / "nope")] + out, "does not exist")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, ["--checkpoint", str(tmp_path / "empty")] + out, "no checkpoints under")
+    _fails(capsys, ck + out + ["--lengths", ""], "empty list")
+    _fails(capsys, ck + out + ["--lengths", "128,1024"], "do not exceed W_max=256")
+    _fails(capsys, ck + out + ["--lengths", "1024", "--w-max", "300"], "multiple of the block")
+    _fails(capsys, out, "--untrained")  # neither a checkpoint nor --untrained
+    _fails(capsys, ck + out + ["--untrained"], "not both")
+    _fails(capsys, ck + out + ["--keep-raw", "40"], "leave nothing to compress")
+    assert not (tmp_path / "o").exists()  # nothing written on failure
+
+
+def test_checkpoint_for_another_base_model_is_a_clear_error(capsys, tmp_path, frozen, cfg):
+    other = override(cfg, {"base_config.num_layers": 2})
+    _write_gist_workdir(tmp_path / "other", other, untrained_params(cfg, "gist",
+                                                                    frozen.params))
+    _fails(capsys, ["--checkpoint", str(tmp_path / "other"), "--out", str(tmp_path / "o"),
+                    "--only", "nll"],
+           "base_config.num_layers: checkpoint 2 vs session 3")
+
+
+def test_checkpoint_kind_decides_which_nets_are_trained(tmp_path, frozen, cfg, gist_workdir):
+    from mcjax.eval.networks import resolve_networks
+
+    lens = jax.tree.map(lambda x: x + 0.5, untrained_params(cfg, "lens"))
+    gist = gist_workdir[1]
+    joint = tmp_path / "joint"
+    _write_workdir(joint, cfg, {"gist": gist, "lens": lens}, {"run": "train_joint"})
+    nets = resolve_networks(cfg, frozen.params, checkpoint=joint)
+    assert nets.untrained == ()
+    assert nets.sources["gist"]["path"] == nets.sources["lens"]["path"] == str(joint)
+    np.testing.assert_array_equal(jax.tree.leaves(nets.lens)[0], jax.tree.leaves(lens)[0])
+
+    # a train_lens workdir: LensNet from it, GistNet the one it was trained with
+    lens_run = tmp_path / "lens"
+    _write_workdir(lens_run, cfg, {"lens": lens}, {"run": "train_lens", "gistnet": {
+        "source": "checkpoint", "path": str(gist_workdir[0]), "step": 2}})
+    nets = resolve_networks(cfg, frozen.params, checkpoint=lens_run)
+    assert nets.untrained == ()
+    assert nets.sources["gist"]["chosen_by"] == "the LensNet checkpoint's GistNet"
+    np.testing.assert_array_equal(jax.tree.leaves(nets.gist)[0], jax.tree.leaves(gist)[0])
+
+    # a train_gist workdir leaves LensNet untrained, and says so; --untrained: both
+    nets = resolve_networks(cfg, frozen.params, checkpoint=gist_workdir[0])
+    assert nets.untrained == ("lens",) and "train_gist" in nets.sources["lens"]["why"]
+    nets = resolve_networks(cfg, frozen.params, untrained=True)
+    assert nets.untrained == ("gist", "lens")
+    np.testing.assert_array_equal(jax.tree.leaves(nets.gist)[0],
+                                  jax.tree.leaves(nets.untrained_gist)[0])
