@@ -8,13 +8,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 MODEL  ?= smollm2-135m
+# Trained nets for `make run` (training workdirs), e.g. `make run GIST=runs/gist`;
+# unset: the untrained nets, and the output says so.
+GIST   ?=
+LENS   ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup test run bench clean help
 
 help:
-	@echo "make run    set up, then stream a greedy generation (the main job)"
+	@echo "make run    set up, then stream a greedy generation (the main job); GIST=/LENS= workdirs"
 	@echo "make test   set up, then run the test suite"
 	@echo "make bench  set up, then run every benchmark into bench.json"
 	@echo "make setup  virtualenv + dependencies + converted base model (idempotent)"
@@ -34,7 +38,8 @@ test: setup
 	$(PY) -m pytest -q
 
 run: setup
-	$(PY) experiments/generate.py --model $(MODEL)
+	$(PY) experiments/generate.py --model $(MODEL) \
+	    $(if $(GIST),--gist-checkpoint $(GIST)) $(if $(LENS),--lens-checkpoint $(LENS))
 
 bench: setup
 	$(PY) experiments/bench.py all --out bench.json
