@@ -68,6 +68,9 @@ def plot_dnll_vs_ratio(section: dict | None, path: Path) -> None:
                                                                                    variant))
     ax.axhline(0.0, color="black", lw=0.8, ls="--", label="full context (ΔNLL = 0)")
     ax.set_xscale("log")
+    ratios = sorted({round(r["context_ratio"], 1) for r in rows})
+    ax.set_xticks(ratios, [f"{v:g}:1" for v in ratios])  # the measured ratios, not 10^k
+    ax.minorticks_off()
     ax.set_xlabel("compression ratio of the prefix (tokens per slot)")
     ax.set_ylabel("ΔNLL@H (nats/token)")
     ax.set_title(f"ΔNLL@H vs compression ({section['windows']} held-out windows)")
