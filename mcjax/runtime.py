@@ -440,9 +440,12 @@ def _programs(plan: _Plan, mesh: Mesh | None) -> _Programs:
     """The jitted programs of a plan (shared by every session with that plan)."""
     decode = functools.partial(_decode_block, plan)
     refocus = functools.partial(_refocus, plan)
+    # A fresh wrapper per plan: jit shares its compilation cache among jits of the same
+    # function object, so `compiled_programs()` would count other plans' compilations.
+    write_view = functools.partial(_write_view)
     if mesh is None:
         return _Programs(jax.jit(decode, donate_argnums=1), jax.jit(refocus, donate_argnums=2),
-                         jax.jit(_write_view, donate_argnums=0), None)
+                         jax.jit(write_view, donate_argnums=0), None)
     sh = _shardings(plan, mesh)
     rep, lead = sh["rep"], sh["lead"]
     return _Programs(
@@ -453,7 +456,7 @@ def _programs(plan: _Plan, mesh: Mesh | None) -> _Programs:
                         in_shardings=(sh["params"], rep, sh["state"], sh["view"], lead(1),
                                       lead(1), sh["wc"], lead(1), rep),
                         out_shardings=(sh["state"], rep)),
-        write_view=jax.jit(_write_view, donate_argnums=0,
+        write_view=jax.jit(write_view, donate_argnums=0,
                            in_shardings=(sh["view"], lead(2), tuple(
                                lead(3) for _ in range(plan.mc.num_levels)), lead(2), lead(2),
                                lead(2)),
