@@ -129,9 +129,11 @@ def _network_lines(provenance: dict, untrained: tuple[str, ...]) -> list[str]:
     if untrained:
         names = " and ".join({"gist": "GistNet", "lens": "LensNet"}[p] for p in untrained)
         flags = " / ".join(f"--{p}-checkpoint" for p in untrained)
+        effects = [{"gist": "gists are not summaries",
+                    "lens": "focus decisions are arbitrary"}[p] for p in untrained]
         lines.append(f"[note: {names} {'is' if len(untrained) == 1 else 'are'} UNTRAINED (no "
-                     f"{flags} given): gists are not summaries and focus decisions are "
-                     f"arbitrary until trained checkpoints are used]")
+                     f"{flags} given): {' and '.join(effects)} until trained checkpoints are "
+                     f"used]")
     return lines
 
 

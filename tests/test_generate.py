@@ -73,3 +73,24 @@ def test_prompt_longer_than_the_sampler_is_a_clear_error(tiny_llama):
         sampler.generate(params, np.ones(5, np.int32))
     with pytest.raises(base.InputError, match="outside the vocabulary"):
         sampler.generate(params, np.array([config.vocab_size]))
+
+
+def test_main_job_says_which_nets_are_untrained_and_what_that_means():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    ckpt = {"source": "checkpoint", "path": "runs/gist", "step": 320}
+    lines = cli._network_lines({"gist": ckpt, "lens": {"source": "untrained"}}, ("lens",))
+    assert lines[0] == "[GistNet: checkpoint runs/gist step 320]"
+    assert "LensNet is UNTRAINED" in lines[1] and "focus decisions are arbitrary" in lines[1]
+    assert "gists are not summaries" not in lines[1]  # GistNet is trained here
+    both = cli._network_lines({}, ("gist", "lens"))
+    assert "GistNet and LensNet are UNTRAINED" in both[0]
+    assert "gists are not summaries and focus decisions are arbitrary" in both[0]
+    assert cli._network_lines({"gist": ckpt, "lens": ckpt}, ()) == [
+        "[GistNet: checkpoint runs/gist step 320]", "[LensNet: checkpoint runs/gist step 320]"]
