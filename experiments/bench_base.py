@@ -27,10 +27,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="transformers attention implementation for the reference")
 
 
-def _median(xs):
-    return float(np.median(np.asarray(xs)))
-
-
 def run(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -40,7 +36,7 @@ def run(args) -> dict:
     from mcjax.base import model as base
     from mcjax.base.generate import GreedySampler
     from mcjax.base.loading import load_base_model
-    from mcjax.benchmarking import block, time_compile
+    from mcjax.benchmarking import block, median, time_compile
 
     torch.set_num_threads(os.cpu_count() or 1)
     ours = load_base_model(args.model, with_tokenizer=False)
@@ -74,11 +70,11 @@ def run(args) -> dict:
         for _ in range(args.iters):
             t0 = time.perf_counter(); block(ours_fn()); t_ours.append(time.perf_counter() - t0)  # noqa: E702
             t0 = time.perf_counter(); theirs_fn(); t_theirs.append(time.perf_counter() - t0)  # noqa: E702
-        ours_tps, theirs_tps = T / _median(t_ours), T / _median(t_theirs)
+        ours_tps, theirs_tps = T / median(t_ours), T / median(t_theirs)
         result["prefill"][str(T)] = {
             "ours_tokens_per_s": ours_tps, "reference_tokens_per_s": theirs_tps,
             "ratio_ours_over_reference": ours_tps / theirs_tps,
-            "ours_s": _median(t_ours), "reference_s": _median(t_theirs)}
+            "ours_s": median(t_ours), "reference_s": median(t_theirs)}
 
     # ---- KV-cache decode
     P, N = args.decode_prompt, args.decode_tokens
@@ -113,7 +109,7 @@ def run(args) -> dict:
     for _ in range(args.iters):
         d_ours.append(ours_decode())
         d_theirs.append(theirs_decode())
-    ours_tps, theirs_tps = N / _median(d_ours), N / _median(d_theirs)
+    ours_tps, theirs_tps = N / median(d_ours), N / median(d_theirs)
     result["decode"] = {
         "prompt_tokens": P, "new_tokens": N,
         "ours_tokens_per_s": ours_tps, "reference_tokens_per_s": theirs_tps,

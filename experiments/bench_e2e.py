@@ -50,16 +50,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-SMOLLM2_DIMS = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                    num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, max_position_embeddings=8192,
-                    tie_word_embeddings=True)
-
-
-def _median(xs) -> float:
-    import numpy as np
-
-    return float(np.median(np.asarray(xs, float)))
 
 
 def run(args) -> dict:
@@ -69,8 +59,8 @@ def run(args) -> dict:
 
     from mcjax.base import model as base
     from mcjax.base.generate import GreedySampler
-    from mcjax.benchmarking import block
-    from mcjax.config import (ExperimentConfig, GistConfig, LensConfig, LlamaConfig, MCConfig,
+    from mcjax.benchmarking import block, median, smollm2_135m_config
+    from mcjax.config import (ExperimentConfig, GistConfig, LensConfig, MCConfig,
                               override)
     from mcjax.runtime import CompileCounter, Session, untrained_params
 
@@ -85,7 +75,7 @@ def run(args) -> dict:
     if N % K:
         raise SystemExit(f"--decode-tokens ({N}) must be a multiple of --block-size ({K})")
     if args.model == "random":
-        llama = LlamaConfig(**SMOLLM2_DIMS, dtype=args.dtype)
+        llama = smollm2_135m_config(args.dtype)
         params = block(jax.jit(base.init_params, static_argnums=0)(llama,
                                                                    jax.random.key(args.seed)))
     else:
@@ -152,8 +142,8 @@ def run(args) -> dict:
         result["collapse_headroom"] = session._plan.headroom
         result["prefill_chunk"] = session._plan.prefill_chunk
         last = timed[-1]
-        session_tps, base_tps = N / _median(t_session), N / _median(t_base)
-        decode_s = _median([e.timings["decode_s"] for e in timed])
+        session_tps, base_tps = N / median(t_session), N / median(t_base)
+        decode_s = median([e.timings["decode_s"] for e in timed])
 
         def mean(key: str) -> float:
             return float(np.mean([e.timings[key] for e in timed]))
@@ -173,7 +163,7 @@ def run(args) -> dict:
                 "decode_only_tokens_per_s": K / decode_s,
                 "ingest_s": mean("ingest_s"),
                 "refocus_s": mean("refocus_s"),
-                "refocus_s_median": _median([e.timings["refocus_s"] for e in timed]),
+                "refocus_s_median": median([e.timings["refocus_s"] for e in timed]),
                 "reprefill_slots": float(np.mean([e.reprefill_slots for e in timed])),
                 "kv_reused_share": float(np.mean([e.kv_reused[0] for e in timed])),
                 "focus_actions": float(np.mean([e.num_expand[0] + e.num_collapse[0]

@@ -30,10 +30,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-SMOLLM2_DIMS = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                    num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, max_position_embeddings=8192,
-                    tie_word_embeddings=True)
 
 
 def run(args) -> dict:
@@ -44,11 +40,11 @@ def run(args) -> dict:
     from mcjax import focus, lens
     from mcjax import working_context as wcm
     from mcjax.base import model as base
-    from mcjax.benchmarking import block, time_call, time_compile
-    from mcjax.config import LensConfig, LlamaConfig, MCConfig, override
+    from mcjax.benchmarking import block, smollm2_135m_config, time_call, time_compile
+    from mcjax.config import LensConfig, MCConfig, override
     from mcjax.tree import TreeView
 
-    llama = LlamaConfig(**SMOLLM2_DIMS, dtype=args.dtype)
+    llama = smollm2_135m_config(args.dtype)
     mc = MCConfig(block_size=args.block_size, num_levels=args.num_levels, w_max=args.w_max,
                   recent_protect=2 * args.block_size, gist_dtype=args.dtype)
     lens_cfg = override(LensConfig(dtype=args.dtype), args.lens) if args.lens else \

@@ -46,15 +46,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "temporary directory, removed afterwards)")
 
 
-def smollm2_135m_config():
-    from mcjax.config import LlamaConfig
-
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                       num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                       rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-                       tie_word_embeddings=True)
-
-
 def _alternate(fns: dict, iters: int) -> dict:
     """Median seconds per fn, timed alternately so background load hits all alike."""
     from mcjax.benchmarking import block
@@ -82,7 +73,7 @@ def run(args) -> dict:
     import jax.numpy as jnp
 
     from mcjax.base import model as base
-    from mcjax.benchmarking import time_call, time_compile
+    from mcjax.benchmarking import smollm2_135m_config, time_call, time_compile
     from mcjax.config import GistConfig, MCConfig
     from mcjax.gist import _gist_blocks, init_gist_params, num_params
     from mcjax.tree import BlockGister, MegaContextTree, bytes_per_million_tokens

@@ -33,3 +33,17 @@ def time_compile(jitted: Callable, *args, **kwargs) -> float:
     t0 = time.perf_counter()
     jitted.lower(*args, **kwargs).compile()
     return time.perf_counter() - t0
+
+
+def median(xs) -> float:
+    return float(np.median(np.asarray(xs, float)))
+
+
+def smollm2_135m_config(dtype: str = "float32"):
+    """SmolLM2-135M's architecture, for benchmarks with random weights (no model load)."""
+    from mcjax.config import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                       rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+                       tie_word_embeddings=True, dtype=dtype)

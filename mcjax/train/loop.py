@@ -66,13 +66,18 @@ def load_frozen(cfg: ExperimentConfig) -> Frozen:
     return Frozen(cfg, model.params, model.encode, cfg.base, model.config.eos_token_id or 0)
 
 
-def gist_layout(cfg: ExperimentConfig, use_lod2: bool = True) -> losses.GistLayout:
+def window_prefix_len(cfg: ExperimentConfig) -> int:
+    """Tokens of a training window before its H continuation tokens (a multiple of K)."""
     H = cfg.mc.horizon
     prefix = cfg.train.seq_len - H
     if prefix <= 0 or prefix % cfg.mc.block_size:
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) minus mc.horizon ({H}) must be "
                          f"a positive multiple of block_size ({cfg.mc.block_size})")
-    return losses.GistLayout.build(cfg.mc, prefix, use_lod2=use_lod2)
+    return prefix
+
+
+def gist_layout(cfg: ExperimentConfig, use_lod2: bool = True) -> losses.GistLayout:
+    return losses.GistLayout.build(cfg.mc, window_prefix_len(cfg), use_lod2=use_lod2)
 
 
 def held_out_batches(frozen: Frozen, num: int, batch_size: int, seq_len: int,
@@ -356,12 +361,7 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
 def lens_task(cfg: ExperimentConfig, candidates: int = 4) -> losses.LensTask:
     """The counterfactual task of a config: the WC covers the window's prefix
     (seq_len − H tokens), scored on the H continuation tokens."""
-    H = cfg.mc.horizon
-    prefix = cfg.train.seq_len - H
-    if prefix <= 0 or prefix % cfg.mc.block_size:
-        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) minus mc.horizon ({H}) must be "
-                         f"a positive multiple of block_size ({cfg.mc.block_size})")
-    return losses.LensTask.build(cfg.mc, prefix, candidates=candidates,
+    return losses.LensTask.build(cfg.mc, window_prefix_len(cfg), candidates=candidates,
                                  layout_seed=cfg.train.seed)
 
 
