@@ -29,8 +29,9 @@ def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
                             help="counterfactual candidate actions per window (half expansions)")
     if layouts:
         parser.add_argument("--single-layout", action="store_true",
-                            help="train on the LOD1+LOD2 layout only (default: alternate it "
-                                 "with the LOD1-only layout step by step)")
+                            help="train on one layout only: LOD1 gists with "
+                                 "train.gist_keep_raw[0] raw blocks (same as --set "
+                                 "train.gist_lod2=false with a single keep-raw count)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start from scratch even if --workdir has checkpoints")
     parser.add_argument("--eval-batches", type=int, default=4,
@@ -46,7 +47,7 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
     """Parse, build the config, call `mcjax.train.loop.<train_fn_name>`, write summary.json."""
     args = parser.parse_args(argv)
 
-    from mcjax.config import ConfigError, get_config, list_configs
+    from mcjax.config import ConfigError, get_config, list_configs, override
     from mcjax.train import loop
 
     if args.list:
@@ -58,6 +59,9 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
         parser.error("--candidates must be >= 1")
     try:
         cfg = get_config(args.config, args.overrides)
+        if getattr(args, "single_layout", False):
+            cfg = override(cfg, {"train.gist_lod2": False,
+                                 "train.gist_keep_raw": (cfg.train.gist_keep_raw[0],)})
     except ConfigError as e:
         parser.error(str(e))
     loop.maybe_initialize_distributed()
@@ -67,8 +71,6 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
         kwargs["candidates"] = args.candidates
     if getattr(args, "gist_workdir", None) is not None:
         kwargs["gist_workdir"] = args.gist_workdir
-    if hasattr(args, "single_layout"):
-        kwargs["alternate"] = not args.single_layout
     try:
         result = getattr(loop, train_fn_name)(cfg, args.workdir, **kwargs)
     except (ValueError, loop.CheckpointError) as e:

@@ -9,17 +9,28 @@ All in one run, into --out:
      it fits (otherwise reported as "skipped: does not fit ...");
   3. focus quality: LensNet (and recency / random) scores vs measured counterfactual
      utility (Pearson, Spearman, sign agreement, counts);
+  4. only when asked (--only ceiling): the embedding-space ceiling, free vectors optimised
+     per window in the gist slots;
 writing results.json, report.md and accuracy_vs_length.png, dnll_vs_ratio.png,
-focus_map.png.
+focus_map.png, plus per_window_nll.npz / ceiling_per_window.npz.
+
+Section 1 ("nll", alias "dnll") also writes results.json "dnll_paired": for every layout
+and variant the paired difference to truncation on the same windows (± SE), ΔNLL ± SE,
+`significant` (mean + 2·se < 0) and gap_recovered = 1 − ΔNLL_variant / ΔNLL_truncation.
 
 --checkpoint is a train_gist / train_lens / train_joint workdir; what it holds decides
 which nets are trained (a train_gist workdir leaves LensNet untrained, and the report says
-so). --gist-checkpoint / --lens-checkpoint combine workdirs; --untrained evaluates the
-untrained nets on purpose.
+so). --gist-checkpoint / --lens-checkpoint combine workdirs; --gist-params FILE.safetensors
+takes a params-only GistNet (its FILE.json card gives the GistNet config, mcjax.assets);
+--untrained evaluates the untrained nets on purpose.
 
-Example (SmolLM2 on a CPU; see --help for the sizes):
+Examples (SmolLM2 on a CPU; see --help for the sizes):
   python experiments/evaluate.py --checkpoint runs/gist --out runs/eval \\
       --lengths 1024,2048,4096 --cases 4 --nll-batches 2
+  python experiments/evaluate.py --checkpoint runs/gist --out runs/eval_dnll \\
+      --only dnll --windows 64 --keep-raw 1,4,17
+  python experiments/evaluate.py --gist-params gist.safetensors --out runs/eval_ceiling \\
+      --only ceiling --ceiling-windows 16 --ceiling-steps 300
 """
 
 from __future__ import annotations
@@ -38,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "--checkpoint's)")
     p.add_argument("--lens-checkpoint", help="workdir whose LensNet to use (overrides "
                                              "--checkpoint's)")
+    p.add_argument("--gist-params", metavar="FILE.safetensors",
+                   help="params-only GistNet file with its FILE.json card (config: gist, mc); "
+                        "overrides --checkpoint's GistNet")
     p.add_argument("--untrained", action="store_true",
                    help="evaluate the untrained GistNet and LensNet (no checkpoint)")
     p.add_argument("--out", required=True, help="output directory (created)")
@@ -46,10 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="override a config field; repeatable")
     p.add_argument("--only", default=",".join(("nll", "passkey", "focus")),
-                   help="comma-separated sections to run: nll,passkey,focus (default: all)")
+                   help="comma-separated sections to run: nll (alias dnll), passkey, focus, "
+                        "ceiling (default: %(default)s; the ceiling only when named)")
     g = p.add_argument_group("ΔNLL@H and focus quality")
     g.add_argument("--nll-batches", type=int, default=2,
-                   help="held-out batches of train.batch_size windows (default: %(default)s)")
+                   help="held-out batches of train.batch_size windows (default: %(default)s; "
+                        "--windows overrides)")
+    g.add_argument("--windows", type=int, default=None,
+                   help="held-out windows of the ΔNLL section, each inside one document (SPEC: "
+                        ">= 64); any count, batched internally")
+    g.add_argument("--nll-batch-size", type=int, default=None,
+                   help="windows per ΔNLL forward (default: train.batch_size); the last batch "
+                        "is padded")
     g.add_argument("--focus-batches", type=int, default=4,
                    help="held-out batches of train.batch_size windows for focus quality "
                         "(default: %(default)s)")
@@ -81,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full-memory-gb", type=float, default=6.0,
                    help="memory limit of the full-context baseline's prefill; longer histories "
                         "are reported as skipped (default: %(default)s)")
+    g = p.add_argument_group("ceiling (free vectors in the gist slots)")
+    g.add_argument("--ceiling-windows", type=int, default=16,
+                   help="held-out windows, the first of the ΔNLL sample (default: %(default)s)")
+    g.add_argument("--ceiling-steps", type=int, default=300,
+                   help="Adam steps per window (default: %(default)s)")
+    g.add_argument("--ceiling-lr", type=float, default=0.1,
+                   help="Adam step size in units of the token-embedding RMS, cosine-decayed to "
+                        "a tenth (default: %(default)s)")
+    g.add_argument("--ceiling-layouts", default="lod1_keep1",
+                   help="comma-separated layout names, e.g. lod1_keep1,lod1_keep4,"
+                        "lod1+lod2_keep1 (default: %(default)s)")
+    g.add_argument("--ceiling-batch-size", type=int, default=None,
+                   help="windows optimised per jitted step (default: min(windows, 8))")
     p.add_argument("--seed", type=int, default=0,
                    help="passkey keys / random focus / candidate draws (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -116,10 +151,12 @@ def main(argv=None) -> int:
     try:
         opts = pipeline.EvalOptions(
             checkpoint=args.checkpoint, gist_checkpoint=args.gist_checkpoint,
-            lens_checkpoint=args.lens_checkpoint, untrained=args.untrained, config=args.config,
+            lens_checkpoint=args.lens_checkpoint, gist_params=args.gist_params,
+            untrained=args.untrained, config=args.config,
             overrides=tuple(args.overrides),
             sections=tuple(s.strip() for s in args.only.split(",") if s.strip()),
-            nll_batches=args.nll_batches, focus_batches=args.focus_batches,
+            nll_batches=args.nll_batches, windows=args.windows,
+            nll_batch_size=args.nll_batch_size, focus_batches=args.focus_batches,
             focus_candidates=args.focus_candidates,
             keep_raw=(None if args.keep_raw is None
                       else parse_int_list(args.keep_raw, "--keep-raw")),
@@ -127,7 +164,11 @@ def main(argv=None) -> int:
                      else parse_int_list(args.lengths, "--lengths")), w_max=args.w_max,
             cases=args.cases, refocus_steps=args.refocus_steps,
             max_new_tokens=args.max_new_tokens, haystack=args.haystack,
-            full_memory_gb=args.full_memory_gb, seed=args.seed,
+            full_memory_gb=args.full_memory_gb, ceiling_windows=args.ceiling_windows,
+            ceiling_steps=args.ceiling_steps, ceiling_lr=args.ceiling_lr,
+            ceiling_layouts=tuple(n.strip() for n in args.ceiling_layouts.split(",")
+                                  if n.strip()),
+            ceiling_batch_size=args.ceiling_batch_size, seed=args.seed,
             progress=not args.no_progress, command=command)
         results = pipeline.run_evaluation(opts)
     except (EvalInputError, CheckpointError) as e:

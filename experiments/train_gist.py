@@ -3,7 +3,7 @@
 Resumes from the latest checkpoint in --workdir by default. Writes metrics.jsonl (train
 and held-out eval rows: ΔNLL@H of GistNet vs truncation and mean-pooled gists at LOD1 and
 LOD1+LOD2), TensorBoard event files (tensorboard/) and summary.json into --workdir.
-Steps alternate between the LOD1+LOD2 and the LOD1-only layout (--single-layout: no).
+Steps cycle over the layouts of train.gist_keep_raw (+ LOD1+LOD2 when train.gist_lod2); train.gist_dense scores every raw-tail position.
 
 Example:
   python experiments/train_gist.py --config smollm2_135m_cpu --workdir runs/gist \\

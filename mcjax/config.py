@@ -187,8 +187,24 @@ class GistConfig:
     rope_theta: float = 10000.0
     dtype: str = "float32"
     max_level: int = 4  # rows of the learned level embedding: levels 1..max_level
+    # LOD1 children: the block's token embeddings (v1) or the frozen base model's hidden
+    # states after `input_layer` decoder layers, from the read pass (v2, SPEC §2.3a).
+    input: str = "embeddings"  # embeddings | hidden
+    input_layer: int = 12
+    # Read pass: history is read in independent, aligned chunks of `read_chunk` tokens
+    # (causal inside a chunk, positions 0..read_chunk-1), so a block's features depend only
+    # on its chunk; training windows start chunk-aligned and are no longer than a chunk.
+    read_chunk: int = 1024
+    head: str = "transformer"  # transformer | mlp (mean of children -> MLP)
 
     def __post_init__(self):
+        _require(self.input in ("embeddings", "hidden"),
+                 f"GistConfig.input must be embeddings|hidden, got {self.input!r}")
+        _require(self.input_layer >= 1, f"GistConfig.input_layer must be >= 1, got "
+                 f"{self.input_layer}")
+        _require(self.read_chunk >= 1, f"GistConfig.read_chunk must be >= 1, got {self.read_chunk}")
+        _require(self.head in ("transformer", "mlp"),
+                 f"GistConfig.head must be transformer|mlp, got {self.head!r}")
         _require(self.max_level >= 1, f"GistConfig.max_level must be >= 1, got {self.max_level}")
         _require(self.pooling in ("mean", "query", "cls"),
                  f"GistConfig.pooling must be mean|query|cls, got {self.pooling!r}")
@@ -235,8 +251,13 @@ class MCConfig:
     recent_protect: int = 64  # newest tokens always LOD0 (2·K)
     position_scheme: str = "absolute"  # absolute | compact
     gist_dtype: str = "float32"  # storage dtype of gists in the tree
+    # Sink (SPEC §1, §2.4 inv. 7): the history's first `sink_blocks` blocks stay LOD0 and are
+    # never collapsed, so slot 0 always holds a real token (the frozen model's attention
+    # sink forms at the physically first slot).
+    sink_blocks: int = 1
 
     def __post_init__(self):
+        _require(self.sink_blocks >= 0, f"sink_blocks must be >= 0, got {self.sink_blocks}")
         _require(self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}")
         _require(self.num_levels >= 1, f"num_levels must be >= 1, got {self.num_levels}")
         _require(self.w_max > 0, f"w_max must be > 0, got {self.w_max}")
@@ -282,6 +303,15 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    # GistNet objective (SPEC §2.8 items 1, 4): steps cycle over LOD1 layouts keeping each
+    # of `gist_keep_raw` newest prefix blocks raw (plus LOD1+LOD2 at the first of them when
+    # `gist_lod2`); `gist_dense` puts the KL on every raw-tail position, not only the H
+    # continuation targets.
+    gist_keep_raw: tuple[int, ...] = (1,)
+    gist_lod2: bool = True
+    gist_dense: bool = False
+    gist_nll_weight: float = 1.0
+    gist_kl_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,9 +466,16 @@ def _smollm2_135m_cpu() -> ExperimentConfig:
     return ExperimentConfig(
         name="smollm2_135m_cpu",
         base="smollm2-135m",
-        mc=MCConfig(w_max=512),
-        # window = 1,088-token prefix (one LOD2 group + LOD1 + a raw block) + H=64
+        # compact positions: relative distances stay inside SmolLM2's 8,192 trained
+        # positions however long the history (absolute ones do not past 8k tokens)
+        mc=MCConfig(w_max=512, position_scheme="compact"),
+        # v2 GistNet: children are read-pass hidden states after 10 of 30 layers
+        gist=GistConfig(input="hidden", input_layer=10, read_chunk=1024),
+        # window = 1,088-token prefix (a sink block + 32 blocks + a raw block) + H=64; dense
+        # KL over the raw tail at 1, 4 and 17 raw blocks and LOD1+LOD2, NLL weight 0.1
         train=TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,
-                          log_every=5, eval_every=50, checkpoint_every=25),
+                          log_every=4, eval_every=50, checkpoint_every=25,
+                          learning_rate=1e-3, gist_keep_raw=(1, 4, 17), gist_lod2=True,
+                          gist_dense=True, gist_nll_weight=0.1),
         eval=EvalConfig(num_examples=16, history_lengths=(1024, 2048, 4096)),
     )

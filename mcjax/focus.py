@@ -6,7 +6,8 @@ this, and tests hold them equal):
 * Expansion candidates: valid gists (level ≥ 1) with score > τ_expand that were not created
   by a collapse within the last `cooldown` refocus steps. Strength = score.
 * Collapse candidates: legal aligned sibling groups (K siblings in the WC, below the top
-  level, outside the protected tail, no member created by an expand within the cooldown)
+  level, outside the protected tail, parent span clear of the sink — `legal_collapse_heads`
+  — and no member created by an expand within the cooldown)
   whose mean member score < −τ_collapse. Strength = −mean.
 * `n_diff` rounds (fixed trip count). Each round takes the best remaining expansion
   (highest score, lowest slot on ties) and the best remaining collapse (lowest mean, lowest
@@ -156,6 +157,7 @@ def reference_allocate(wc: WorkingContext, scores, cfg: MCConfig):
     the edits, actions a list of ("expand"|"collapse", slot) in the order chosen.
     """
     K, L, W = cfg.block_size, cfg.num_levels, cfg.w_max
+    S = cfg.sink_blocks * K
     f32 = np.float32
     tau_e, tau_c = f32(cfg.tau_expand), f32(cfg.tau_collapse)
     entries = to_entries(wc)
@@ -178,6 +180,8 @@ def reference_allocate(wc: WorkingContext, scores, cfg: MCConfig):
         if not all(entries[h + j][0] == lvl and entries[h + j][1] == nd + j for j in range(K)):
             continue
         if (nd // K + 1) * K ** (lvl + 1) > T - cfg.recent_protect:
+            continue
+        if nd * K**lvl < S:  # the parent span would hold the sink
             continue
         if any(entries[h + j][3] == 1 and fresh(h + j) for j in range(K)):
             continue

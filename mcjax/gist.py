@@ -20,6 +20,11 @@ Pooling heads, each of which depends on every child:
            block in every layer (no causal mask anywhere: a CLS slot that can only see itself
            or a prefix would ignore children — the earlier PyTorch attempt's bug).
 
+With `head="mlp"` the block is mean-pooled right after the input norm and a stack of
+residual SwiGLU MLPs maps the mean to the gist (no attention: smaller and faster; the
+mean depends on every child). It suits contextual children (`GistConfig.input="hidden"`:
+the frozen base model's read-pass hidden states already mix the block's tokens).
+
 Because the children carry RoPE positions, a gist also changes when two children swap.
 One set of weights serves every level; the level enters through the level embedding, and
 `level` is a traced argument, so one compilation serves all levels of one shape.
@@ -142,6 +147,17 @@ class GistNet(nn.Module):
         level_emb = nn.Embed(c.max_level, W, embedding_init=nn.initializers.normal(0.02),
                              name="level_embed")(jnp.clip(level - 1, 0, c.max_level - 1))
         x = _RMSNorm(name="in_norm")(children.astype(dt))
+        if c.head == "mlp":  # mean of the children -> residual SwiGLU MLPs
+            x = jnp.mean(x.astype(jnp.float32), axis=1).astype(dt)
+            x = _dense(W, "in_proj", dt, 1.0 / np.sqrt(D))(x) + level_emb.astype(dt)
+            out_std = 0.02 / np.sqrt(2 * c.num_layers)
+            for i in range(c.num_layers):
+                h = _RMSNorm(name=f"mlp_{i}_norm")(x)
+                gate = _dense(c.mlp_ratio * W, f"mlp_{i}_gate", dt)(h)
+                up = _dense(c.mlp_ratio * W, f"mlp_{i}_up", dt)(h)
+                x = x + _dense(W, f"mlp_{i}_down", dt, out_std)(nn.silu(gate) * up)
+            pooled = _RMSNorm(name="out_norm")(x)
+            return _dense(D, "out_proj", dt, 1.0 / np.sqrt(W))(pooled).astype(jnp.float32)
         x = _dense(W, "in_proj", dt, 1.0 / np.sqrt(D))(x)
         x = x + level_emb[:, None, :].astype(dt)
         positions = np.arange(K)

@@ -43,7 +43,13 @@ pending. Generating n tokens in pieces equals generating them at once.
 Input (`feed`) is ingested into the trees at once (gisting happens as text arrives) and the
 WC is brought up to date lazily, by one refocus before the next generation (or `sync()`):
 a fresh stream starts from `initial_layout` (recent tokens LOD0, older LOD1, oldest LOD2 —
-any length, even ≫ w_max) followed by a refocus; a running stream appends. Feeding a text
+any length, even ≫ w_max — and the sink, the history's first `sink_blocks` blocks, LOD0 in
+slot 0 onward, never collapsed) followed by a refocus; a running stream appends.
+
+GistNet's LOD1 children are the blocks' token embeddings or, with `GistConfig.input =
+"hidden"`, the frozen base model's read-pass hidden states after `input_layer` layers
+(chunks of `read_chunk` tokens aligned to each stream's history start; `BlockGister.
+from_base` builds either, and the trees compute them as blocks complete). Feeding a text
 in pieces therefore equals feeding it at once, bit for bit.
 
 Programs are compiled once per plan (configs, batch size, capacity, headroom, chunk size,
@@ -221,8 +227,9 @@ def _collapse_ahead(plan: _Plan, wc, scores, trigger):
 
     Without it a full WC collapses one group per refocus — the oldest LOD0 group, right
     after the gists — so nearly the whole cache is re-prefilled every K tokens. Collapsing
-    ahead (same choice as `append`: lowest mean score, else oldest; never the protected tail
-    nor a group an expansion created within the cooldown) lets the next headroom/K refocuses
+    ahead (same choice as `append`: lowest mean score, else oldest; never the protected tail,
+    the sink, nor a group an expansion created within the cooldown — legality is
+    `legal_collapse_heads`) lets the next headroom/K refocuses
     only append, re-prefilling just the new tokens. Returns (wc, scores realigned, count).
     """
     mc = plan.mc
@@ -788,12 +795,13 @@ class Session:
             raise ConfigError(f"max_tokens ({max_tokens}) must be >= w_max ({mc.w_max})")
         if not 0 <= pad_id < llama.vocab_size:
             raise ConfigError(f"pad_id {pad_id} is outside the vocabulary")
+        wcm.check_config(mc)  # w_max holds the sink, the protected tail and a gist
         if collapse_headroom is None:  # default: an eighth of the budget, whole blocks
             collapse_headroom = (mc.w_max // 8) // K * K
-        if not 0 <= collapse_headroom <= mc.w_max - mc.recent_protect - K:
-            raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K]"
-                              f" = [0, {mc.w_max - mc.recent_protect - K}], got "
-                              f"{collapse_headroom}")
+        most = mc.w_max - mc.recent_protect - K - wcm.sink_tokens(mc)
+        if not 0 <= collapse_headroom <= most:
+            raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K - "
+                              f"sink_blocks*K] = [0, {most}], got {collapse_headroom}")
         if prefill_chunk is None:  # default: the largest K·2^i <= 256 that divides w_max
             prefill_chunk = K
             while prefill_chunk * 2 <= max(256, K) and mc.w_max % (prefill_chunk * 2) == 0:

@@ -11,6 +11,10 @@ level l gists exactly the blocks that just became complete: the children are row
 skipped. Tokens of the incomplete newest block wait in the *ingest buffer* (they are
 represented at LOD0 only); LOD2 nodes appear once their K LOD1 children exist.
 
+LOD1 children are the blocks' token embeddings or, with `GistConfig.input="hidden"`, the
+frozen base model's read-pass hidden states (SPEC §2.3a; chunks of `read_chunk` tokens
+aligned to the history start, see `BlockGister`); only the gists are stored.
+
 Batching and compilation. `BlockGister` gists the new blocks of one level in calls of a
 *fixed* number of blocks (`gist_batch`, zero-padded; default `default_gist_batch()`), so
 `gist_blocks` compiles exactly once per tree (the level is a traced argument). A fixed batch is also what makes a tree
@@ -38,8 +42,11 @@ On-disk format (little-endian), per level a file `LOD{l}.ctx`:
         54   10 reserved, zero
         64      rows, packed, num_entries * embedding_dim * itemsize bytes
 
-plus `metadata.json` (configs, GistNet checkpoint id, gist batch, per-level counts; written
-atomically; the headers, not metadata.json, are authoritative for counts).
+plus `metadata.json` (configs, GistNet checkpoint id, gist batch, what LOD1 gists are made
+from — `gist_input` embeddings|hidden, `input_layer`, `read_chunk` — per-level counts;
+written atomically; the headers, not metadata.json, are authoritative for counts). Opening
+a store with a GistNet of another input (or layer / read chunk when hidden) is a
+`MetadataError`, like a mismatched GistNet checkpoint id.
 
 Durability: an append writes the rows after the last counted entry, fsyncs, then rewrites
 the header's num_entries and fsyncs again, level by level from LOD0 up. A crash can thus
@@ -490,15 +497,34 @@ def default_gist_batch() -> int:
 class BlockGister:
     """Gists complete blocks for a tree in fixed-size batches (see the module docstring).
 
-    `embed_fn(ids[G, K] int32) -> [G, K, D]` maps LOD0 ids to the base model's token
-    embeddings (the LOD1 children). Use `BlockGister.from_base` to embed with the frozen base
-    model's table.
+    LOD1 children (`GistConfig.input`):
+    * "embeddings": `embed_fn(ids[G, K] int32) -> [G, K, D]` maps LOD0 ids to the base
+      model's token embeddings.
+    * "hidden": the read pass (SPEC §2.3a). `read_fn(windows[Gr, R] int32) -> [Gr, R, D]`
+      reads each row as one independent chunk of R = `read_chunk` tokens (causal, positions
+      0..R-1) and returns the frozen base model's hidden states after `input_layer` layers
+      (`mcjax.base.model.layer_hidden_core`). Chunks are aligned to the history start, so
+      token t's features are row t // R, position t % R of its chunk — exactly what
+      `layer_hidden(..., chunk=R)` of the whole history gives. To gist new blocks the tree
+      passes the tokens from the start of the first new block's chunk as `context`; every
+      chunk the new blocks touch is re-read whole, zero-padded after its last known token
+      (causal: padding never reaches earlier positions, and masked keys contribute exact
+      zeros), in calls of a fixed `read_batch` windows (`Gr`). Features are therefore
+      bit-identical however the stream was chunked. Cost: one R-token forward through
+      `input_layer` layers per chunk touched by an append, i.e. 1x the read pass for bulk
+      ingestion and up to R/K x when blocks arrive one by one (each completed block
+      re-reads its chunk prefix, padded to R). Hidden states are transient: only gists are
+      stored.
+
+    Use `BlockGister.from_base` to build both from the frozen base model.
     """
 
     def __init__(self, gist_cfg: GistConfig, gist_params: Any,
-                 embed_fn: Callable[[jax.Array], jax.Array], *, embed_dim: int,
+                 embed_fn: Callable[[jax.Array], jax.Array] | None, *, embed_dim: int,
                  block_size: int, vocab_size: int | None = None,
-                 gist_batch: int | None = None):
+                 gist_batch: int | None = None,
+                 read_fn: Callable[[jax.Array], jax.Array] | None = None,
+                 read_batch: int | None = None):
         gist_batch = default_gist_batch() if gist_batch is None else gist_batch
         if gist_batch < 1:
             raise ValueError(f"gist_batch must be >= 1, got {gist_batch}")
@@ -506,29 +532,86 @@ class BlockGister:
         if d_params != embed_dim:
             raise ValueError(f"GistNet params output width {d_params}, but embed_dim is "
                              f"{embed_dim}")
+        if gist_cfg.input == "hidden":
+            if read_fn is None:
+                raise ValueError("GistConfig.input='hidden' gists the base model's read-pass "
+                                 "hidden states: pass read_fn (or use BlockGister.from_base)")
+            if read_batch is None:  # a read call covers about as many tokens as a gist call
+                read_batch = max(1, gist_batch * block_size // gist_cfg.read_chunk)
+            if read_batch < 1:
+                raise ValueError(f"read_batch must be >= 1, got {read_batch}")
+        elif embed_fn is None:
+            raise ValueError("GistConfig.input='embeddings' needs embed_fn")
+        else:
+            read_batch = None
         self.cfg, self.params, self.embed_fn = gist_cfg, gist_params, embed_fn
+        self.read_fn, self.read_batch = read_fn, read_batch
         self.embed_dim, self.block_size = embed_dim, block_size
         self.vocab_size, self.gist_batch = vocab_size, gist_batch
+        self.read_calls = 0  # read_fn calls so far (the read pass's cost in R-token windows)
         self._embed_checked = False
+        self._read_checked = False
 
     @classmethod
     def from_base(cls, gist_cfg: GistConfig, gist_params: Any, base_params: Any,
                   base_config: LlamaConfig, *, block_size: int,
-                  gist_batch: int | None = None) -> "BlockGister":
-        """Embed LOD0 ids with the frozen base model (`mcjax.base.model.embed_tokens`)."""
-        from mcjax.base.model import embed_tokens
+                  gist_batch: int | None = None, read_batch: int | None = None
+                  ) -> "BlockGister":
+        """LOD1 children from the frozen base model: its token embeddings
+        (`embed_tokens`) or, for `gist_cfg.input == "hidden"`, its read-pass hidden states
+        after `gist_cfg.input_layer` layers (`layer_hidden_core`, chunk `read_chunk`)."""
+        from mcjax.base.model import embed_tokens, layer_hidden_core
 
         embed = jax.jit(embed_tokens)  # params are an argument, not baked-in constants
+        read_fn = None
+        if gist_cfg.input == "hidden":
+            if gist_cfg.input_layer > base_config.num_layers:
+                raise ValueError(f"GistConfig.input_layer={gist_cfg.input_layer}, but the base "
+                                 f"model has only {base_config.num_layers} decoder layers")
+            read = jax.jit(layer_hidden_core, static_argnames=("config", "layer", "chunk"))
+            layer, chunk = gist_cfg.input_layer, gist_cfg.read_chunk
+            read_fn = lambda windows: read(base_params, base_config, windows,  # noqa: E731
+                                           layer=layer, chunk=chunk)
         return cls(gist_cfg, gist_params, lambda ids: embed(base_params, ids),
                    embed_dim=base_config.hidden_size, block_size=block_size,
-                   vocab_size=base_config.vocab_size, gist_batch=gist_batch)
+                   vocab_size=base_config.vocab_size, gist_batch=gist_batch,
+                   read_fn=read_fn, read_batch=read_batch)
 
-    def __call__(self, level: int, children: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
-        """children: [m*K] token ids (level 1) or [m*K, D] gists of level-1 -> [m, D]."""
+    @property
+    def input(self) -> str:
+        return self.cfg.input
+
+    def input_signature(self) -> dict:
+        """What LOD1 gists are made from (recorded in an on-disk store's metadata.json)."""
+        sig = {"gist_input": self.cfg.input}
+        if self.cfg.input == "hidden":
+            sig.update(input_layer=self.cfg.input_layer, read_chunk=self.cfg.read_chunk)
+        return sig
+
+    def context_start(self, offset: int) -> int:
+        """First token the features of a block starting at token `offset` depend on: the
+        block itself (embeddings) or the start of its read chunk (hidden)."""
+        if self.cfg.input == "hidden":
+            return (offset // self.cfg.read_chunk) * self.cfg.read_chunk
+        return offset
+
+    def __call__(self, level: int, children: np.ndarray, out_dtype: np.dtype, *,
+                 context: np.ndarray | None = None) -> np.ndarray:
+        """children: [m*K] token ids (level 1) or [m*K, D] gists of level-1 -> [m, D].
+
+        Level 1 with input "hidden": `context` holds the token ids from the start of the
+        first block's read chunk up to that block (`context_start`; fewer than read_chunk
+        ids); ignored for "embeddings"."""
         K, G = self.block_size, self.gist_batch
         m = len(children) // K
         if m == 0:
             return np.zeros((0, self.embed_dim), out_dtype)
+        jdtype = jnp.dtype(out_dtype)
+        if level == 1 and self.cfg.input == "hidden":
+            outs = [gist_blocks(self.params, self.cfg, jnp.asarray(b), 1).astype(jdtype)
+                    for b in self._read_blocks(np.asarray(children)[: m * K], context)]
+            return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype,
+                                                                            copy=False)
         if level == 1:
             blocks = children.reshape(m, K).astype(np.int32)
         else:
@@ -537,7 +620,6 @@ class BlockGister:
         if padded != m:  # zero-pad to whole batches; the padding's gists are dropped
             blocks = np.concatenate([blocks, np.zeros((padded - m,) + blocks.shape[1:],
                                                       blocks.dtype)])
-        jdtype = jnp.dtype(out_dtype)
         outs = []
         for i in range(0, padded, G):  # async dispatch: calls queue back to back
             chunk = blocks[i:i + G]
@@ -545,6 +627,47 @@ class BlockGister:
                 chunk = self._embed(chunk)
             outs.append(gist_blocks(self.params, self.cfg, chunk, level).astype(jdtype))
         return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype, copy=False)
+
+    def _read_blocks(self, ids: np.ndarray, context: np.ndarray | None):
+        """Yield the read-pass features of the new blocks in `ids` as whole gist batches
+        [G, K, D] float32 (the last one zero-padded), reading `read_batch` chunk windows per
+        call. Memory stays O((read_batch·R + G·K)·D) however long the append."""
+        K, G, R, Gr, D = (self.block_size, self.gist_batch, self.cfg.read_chunk,
+                          self.read_batch, self.embed_dim)
+        ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
+        if ctx.ndim != 1 or len(ctx) >= R:
+            raise ValueError(f"context must be the < read_chunk={R} token ids from the start "
+                             f"of the first block's read chunk, got shape {ctx.shape}")
+        full = np.concatenate([ctx, ids.astype(np.int32)])
+        n_win = -(-len(full) // R)
+        skip, pending, buffered = len(ctx), [], 0
+        for w in range(0, n_win, Gr):
+            windows = np.zeros((Gr * R,), np.int32)
+            part = full[w * R:(w + Gr) * R]
+            windows[:len(part)] = part
+            hidden = self._read(windows.reshape(Gr, R)).reshape(Gr * R, D)[:len(part)]
+            pending.append(hidden[skip:])
+            buffered += len(part) - skip
+            skip = 0
+            last = w + Gr >= n_win
+            while buffered >= G * K or (last and buffered > 0):
+                feats = np.concatenate(pending)
+                take = feats[:G * K]
+                pending, buffered = [feats[G * K:]], len(feats) - len(take)
+                if len(take) < G * K:
+                    take = np.concatenate([take, np.zeros((G * K - len(take), D), np.float32)])
+                yield take.reshape(G, K, D)
+
+    def _read(self, windows: np.ndarray) -> np.ndarray:
+        out = self.read_fn(jnp.asarray(windows))
+        self.read_calls += 1
+        if not self._read_checked:
+            want = windows.shape + (self.embed_dim,)
+            if tuple(out.shape) != want or not jnp.issubdtype(out.dtype, jnp.floating):
+                raise ValueError(f"read_fn returned {out.shape} {out.dtype} for windows "
+                                 f"{windows.shape}; expected floating {want}")
+            self._read_checked = True
+        return np.asarray(out, np.float32)
 
     def _embed(self, ids: np.ndarray) -> jax.Array:
         emb = self.embed_fn(jnp.asarray(ids))
@@ -661,7 +784,8 @@ class MegaContextTree:
             "model_name": model_name, "block_size": mc.block_size,
             "num_levels": mc.num_levels, "embedding_dim": gister.embed_dim,
             "gist_dtype": mc.gist_dtype, "gist_checkpoint_id": gist_checkpoint_id,
-            "gist_batch": gister.gist_batch,
+            "gist_batch": gister.gist_batch, "read_batch": gister.read_batch,
+            **_input_metadata(gister),
             "mc_config": dataclasses.asdict(mc), "gist_config": dataclasses.asdict(gister.cfg),
             "counts": [0] * (mc.num_levels + 1),
         }
@@ -703,6 +827,21 @@ class MegaContextTree:
             if metadata.get(key) != want:
                 raise MetadataError(f"{meta_path}: {key} is {metadata.get(key)!r}, the "
                                     f"configuration says {want!r}")
+        stored_input = {k: metadata.get(k) for k in _input_metadata(gister)}
+        if "gist_input" not in metadata:  # stores from before the read pass: embeddings
+            stored_input = dict(stored_input, gist_input="embeddings")
+        stored_input = {k: v for k, v in stored_input.items() if v is not None}
+        if _describe_input(stored_input) != _describe_input(gister.input_signature()):
+            raise MetadataError(
+                f"{meta_path}: LOD1 gists were made from GistNet input "
+                f"{_describe_input(stored_input)}, but this GistNet reads "
+                f"{_describe_input(gister.input_signature())}; the stored gists would not "
+                f"match new ones: open it with the GistNet config it was written with, or "
+                f"build a new store")
+        if metadata.get("read_batch", gister.read_batch) != gister.read_batch:
+            warnings.warn(f"{path} was written with read_batch={metadata.get('read_batch')}, "
+                          f"now {gister.read_batch}: new gists may differ from an "
+                          f"uninterrupted run in the last bits", stacklevel=2)
         if metadata.get("gist_batch") != gister.gist_batch:
             warnings.warn(f"{path} was written with gist_batch={metadata.get('gist_batch')}, "
                           f"now {gister.gist_batch}: new gists may differ from an "
@@ -754,10 +893,13 @@ class MegaContextTree:
             done, complete = len(parent), len(child) // K
             if complete <= done:
                 continue
-            children = child.read(done * K, complete * K)
-            if l == 1:
-                children = children[:, 0]
-            gists = self.gister(l, children, parent.dtype)
+            if l == 1:  # token ids, with the read chunk's earlier tokens as context
+                lo = self.gister.context_start(done * K)
+                ids = child.read(lo, complete * K)[:, 0]
+                gists = self.gister(1, ids[done * K - lo:], parent.dtype,
+                                    context=ids[:done * K - lo])
+            else:
+                gists = self.gister(l, child.read(done * K, complete * K), parent.dtype)
             parent.append(gists)
             self.stats.blocks_gisted[l] += complete - done
             self.stats.gist_calls += -(-(complete - done) // self.gister.gist_batch)
@@ -904,6 +1046,20 @@ class MegaContextTree:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _input_metadata(gister: BlockGister) -> dict:
+    """metadata.json fields naming what LOD1 gists are made from (all three always)."""
+    cfg = gister.cfg
+    return {"gist_input": cfg.input, "input_layer": cfg.input_layer,
+            "read_chunk": cfg.read_chunk}
+
+
+def _describe_input(sig: dict) -> str:
+    if sig.get("gist_input") == "hidden":
+        return (f"'hidden' (layer {sig.get('input_layer')}, read_chunk "
+                f"{sig.get('read_chunk')})")
+    return repr(sig.get("gist_input"))
 
 
 def bytes_per_million_tokens(mc: MCConfig, embed_dim: int) -> dict[str, float]:

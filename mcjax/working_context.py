@@ -11,7 +11,19 @@ Every operation is a masked, shape-preserving array program compiled once per co
 (`_relayout`: per-slot output counts → cumsum offsets → scatter + cummax maps every output
 slot to its source slot), so several non-overlapping edits cost one pass. `append` adds
 tokens at LOD0 and, when the budget would overflow, collapses aligned sibling groups
-(lowest score, else oldest; never the protected tail) instead of dropping history.
+(lowest score, else oldest; never the protected tail nor the sink) instead of dropping
+history.
+
+Sink (SPEC §2.4 invariant 7): the history's first `sink_blocks` blocks (S = sink_blocks·K
+tokens) stay LOD0 and are never collapsed, so slot 0 holds a real token once T > 0 (the
+frozen model's attention sink forms at the physically first slot). A group may collapse
+only if its parent span starts at or after S (`legal_collapse_heads`, the one rule that
+append, collapse-ahead, the allocator and training share), so the LOD(ℓ+1) group that
+contains the sink never forms: with S = K the LOD1 gists of blocks 1..K−1 stay LOD1.
+A token t's coarsest level is thus limited to the largest m with ⌊t/K^m⌋·K^m ≥ S (0 for
+t < S); `initial_layout` and `min_slots` use that limit (the "sink ramp": after the sink
+come LOD1 gists up to the first K²-aligned token, LOD2 gists up to the first K³-aligned
+one, ...). `sink_blocks=0` is the old behaviour.
 
 Content is by reference: a slot stores `(level, node)`; `materialize` gathers the token
 embedding or the gist row from the tree's device view. Host-side helpers (`initial_layout`,
@@ -35,6 +47,7 @@ __all__ = [
     "KEEP", "EXPAND", "COLLAPSE", "ABSORBED",
     "WorkingContext", "AppendInfo", "InvariantError", "CapacityError",
     "empty", "from_entries", "to_entries", "initial_layout", "min_slots", "check_capacity",
+    "check_config", "sink_tokens", "sink_mask",
     "capacity_message", "span_start", "span_size", "slot_positions", "protected_mask",
     "legal_expand_mask", "legal_collapse_heads", "group_windows",
     "apply_edits", "expand", "collapse", "append", "append_checked", "materialize",
@@ -93,6 +106,27 @@ def _check_cfg(cfg: MCConfig) -> None:
                           "overflows int32 token indices")
 
 
+def sink_tokens(cfg: MCConfig) -> int:
+    """S: tokens of the sink (the history's first `sink_blocks` blocks, always LOD0)."""
+    return cfg.sink_blocks * cfg.block_size
+
+
+def check_config(cfg: MCConfig) -> None:
+    """Raise ConfigError when `w_max` cannot hold the LOD0 parts every long history keeps:
+    the sink (sink_blocks·K tokens), the protected tail, a partial block of up to K−1 tokens
+    sharing a block with the tail, and one gist. (`MCConfig` checks the same without the
+    sink.) Called by `empty` and the runtime."""
+    _check_cfg(cfg)
+    K, S = cfg.block_size, sink_tokens(cfg)
+    need = S + cfg.recent_protect + K
+    if cfg.w_max < need:
+        raise ConfigError(
+            f"w_max ({cfg.w_max}) cannot hold the sink of sink_blocks={cfg.sink_blocks} "
+            f"block(s) ({S} tokens), the protected tail of recent_protect="
+            f"{cfg.recent_protect} tokens, a partial block of up to block_size-1={K - 1} "
+            f"tokens and a gist: need w_max >= {need} (or fewer sink_blocks)")
+
+
 def _pow_table(cfg: MCConfig) -> jax.Array:
     # K**l for l = 0..L+1 (L+1: span of a collapse's parent while checking legality)
     return jnp.asarray([cfg.block_size**l for l in range(cfg.num_levels + 2)], jnp.int32)
@@ -122,6 +156,16 @@ def slot_positions(wc: WorkingContext, cfg: MCConfig, scheme: str | None = None)
     return jnp.where(wc.valid, pos, 0).astype(jnp.int32)
 
 
+def sink_mask(level, node, valid, cfg: MCConfig) -> jax.Array:
+    """Slots that may never collapse because of the sink: their sibling group's parent span
+    starts before S = sink_blocks·K (the sink blocks themselves and, one level up, the
+    gists whose parent group holds the sink)."""
+    K = cfg.block_size
+    L = cfg.num_levels
+    parent_start = (node // K) * _pow_table(cfg)[jnp.minimum(level + 1, L + 1)]
+    return valid & (parent_start < sink_tokens(cfg))
+
+
 def protected_mask(level, node, valid, num_tokens, cfg: MCConfig) -> jax.Array:
     """Slots whose span reaches into the newest `recent_protect` tokens."""
     end = (node + 1) * span_size(level, cfg)
@@ -133,7 +177,7 @@ def protected_mask(level, node, valid, num_tokens, cfg: MCConfig) -> jax.Array:
 
 def empty(cfg: MCConfig) -> WorkingContext:
     """A WC holding no history (T = 0)."""
-    _check_cfg(cfg)
+    check_config(cfg)
     W = cfg.w_max
     z = jnp.zeros((W,), jnp.int32)
     return WorkingContext(level=z, node=z, valid=jnp.zeros((W,), bool), edit_step=z,
@@ -167,7 +211,8 @@ def to_entries(wc: WorkingContext) -> list[tuple[int, int, int, int]]:
 
 def _min_boundaries(num_tokens: int, cfg: MCConfig) -> list[int]:
     """Region boundaries b[0]=T >= b[1] >= ... >= b[L+1]=0 of the coarsest legal layout:
-    tokens [b[l+1], b[l]) sit at level l; b[l] is a multiple of K**l."""
+    tokens [b[l+1], b[l]) sit at level l (finer where the sink limits them, see
+    `_sink_steps`); b[l] is a multiple of K**l."""
     K, L, T = cfg.block_size, cfg.num_levels, num_tokens
     b = [T, (max(T - cfg.recent_protect, 0) // K) * K]
     for lvl in range(2, L + 1):
@@ -175,9 +220,32 @@ def _min_boundaries(num_tokens: int, cfg: MCConfig) -> list[int]:
     return b + [0]
 
 
+def _sink_steps(cfg: MCConfig) -> list[int]:
+    """c[m], m = 0..L: the first token an entry of level m may start at — the smallest
+    multiple of K**m that is >= S (c[0] = 0). Token t's level is capped at the largest m
+    with t >= c[m]: an entry of level m must not share its span with the sink."""
+    K, S = cfg.block_size, sink_tokens(cfg)
+    return [0] + [-(-S // K**m) * K**m for m in range(1, cfg.num_levels + 1)]
+
+
+def _layout_pieces(b: list[int], cfg: MCConfig):
+    """(level, start, stop) runs of a layout, oldest first: region l' = [b[l'+1], b[l'])
+    at level min(l', sink cap). Every run is K**level aligned at both ends."""
+    c = _sink_steps(cfg)
+    out = []
+    for top in range(cfg.num_levels, -1, -1):  # oldest region (top level) first
+        lo, hi = b[top + 1], b[top]
+        for m in range(top + 1):
+            start = max(lo, c[m])
+            stop = hi if m == top else min(hi, c[m + 1])
+            if stop > start:
+                out.append((m, start, stop))
+    return out
+
+
 def _layout_cost(b: list[int], cfg: MCConfig) -> int:
     K = cfg.block_size
-    return sum((b[lvl] - b[lvl + 1]) // K**lvl for lvl in range(cfg.num_levels + 1))
+    return sum((stop - start) // K**lvl for lvl, start, stop in _layout_pieces(b, cfg))
 
 
 def _coarsen_below(b: list[int], lvl: int, cfg: MCConfig) -> list[int]:
@@ -189,8 +257,8 @@ def _coarsen_below(b: list[int], lvl: int, cfg: MCConfig) -> list[int]:
 
 
 def min_slots(num_tokens: int, cfg: MCConfig) -> int:
-    """Fewest slots any legal layout of `num_tokens` tokens needs (everything complete and
-    outside the protected tail at the coarsest level)."""
+    """Fewest slots any legal layout of `num_tokens` tokens needs (everything complete,
+    outside the protected tail and the sink at the coarsest level the sink allows)."""
     return _layout_cost(_min_boundaries(int(num_tokens), cfg), cfg)
 
 
@@ -221,7 +289,9 @@ def check_capacity(num_tokens: int, cfg: MCConfig) -> None:
 
 def initial_layout(num_tokens: int, cfg: MCConfig) -> WorkingContext:
     """Layout for a history of `num_tokens` tokens (may be ≫ w_max): recent tokens LOD0, then
-    LOD1, oldest at the top level, as fine as the budget allows (newest spans first).
+    LOD1, oldest at the top level, as fine as the budget allows (newest spans first); the
+    sink blocks stay LOD0 and the spans right after them only as coarse as the sink allows
+    (module docstring).
 
     Greedy over region boundaries: lower b[1] (more LOD0) as far as the budget allows with
     everything older at its coarsest, then b[2], ... Cost is monotone in each boundary, so
@@ -246,10 +316,10 @@ def initial_layout(num_tokens: int, cfg: MCConfig) -> WorkingContext:
                 lo = mid + 1
         b[lvl] = lo * unit
         b = _coarsen_below(b, lvl, cfg)
-    levels, nodes = [], []
-    for lvl in range(L, -1, -1):  # oldest region (top level) first
+    levels, nodes = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+    for lvl, start, stop in _layout_pieces(b, cfg):
         unit = K**lvl
-        n = np.arange(b[lvl + 1] // unit, b[lvl] // unit, dtype=np.int64)
+        n = np.arange(start // unit, stop // unit, dtype=np.int64)
         levels.append(np.full(n.shape, lvl, np.int32))
         nodes.append(n.astype(np.int32))
     level = np.concatenate(levels)
@@ -295,7 +365,8 @@ def legal_expand_mask(level, valid, cfg: MCConfig) -> jax.Array:
 
 def legal_collapse_heads(level, node, valid, num_tokens, cfg: MCConfig) -> jax.Array:
     """Slots that start a collapsible group: K aligned siblings below the top level, all in
-    the WC, whose parent span ends before the protected tail.
+    the WC, whose parent span ends before the protected tail and starts at or after the
+    sink (S = sink_blocks·K tokens; with S = 0 every group clears that).
 
     Slot i heads a group iff its node is K-aligned and slot i+K-1 holds the last sibling at
     the same level; contiguity then forces the K-2 slots between to be the other siblings.
@@ -307,7 +378,8 @@ def legal_collapse_heads(level, node, valid, num_tokens, cfg: MCConfig) -> jax.A
     parent_end = (node // K + 1) * _pow_table(cfg)[jnp.minimum(level + 1, L + 1)]
     return (valid & last_valid & (level < L) & (node % K == 0) & (last_level == level)
             & (last_node == node + K - 1)
-            & (parent_end <= jnp.asarray(num_tokens) - cfg.recent_protect))
+            & (parent_end <= jnp.asarray(num_tokens) - cfg.recent_protect)
+            & ~sink_mask(level, node, valid, cfg))
 
 
 # --------------------------------------------------------------------------- re-layout
@@ -491,7 +563,7 @@ def append(wc: WorkingContext, num_new: jax.Array, cfg: MCConfig,
 
     Whenever the budget would overflow, collapse the legal sibling group with the lowest
     mean score (`scores` [W], e.g. LensNet's; zeros/None → oldest first; groups an expand
-    created within the cooldown go last), never touching the protected tail. Tokens are
+    created within the cooldown go last), never touching the protected tail or the sink. Tokens are
     added in chunks of ≤ K so every chunk needs at most two collapses. If the history no
     longer fits even fully collapsed, the WC is returned unchanged with `info.overflow`
     set (use `append_checked` or `check_capacity` for an exception).
@@ -646,6 +718,18 @@ def check_invariants(wc: WorkingContext, tree=None, cfg: MCConfig | None = None,
         i = int(bad[0])
         _fail("recent tail", i, f"LOD{level[i]} entry [{start[i]}, {end[i]}) covers one of the "
               f"newest {rp} tokens [{max(T - rp, 0)}, {T})")
+    # 7. sink: the first sink_blocks blocks stay LOD0, so slot 0 holds a real token
+    S = sink_tokens(cfg)
+    if S and n:
+        if level[0] != 0:
+            _fail("sink", 0, f"slot 0 holds a LOD{level[0]} gist [{start[0]}, {end[0]}), not a "
+                  f"real token: with sink_blocks={cfg.sink_blocks} the history's first {S} "
+                  f"tokens stay LOD0")
+        bad = np.flatnonzero((start < S) & (level[:n] != 0))
+        if bad.size:
+            i = int(bad[0])
+            _fail("sink", i, f"LOD{level[i]} entry [{start[i]}, {end[i]}) covers sink tokens: "
+                  f"with sink_blocks={cfg.sink_blocks} the first {S} tokens [0, {S}) stay LOD0")
     # bookkeeping
     bad = np.flatnonzero(~np.isin(ed[:n], (-1, 0, 1)) | (es[:n] > step) | (es[:n] < 0))
     if bad.size:

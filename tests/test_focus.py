@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mcjax import focus
 from mcjax import working_context as wcm
-from test_working_context import CFG_A, CONFIGS, IDS, dyadic_scores, random_layout
+from test_working_context import CFG_A, CFG_A0, CONFIGS, IDS, dyadic_scores, random_layout
 
 
 def run(wc, scores, cfg):
@@ -66,14 +66,14 @@ def test_nan_scores_lead_to_no_action_and_a_flag_never_a_corrupted_wc():
 
 
 def _layout_full_budget():
-    """CFG_A (K=4, W=48, protect 8): T=96 → LOD1 [0,48) as 12 gists, LOD0 [48,96) = 60 > 48,
+    """CFG_A0 (K=4, W=48, protect 8, no sink): T=96 → LOD1 [0,48) as 12 gists, LOD0 [48,96) = 60 > 48,
     so: LOD1 [0,64) (16 gists) + LOD0 [64,96) (32 tokens) = 48 slots, budget full."""
     entries = [(1, n) for n in range(16)] + [(0, t) for t in range(64, 96)]
-    return wcm.from_entries(entries, 96, CFG_A)
+    return wcm.from_entries(entries, 96, CFG_A0)
 
 
 def test_expansion_on_a_full_budget_pairs_with_the_best_collapse_outside_it():
-    cfg = CFG_A
+    cfg = CFG_A0
     wc = _layout_full_budget()
     assert int(wc.num_valid) == cfg.w_max
     scores = np.zeros(cfg.w_max, np.float32)
@@ -94,7 +94,7 @@ def test_expansion_on_a_full_budget_pairs_with_the_best_collapse_outside_it():
 
 
 def test_stronger_collapse_goes_first_and_frees_budget_for_later_expansions():
-    cfg = CFG_A
+    cfg = CFG_A0
     wc = _layout_full_budget()
     scores = np.zeros(cfg.w_max, np.float32)
     scores[16:20] = -0.95  # tokens [64, 68): strongest action
@@ -108,7 +108,7 @@ def test_stronger_collapse_goes_first_and_frees_budget_for_later_expansions():
 
 
 def test_collapse_uses_the_mean_score_of_the_sibling_group():
-    cfg = CFG_A
+    cfg = CFG_A0
     wc = _layout_full_budget()
     scores = np.zeros(cfg.w_max, np.float32)
     scores[16:20] = [-1.0, 0.25, 0.0, 0.0]  # one member at -1, but mean -0.1875 > -τ
@@ -120,7 +120,7 @@ def test_collapse_uses_the_mean_score_of_the_sibling_group():
 
 
 def test_thresholds_are_strict_and_n_diff_bounds_the_actions():
-    cfg = CFG_A  # n_diff = 3
+    cfg = CFG_A0  # n_diff = 3
     wc = wcm.from_entries([(1, n) for n in range(8)] + [(0, t) for t in range(32, 40)], 40,
                           cfg)  # 16 slots, plenty of budget
     scores = np.zeros(cfg.w_max, np.float32)
@@ -131,7 +131,7 @@ def test_thresholds_are_strict_and_n_diff_bounds_the_actions():
 
 
 def test_cooldown_blocks_reversing_an_edit_for_cooldown_steps():
-    cfg = CFG_A  # cooldown 2
+    cfg = CFG_A0  # cooldown 2
     wc = wcm.from_entries([(1, n) for n in range(8)] + [(0, t) for t in range(32, 40)], 40,
                           cfg)
     expand = np.zeros(cfg.w_max, np.float32)
@@ -151,7 +151,7 @@ def test_cooldown_blocks_reversing_an_edit_for_cooldown_steps():
 
 
 def test_chosen_actions_never_overlap():
-    cfg = CFG_A
+    cfg = CFG_A0
     wc = wcm.from_entries([(1, n) for n in range(8)] + [(0, t) for t in range(32, 40)], 40,
                           cfg)
     scores = np.zeros(cfg.w_max, np.float32)
@@ -166,7 +166,7 @@ def test_chosen_actions_never_overlap():
 
 
 def test_ties_go_to_the_expansion_then_to_the_oldest_slot():
-    cfg = CFG_A
+    cfg = CFG_A0
     wc = wcm.from_entries([(1, n) for n in range(8)] + [(0, t) for t in range(32, 48)], 48,
                           cfg)
     scores = np.zeros(cfg.w_max, np.float32)
@@ -175,3 +175,20 @@ def test_ties_go_to_the_expansion_then_to_the_oldest_slot():
     _, acts, _, _ = run(wc, scores, cfg)
     assert acts == [("expand", 5), ("expand", 6), ("collapse", 8)]
     assert focus.reference_allocate(wc, scores, cfg)[1] == acts
+
+
+def test_the_sink_never_collapses_however_low_it_scores():
+    cfg = CFG_A  # sink_blocks=1: tokens [0, 4) stay LOD0; LOD2 group 0 can never form
+    wc = wcm.from_entries([(0, t) for t in range(4)] + [(1, n) for n in range(1, 8)]
+                          + [(0, t) for t in range(32, 40)], 40, cfg)
+    wcm.check_invariants(wc, None, cfg)
+    scores = np.zeros(cfg.w_max, np.float32)
+    scores[:7] = -1.0  # the sink and the LOD1 gists of its LOD2 group want out the most
+    scores[7:11] = -0.5  # LOD1 nodes 4..7 → LOD2 node 1: legal, weaker
+    _, acts, _, out = run(wc, scores, cfg)
+    assert acts == [("collapse", 7)]
+    assert focus.reference_allocate(wc, scores, cfg)[1] == acts
+    wcm.check_invariants(out, None, cfg)
+    # without the sink the same scores collapse the oldest group first
+    _, acts, _, _ = run(wc, scores, CFG_A0)
+    assert acts[0] == ("collapse", 0)

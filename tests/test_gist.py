@@ -18,11 +18,14 @@ from mcjax.gist import GistInputError, _gist_blocks, gist_blocks, init_gist_para
 D = 44  # base width (tiny Llama)
 K = 32  # block size
 POOLINGS = ("mean", "query", "cls")
+HEADS = POOLINGS + ("mlp",)  # "mlp": GistConfig(head="mlp"), mean of children -> MLPs
 N = K + 1  # most tests use this batch size, so each pooling compiles once for them
 BASE_CFG = GistConfig(width=36, num_heads=3, num_layers=2, mlp_ratio=2, pooling="query")
 
 
 def cfg_for(pooling: str) -> GistConfig:
+    if pooling == "mlp":
+        return dataclasses.replace(BASE_CFG, head="mlp")
     return dataclasses.replace(BASE_CFG, pooling=pooling)
 
 
@@ -41,7 +44,7 @@ def assert_rows_differ(out: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert bad.size == 0, f"{what}: output unchanged for rows {bad.tolist()} (max diffs {diff})"
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", HEADS)
 def test_gist_blocks_maps_n_blocks_to_n_base_width_vectors(pooling):
     x = children(N)
     out = gist_blocks(params_for(pooling), cfg_for(pooling), x, 1)
@@ -53,7 +56,7 @@ def test_gist_blocks_maps_n_blocks_to_n_base_width_vectors(pooling):
     assert np.abs(np.asarray(out)[0] - np.asarray(out)[1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", HEADS)
 def test_each_pooling_head_depends_on_every_child(pooling):
     """Changing any single child (of 32) changes the gist — CLS included."""
     x = children(1, seed=1)[0]
@@ -78,7 +81,7 @@ def test_gists_change_when_two_children_swap(pooling):
                        f"{pooling}: swap children")
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", HEADS)
 def test_blocks_in_one_batch_do_not_interact(pooling):
     x = children(N, seed=3)
     y = x.copy()
@@ -87,6 +90,18 @@ def test_blocks_in_one_batch_do_not_interact(pooling):
     b = np.asarray(gist_blocks(params_for(pooling), cfg_for(pooling), y, 1))
     assert np.abs(a[0] - b[0]).max() > 1e-5
     np.testing.assert_array_equal(a[1:], b[1:])
+
+
+def test_mlp_head_is_a_function_of_the_children_mean():
+    """The mlp head pools first: permuting children, or any two blocks with the same mean,
+    give the same gist (what it trades for size and speed; the read-pass hidden states it
+    is meant for are already contextual)."""
+    x = children(2, seed=11)
+    y = x.copy()
+    y[0] = x[0][::-1]  # same children, reversed order
+    p, c = params_for("mlp"), cfg_for("mlp")
+    np.testing.assert_allclose(np.asarray(gist_blocks(p, c, x, 1)),
+                               np.asarray(gist_blocks(p, c, y, 1)), rtol=1e-5, atol=1e-6)
 
 
 def test_level_embedding_changes_the_gist_and_level_may_vary_per_block():
@@ -121,7 +136,7 @@ def test_block_size_is_taken_from_the_input():
     chex.assert_tree_all_finite(out)
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", HEADS)
 def test_every_parameter_receives_gradient(pooling):
     """Training must reach every weight (the PyTorch reference never trained GistNet)."""
     p, c = params_for(pooling), cfg_for(pooling)

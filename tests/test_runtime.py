@@ -237,3 +237,40 @@ def test_checkpoints_load_and_one_for_another_base_model_is_refused(tiny_llama, 
                      {"gist": nets[0]})
     with pytest.raises(CheckpointMismatchError, match="base_config.vocab_size"):
         Session.from_checkpoints(tiny_llama, cfg, gist_checkpoint=tmp_path / "other")
+
+
+def test_session_with_a_hidden_input_gistnet_gists_the_read_pass(tiny_llama, cfg, nets):
+    """GistConfig.input="hidden": the trees' LOD1 gists are GistNet over the base model's
+    read-pass hidden states (`layer_hidden` of the whole history, chunks aligned to its
+    start), however the history arrived — fed in pieces and generated — and the WC keeps
+    every invariant, the sink included."""
+    from mcjax.base.model import layer_hidden
+    from mcjax.gist import gist_blocks
+
+    config, params = tiny_llama
+    gcfg = dataclasses.replace(cfg.gist, input="hidden", input_layer=2, read_chunk=64)
+    hidden_cfg = dataclasses.replace(cfg, gist=gcfg)
+    session = _session(tiny_llama, hidden_cfg, nets, debug_invariants=True)
+    for piece in np.split(_tokens(8, 6 * W + 5), [7, 100, 101, 333]):
+        session.feed(piece)
+        session.generate(K // 2 + 3)
+    session.check()
+    tree = session.tree()
+    history = tree.tokens().astype(np.int32)
+    assert len(history) > 6 * W and tree.counts[2] >= 2
+    n, g = tree.counts[1], tree.counts[2]
+    feats = layer_hidden(params, config, history[None], layer=2, chunk=64)[0, :n * K]
+    lod1 = gist_blocks(nets[0], gcfg, feats.reshape(n, K, -1), 1)
+    np.testing.assert_allclose(tree.gists(1), lod1, rtol=1e-5, atol=1e-5)
+    lod2 = gist_blocks(nets[0], gcfg, lod1[:g * K].reshape(g, K, -1), 2)
+    np.testing.assert_allclose(tree.gists(2), lod2, rtol=1e-5, atol=1e-5)
+    wc = session.working_context
+    assert session.events[-1].lod_histogram[0][2] > 0  # compressed down to LOD2
+    np.testing.assert_array_equal(wc.level[0, :K], 0)  # the sink: the first block, raw
+    np.testing.assert_array_equal(wc.node[0, :K], np.arange(K))
+
+
+def test_a_budget_that_cannot_hold_the_sink_is_refused(tiny_llama, cfg, nets):
+    small = dataclasses.replace(cfg, mc=dataclasses.replace(cfg.mc, w_max=48))  # 16+32+16
+    with pytest.raises(ConfigError, match="sink_blocks=1 .*need w_max >= 64"):
+        Session(tiny_llama, nets[0], nets[1], small)

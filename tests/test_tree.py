@@ -610,3 +610,115 @@ def test_open_rejects_a_store_written_for_another_configuration(pristine_store):
         open_tree(pristine_store, gist_checkpoint_id="ckpt-1")
     with pytest.raises(ModelMismatchError):
         open_tree(pristine_store, model_name="other")
+
+
+# --------------------------------------------------------------------------- read pass
+
+
+def hidden_gist_cfg(read_chunk: int = 64, input_layer: int = 2):
+    return dataclasses.replace(CFG.gist, input="hidden", input_layer=input_layer,
+                               read_chunk=read_chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def hidden_gister(read_chunk: int = 64, input_layer: int = 2, gist_batch: int = 4
+                  ) -> BlockGister:
+    return BlockGister.from_base(hidden_gist_cfg(read_chunk, input_layer), gist_params(),
+                                 base_params(), CFG.base_config, block_size=K,
+                                 gist_batch=gist_batch)
+
+
+def gists_from_layer_hidden(tokens: np.ndarray, gcfg) -> tuple[np.ndarray, np.ndarray]:
+    """LOD1 and LOD2 gists computed from `layer_hidden` of the whole history at once."""
+    from mcjax.base.model import layer_hidden
+
+    n = len(tokens) // K
+    feats = layer_hidden(base_params(), CFG.base_config, np.asarray(tokens)[None],
+                         layer=gcfg.input_layer, chunk=gcfg.read_chunk)[0, :n * K]
+    lod1 = np.asarray(gist_blocks(gist_params(), gcfg, feats.reshape(n, K, D), 1))
+    g = n // K
+    lod2 = np.asarray(gist_blocks(gist_params(), gcfg,
+                                  jnp.asarray(lod1[:g * K]).reshape(g, K, D), 2))
+    return lod1, lod2
+
+
+# R = 64: two blocks per chunk; R = 80: blocks straddle chunk boundaries (R % K != 0).
+@pytest.mark.parametrize("read_chunk", [64, 80])
+def test_read_pass_gives_identical_features_fed_whole_or_in_pieces(read_chunk):
+    gister = hidden_gister(read_chunk)
+    tokens = stream()[:1100]  # counts (1100, 34, 1)
+    whole = memory_tree(tokens, gister=gister)
+    for sizes in ((1, 7, 31, 33, 100), (32,), (5, 1000)):
+        pieces = MegaContextTree.in_memory(MC, gister)
+        append_in_chunks(pieces, tokens, sizes)
+        assert_trees_identical(whole, pieces)  # bit for bit, however it was chunked
+    # ... and equal to the gists of `layer_hidden` over the whole history (the same
+    # numbers, computed in other batch shapes: equal to fp32 rounding)
+    lod1, lod2 = gists_from_layer_hidden(tokens, gister.cfg)
+    np.testing.assert_allclose(whole.gists(1), lod1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole.gists(2), lod2, rtol=1e-5, atol=1e-5)
+    # the read pass really is what GistNet saw: not the embedding gists, and a block's gist
+    # depends on the earlier tokens of its chunk
+    assert not np.allclose(whole.gists(1), reference(1100).gists(1), atol=1e-3)
+    other = tokens.copy()
+    other[0] = (other[0] + 1) % VOCAB
+    changed = memory_tree(other, gister=gister).gists(1)
+    first_chunk_blocks = -(-read_chunk // K)  # blocks with a token in chunk 0
+    assert not np.allclose(changed[1], whole.gists(1)[1], atol=1e-6)
+    np.testing.assert_array_equal(changed[first_chunk_blocks:],
+                                  whole.gists(1)[first_chunk_blocks:])
+
+
+def test_read_pass_reads_each_chunk_once_when_ingesting_in_bulk():
+    gister = BlockGister.from_base(hidden_gist_cfg(64), gist_params(), base_params(),
+                                   CFG.base_config, block_size=K, gist_batch=4, read_batch=3)
+    t = MegaContextTree.in_memory(MC, gister)
+    t.append(stream()[:1100])  # 34 blocks in 17 chunks of 64 tokens: 6 calls of 3 windows
+    assert gister.read_calls == 6 and t.stats.gist_calls == 9 + 1  # 34 LOD1, 1 LOD2 block
+
+
+def test_store_records_the_gist_input_and_refuses_another(tmp_path):
+    gister = hidden_gister(64)
+    tokens = stream()[:1500]
+    with MegaContextTree.create(tmp_path, MC, gister, model_name=MODEL) as t:
+        t.append(tokens[:700])
+    import json
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert (meta["gist_input"], meta["input_layer"], meta["read_chunk"]) == ("hidden", 2, 64)
+    with pytest.raises(MetadataError, match=r"made from GistNet input 'hidden' \(layer 2, "
+                                            r"read_chunk 64\), but this GistNet reads "
+                                            r"'embeddings'"):
+        MegaContextTree.open(tmp_path, MC, make_gister(), model_name=MODEL)
+    with pytest.raises(MetadataError, match=r"reads 'hidden' \(layer 1, read_chunk 64\)"):
+        MegaContextTree.open(tmp_path, MC, hidden_gister(64, input_layer=1), model_name=MODEL)
+    with pytest.raises(MetadataError, match=r"reads 'hidden' \(layer 2, read_chunk 80\)"):
+        MegaContextTree.open(tmp_path, MC, hidden_gister(80), model_name=MODEL)
+    # reopened with the same input, appends continue exactly (the chunk's earlier tokens
+    # are read back from LOD0)
+    with MegaContextTree.open(tmp_path, MC, gister, model_name=MODEL) as r:
+        r.append(tokens[700:])
+        assert_trees_identical(r, memory_tree(tokens, gister=gister))
+
+
+def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_store, tmp_path):
+    import json
+    store = tmp_path / "store"
+    store.mkdir()
+    for f in pristine_store.iterdir():
+        (store / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((store / "metadata.json").read_text())
+    for key in ("gist_input", "input_layer", "read_chunk", "read_batch"):
+        meta.pop(key)
+    (store / "metadata.json").write_text(json.dumps(meta))
+    open_tree(store).close()
+    with pytest.raises(MetadataError, match="made from GistNet input 'embeddings'"):
+        MegaContextTree.open(store, MC, hidden_gister(64), model_name=MODEL)
+
+
+def test_hidden_input_needs_a_read_fn_and_a_layer_the_base_model_has():
+    with pytest.raises(ValueError, match="pass read_fn"):
+        BlockGister(hidden_gist_cfg(), gist_params(), lambda ids: ids, embed_dim=D,
+                    block_size=K)
+    with pytest.raises(ValueError, match="input_layer=4, but the base model has only 3"):
+        BlockGister.from_base(hidden_gist_cfg(input_layer=4), gist_params(), base_params(),
+                              CFG.base_config, block_size=K)

@@ -26,6 +26,9 @@ CFG_B = MCConfig(block_size=3, num_levels=2, w_max=31, recent_protect=5, n_diff=
                  cooldown=1, tail_lod1=2, tail_lod2=1)
 CFG_L3 = MCConfig(block_size=3, num_levels=3, w_max=37, recent_protect=4, n_diff=2,
                   cooldown=3)
+# Every config above keeps the default sink of one block (SPEC §2.4 invariant 7). Tests
+# of hand-written layouts that predate the sink (a gist in slot 0) use CFG_A0.
+CFG_A0 = dataclasses.replace(CFG_A, sink_blocks=0)
 CONFIGS = [CFG_A, CFG_B, CFG_L3]
 IDS = ["K4L2", "K3L2", "K3L3"]
 
@@ -51,7 +54,8 @@ def random_layout(draw, cfg: MCConfig, *, stamps: bool = False) -> wcm.WorkingCo
     expansions; optionally random cooldown stamps."""
     T = draw(st.integers(0, history_limit(cfg)))
     need = wcm.min_slots(T, cfg)
-    budget = draw(st.integers(max(need, cfg.recent_protect + cfg.block_size), cfg.w_max))
+    floor = wcm.sink_tokens(cfg) + cfg.recent_protect + cfg.block_size
+    budget = draw(st.integers(max(need, floor), cfg.w_max))
     small = wcm.initial_layout(T, dataclasses.replace(cfg, w_max=budget))
     entries = [e[:2] for e in wcm.to_entries(small)]
     step = draw(st.integers(0, 6)) if stamps else 0
@@ -67,8 +71,10 @@ def random_layout(draw, cfg: MCConfig, *, stamps: bool = False) -> wcm.WorkingCo
 
 def reference_append(entries, scores, T, step, num_new, cfg):
     """Plain-Python append policy: chunks of ≤ K tokens; while over budget collapse the legal
-    group with the lowest (mean score + 4·recently-expanded), oldest first."""
+    group with the lowest (mean score + 4·recently-expanded), oldest first; never a group
+    whose parent span holds the sink."""
     K, L, W = cfg.block_size, cfg.num_levels, cfg.w_max
+    S = cfg.sink_blocks * K
     ents = [list(e) for e in entries]
     sc = [float(s) for s in scores[: len(ents)]]
     remaining = num_new
@@ -83,6 +89,8 @@ def reference_append(entries, scores, T, step, num_new, cfg):
             for h in range(len(ents) - K + 1):
                 lvl, nd = ents[h][0], ents[h][1]
                 if lvl >= L or nd % K or (nd // K + 1) * K ** (lvl + 1) > T - cfg.recent_protect:
+                    continue
+                if nd * K**lvl < S:
                     continue
                 if not all(ents[h + j][:2] == [lvl, nd + j] for j in range(K)):
                     continue
@@ -111,13 +119,23 @@ def test_initial_layout_keeps_invariants_and_fills_budget_newest_first(cfg, data
     T = data.draw(st.integers(0, history_limit(cfg)))
     wc = wcm.initial_layout(T, cfg)
     wcm.check_invariants(wc, None, cfg)
-    level = np.asarray(wc.level)[: int(wc.num_valid)]
+    n = int(wc.num_valid)
+    level, node = np.asarray(wc.level)[:n], np.asarray(wc.node)[:n]
+    K, S = cfg.block_size, wcm.sink_tokens(cfg)
     if T <= cfg.w_max:
         assert np.all(level == 0), "a history that fits must stay all LOD0"
-    # recent LOD0, then LOD1, oldest at the top level: levels never rise toward the present
-    assert np.all(np.diff(level) <= 0), level
+    # recent LOD0, then LOD1, oldest at the top level: levels never rise toward the present,
+    # except on the sink ramp right after the sink, where each entry is as coarse as the
+    # sink allows (its parent span would hold sink tokens)
+    start = node * K**level.astype(np.int64)
+    rise = np.flatnonzero(np.diff(level) > 0)
+    for i in rise:
+        assert (node[i] // K) * K ** (int(level[i]) + 1) < S, (i, level)
+    if rise.size:
+        assert np.all(np.diff(level[rise[-1] + 1:]) <= 0), level
+    assert np.all(level[start < S] == 0)
     if np.any(level > 0):  # greedy: expanding the newest gist would break the budget
-        assert int(wc.num_valid) + cfg.block_size - 1 > cfg.w_max
+        assert n + cfg.block_size - 1 > cfg.w_max
 
 
 def test_initial_layout_of_history_longer_than_budget_uses_every_level():
@@ -225,7 +243,7 @@ def test_several_edits_in_one_pass_equal_the_same_edits_applied_one_by_one(cfg, 
 
 
 def test_illegal_edits_are_refused_and_leave_the_wc_unchanged():
-    cfg = CFG_A  # K=4, L=2, W=48, protect 8
+    cfg = CFG_A0  # K=4, L=2, W=48, protect 8, no sink
     # T=40: LOD2 [0,16), LOD1 [16,24) as 2 entries, LOD0 [24,40)
     entries = [(2, 0), (1, 4), (1, 5)] + [(0, t) for t in range(24, 40)]
     wc = wcm.from_entries(entries, 40, cfg)
@@ -296,12 +314,20 @@ def test_append_never_collapses_the_protected_tail_and_prefers_the_lowest_score(
     assert int(info.num_collapses) == 1
     ents = wcm.to_entries(out)
     assert (1, 5, 0, -1) in ents and sum(e[0] == 1 for e in ents) == 1
-    out, info = wcm.append(wc, 1, cfg)  # no scores: oldest first
-    assert wcm.to_entries(out)[0] == (1, 0, 0, -1)
+    sink = [(0, t, 0, 0) for t in range(cfg.block_size)]  # block 0 is the sink: never
+    out, info = wcm.append(wc, 1, cfg)  # no scores: oldest first after the sink
+    assert wcm.to_entries(out)[:5] == sink + [(1, 1, 0, -1)]
     nan = scores.copy()
     nan[3] = np.nan  # bad scores fall back to oldest-first, flagged
     out, info = wcm.append(wc, 1, cfg, jnp.asarray(nan))
-    assert bool(info.nan_scores) and wcm.to_entries(out)[0] == (1, 0, 0, -1)
+    assert bool(info.nan_scores) and wcm.to_entries(out)[:5] == sink + [(1, 1, 0, -1)]
+    low_sink = np.zeros(48, np.float32)
+    low_sink[:4] = -1.0  # the sink scored lowest: still never collapsed
+    out, _ = wcm.append(wc, 1, cfg, jnp.asarray(low_sink))
+    wcm.check_invariants(out, None, cfg)
+    assert wcm.to_entries(out)[:5] == sink + [(1, 1, 0, -1)]
+    out, _ = wcm.append(wc, 1, CFG_A0)  # without a sink, block 0 is the oldest group
+    assert wcm.to_entries(out)[0] == (1, 0, 0, -1)
 
 
 # --------------------------------------------------------------------------- random programs
@@ -344,6 +370,96 @@ def test_random_sequences_of_appends_expands_collapses_and_refocus_keep_every_in
             if not bool(ok):
                 chex.assert_trees_all_equal(wc, before)
         wcm.check_invariants(wc, None, cfg)
+
+
+CFG_B2 = dataclasses.replace(CFG_B, sink_blocks=2)  # K=3: a 6-token sink
+
+
+@pytest.mark.parametrize("cfg", [CFG_A, CFG_B2], ids=["K4L2-sink1", "K3L2-sink2"])
+@settings(max_examples=60)
+@given(data=st.data())
+def test_random_op_sequences_never_collapse_the_sink(cfg, data):
+    """Scores push the sink (and the gists right after it) hardest toward collapse, and
+    collapse requests aim at it; still the first S tokens stay LOD0 in slots 0..S-1 and
+    no entry of level l starts before S (its span would hold sink tokens)."""
+    K, W, S = cfg.block_size, cfg.w_max, wcm.sink_tokens(cfg)
+    wc = random_layout(data.draw, cfg, stamps=True)
+    for _ in range(data.draw(st.integers(1, 10))):
+        op = data.draw(st.sampled_from(["append", "collapse", "refocus", "edits"]))
+        scores = dyadic_scores(data.draw, W)
+        scores[: S + K * K] = -1.0  # the sink and its ramp: the most collapsible by score
+        scores = jnp.asarray(scores)
+        before = wc
+        if op == "append":
+            num = data.draw(st.integers(0, min(2 * K + 1, history_limit(cfg)
+                                               - int(wc.num_tokens))))
+            wc, info = wcm.append(wc, num, cfg, scores)
+            assert not bool(info.overflow)
+        elif op == "collapse":
+            slot = data.draw(st.integers(0, S + K * K))
+            wc, ok = wcm.collapse(wc, slot, cfg)
+            if slot < min(S, int(wc.num_tokens)):
+                assert not bool(ok), "a sink block was collapsed"
+                chex.assert_trees_all_equal(wc, before)
+        elif op == "refocus":
+            wc, _ = focus.allocate(wc, scores, cfg)
+        else:
+            col = jnp.asarray(data.draw(st.lists(st.booleans(), min_size=W, max_size=W)))
+            wc, _ = wcm.apply_edits(wc, jnp.zeros(W, bool), col & (jnp.arange(W) < S + K * K),
+                                    cfg)
+        wcm.check_invariants(wc, None, cfg)
+        ents = [e[:2] for e in wcm.to_entries(wc)]
+        T = int(wc.num_tokens)
+        assert ents[: min(S, T)] == [(0, t) for t in range(min(S, T))]
+        assert all(lvl == 0 or nd * K**lvl >= S for lvl, nd in ents)
+
+
+def test_check_invariants_rejects_a_layout_without_the_sink():
+    cfg = CFG_A  # K=4, protect 8, sink_blocks=1: tokens [0, 4) stay LOD0
+    no_sink = [(1, 0), (1, 1)] + [(0, t) for t in range(8, 20)]
+    wcm.check_invariants(wcm.from_entries(no_sink, 20, CFG_A0), None, CFG_A0)  # legal w/o sink
+    with pytest.raises(wcm.InvariantError, match="'sink' broken at slot 0: slot 0 holds a "
+                                                 "LOD1 gist"):
+        wcm.check_invariants(wcm.from_entries(no_sink, 20, cfg), None, cfg)
+    sink = [(0, t) for t in range(4)] + [(1, 1)] + [(0, t) for t in range(8, 20)]
+    wc = wcm.from_entries(sink, 20, cfg)
+    wcm.check_invariants(wc, None, cfg)
+    # two sink blocks: slot 0 is a token, but the LOD1 gist of block 1 covers sink tokens
+    two = dataclasses.replace(cfg, sink_blocks=2)
+    with pytest.raises(wcm.InvariantError, match=r"'sink' broken at slot 4: LOD1 entry "
+                                                 r"\[4, 8\) covers sink tokens"):
+        wcm.check_invariants(wc, None, two)
+    # a LOD2 gist holding the sink block (slot 0 is then no token either)
+    lod2 = wcm.from_entries([(2, 0)] + [(0, t) for t in range(16, 28)], 28, cfg)
+    wcm.check_invariants(lod2, None, CFG_A0)
+    with pytest.raises(wcm.InvariantError, match="'sink' broken at slot 0"):
+        wcm.check_invariants(lod2, None, cfg)
+    # a history shorter than the sink is all LOD0 anyway; an empty one has no slot 0
+    wcm.check_invariants(wcm.from_entries([(0, 0), (0, 1)], 2, two), None, two)
+    wcm.check_invariants(wcm.empty(cfg), None, cfg)
+
+
+def test_layouts_keep_the_sink_and_the_gists_after_it_only_as_coarse_as_it_allows():
+    cfg = CFG_A  # K=4, L=2, protect 8, sink [0, 4)
+    T = 200
+    need = wcm.min_slots(T, cfg)
+    # coarsest: sink [0,4) LOD0, [4,16) LOD1 (the LOD2 group 0 holds the sink: never forms),
+    # [16,192) LOD2, the tail [192,200) LOD0
+    want = ([(0, t) for t in range(4)] + [(1, n) for n in (1, 2, 3)]
+            + [(2, n) for n in range(1, 12)] + [(0, t) for t in range(192, 200)])
+    assert need == len(want) == 26
+    wc = wcm.initial_layout(T, dataclasses.replace(cfg, w_max=need))
+    assert [e[:2] for e in wcm.to_entries(wc)] == want
+    assert wcm.min_slots(T, CFG_A0) == 12 + 8  # without the sink: LOD2 [0,192), the tail
+    # min_slots is what the sink really costs: one slot less never fits
+    with pytest.raises(wcm.CapacityError):
+        wcm.initial_layout(T, dataclasses.replace(cfg, w_max=need - 1))
+    # a budget that cannot hold the sink, the tail, a partial block and a gist is refused
+    small = MCConfig(block_size=4, w_max=68, recent_protect=64)  # fine without a sink ...
+    with pytest.raises(ConfigError, match="sink_blocks=1 .* need w_max >= 72"):
+        wcm.empty(small)  # ... not with one
+    wcm.empty(dataclasses.replace(small, sink_blocks=0))
+    wcm.empty(dataclasses.replace(small, w_max=72))
 
 
 def test_streaming_ten_times_w_max_tokens_stays_in_budget_and_covers_the_history():
@@ -390,7 +506,8 @@ def test_materialized_slots_equal_tree_rows_and_token_embeddings(base_params, sc
     tree = _random_tree(cfg, T, 512, TINY_LLAMA.hidden_size, rng)
     wc = wcm.initial_layout(T, dataclasses.replace(cfg, w_max=40))
     wc = wcm.from_entries(wcm.to_entries(wc), T, cfg)  # leaves padding slots
-    wc, ok = wcm.expand(wc, 0, cfg)  # a LOD2 → LOD1 expansion, so all levels appear
+    first_lod2 = int(np.argmax(np.asarray(wc.level) == 2))
+    wc, ok = wcm.expand(wc, first_lod2, cfg)  # a LOD2 → LOD1 expansion: all levels appear
     assert bool(ok)
     emb, pos, mask = wcm.materialize(wc, tree, base_params, cfg, scheme)
     chex.assert_shape(emb, (cfg.w_max, TINY_LLAMA.hidden_size))
@@ -469,7 +586,7 @@ def _expect_broken(wc, cfg, name, slot, **kw):
 
 
 def test_check_invariants_names_each_broken_invariant_and_slot():
-    cfg = CFG_A  # K=4, L=2, protect 8
+    cfg = CFG_A0  # K=4, L=2, protect 8, no sink (the sink has its own test)
     good = [(1, 0), (1, 1)] + [(0, t) for t in range(8, 20)]
     wc = wcm.from_entries(good, 20, cfg)
     wcm.check_invariants(wc, None, cfg)

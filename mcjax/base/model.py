@@ -8,7 +8,7 @@ centre of their span). Layers are stacked with `nn.scan`, so params have a leadi
 axis and the decoder compiles once regardless of depth.
 
 Public pure functions: `init_params`, `embed_tokens`, `forward`, `init_cache`,
-`prefill`, `decode_step`, `logits_from_hidden`. `forward`/`prefill`/`decode_step`
+`prefill`, `decode_step`, `logits_from_hidden`, `layer_hidden` (read-pass features). `forward`/`prefill`/`decode_step`
 validate their inputs (shapes always; token-id range when the ids are concrete arrays)
 and then call jit-compiled cores; inside a user's own `jit` only the static checks run.
 """
@@ -316,6 +316,43 @@ def forward_core(params, config, tokens, embeds, positions, mask, return_hidden=
 
 
 _forward = jax.jit(forward_core, static_argnames=("config", "return_hidden"))
+
+
+def layer_hidden_core(params, config: LlamaConfig, tokens: jax.Array, layer: int,
+                      chunk: int) -> jax.Array:
+    """Hidden states [B, T, D] after the first `layer` decoder layers (then the final
+    RMSNorm), reading `tokens` [B, T] in independent aligned chunks of `chunk` tokens:
+    causal inside a chunk, positions 0..chunk-1 (the read pass, SPEC §2.3a). A trailing
+    partial chunk is read as is, so a token's state depends only on its chunk's tokens up
+    to itself: features of a prefix equal the prefix of the features. Unjitted."""
+    import dataclasses
+
+    B, T = tokens.shape
+    if not 1 <= layer <= config.num_layers:
+        raise InputError(f"layer must lie in 1..{config.num_layers}, got {layer}")
+    sub_cfg = dataclasses.replace(config, num_layers=layer)
+    sub = dict(params)
+    sub["layers"] = jax.tree_util.tree_map(lambda x: x[:layer], params["layers"])
+    n = -(-T // chunk)
+    padded = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))  # padding sits after: causal
+    ids = padded.reshape(B * n, chunk)
+    embeds = embed_tokens(sub, ids)
+    pos = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (B * n, chunk))
+    bias = _causal_bias(jnp.ones((B * n, chunk), bool), pos)
+    hidden, _ = Llama(sub_cfg).apply({"params": sub}, embeds, pos, bias)
+    return hidden.reshape(B, n * chunk, -1)[:, :T]
+
+
+_layer_hidden = jax.jit(layer_hidden_core, static_argnames=("config", "layer", "chunk"))
+
+
+def layer_hidden(params: Params, config: LlamaConfig, tokens, *, layer: int,
+                 chunk: int) -> jax.Array:
+    """Validated, jitted `layer_hidden_core`: read-pass features of token ids [B, T]."""
+    _validate(config, tokens, None, None, None, name="layer_hidden")
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1, got {chunk}")
+    return _layer_hidden(params, config, jnp.asarray(tokens), layer, chunk)
 
 
 def forward(params: Params, config: LlamaConfig, *, tokens=None, embeds=None, positions=None,

@@ -23,13 +23,19 @@ from mcjax.runtime import Session, random_scores, recency_scores
 from mcjax.train import data, losses
 from mcjax.train.loop import Frozen, variant_nll
 
-__all__ = ["NLL_VARIANTS", "window_variant_nll", "delta_nll_sweep", "PasskeyRun",
+__all__ = ["NLL_VARIANTS", "PAIRED_VARIANTS", "window_variant_nll", "available_variants",
+           "PerWindowNLL", "per_window_nll", "summarize_delta_nll", "paired_rows",
+           "delta_nll_sweep", "PasskeyRun",
            "trim_at_eos", "score_outputs", "megacontext_passkey", "sliding_window_generate",
            "full_context_fit", "full_context_generate", "focus_quality", "FOCUS_SCORERS"]
 
 # Context variants of the ΔNLL sweep; "gistnet_untrained" is the GistNet the trainer
 # starts from (same seed and init), the others as in `mcjax.train.loop.variant_nll`.
-NLL_VARIANTS = ("full", "gistnet", "gistnet_untrained", "mean_pool", "truncation")
+NLL_VARIANTS = ("full", "gistnet", "gistnet_untrained", "mean_pool", "mean_pool_hidden",
+                "truncation")
+# Variants compared with truncation in the paired statistics (truncation itself included:
+# its row is the reference, difference 0, gap recovered 0).
+PAIRED_VARIANTS = tuple(v for v in NLL_VARIANTS if v != "full")
 
 TARGETS_NOTE = ("targets are the next tokens tokens[P : P + H] of each held-out window "
                 "(P = prefix length, H = horizon), identical for every variant; ΔNLL@H = "
@@ -48,6 +54,8 @@ def window_variant_nll(frozen: Frozen, gist_params, untrained_gist_params, token
     tokens = jnp.asarray(tokens)
     out = {}
     for v in variants:
+        if v not in NLL_VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; known: {NLL_VARIANTS}")
         params = untrained_gist_params if v == "gistnet_untrained" else gist_params
         kind = "gistnet" if v == "gistnet_untrained" else v
         out[v] = np.asarray(variant_nll(frozen.params, params, tokens, base_cfg=cfg.base_config,
@@ -55,51 +63,149 @@ def window_variant_nll(frozen: Frozen, gist_params, untrained_gist_params, token
     return out
 
 
-def delta_nll_sweep(frozen: Frozen, gist_params, untrained_gist_params,
-                    batches: Sequence[np.ndarray], layouts: Sequence[LayoutSpec], *,
-                    progress: bool = False) -> dict[str, Any]:
-    """ΔNLL@H of every variant at every layout on the same held-out windows.
+def available_variants(cfg) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The variants this base model / GistNet config can run, and why others cannot
+    (mean_pool_hidden needs `gist.input_layer` <= the base model's layers)."""
+    skipped = {}
+    if cfg.gist.input_layer > cfg.base_config.num_layers:
+        skipped["mean_pool_hidden"] = (
+            f"skipped: gist.input_layer={cfg.gist.input_layer} exceeds the base model's "
+            f"{cfg.base_config.num_layers} layers")
+    return tuple(v for v in NLL_VARIANTS if v not in skipped), skipped
 
-    The full-context NLL depends only on (prefix, horizon) and truncation only on the raw
-    tail, so each is computed once per window and shared by the layouts that agree."""
+
+@dataclasses.dataclass
+class PerWindowNLL:
+    """Per-window NLLs of every (layout, variant) on the same held-out windows.
+
+    `nll[layout][variant]` [N] is the mean NLL over a window's H targets; `tokens_nll` the
+    same per target [N, H]. Window i is row i of the windows scored (`window_ids` may name
+    where each came from)."""
+
+    layouts: list[LayoutSpec]
+    variants: tuple[str, ...]
+    nll: dict[str, dict[str, np.ndarray]]
+    tokens_nll: dict[str, dict[str, np.ndarray]]
+    window_len: int
+    window_ids: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_windows(self) -> int:
+        first = next(iter(self.nll.values()))
+        return int(next(iter(first.values())).shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for an .npz: "nll/<layout>/<variant>" [N], "nll_tokens/..." [N, H],
+        "window/<field>" [N]."""
+        out = {}
+        for lay, per in self.nll.items():
+            for v, a in per.items():
+                out[f"nll/{lay}/{v}"] = a
+                out[f"nll_tokens/{lay}/{v}"] = self.tokens_nll[lay][v]
+        for k, a in self.window_ids.items():
+            out[f"window/{k}"] = np.asarray(a)
+        return out
+
+
+def per_window_nll(frozen: Frozen, gist_params, untrained_gist_params, windows: np.ndarray,
+                   layouts: Sequence[LayoutSpec], *, batch_size: int,
+                   variants: Sequence[str] | None = None, progress: bool = False,
+                   window_ids: dict[str, np.ndarray] | None = None) -> PerWindowNLL:
+    """NLL of every variant at every layout on windows [N, S], `batch_size` windows per
+    forward (the last batch padded with copies, dropped after: one compiled shape).
+
+    The full-context NLL depends only on (prefix, horizon) and truncation only on the
+    sink and raw tail, so each is computed once per window and shared by the layouts that
+    agree."""
     from tqdm.auto import tqdm
 
-    if not batches:
-        raise ValueError("delta_nll_sweep needs at least one batch of windows")
-    full_cache: dict[tuple, list[np.ndarray]] = {}
-    trunc_cache: dict[tuple, list[np.ndarray]] = {}
-    rows = []
+    from mcjax.eval.tasks import batches_of
+
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or len(windows) == 0:
+        raise ValueError(f"windows must be a non-empty [N, S] array, got shape {windows.shape}")
+    if variants is None:
+        variants, skipped = available_variants(frozen.cfg)
+    else:
+        skipped = {}
+    variants = tuple(variants)
+    for must in ("full", "truncation"):
+        if must not in variants:
+            raise ValueError(f"variants must include {must!r} (ΔNLL and the paired reference)")
+    batches = batches_of(windows, batch_size)
+    shared: dict[tuple, np.ndarray] = {}
+    nll: dict[str, dict[str, np.ndarray]] = {}
+    tok: dict[str, dict[str, np.ndarray]] = {}
     bar = tqdm(total=len(layouts) * len(batches), desc="ΔNLL@H layouts x batches",
                disable=not progress)
     for spec in layouts:
         lay = spec.layout
-        full_key = (lay.prefix_len, lay.horizon)
-        trunc_key = (lay.prefix_len, lay.horizon, lay.raw_start)
-        per_window: dict[str, list[np.ndarray]] = {v: [] for v in NLL_VARIANTS}
-        for i, batch in enumerate(batches):
-            todo = [v for v in NLL_VARIANTS
-                    if not (v == "full" and len(full_cache.get(full_key, [])) > i)
-                    and not (v == "truncation" and len(trunc_cache.get(trunc_key, [])) > i)]
-            got = window_variant_nll(frozen, gist_params, untrained_gist_params, batch, lay,
+        keys = {"full": ("full", lay.prefix_len, lay.horizon),
+                "truncation": ("truncation", lay.prefix_len, lay.horizon, lay.raw_start,
+                               lay.sink_len, lay.position_scheme)}
+        todo = [v for v in variants if not (v in keys and keys[v] in shared)]
+        got: dict[str, list[np.ndarray]] = {v: [] for v in todo}
+        for batch, real in batches:
+            out = window_variant_nll(frozen, gist_params, untrained_gist_params, batch, lay,
                                      todo)
-            if "full" in got:
-                full_cache.setdefault(full_key, []).append(got["full"])
-            if "truncation" in got:
-                trunc_cache.setdefault(trunc_key, []).append(got["truncation"])
-            got["full"] = full_cache[full_key][i]
-            got["truncation"] = trunc_cache[trunc_key][i]
-            for v in NLL_VARIANTS:
-                per_window[v].append(got[v].mean(axis=1))  # [B] mean over the H targets
+            for v in todo:
+                got[v].append(out[v][:real])
             bar.update(1)
-        nll = {v: np.concatenate(per_window[v]) for v in NLL_VARIANTS}
-        rows.append({**spec.describe(),
-                     "nll": {v: float(nll[v].mean()) for v in NLL_VARIANTS},
-                     "delta_nll": {v: metrics.mean_stderr(nll[v] - nll["full"])
-                                   for v in NLL_VARIANTS}})
+        per_tok = {v: np.concatenate(got[v]).astype(np.float32) for v in todo}
+        for v, k in keys.items():
+            if v in per_tok:
+                shared[k] = per_tok[v]
+            per_tok[v] = shared[k]
+        tok[spec.name] = {v: per_tok[v] for v in variants}
+        nll[spec.name] = {v: per_tok[v].mean(axis=1) for v in variants}
     bar.close()
-    windows = sum(len(b) for b in batches)
-    return {"windows": windows, "window_len": int(batches[0].shape[1]),
-            "variants": list(NLL_VARIANTS), "targets": TARGETS_NOTE, "layouts": rows}
+    return PerWindowNLL(layouts=list(layouts), variants=variants, nll=nll, tokens_nll=tok,
+                        window_len=int(windows.shape[1]), window_ids=dict(window_ids or {}),
+                        skipped=skipped)
+
+
+def summarize_delta_nll(pw: PerWindowNLL) -> dict[str, Any]:
+    """The "delta_nll" section: per layout, mean NLL and ΔNLL@H (± SE) of every variant."""
+    rows = []
+    for spec in pw.layouts:
+        nll = pw.nll[spec.name]
+        rows.append({**spec.describe(),
+                     "nll": {v: float(nll[v].mean()) for v in pw.variants},
+                     "delta_nll": {v: metrics.mean_stderr(nll[v] - nll["full"])
+                                   for v in pw.variants}})
+    return {"windows": pw.num_windows, "window_len": pw.window_len,
+            "variants": list(pw.variants), "skipped_variants": dict(pw.skipped),
+            "targets": TARGETS_NOTE, "layouts": rows}
+
+
+def paired_rows(pw: PerWindowNLL, variants: Sequence[str] = PAIRED_VARIANTS) -> list[dict]:
+    """The "dnll_paired" rows: every (layout, variant) against truncation on the same
+    windows (`metrics.paired_vs_truncation`), with the layout's shape."""
+    rows = []
+    for spec in pw.layouts:
+        nll = pw.nll[spec.name]
+        for v in variants:
+            if v not in nll:
+                continue
+            stats = metrics.paired_vs_truncation(nll[v], nll["truncation"], nll["full"])
+            rows.append({"layout": spec.name, "variant": v, **stats,
+                         "keep_raw_blocks": spec.layout.keep_raw_blocks,
+                         "num_gists": spec.layout.num_gists,
+                         "context_ratio": spec.context_ratio})
+    return rows
+
+
+def delta_nll_sweep(frozen: Frozen, gist_params, untrained_gist_params,
+                    batches: Sequence[np.ndarray], layouts: Sequence[LayoutSpec], *,
+                    progress: bool = False) -> dict[str, Any]:
+    """ΔNLL@H of every variant at every layout on the same held-out windows (batches of
+    windows; see `per_window_nll`), with the paired statistics under "paired"."""
+    if not batches:
+        raise ValueError("delta_nll_sweep needs at least one batch of windows")
+    pw = per_window_nll(frozen, gist_params, untrained_gist_params, np.concatenate(batches),
+                        layouts, batch_size=int(batches[0].shape[0]), progress=progress)
+    return {**summarize_delta_nll(pw), "paired": paired_rows(pw)}
 
 
 # --------------------------------------------------------------------------- passkey

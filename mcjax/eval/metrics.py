@@ -1,5 +1,6 @@
 """Pure metrics of the evaluation (numpy, host side): correlations with explicit handling of
-degenerate input, sign agreement, mean ± standard error, and passkey answer scoring.
+degenerate input, sign agreement, mean ± standard error, paired ΔNLL statistics against
+truncation (`paired_vs_truncation`), and passkey answer scoring.
 
 Degenerate input never turns into a silent NaN: a correlation over fewer than two pairs or
 over a constant series is reported as `None` with the reason in `degenerate`.
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["pearson", "spearman", "rankdata", "sign_agreement", "correlation_summary",
-           "mean_stderr", "PasskeyScore", "score_passkey", "accuracy", "PASSKEY_SCORING"]
+           "mean_stderr", "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore", "score_passkey", "accuracy", "PASSKEY_SCORING"]
 
 
 def _pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +105,63 @@ def mean_stderr(values) -> dict[str, Any]:
         return {"mean": None, "stderr": None, "n": 0}
     se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None
     return {"mean": float(v.mean()), "stderr": se, "n": int(v.size)}
+
+
+# --------------------------------------------------------------------------- paired ΔNLL
+
+PAIRED_NOTE = (
+    "per window i: d_i = NLL_variant,i - NLL_truncation,i (same window, same targets); "
+    "mean_diff_vs_truncation = mean(d), se = std(d, ddof=1)/sqrt(n); significant = "
+    "mean_diff + 2·se < 0 (the variant beats truncation); delta_nll = mean(NLL_variant - "
+    "NLL_full) ± se; gap_recovered = 1 - ΔNLL_variant / ΔNLL_truncation (1: as good as the "
+    "full context, 0: no better than dropping the span; None when ΔNLL_truncation <= 0), "
+    "its se by the delta method on the paired windows")
+
+
+def paired_vs_truncation(nll_variant, nll_truncation, nll_full) -> dict[str, Any]:
+    """Paired statistics of one variant against truncation over the same windows.
+
+    Inputs are per-window NLLs [n] (each the mean over that window's H targets) of the
+    variant, of truncation and of the full context, aligned window by window. Returns n,
+    `mean_diff_vs_truncation` and its `se` (of the per-window differences), `significant`
+    (mean + 2·se < 0), `delta_nll` / `delta_nll_se` (variant − full), the same for
+    truncation, `gap_recovered` = 1 − ΔNLL_variant / ΔNLL_truncation and
+    `gap_recovered_se` (delta method: the SE of the mean of the per-window influence
+    ((t_i − v_i) − g·(t_i − f_i)) / ΔNLL_truncation). `gap_recovered` is None when
+    ΔNLL_truncation <= 0 (no gap to recover; `gap_note` says so). SEs are None for n < 2.
+    """
+    v = np.asarray(nll_variant, np.float64).ravel()
+    t = np.asarray(nll_truncation, np.float64).ravel()
+    f = np.asarray(nll_full, np.float64).ravel()
+    if not v.size == t.size == f.size:
+        raise ValueError(f"per-window NLLs must align: got {v.size}, {t.size}, {f.size}")
+    if v.size == 0:
+        raise ValueError("paired statistics need at least one window")
+    if not (np.isfinite(v).all() and np.isfinite(t).all() and np.isfinite(f).all()):
+        raise ValueError("per-window NLLs must be finite (got NaN or inf)")
+    n = int(v.size)
+
+    def se(x):
+        return float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+
+    d = v - t
+    mean_d, se_d = float(d.mean()), se(d)
+    dv, dt = v - f, t - f
+    gap_v, gap_t = float(dv.mean()), float(dt.mean())
+    row: dict[str, Any] = {
+        "n": n, "mean_diff_vs_truncation": mean_d, "se": se_d,
+        "significant": bool(se_d is not None and mean_d + 2.0 * se_d < 0.0),
+        "delta_nll": gap_v, "delta_nll_se": se(dv),
+        "delta_nll_truncation": gap_t, "delta_nll_truncation_se": se(dt),
+        "gap_recovered": None, "gap_recovered_se": None, "gap_note": None}
+    if gap_t > 0.0:
+        g = 1.0 - gap_v / gap_t
+        row["gap_recovered"] = g
+        row["gap_recovered_se"] = se(((t - v) - g * dt) / gap_t)
+    else:
+        row["gap_note"] = (f"undefined: truncation's ΔNLL is {gap_t:+.4g} <= 0 (dropping the "
+                           f"span costs nothing on these windows)")
+    return row
 
 
 # --------------------------------------------------------------------------- passkey

@@ -4,7 +4,9 @@ A training workdir tells by its checkpoint metadata which nets it holds: `train_
 GistNet (LensNet stays untrained), `train_lens` → LensNet (its GistNet is the one it was
 trained on, when that can be found), `train_joint` → both. Explicit `gist_checkpoint` /
 `lens_checkpoint` take precedence; `untrained=True` evaluates the untrained nets on
-purpose. Loading goes through `mcjax.runtime.load_trained_params`, so a checkpoint of
+purpose. `gist_params` is a params-only GistNet file (`mcjax.assets`: `<name>.safetensors`
+with its `<name>.json` card); the config must already carry the card's GistNet
+architecture (`mcjax.assets.apply_card`, which `pipeline.validate` applies). Loading goes through `mcjax.runtime.load_trained_params`, so a checkpoint of
 another base model or architecture is a `CheckpointMismatchError` naming the fields, and a
 missing directory or one without a complete checkpoint a `CheckpointError`.
 """
@@ -15,6 +17,8 @@ import dataclasses
 import os
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from mcjax.checkpoint import CheckpointError, Checkpointer
 from mcjax.config import ExperimentConfig
@@ -69,22 +73,47 @@ def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
 
 
+def _load_gist_file(path, cfg: ExperimentConfig) -> tuple[Any, dict, int]:
+    """(params, provenance, training seed) of a params-only GistNet file."""
+    import jax.numpy as jnp
+
+    from mcjax import assets
+
+    card = assets.read_card(path)
+    if assets.gist_config_from_card(card) != cfg.gist:
+        raise ValueError(f"the config's GistNet differs from the card of {path}: apply the "
+                         f"card first (mcjax.assets.apply_card)")
+    params = jax.tree.map(jnp.asarray, assets.load_params_safetensors(path))
+    assets.check_gist_params(params, cfg, f"GistNet params in {path}")
+    seed = int(((card["config"].get("train") or {}).get("seed", cfg.train.seed)))
+    src = {"source": "params_file", "path": str(Path(path).absolute()),
+           "card": str(assets.card_path(path).absolute())}
+    for k in ("source", "step", "command", "data"):
+        if k in card:
+            src[f"card_{k}"] = card[k]
+    return params, src, seed
+
+
 def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
-                     gist_checkpoint=None, lens_checkpoint=None, untrained: bool = False
-                     ) -> Networks:
+                     gist_checkpoint=None, lens_checkpoint=None, gist_params=None,
+                     untrained: bool = False) -> Networks:
     """GistNet and LensNet params (and the untrained GistNet baseline) with provenance.
 
     `cfg.base_config` must be set. Raises CheckpointError / CheckpointMismatchError (see the
     module docstring) and ValueError for contradictory or missing choices.
     """
-    given = [x for x in (checkpoint, gist_checkpoint, lens_checkpoint) if x is not None]
+    given = [x for x in (checkpoint, gist_checkpoint, lens_checkpoint, gist_params)
+             if x is not None]
+    if gist_params is not None and gist_checkpoint is not None:
+        raise ValueError("give --gist-params or --gist-checkpoint, not both")
     if untrained and given:
         raise ValueError("--untrained evaluates untrained nets: do not combine it with "
                          "checkpoints")
     if not untrained and not given:
         raise ValueError("no checkpoint given: pass --checkpoint DIR (a train_gist / "
                          "train_lens / train_joint workdir), --gist-checkpoint / "
-                         "--lens-checkpoint, or --untrained to evaluate untrained nets")
+                         "--lens-checkpoint, --gist-params FILE.safetensors, or "
+                         "--untrained to evaluate untrained nets")
     gist_dir, lens_dir = gist_checkpoint, lens_checkpoint
     notes = {}
     if checkpoint is not None:
@@ -109,7 +138,9 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
                            + (f" ({checkpoint} is a {notes['checkpoint_run']} workdir)"
                               if checkpoint is not None else "")}
     gist = None
-    if gist_dir is not None:
+    if gist_params is not None:
+        gist, sources["gist"], seed = _load_gist_file(gist_params, cfg)
+    elif gist_dir is not None:
         gist, sources["gist"] = load_trained_params(gist_dir, cfg, "gist")
         seed = _seed_of(gist_dir, seed)
     elif lens_dir is not None:  # the GistNet LensNet was trained with, if it can be found

@@ -4,15 +4,20 @@
 loads the frozen base model and the nets (`networks.resolve_networks`), then measures
 
 1. ΔNLL@H against compression ratio — full context, GistNet, untrained GistNet, mean-pooled
-   embeddings, truncation — on held-out windows (`baselines.delta_nll_sweep`);
+   embeddings, mean-pooled read-pass hidden states, truncation — on held-out windows that
+   each lie inside one document (`baselines.per_window_nll`), with every variant's paired
+   difference to truncation ± SE and the gap it recovers (`baselines.paired_rows`,
+   "dnll_paired"); per-window NLLs go to per_window_nll.npz (section "nll", alias "dnll");
 2. passkey accuracy against history length at a fixed W_max — MegaContext sessions with
    LensNet, random and recency focus, the sliding window of W_max tokens, and full context
    where it fits (explicitly "skipped: does not fit ..." otherwise);
 3. focus quality — LensNet (and the recency / random baselines) against measured
    counterfactual utility;
+4. (only when asked: section "ceiling") the embedding-space ceiling — free vectors
+   optimised per window in the gist slots (`mcjax.eval.ceiling`);
 
 and returns the results dict (`report.write_outputs` turns it into results.json,
-report.md and the plots). ΔNLL and focus quality use the config's MegaContext settings
+report.md, the plots and, from its "arrays" entry, the per-window .npz files). ΔNLL and focus quality use the config's MegaContext settings
 (as trained); the passkey sessions use `w_max`.
 """
 
@@ -21,20 +26,27 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 
+import numpy as np
+
 from mcjax import working_context as wcm
 from mcjax.config import ConfigError, ExperimentConfig, get_config, override
-from mcjax.eval import baselines, metrics, networks, tasks
+from mcjax.eval import baselines, ceiling, metrics, networks, tasks
 from mcjax.eval.tasks import EvalInputError
 from mcjax.runtime import format_focus_map
 from mcjax.train import data, loop
 
-__all__ = ["EvalOptions", "SECTIONS", "METHODS", "run_evaluation", "validate", "load_base"]
+__all__ = ["EvalOptions", "SECTIONS", "DEFAULT_SECTIONS", "METHODS", "run_evaluation",
+           "validate", "load_base", "sections_of", "held_out_windows"]
 
-SECTIONS = ("nll", "passkey", "focus")
+SECTIONS = ("nll", "passkey", "focus", "ceiling")
+DEFAULT_SECTIONS = ("nll", "passkey", "focus")  # the ceiling is expensive: only when asked
+SECTION_ALIASES = {"dnll": "nll"}
+HELD_OUT_SEED = 1234  # as `loop.held_out_batches`: the same windows as training's eval
 METHODS = ("megacontext_lens", "megacontext_random", "megacontext_recency", "sliding_window",
            "full_context")
 
@@ -44,12 +56,15 @@ class EvalOptions:
     checkpoint: str | None = None
     gist_checkpoint: str | None = None
     lens_checkpoint: str | None = None
+    gist_params: str | None = None  # params-only GistNet .safetensors (+ .json card)
     untrained: bool = False
     config: str = "smollm2_135m_cpu"
     overrides: tuple[str, ...] = ()
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     # ΔNLL@H / focus quality
     nll_batches: int = 2  # held-out batches of train.batch_size windows
+    windows: int | None = None  # ΔNLL windows (overrides nll_batches · batch size)
+    nll_batch_size: int | None = None  # windows per forward (default: train.batch_size)
     focus_batches: int = 4  # held-out batches for focus quality
     focus_candidates: int = 8  # candidate actions per window (half expansions)
     keep_raw: tuple[int, ...] | None = None  # raw tail blocks per layout (default: a sweep)
@@ -61,6 +76,12 @@ class EvalOptions:
     max_new_tokens: int | None = None  # default: longest answer + 4
     haystack: str = "filler"  # filler | held_out
     full_memory_gb: float = 6.0
+    # ceiling
+    ceiling_windows: int = 16
+    ceiling_steps: int = 300
+    ceiling_lr: float = 0.1  # Adam step in units of the token-embedding RMS
+    ceiling_layouts: tuple[str, ...] = ("lod1_keep1",)
+    ceiling_batch_size: int | None = None  # default: min(ceiling_windows, 8)
     seed: int = 0
     progress: bool = True
     command: str = ""
@@ -84,18 +105,56 @@ def _passkey_mc(cfg: ExperimentConfig, w_max: int) -> ExperimentConfig:
     return cfg
 
 
+def sections_of(opts: EvalOptions) -> tuple[str, ...]:
+    """The requested sections, aliases resolved ("dnll" is "nll"), in SECTIONS order."""
+    asked = {SECTION_ALIASES.get(s, s) for s in opts.sections}
+    unknown = asked - set(SECTIONS)
+    if unknown or not asked:
+        raise EvalInputError(f"sections must be a non-empty subset of "
+                             f"{SECTIONS + tuple(SECTION_ALIASES)}, got {list(opts.sections)}")
+    return tuple(s for s in SECTIONS if s in asked)
+
+
+def nll_windows(opts: EvalOptions, cfg: ExperimentConfig) -> tuple[int, int]:
+    """(ΔNLL windows, windows per forward)."""
+    bs = opts.nll_batch_size or cfg.train.batch_size
+    return (opts.windows if opts.windows is not None else opts.nll_batches * bs), bs
+
+
+def _prefix_len(cfg: ExperimentConfig) -> int:
+    return cfg.train.seq_len - cfg.mc.horizon
+
+
 def validate(opts: EvalOptions) -> ExperimentConfig:
-    """Check every setting that can be checked without loading a model; returns the config."""
+    """Check every setting that can be checked without loading a model; returns the config
+    (with a params file's GistNet architecture, from its card)."""
     cfg = _config(opts)
-    unknown = set(opts.sections) - set(SECTIONS)
-    if unknown or not opts.sections:
-        raise EvalInputError(f"sections must be a non-empty subset of {SECTIONS}, got "
-                             f"{list(opts.sections)}")
+    if opts.gist_params is not None:
+        from mcjax import assets
+
+        if not Path(opts.gist_params).is_file():
+            raise assets.AssetError(f"params file {opts.gist_params!r} does not exist")
+        cfg = assets.apply_card(cfg, assets.read_card(opts.gist_params))
+    sections = sections_of(opts)
     if opts.nll_batches < 1 or opts.focus_batches < 1:
         raise EvalInputError("--nll-batches / --focus-batches must be >= 1")
+    if opts.windows is not None and opts.windows < 1:
+        raise EvalInputError(f"--windows must be >= 1, got {opts.windows}")
+    if opts.nll_batch_size is not None and opts.nll_batch_size < 1:
+        raise EvalInputError(f"--nll-batch-size must be >= 1, got {opts.nll_batch_size}")
+    if "ceiling" in sections:
+        if opts.ceiling_windows < 1:
+            raise EvalInputError(f"--ceiling-windows must be >= 1, got {opts.ceiling_windows}")
+        if opts.ceiling_batch_size is not None and opts.ceiling_batch_size < 1:
+            raise EvalInputError("--ceiling-batch-size must be >= 1")
+        try:
+            ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr)
+        except ValueError as e:
+            raise EvalInputError(f"ceiling: {e}") from e
+        tasks.layouts_by_name(cfg.mc, _prefix_len(cfg), opts.ceiling_layouts)
     if opts.focus_candidates < 2:
         raise EvalInputError("--focus-candidates must be >= 2 (an expansion and a collapse)")
-    if "passkey" in opts.sections:
+    if "passkey" in sections:
         w_max = opts.w_max or cfg.mc.w_max
         _passkey_mc(cfg, w_max)
         tasks.check_lengths(passkey_lengths(opts, cfg), w_max)
@@ -107,17 +166,35 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
             raise EvalInputError(f"--haystack must be filler|held_out, got {opts.haystack!r}")
         if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
             raise EvalInputError("--max-new-tokens must be >= 1")
-    if "nll" in opts.sections:
-        tasks.nll_layouts(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, opts.keep_raw)
+    if "nll" in sections:
+        tasks.nll_layouts(cfg.mc, _prefix_len(cfg), opts.keep_raw)
     # fail fast on a missing / empty checkpoint directory (before loading the base model)
     for d in (opts.checkpoint, opts.gist_checkpoint, opts.lens_checkpoint):
         if d is not None:
             networks.checkpoint_parts(d)
+    if opts.gist_params is not None and opts.gist_checkpoint is not None:
+        raise EvalInputError("give --gist-params or --gist-checkpoint, not both")
     if opts.untrained == any(d is not None for d in (opts.checkpoint, opts.gist_checkpoint,
-                                                     opts.lens_checkpoint)):
-        raise EvalInputError("pass --checkpoint DIR (or --gist-checkpoint / --lens-checkpoint)"
-                             ", or --untrained to evaluate untrained nets on purpose; not both")
+                                                     opts.lens_checkpoint, opts.gist_params)):
+        raise EvalInputError("pass --checkpoint DIR (or --gist-checkpoint / --lens-checkpoint "
+                             "/ --gist-params FILE), or --untrained to evaluate untrained nets "
+                             "on purpose; not both")
     return cfg
+
+
+def held_out_windows(frozen: loop.Frozen, num: int, seq_len: int, seed: int = HELD_OUT_SEED
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`num` held-out windows [num, seq_len], each inside one document
+    (`data.document_windows`, the windows `loop.held_out_batches` gives for the same
+    count; a sample of n windows is contained in every larger one), and where each lies:
+    corpus offset, document index, document id and offset inside the document."""
+    corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
+                                   separator=frozen.separator, progress=False)
+    try:
+        windows = data.document_windows(corpus, seq_len, num, seed=seed)
+    except data.DataError as e:
+        raise EvalInputError(f"held-out windows: {e}") from e
+    return windows, tasks.locate_windows(corpus, windows)
 
 
 def passkey_lengths(opts: EvalOptions, cfg: ExperimentConfig) -> tuple[int, ...]:
@@ -237,54 +314,100 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
     """Run every requested section; returns the results dict (see the module docstring)."""
     t_start = time.perf_counter()
     cfg = validate(opts)
+    sections = sections_of(opts)
     frozen, decode = load_base(cfg)
     cfg = frozen.cfg
     try:
         nets = networks.resolve_networks(
             cfg, frozen.params, checkpoint=opts.checkpoint,
             gist_checkpoint=opts.gist_checkpoint, lens_checkpoint=opts.lens_checkpoint,
-            untrained=opts.untrained)
+            gist_params=opts.gist_params, untrained=opts.untrained)
     except ValueError as e:
         raise EvalInputError(str(e)) from e
     from mcjax.checkpoint import config_to_json
 
     timings: dict[str, float] = {}
+    arrays: dict[str, dict[str, np.ndarray]] = {}
     results: dict[str, Any] = {"meta": {
         "config_name": cfg.name, "config": config_to_json(cfg), "overrides": list(opts.overrides),
         "options": dataclasses.asdict(opts), "command": opts.command, "base": cfg.base,
+        "sections": list(sections),
         "block_size": cfg.mc.block_size, "num_levels": cfg.mc.num_levels,
-        "horizon": cfg.mc.horizon, "networks": nets.sources, "untrained": list(nets.untrained),
+        "horizon": cfg.mc.horizon, "sink_blocks": cfg.mc.sink_blocks,
+        "networks": nets.sources, "untrained": list(nets.untrained),
         "device": f"{jax.devices()[0].platform} x{jax.device_count()} "
                   f"({jax.devices()[0].device_kind})",
         "jax": jax.__version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-        "timings": timings}
+        "timings": timings, "arrays": arrays}
+    seq_len = cfg.train.seq_len
 
-    need_windows = "nll" in opts.sections or "focus" in opts.sections
-    n_focus = opts.focus_batches
-    batches = (loop.held_out_batches(frozen, max(opts.nll_batches, n_focus),
-                                     cfg.train.batch_size, cfg.train.seq_len)
-               if need_windows else [])
-    if "nll" in opts.sections:
+    if "nll" in sections:
         t0 = time.perf_counter()
-        layouts = tasks.nll_layouts(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, opts.keep_raw)
-        results["delta_nll"] = baselines.delta_nll_sweep(
-            frozen, nets.gist, nets.untrained_gist, batches[: opts.nll_batches], layouts,
-            progress=opts.progress)
+        n, bs = nll_windows(opts, cfg)
+        windows, ids = held_out_windows(frozen, n, seq_len)
+        layouts = tasks.nll_layouts(cfg.mc, _prefix_len(cfg), opts.keep_raw)
+        pw = baselines.per_window_nll(frozen, nets.gist, nets.untrained_gist, windows, layouts,
+                                      batch_size=bs, window_ids=ids, progress=opts.progress)
+        results["delta_nll"] = {**baselines.summarize_delta_nll(pw), "batch_size": bs,
+                                "paired_note": metrics.PAIRED_NOTE,
+                                "per_window_file": "per_window_nll.npz"}
+        results["dnll_paired"] = baselines.paired_rows(pw)
+        arrays["per_window_nll.npz"] = pw.arrays()
         timings["delta_nll_s"] = time.perf_counter() - t0
-    if "focus" in opts.sections:
+    if "focus" in sections:
         t0 = time.perf_counter()
+        bs = cfg.train.batch_size
         try:
             task = loop.lens_task(cfg, opts.focus_candidates)
         except ValueError as e:
             results["focus_quality"] = {"skipped": f"skipped: {e}"}
         else:
+            windows, _ = held_out_windows(frozen, opts.focus_batches * bs, seq_len)
+            batches = [windows[i * bs: (i + 1) * bs] for i in range(opts.focus_batches)]
             results["focus_quality"] = baselines.focus_quality(
-                frozen, nets.gist, nets.lens, batches[:n_focus], task, seed=opts.seed,
+                frozen, nets.gist, nets.lens, batches, task, seed=opts.seed,
                 progress=opts.progress)
         timings["focus_quality_s"] = time.perf_counter() - t0
-    if "passkey" in opts.sections:
+    if "ceiling" in sections:
+        t0 = time.perf_counter()
+        results["ceiling"], arrays["ceiling_per_window.npz"] = _ceiling(opts, frozen, nets)
+        timings["ceiling_s"] = time.perf_counter() - t0
+    if "passkey" in sections:
         results["passkey"], results["focus_map"] = _passkey(opts, frozen, decode, nets,
                                                             timings)
     results["meta"]["seconds"] = time.perf_counter() - t_start
     return results
+
+
+def _ceiling(opts: EvalOptions, frozen: loop.Frozen, nets: networks.Networks
+             ) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ceiling section at each asked layout on the first held-out windows (a subset of
+    the ΔNLL windows), with the GistNet on the same windows for comparison."""
+    from mcjax.gist import embedding_rms
+
+    cfg = frozen.cfg
+    specs = tasks.layouts_by_name(cfg.mc, _prefix_len(cfg), opts.ceiling_layouts)
+    windows, ids = held_out_windows(frozen, opts.ceiling_windows, cfg.train.seq_len)
+    ccfg = ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr)
+    bs = opts.ceiling_batch_size or min(opts.ceiling_windows, 8)
+    results = [ceiling.optimize_ceiling(frozen.params, cfg.base_config, windows, spec, ccfg,
+                                        batch_size=bs, progress=opts.progress)
+               for spec in specs]
+    section = ceiling.ceiling_section(results, embedding_rms_value=embedding_rms(frozen.params))
+    section.update({"windows": int(len(windows)), "batch_size": bs,
+                    "window_offsets": ids["offset"].tolist(),
+                    "per_window_file": "ceiling_per_window.npz"})
+    # the evaluated GistNet on the same windows and targets (forward only)
+    pw = baselines.per_window_nll(frozen, nets.gist, nets.untrained_gist, windows, specs,
+                                  batch_size=bs, variants=("full", "gistnet", "truncation"))
+    for row in section["layouts"]:
+        nll = pw.nll[row["layout"]]
+        row["gistnet"] = metrics.paired_vs_truncation(nll["gistnet"], nll["truncation"],
+                                                      nll["full"])
+        row["gistnet_source"] = nets.sources["gist"]["source"]
+    arrays = {k: v for r in results for k, v in r.arrays().items()}
+    arrays.update({f"{r.layout.name}/nll_gistnet": pw.nll[r.layout.name]["gistnet"]
+                   for r in results})
+    arrays.update({f"window/{k}": np.asarray(v) for k, v in ids.items()})
+    return section, arrays

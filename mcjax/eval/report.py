@@ -1,7 +1,9 @@
-"""Evaluation outputs: `results.json`, PNG plots (matplotlib, Agg) and `report.md`.
+"""Evaluation outputs: `results.json`, PNG plots (matplotlib, Agg), `report.md` and the
+per-window arrays (`per_window_nll.npz`, `ceiling_per_window.npz`).
 
 Pure functions of the results dict produced by `mcjax.eval.pipeline.run_evaluation`, so a
 report can be re-rendered from a saved `results.json` (`write_outputs(results, out_dir)`).
+The dict's "arrays" entry ({file name: {key: array}}) is written as .npz files, not JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ PLOTS = ("accuracy_vs_length.png", "dnll_vs_ratio.png", "focus_map.png")
 NET_NAMES = {"gist": "GistNet", "lens": "LensNet"}
 VARIANT_LABELS = {"full": "full context", "gistnet": "GistNet", "gistnet_untrained":
                   "untrained GistNet", "mean_pool": "mean-pooled embeddings",
+                  "mean_pool_hidden": "mean-pooled hidden states",
                   "truncation": "truncation (compressed span dropped)"}
 METHOD_LABELS = {"megacontext_lens": "MegaContext, LensNet focus",
                  "megacontext_random": "MegaContext, random focus",
@@ -50,9 +53,9 @@ def _placeholder(path: Path, title: str, text: str) -> None:
 # --------------------------------------------------------------------------- plots
 
 
-def plot_dnll_vs_ratio(section: dict | None, path: Path) -> None:
+def plot_dnll_vs_ratio(section: dict | None, path: Path, ceiling: dict | None = None) -> None:
     """ΔNLL@H (± standard error over windows) of each variant against the whole-prefix
-    compression ratio."""
+    compression ratio (and the ceiling's points, when measured)."""
     if not section or not section.get("layouts"):
         return _placeholder(path, "ΔNLL@H vs compression ratio", "not measured in this run")
     plt = _plt()
@@ -66,6 +69,13 @@ def plot_dnll_vs_ratio(section: dict | None, path: Path) -> None:
         err = [r["delta_nll"][variant]["stderr"] or 0.0 for r in rows]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=VARIANT_LABELS.get(variant,
                                                                                    variant))
+    ceil = [r for r in (ceiling or {}).get("layouts", []) if r.get("ceiling")]
+    if ceil:
+        ax.errorbar([r["context_ratio"] for r in ceil],
+                    [r["ceiling"]["delta_nll"] for r in ceil],
+                    yerr=[r["ceiling"]["delta_nll_se"] or 0.0 for r in ceil], marker="*",
+                    ms=10, ls="", capsize=3, color="black",
+                    label=f"ceiling: free vectors ({ceil[0]['n']} windows)")
     ax.axhline(0.0, color="black", lw=0.8, ls="--", label="full context (ΔNLL = 0)")
     ax.set_xscale("log")
     ratios = sorted({round(r["context_ratio"], 1) for r in rows})
@@ -191,6 +201,11 @@ def _net_lines(meta: dict) -> list[str]:
         if src.get("source") == "checkpoint":
             how = f" ({src['chosen_by']})" if src.get("chosen_by") else ""
             lines.append(f"- **{name}: trained**, from `{src['path']}` step {src['step']}{how}.")
+        elif src.get("source") == "params_file":
+            step = src.get("card_step", (src.get("card_source") or {}).get("step"))
+            lines.append(f"- **{name}: trained**, params file `{src['path']}` (card "
+                         f"`{src['card']}`" + (f", step {step}" if step is not None else "")
+                         + ").")
         else:
             lines.append(f"- **{name}: UNTRAINED** (random init, seed {src.get('seed')}; "
                          f"{src.get('why', 'no checkpoint')}). Results that use it measure an "
@@ -200,6 +215,73 @@ def _net_lines(meta: dict) -> list[str]:
                  "GistNet is a baseline on purpose (the init training starts from, seed "
                  f"{sources.get('untrained_gist', {}).get('seed')}).")
     return lines
+
+
+def _stat_cell(row: dict, mean: str, se: str, fmt="{:+.4f}") -> str:
+    if row.get(mean) is None:
+        return "n/a"
+    se_fmt = " ± " + fmt.replace("+", "")
+    return _f(row[mean], fmt) + ("" if row.get(se) is None else se_fmt.format(row[se]))
+
+
+def _gap(row: dict) -> str:
+    if row.get("gap_recovered") is None:
+        return "n/a"
+    return _stat_cell(row, "gap_recovered", "gap_recovered_se", "{:+.3f}")
+
+
+def _paired_lines(rows: list[dict] | None, nll: dict) -> list[str]:
+    """The paired-statistics table (every variant against truncation, same windows)."""
+    if not rows:
+        return []
+    n = rows[0]["n"]
+    out = ["### Paired against truncation", "",
+           f"{n} held-out windows, each inside one document; the same windows and targets for "
+           f"every variant. {metrics_note(nll)}", ""]
+    if n < 64:
+        out += [f"**Only {n} windows** (SPEC §2.9 asks for >= 64): SEs are rough.", ""]
+    out += ["| layout | variant | n | ΔNLL ± se | variant − truncation ± se | significant | "
+            "gap recovered ± se |", "| --- | --- | ---: | ---: | ---: | :---: | ---: |"]
+    for r in rows:
+        gap = _gap(r)
+        out.append(f"| {r['layout']} | {VARIANT_LABELS.get(r['variant'], r['variant'])} | "
+                   f"{r['n']} | {_stat_cell(r, 'delta_nll', 'delta_nll_se')} | "
+                   f"{_stat_cell(r, 'mean_diff_vs_truncation', 'se')} | "
+                   f"{'yes' if r['significant'] else 'no'} | {gap} |")
+    out += ["", f"Per-window NLLs (and per-target NLLs, window offsets / document ids): "
+                f"`{nll.get('per_window_file', 'per_window_nll.npz')}`.", ""]
+    return out
+
+
+def metrics_note(nll: dict) -> str:
+    note = nll.get("paired_note")
+    return (note[0].upper() + note[1:] + ".") if note else ""
+
+
+def _ceiling_lines(section: dict | None) -> list[str]:
+    out = ["## Ceiling: free vectors in the gist slots", ""]
+    if not section or not section.get("layouts"):
+        return out + [(section or {}).get("skipped", "not measured in this run (--only "
+                                                      "ceiling)"), ""]
+    out += [f"{section['windows']} held-out windows (the first of the ΔNLL sample); "
+            f"{section['note']}.", "",
+            "| layout | gists | steps | lr (× emb. RMS) | KL start → end (truncation) | "
+            "ΔNLL mean-pool start "
+            "| ΔNLL ceiling | ceiling − truncation ± se | gap recovered ± se | ΔNLL GistNet "
+            "(same windows) | GistNet gap recovered |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in section["layouts"]:
+        c, i, g = r["ceiling"], r["mean_pool_init"], r.get("gistnet") or {}
+        out.append(f"| {r['layout']} | {r['lod2_gists'] + r['lod1_gists']} | {r['steps']} | "
+                   f"{r['learning_rate']:g} | {r['kl_init']['mean']:.4f} → "
+                   f"{r['kl_ceiling']['mean']:.4f} ({r['kl_truncation']['mean']:.4f}) | "
+                   f"{_stat_cell(i, 'delta_nll', 'delta_nll_se')}"
+                   f" | {_stat_cell(c, 'delta_nll', 'delta_nll_se')} | "
+                   f"{_stat_cell(c, 'mean_diff_vs_truncation', 'se')} | {_gap(c)} | "
+                   f"{_stat_cell(g, 'delta_nll', 'delta_nll_se')} | {_gap(g)} |")
+    out += ["", f"Per-window arrays: `{section.get('per_window_file', 'ceiling_per_window.npz')}`"
+                f" (NLL full / truncation / start / ceiling, KL curves).", ""]
+    return out
 
 
 def render_markdown(results: dict) -> str:
@@ -214,22 +296,28 @@ def render_markdown(results: dict) -> str:
     nll = results.get("delta_nll")
     out += ["## ΔNLL@H vs compression ratio", ""]
     if nll and nll.get("layouts"):
+        shown = [v for v in nll["variants"] if v != "full"]
         out += [f"{nll['windows']} held-out windows of {nll['window_len']} tokens. "
                 f"{nll['targets'][0].upper()}{nll['targets'][1:]}.", "",
                 "Context ratio = prefix tokens per slot of the compressed prefix (gists + raw "
                 "tail); span ratio = tokens per gist in the gisted span.", "",
-                "| layout | context ratio | span ratio | slots | NLL full | ΔNLL GistNet | "
-                "ΔNLL untrained GistNet | ΔNLL mean-pool | ΔNLL truncation |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| layout | context ratio | span ratio | slots | NLL full | "
+                + " | ".join(f"ΔNLL {VARIANT_LABELS.get(v, v)}" for v in shown) + " |",
+                "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in shown)
+                + " |"]
         for r in nll["layouts"]:
             d = r["delta_nll"]
             out.append(f"| {r['name']} | {r['context_ratio']:.1f} | {r['span_ratio']:.0f} | "
-                       f"{r['prefix_slots']} | {r['nll']['full']:.4f} | {_pm(d['gistnet'])} | "
-                       f"{_pm(d['gistnet_untrained'])} | {_pm(d['mean_pool'])} | "
-                       f"{_pm(d['truncation'])} |")
+                       f"{r['prefix_slots']} | {r['nll']['full']:.4f} | "
+                       + " | ".join(_pm(d[v]) if v in d else "n/a" for v in shown) + " |")
+        out += [""] + [f"- {v}: {why}" for v, why in
+                       (nll.get("skipped_variants") or {}).items()]
         out += ["", "![ΔNLL@H vs compression ratio](dnll_vs_ratio.png)", ""]
+        out += _paired_lines(results.get("dnll_paired"), nll)
     else:
         out += [(nll or {}).get("skipped", "not measured in this run"), ""]
+
+    out += _ceiling_lines(results.get("ceiling"))
 
     pk = results.get("passkey")
     out += ["## Passkey retrieval vs history length", ""]
@@ -304,13 +392,21 @@ def _json_default(x: Any):
 
 
 def write_outputs(results: dict, out_dir: str | Path) -> dict[str, str]:
-    """Write results.json, the three PNGs and report.md into `out_dir`; returns the paths."""
+    """Write results.json, the three PNGs, report.md and the "arrays" entry's .npz files
+    into `out_dir`; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    arrays = results.get("arrays") or {}
+    results = {k: v for k, v in results.items() if k != "arrays"}
     paths = {"results": out / "results.json", "report": out / "report.md",
              **{p.removesuffix(".png"): out / p for p in PLOTS}}
+    for name, arrs in arrays.items():
+        if arrs:
+            paths[name.removesuffix(".npz")] = out / name
+            np.savez(out / name, **arrs)
+    results["files"] = sorted(p.name for p in paths.values())
     paths["results"].write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    plot_dnll_vs_ratio(results.get("delta_nll"), paths["dnll_vs_ratio"])
+    plot_dnll_vs_ratio(results.get("delta_nll"), paths["dnll_vs_ratio"], results.get("ceiling"))
     plot_accuracy_vs_length(results.get("passkey"), paths["accuracy_vs_length"])
     plot_focus_map(results.get("focus_map"), paths["focus_map"], results["meta"]["num_levels"])
     paths["report"].write_text(render_markdown(results))

@@ -7,6 +7,7 @@ All pure and deterministic given their arguments (seeds included).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,7 +15,8 @@ import numpy as np
 from mcjax.config import MCConfig
 from mcjax.train import data, losses
 
-__all__ = ["EvalInputError", "LayoutSpec", "nll_layouts", "default_keep_raw", "parse_int_list",
+__all__ = ["EvalInputError", "LayoutSpec", "nll_layouts", "default_keep_raw", "layouts_by_name",
+           "batches_of", "locate_windows", "parse_int_list",
            "check_lengths", "passkey_cases", "feed_schedule", "byte_decode"]
 
 
@@ -31,8 +33,9 @@ class LayoutSpec:
 
     @property
     def prefix_slots(self) -> int:
-        """Slots the compressed prefix occupies: gists + raw tail blocks."""
-        return self.layout.num_gists + self.layout.keep_raw_blocks * self.layout.block_size
+        """Slots the compressed prefix occupies: sink + gists + raw tail blocks."""
+        lay = self.layout
+        return lay.sink_len + lay.num_gists + lay.keep_raw_blocks * lay.block_size
 
     @property
     def context_ratio(self) -> float:
@@ -47,35 +50,40 @@ class LayoutSpec:
     def describe(self) -> dict:
         lay = self.layout
         return {"name": self.name, "prefix_len": lay.prefix_len, "horizon": lay.horizon,
-                "keep_raw_blocks": lay.keep_raw_blocks, "lod2_gists": lay.lod2_groups,
-                "lod1_gists": lay.lod1_blocks, "compressed_tokens": lay.raw_start,
+                "keep_raw_blocks": lay.keep_raw_blocks, "sink_blocks": lay.sink_blocks,
+                "lod2_gists": lay.lod2_groups, "lod1_gists": lay.lod1_blocks,
+                "compressed_tokens": lay.compressed_tokens,
                 "prefix_slots": self.prefix_slots, "context_ratio": self.context_ratio,
                 "span_ratio": self.span_ratio}
 
 
-def default_keep_raw(prefix_blocks: int) -> tuple[int, ...]:
-    """Raw tail sizes (in blocks) of the default sweep: about half, an eighth, one block."""
+def default_keep_raw(prefix_blocks: int, sink_blocks: int = 0) -> tuple[int, ...]:
+    """Raw tail sizes (in blocks) of the default sweep: about half, an eighth, one block
+    (each leaving at least one block to compress after the sink)."""
     keep = {max(1, prefix_blocks // 2), max(1, prefix_blocks // 8), 1}
-    return tuple(sorted((k for k in keep if k < prefix_blocks), reverse=True))
+    return tuple(sorted((k for k in keep if k < prefix_blocks - sink_blocks), reverse=True))
 
 
 def nll_layouts(mc: MCConfig, prefix_len: int, keep_raw: Sequence[int] | None = None, *,
                 horizon: int | None = None) -> list[LayoutSpec]:
-    """Layouts of increasing compression: LOD1 gists with `keep_raw` newest blocks raw, and
-    for each the LOD1+LOD2 layout where a complete 1,024-token group exists. Sorted by
-    whole-prefix compression ratio."""
+    """Layouts of increasing compression: LOD1 gists with `keep_raw` newest blocks raw (the
+    first `mc.sink_blocks` blocks stay raw as the sink), and for each the LOD1+LOD2 layout
+    where a complete 1,024-token group exists. Sorted by whole-prefix compression ratio.
+    Named `lod1_keep{k}` / `lod1+lod2_keep{k}` (as the GistNet trainer names them)."""
     K = mc.block_size
     if prefix_len <= 0 or prefix_len % K:
         raise EvalInputError(f"prefix length {prefix_len} must be a positive multiple of the "
                              f"block size {K}")
     blocks = prefix_len // K
-    keep_raw = default_keep_raw(blocks) if keep_raw is None else tuple(keep_raw)
+    sink = mc.sink_blocks
+    keep_raw = default_keep_raw(blocks, sink) if keep_raw is None else tuple(keep_raw)
     if not keep_raw:
         raise EvalInputError("no layouts: give at least one keep-raw block count")
-    bad = [k for k in keep_raw if not 0 <= k < blocks]
+    bad = [k for k in keep_raw if not 0 <= k < blocks - sink]
     if bad:
         raise EvalInputError(f"keep-raw block counts {bad} leave nothing to compress in a "
-                             f"prefix of {blocks} blocks (need 0 <= k < {blocks})")
+                             f"prefix of {blocks} blocks with a {sink}-block sink (need "
+                             f"0 <= k < {blocks - sink})")
     specs: dict[losses.GistLayout, LayoutSpec] = {}
     for k in keep_raw:
         for lod2 in (False, True):
@@ -86,6 +94,80 @@ def nll_layouts(mc: MCConfig, prefix_len: int, keep_raw: Sequence[int] | None = 
             name = f"{'lod1+lod2' if lay.lod2_groups else 'lod1'}_keep{k}"
             specs.setdefault(lay, LayoutSpec(name, lay))
     return sorted(specs.values(), key=lambda s: (s.context_ratio, s.name))
+
+
+_LAYOUT_NAME = re.compile(r"^(lod1|lod1\+lod2)_keep(\d+)$")
+
+
+def layouts_by_name(mc: MCConfig, prefix_len: int, names: Sequence[str], *,
+                    horizon: int | None = None) -> list[LayoutSpec]:
+    """The layouts named `lod1_keep{k}` / `lod1+lod2_keep{k}` (as `nll_layouts` names them),
+    in the order given; a clear error for a malformed name or a LOD2 layout without a
+    complete group."""
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise EvalInputError("no layout names given (e.g. lod1_keep1)")
+    keep = []
+    for n in names:
+        m = _LAYOUT_NAME.match(n)
+        if not m:
+            raise EvalInputError(f"layout name {n!r} is not of the form lod1_keepK or "
+                                 f"lod1+lod2_keepK")
+        keep.append(int(m.group(2)))
+    found = {s.name: s for s in nll_layouts(mc, prefix_len, tuple(dict.fromkeys(keep)),
+                                            horizon=horizon)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise EvalInputError(f"layouts {missing} do not exist for a {prefix_len}-token prefix "
+                             f"(available: {sorted(found)}; LOD2 needs a complete group of "
+                             f"{mc.block_size} blocks to compress)")
+    return [found[n] for n in dict.fromkeys(names)]
+
+
+def batches_of(windows: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, int]]:
+    """Split windows [N, S] into batches of exactly `batch_size` rows (one compiled shape):
+    the last batch is padded with copies of the last window. Returns (batch, real rows)."""
+    windows = np.asarray(windows)
+    if batch_size < 1:
+        raise EvalInputError(f"batch size must be >= 1, got {batch_size}")
+    if len(windows) == 0:
+        raise EvalInputError("no windows to batch")
+    out = []
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i: i + batch_size]
+        real = len(chunk)
+        if real < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, 0)])
+        out.append((chunk, real))
+    return out
+
+
+def locate_windows(corpus: data.TokenizedCorpus, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Where each window [N, S] lies in the corpus: "offset" (first token in the corpus),
+    "doc" (document index), "doc_id" and "doc_offset" (first token inside the document);
+    -1 / "" for a window not found. A window that occurs more than once gets its first
+    occurrence that starts at a multiple of S inside its document (how
+    `data.document_windows` cuts them), else its first occurrence."""
+    tokens = np.asarray(corpus.tokens)
+    windows = np.asarray(windows)
+    S = windows.shape[1]
+    starts = np.asarray(corpus.doc_starts)
+    offset = np.full(len(windows), -1, np.int64)
+    for i, w in enumerate(windows):
+        cand = np.flatnonzero(tokens[: len(tokens) - S + 1] == w[0])
+        for k in range(1, S):
+            if len(cand) <= 1:
+                break
+            cand = cand[tokens[cand + k] == w[k]]
+        cand = [c for c in cand if np.array_equal(tokens[c: c + S], w)]
+        if cand:
+            aligned = [c for c in cand
+                       if (c - starts[np.searchsorted(starts, c, "right") - 1]) % S == 0]
+            offset[i] = (aligned or cand)[0]
+    doc = np.where(offset >= 0, np.searchsorted(starts, offset, "right") - 1, -1)
+    return {"offset": offset, "doc": doc.astype(np.int64),
+            "doc_offset": np.where(offset >= 0, offset - starts[np.maximum(doc, 0)], -1),
+            "doc_id": np.asarray([corpus.doc_ids[d] if d >= 0 else "" for d in doc])}
 
 
 def parse_int_list(text: str, what: str) -> tuple[int, ...]:

@@ -333,6 +333,26 @@ class WindowIterator:
         return np.stack([self.tokens[s: s + self.seq_len] for s in starts])
 
 
+def document_windows(corpus: TokenizedCorpus, seq_len: int, num: int, *, seed: int = 0
+                     ) -> np.ndarray:
+    """`num` windows [num, seq_len] that each lie inside one document (no separator, no
+    second document): drawn without replacement from the non-overlapping, document-aligned
+    windows of every document long enough (windows start at the document's start plus a
+    multiple of seq_len), in an order fixed by `seed`. Deterministic; a clear error when
+    the split holds fewer such windows than asked for."""
+    if seq_len < 1 or num < 1:
+        raise DataError(f"need seq_len >= 1 and num >= 1, got {seq_len}, {num}")
+    # every document is followed by one separator token: end before it
+    ends = np.append(corpus.doc_starts[1:], len(corpus.tokens)) - 1
+    starts = [np.arange(s, e - seq_len + 1, seq_len) for s, e in zip(corpus.doc_starts, ends)]
+    starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    if len(starts) < num:
+        raise DataError(f"the split has {len(starts)} in-document windows of {seq_len} tokens, "
+                        f"fewer than the {num} asked for")
+    pick = np.sort(np.random.default_rng([seed, 0xD0C]).permutation(len(starts))[:num])
+    return np.stack([corpus.tokens[s: s + seq_len] for s in starts[pick]])
+
+
 def next_token_targets(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) with targets[i] = tokens[i + 1] (never the inputs themselves)."""
     tokens = np.asarray(tokens)

@@ -30,6 +30,7 @@ from mcjax.checkpoint import CheckpointError, Checkpointer
 from mcjax.config import ExperimentConfig, LensConfig
 from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
+from mcjax.base import model as base
 from mcjax.train import data, losses, steps
 
 
@@ -76,56 +77,100 @@ def window_prefix_len(cfg: ExperimentConfig) -> int:
     return prefix
 
 
-def gist_layout(cfg: ExperimentConfig, use_lod2: bool = True) -> losses.GistLayout:
-    return losses.GistLayout.build(cfg.mc, window_prefix_len(cfg), use_lod2=use_lod2)
+def gist_layout(cfg: ExperimentConfig, use_lod2: bool = True, keep_raw_blocks: int = 1
+                ) -> losses.GistLayout:
+    return losses.GistLayout.build(cfg.mc, window_prefix_len(cfg), use_lod2=use_lod2,
+                                   keep_raw_blocks=keep_raw_blocks)
+
+
+def gist_train_layouts(cfg: ExperimentConfig) -> dict[str, losses.GistLayout]:
+    """The layouts GistNet steps cycle over (`train.gist_keep_raw`, `train.gist_lod2`),
+    named as in the evaluation (`lod1_keep4`, `lod1+lod2_keep1`); duplicates dropped."""
+    out: dict[str, losses.GistLayout] = {}
+    keep = cfg.train.gist_keep_raw
+    if not keep:
+        raise ValueError("train.gist_keep_raw must name at least one keep-raw block count")
+    for k in keep:
+        out.setdefault(f"lod1_keep{k}", gist_layout(cfg, use_lod2=False, keep_raw_blocks=k))
+    if cfg.train.gist_lod2:
+        lay = gist_layout(cfg, use_lod2=True, keep_raw_blocks=keep[0])
+        if lay.lod2_groups and lay not in out.values():
+            out[f"lod1+lod2_keep{keep[0]}"] = lay
+    return out
 
 
 def held_out_batches(frozen: Frozen, num: int, batch_size: int, seq_len: int,
                      seed: int = 1234) -> list[np.ndarray]:
+    """`num` batches of held-out windows, each lying inside one document."""
     corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
                                    separator=frozen.separator, progress=False)
-    it = data.WindowIterator(corpus.tokens, batch_size, seq_len, seed=seed)
-    return [next(it) for _ in range(num)]
+    windows = data.document_windows(corpus, seq_len, num * batch_size, seed=seed)
+    return [windows[i * batch_size: (i + 1) * batch_size] for i in range(num)]
 
 
-VARIANTS = ("gistnet", "mean_pool", "truncation")
+VARIANTS = ("gistnet", "mean_pool", "mean_pool_hidden", "truncation")
 
 
 @functools.partial(jax.jit, static_argnames=("base_cfg", "gist_cfg", "layout", "variant"))
 def variant_nll(base_params, gist_params, tokens, *, base_cfg, gist_cfg, layout, variant):
-    """NLL [B, H] of the continuation under one context variant (same targets for all)."""
+    """NLL [B, H] of the continuation under one context variant (same targets for all).
+
+    gistnet: GistNet on its configured children; mean_pool: the mean of the token
+    embeddings; mean_pool_hidden: the mean of the read-pass hidden states after
+    `gist_cfg.input_layer` layers, rescaled to the embeddings' RMS; truncation: the
+    gisted span dropped (the sink stays)."""
     if variant == "full":
         return losses.full_context_nll(base_params, base_cfg, tokens, layout)[0]
-    fn = {"gistnet": lambda: losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size),
-          "mean_pool": lambda: losses.mean_pool_gist_fn,
-          "truncation": lambda: None}[variant]()
-    return losses.substitution_nll(base_params, base_cfg, tokens, layout, fn)[0]
+    prefix = tokens[:, : layout.raw_start]
+    if variant == "gistnet":
+        fn = losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
+        children = losses.lod1_children(base_params, base_cfg, gist_cfg, prefix)
+    elif variant == "mean_pool":
+        fn, children = losses.mean_pool_gist_fn, base.embed_tokens(base_params, prefix)
+    elif variant == "mean_pool_hidden":
+        rms = jnp.sqrt(jnp.mean(jnp.square(base_params["embed"]["embedding"].astype(
+            jnp.float32))))
+        fn = losses.rescaled_mean_pool_fn(rms)
+        children = losses.lod1_children(base_params, base_cfg,
+                                        dataclasses.replace(gist_cfg, input="hidden"), prefix)
+    elif variant == "truncation":
+        fn, children = None, None
+    else:
+        raise ValueError(f"unknown variant {variant!r}; known: full, {', '.join(VARIANTS)}")
+    return losses.substitution_nll(base_params, base_cfg, tokens, layout, fn,
+                                   children=children)[0]
 
 
 def evaluate_substitution(gist_params, frozen: Frozen, batches: list[np.ndarray],
                           layouts: dict[str, losses.GistLayout]) -> dict[str, Any]:
-    """Held-out ΔNLL@H of GistNet gists vs truncation and mean pooling, per layout.
+    """Held-out ΔNLL@H of GistNet gists vs truncation and mean pooling, per layout, with
+    the paired difference of GistNet to truncation (± SE over windows).
 
     Every variant of a window is scored on the identical continuation targets.
     """
+    from mcjax.eval.metrics import mean_stderr
+
     cfg = frozen.cfg
     out: dict[str, Any] = {}
     for name, layout in layouts.items():
-        sums = {k: 0.0 for k in ("full", *VARIANTS)}
-        count = 0
+        per = {k: [] for k in ("full", *VARIANTS)}
         for batch in batches:
             tokens = jnp.asarray(batch)
-            for variant in sums:
+            for variant in per:
                 nll = variant_nll(frozen.params, gist_params, tokens, base_cfg=cfg.base_config,
                                   gist_cfg=cfg.gist, layout=layout, variant=variant)
-                sums[variant] += float(jnp.sum(nll))
-            count += tokens.shape[0] * layout.horizon
+                per[variant].append(np.asarray(nll).mean(axis=1))
+        nll = {k: np.concatenate(v) for k, v in per.items()}
+        diff = mean_stderr(nll["gistnet"] - nll["truncation"])
         out[name] = {
             "compression_ratio": layout.compression_ratio,
-            "compressed_tokens": layout.raw_start,
+            "compressed_tokens": layout.compressed_tokens,
             "gists": layout.num_gists,
-            "nll_full": sums["full"] / count,
-            **{f"delta_nll_{k}": (sums[k] - sums["full"]) / count for k in VARIANTS},
+            "windows": int(nll["full"].shape[0]),
+            "nll_full": float(nll["full"].mean()),
+            **{f"delta_nll_{k}": float((nll[k] - nll["full"]).mean()) for k in VARIANTS},
+            "gistnet_minus_truncation": diff["mean"],
+            "gistnet_minus_truncation_se": diff["stderr"],
         }
     return out
 
@@ -279,20 +324,24 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     tokens_per_step = tc.batch_size * tc.seq_len
     bar = tqdm(range(start, end), initial=start, total=tc.steps, desc=job.name,
                disable=not progress)
-    t_last, logged_at, metrics = time.perf_counter(), start, {}
+    t_last, logged_at, metrics, pending = time.perf_counter(), start, {}, []
     for step in bar:
         batch = sharded.place_batch(next(batches))
         rng = sharded.place_rng(jax.random.fold_in(jax.random.key(tc.seed), step))
         state, metrics = sharded.train(state, frozen_placed, batch, rng)
+        pending.append(metrics)
         done = step + 1
         if done % tc.log_every == 0 or done == end:
-            metrics = jax.device_get(metrics)
             now = time.perf_counter()
             # the first interval includes compilation; later ones are steady-state
-            metrics["tokens_per_s"] = tokens_per_step * (done - logged_at) / max(
-                now - t_last, 1e-9)
+            rate = tokens_per_step * (done - logged_at) / max(now - t_last, 1e-9)
             t_last, logged_at = now, done
-            log.write(done, "train", metrics)
+            # One row per layout seen since the last log (steps may cycle over layouts:
+            # logging only every log_every-th step would show a single one of them).
+            for metrics in _mean_by_layout(jax.device_get(pending)):
+                metrics["tokens_per_s"] = rate
+                log.write(done, "train", metrics)
+            pending = []
             bar.set_postfix(**job.postfix(metrics))
         if eval_set and done % tc.eval_every == 0 and done != end:
             log.write(done, "eval", evaluate(state.params))
@@ -310,6 +359,20 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     return result
 
 
+def _mean_by_layout(rows: list[dict]) -> list[dict]:
+    """Per-step metric dicts -> one dict per `layout` index (means, with `steps`)."""
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(int(np.asarray(r.get("layout", 0))), []).append(r)
+    out = []
+    for lay in sorted(groups):
+        g = groups[lay]
+        m = {k: np.mean([np.asarray(r[k], np.float64) for r in g], axis=0) for k in g[0]}
+        m["layout"], m["steps"] = lay, len(g)
+        out.append(m)
+    return out
+
+
 def _init_gist(cfg: ExperimentConfig, base_params=None):
     # Gists start at the embeddings' scale: at output_rms=1 they are ~O(10x) too large for
     # SmolLM2 and the frozen model reads them as noise before training has moved anything.
@@ -324,13 +387,13 @@ def _init_lens(cfg: ExperimentConfig):
 
 
 def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
-               progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
-               alternate: bool = True) -> dict[str, Any]:
+               progress: bool = True, eval_batches: int = 4, stop_after: int | None = None
+               ) -> dict[str, Any]:
     """Train GistNet on substitutability; returns the final metrics and evaluations.
 
-    Steps alternate between the LOD1+LOD2 layout and the LOD1-only layout (`alternate`);
-    when the window holds no complete LOD2 group the two are the same and no alternation
-    happens.
+    Steps cycle over `gist_train_layouts(cfg)` (`train.gist_keep_raw`, `train.gist_lod2`);
+    `train.gist_dense` scores every raw-tail position. Held-out evaluation covers every
+    training layout.
 
     `stop_after` ends the process's work after that many steps of this call (the run can be
     resumed later), which tests use to emulate interruptions deterministically.
@@ -339,18 +402,19 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     workdir.mkdir(parents=True, exist_ok=True)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
-    layout = gist_layout(cfg)
-    layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
+    tc = cfg.train
+    layouts = gist_train_layouts(cfg)
     job = Job(
         name="train_gist",
-        step=steps.GistStep(cfg, layout, alternate=(
-            layouts["lod1"] if alternate and layouts["lod1"] != layout else None)),
+        step=steps.GistStep(cfg, tuple(layouts.values()), nll_weight=tc.gist_nll_weight,
+                            kl_weight=tc.gist_kl_weight, dense=tc.gist_dense),
         optimizer=steps.make_optimizer(cfg.train), params={"gist": _init_gist(cfg, frozen.params)},
         frozen_inputs=frozen.params,
         evaluate=lambda params, sh, fz, batches: evaluate_substitution(
             params["gist"], frozen, batches, layouts),
         postfix=lambda m: {"loss": f"{float(m['loss']):.4f}",
-                           "dnll": f"{float(m['delta_nll']):+.4f}"})
+                           "dnll": f"{float(m['delta_nll']):+.4f}"},
+        notes={"layouts": list(layouts)})
     return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                         eval_batches=eval_batches, stop_after=stop_after)
 

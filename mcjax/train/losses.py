@@ -1,15 +1,32 @@
 """Training objectives (SPEC §2.8).
 
 GistNet substitutability. A window of S = P + H tokens is split into a block-aligned
-prefix of P tokens and H continuation tokens. The *compressed* working context replaces
-all but the newest `keep_raw_blocks` prefix blocks with gists (LOD2 for every complete,
-1,024-aligned group of 32 blocks when enabled, LOD1 for the rest), keeps the newest blocks
-and the continuation as raw tokens, and is scored on the H continuation tokens. The
-*uncompressed* context is the raw window. Both variants (and every baseline) are scored on
-the identical targets `tokens[P : P + H]`, each predicted from the slot holding the
-previous token (`target[i] = token[i + 1]`), so their NLLs are directly comparable:
+prefix of P tokens and H continuation tokens. The *compressed* working context is
 
-    ΔNLL@H = NLL(compressed) − NLL(uncompressed).
+    [sink ‖ gists ‖ raw tail ‖ continuation]
+
+— the window's first `sink_blocks` blocks stay raw (the frozen model's attention sink
+forms at the physically first slot, SPEC §1), the span after them is replaced by gists
+(one LOD2 gist per group of 32 blocks when enabled, LOD1 for the rest), and the newest
+`keep_raw_blocks` prefix blocks stay raw. The *uncompressed* context is the raw window;
+*truncation* drops the gisted span (keeping the same sink). Every variant is scored on the
+identical targets, each predicted from the slot holding the previous token
+(`target[i] = token[i + 1]`):
+
+    ΔNLL@H = NLL(compressed) − NLL(uncompressed)   on tokens[P : P + H].
+
+Dense supervision (`dense=True`, SPEC §2.8 item 4): the loss also covers every raw-tail
+position — a target at raw block m of the tail is predicted with m raw blocks of detail
+and gists for the rest, so one forward trains every keep-raw level from 1 to
+`keep_raw_blocks`, with ~`keep_raw_blocks`·K + H targets instead of H.
+
+In training the LOD2 group starts right after the sink (blocks 1..32 of the window): the
+window is a history of its own and only the runtime's trees are 1,024-aligned.
+
+LOD1 children are the block's token embeddings (`GistConfig.input="embeddings"`) or the
+frozen base model's read-pass hidden states after `input_layer` layers (`"hidden"`),
+read in independent chunks of `read_chunk` tokens aligned to the window start — exactly
+what the runtime's read pass computes for a history that starts at the window.
 
 The gists flow into the frozen base model as input embeddings; gradients reach GistNet
 only (the base params are a separate, undifferentiated pytree).
@@ -50,89 +67,124 @@ class GistLayout:
     lod2_groups: int  # LOD2 gists (each 32 blocks)
     lod1_blocks: int  # LOD1 gists after the LOD2 groups
     position_scheme: str = "absolute"
+    sink_blocks: int = 0  # oldest prefix blocks kept raw (the attention sink)
 
     @classmethod
     def build(cls, mc: MCConfig, prefix_len: int, *, keep_raw_blocks: int = 1,
-              use_lod2: bool = True, horizon: int | None = None) -> "GistLayout":
+              use_lod2: bool = True, horizon: int | None = None,
+              sink_blocks: int | None = None) -> "GistLayout":
         K = mc.block_size
+        sink = mc.sink_blocks if sink_blocks is None else sink_blocks
         if prefix_len % K or prefix_len <= 0:
             raise ValueError(f"prefix_len ({prefix_len}) must be a positive multiple of "
                              f"block_size ({K})")
         blocks = prefix_len // K
-        if not 0 <= keep_raw_blocks < blocks:
-            raise ValueError(f"keep_raw_blocks={keep_raw_blocks} leaves nothing to compress in "
-                             f"a prefix of {blocks} blocks")
-        compressible = blocks - keep_raw_blocks
+        if not 0 <= keep_raw_blocks < blocks - sink:
+            raise ValueError(f"keep_raw_blocks={keep_raw_blocks} with sink_blocks={sink} "
+                             f"leaves nothing to compress in a prefix of {blocks} blocks")
+        compressible = blocks - sink - keep_raw_blocks
         groups = compressible // K if (use_lod2 and mc.num_levels >= 2) else 0
         return cls(block_size=K, prefix_len=prefix_len, horizon=horizon or mc.horizon,
                    keep_raw_blocks=keep_raw_blocks, lod2_groups=groups,
                    lod1_blocks=compressible - groups * K,
-                   position_scheme=mc.position_scheme)
+                   position_scheme=mc.position_scheme, sink_blocks=sink)
 
     @property
     def window_len(self) -> int:
         return self.prefix_len + self.horizon
 
     @property
+    def sink_len(self) -> int:
+        """Raw sink tokens at the front of every variant."""
+        return self.sink_blocks * self.block_size
+
+    @property
     def raw_start(self) -> int:
-        """First raw token of the compressed context."""
+        """First raw token of the compressed context after the sink."""
         return self.prefix_len - self.keep_raw_blocks * self.block_size
+
+    @property
+    def compressed_tokens(self) -> int:
+        return self.raw_start - self.sink_len
 
     @property
     def num_gists(self) -> int:
         return self.lod2_groups + self.lod1_blocks
 
     @property
+    def num_tail_inputs(self) -> int:
+        """Raw tail + continuation input slots (the last token is only a target)."""
+        return self.window_len - 1 - self.raw_start
+
+    @property
     def num_slots(self) -> int:
-        # gists + raw prefix tail + continuation inputs (the last token is only a target)
-        return self.num_gists + (self.window_len - 1 - self.raw_start)
+        return self.sink_len + self.num_gists + self.num_tail_inputs
 
     @property
     def compression_ratio(self) -> float:
-        compressed = self.raw_start
-        return compressed / max(self.num_gists, 1)
+        return self.compressed_tokens / max(self.num_gists, 1)
+
+    def scored(self, dense: bool) -> int:
+        """Targets scored per window: H, or every raw-tail position with `dense`."""
+        return self.num_tail_inputs if dense else self.horizon
 
     def positions(self, truncated: bool = False) -> np.ndarray:
-        """Slot positions [num_slots] (or of the truncated context, gists dropped)."""
-        K = self.block_size
+        """Slot positions [num_slots] (or of the truncated context: sink + raw tail)."""
+        K, S = self.block_size, self.sink_len
+        sink = np.arange(S)
         raw = np.arange(self.raw_start, self.window_len - 1)
         if truncated:
-            return raw if self.position_scheme == "absolute" else np.arange(len(raw))
+            return (np.concatenate([sink, raw]) if self.position_scheme == "absolute"
+                    else np.arange(S + len(raw))).astype(np.int32)
         if self.position_scheme == "compact":
-            return np.arange(self.num_slots)
-        lod2 = np.arange(self.lod2_groups) * K * K + K * K // 2
-        first1 = self.lod2_groups * K
-        lod1 = (first1 + np.arange(self.lod1_blocks)) * K + K // 2
-        return np.concatenate([lod2, lod1, raw]).astype(np.int32)
+            return np.arange(self.num_slots, dtype=np.int32)
+        lod2 = S + np.arange(self.lod2_groups) * K * K + K * K // 2
+        first1 = S + self.lod2_groups * K * K
+        lod1 = first1 + np.arange(self.lod1_blocks) * K + K // 2
+        return np.concatenate([sink, lod2, lod1, raw]).astype(np.int32)
 
 
-def continuation_targets(tokens: jax.Array, layout: GistLayout) -> jax.Array:
-    """The H scored targets tokens[P : P + H] (the same for every variant)."""
-    return tokens[:, layout.prefix_len: layout.window_len]
+def continuation_targets(tokens: jax.Array, layout: GistLayout, dense: bool = False
+                         ) -> jax.Array:
+    """Scored targets: tokens[P : P + H], or tokens[raw_start + 1 : P + H] with `dense`
+    (the same for every variant)."""
+    first = layout.window_len - layout.scored(dense)
+    return tokens[:, first: layout.window_len]
 
 
-def _nll_and_logprobs(base_params, base_cfg, embeds, positions, targets, horizon):
-    """NLL [B, H] of `targets` from the last `horizon` slots, and their log-probs."""
+def _nll_and_logprobs(base_params, base_cfg, embeds, positions, targets, num_scored):
+    """NLL [B, n] of `targets` from the last `num_scored` slots, and their log-probs."""
     B = embeds.shape[0]
     pos = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, embeds.shape[1]))
     hidden = base.forward_core(base_params, base_cfg, None, embeds, pos,
                                jnp.ones(pos.shape, bool), return_hidden=True)
-    logits = base.logits_from_hidden(base_params, base_cfg, hidden[:, -horizon:])
+    logits = base.logits_from_hidden(base_params, base_cfg, hidden[:, -num_scored:])
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return nll, logp
 
 
-def make_gists(gist_fn: Callable, token_embeds: jax.Array, layout: GistLayout) -> jax.Array:
-    """[B, num_gists, D] gists of the compressed prefix: LOD2 groups, then LOD1 blocks.
+def lod1_children(base_params, base_cfg: LlamaConfig, gist_cfg: GistConfig,
+                  tokens: jax.Array) -> jax.Array:
+    """LOD1 children [B, T, D] of token ids [B, T] (T from the window start): token
+    embeddings, or read-pass hidden states (chunks aligned to the window start)."""
+    if gist_cfg.input == "hidden":
+        return jax.lax.stop_gradient(base.layer_hidden_core(
+            base_params, base_cfg, tokens, gist_cfg.input_layer, gist_cfg.read_chunk))
+    return base.embed_tokens(base_params, tokens)
 
+
+def make_gists(gist_fn: Callable, children: jax.Array, layout: GistLayout) -> jax.Array:
+    """[B, num_gists, D] gists of the compressed span: LOD2 groups, then LOD1 blocks.
+
+    `children` [B, ≥raw_start, D] are the window's LOD1 children from its start;
     `gist_fn(children [N, K, D], level) -> [N, D]`. LOD2 gists are built from LOD1 gists
     (as in the tree), so gradients flow through both levels.
     """
-    B, _, D = token_embeds.shape
+    B, _, D = children.shape
     K = layout.block_size
     n1_total = layout.lod2_groups * K + layout.lod1_blocks
-    blocks = token_embeds[:, : n1_total * K].reshape(B * n1_total, K, D)
+    blocks = children[:, layout.sink_len: layout.raw_start].reshape(B * n1_total, K, D)
     lod1 = gist_fn(blocks, 1).reshape(B, n1_total, D)
     parts = []
     if layout.lod2_groups:
@@ -148,26 +200,61 @@ def mean_pool_gist_fn(children: jax.Array, level) -> jax.Array:
     return jnp.mean(children, axis=1)
 
 
-def substitution_nll(base_params, base_cfg: LlamaConfig, tokens: jax.Array, layout: GistLayout,
-                     gist_fn: Callable | None) -> dict[str, jax.Array]:
-    """NLL [B, H] of the continuation with the compressed prefix (or truncated if None)."""
+def rescaled_mean_pool_fn(target_rms: float) -> Callable:
+    """Baseline 'gist' for hidden-state children: their mean, rescaled to RMS
+    `target_rms` (the token embeddings' scale; hidden states live at another scale)."""
+    def fn(children, level):
+        del level
+        m = jnp.mean(children.astype(jnp.float32), axis=1)
+        return m * (target_rms / jnp.sqrt(jnp.mean(m * m, axis=-1, keepdims=True) + 1e-12))
+    return fn
+
+
+def compressed_embeds(base_params, tokens: jax.Array, layout: GistLayout,
+                      gists: jax.Array | None) -> tuple[jax.Array, np.ndarray]:
+    """Input embeddings and positions of a window's compressed context: [sink ‖ gists ‖
+    raw tail ‖ continuation], or without gists (truncation) when `gists` is None."""
     embeds = base.embed_tokens(base_params, tokens[:, : layout.window_len - 1])
-    raw = embeds[:, layout.raw_start:]
-    targets = continuation_targets(tokens, layout)
-    if gist_fn is None:  # truncation: the compressed span is dropped
-        return _nll_and_logprobs(base_params, base_cfg, raw, layout.positions(truncated=True),
-                                 targets, layout.horizon)
-    gists = make_gists(gist_fn, embeds, layout).astype(raw.dtype)
-    return _nll_and_logprobs(base_params, base_cfg, jnp.concatenate([gists, raw], axis=1),
-                             layout.positions(), targets, layout.horizon)
+    parts = [embeds[:, : layout.sink_len]]
+    if gists is not None:
+        parts.append(gists.astype(embeds.dtype))
+    parts.append(embeds[:, layout.raw_start:])
+    return jnp.concatenate(parts, axis=1), layout.positions(truncated=gists is None)
 
 
-def full_context_nll(base_params, base_cfg: LlamaConfig, tokens: jax.Array, layout: GistLayout):
-    """NLL [B, H] and log-probs of the continuation given the whole raw window."""
+def substitution_nll(base_params, base_cfg: LlamaConfig, tokens: jax.Array, layout: GistLayout,
+                     gist_fn: Callable | None, *, children: jax.Array | None = None,
+                     dense: bool = False) -> tuple[jax.Array, jax.Array]:
+    """NLL [B, n] (and log-probs) of the scored targets with the compressed prefix, or
+    truncated if `gist_fn` is None. `children` default to the token embeddings."""
+    gists = None
+    if gist_fn is not None:
+        if children is None:
+            children = base.embed_tokens(base_params, tokens[:, : layout.raw_start])
+        gists = make_gists(gist_fn, children, layout)
+    return substitution_nll_from_gists(base_params, base_cfg, tokens, layout, gists,
+                                       dense=dense)
+
+
+def substitution_nll_from_gists(base_params, base_cfg: LlamaConfig, tokens: jax.Array,
+                                layout: GistLayout, gists: jax.Array | None, *,
+                                dense: bool = False) -> tuple[jax.Array, jax.Array]:
+    """As `substitution_nll`, with the gist vectors [B, num_gists, D] given directly
+    (free vectors for the ceiling, or precomputed gists); None is truncation."""
+    embeds, pos = compressed_embeds(base_params, tokens, layout, gists)
+    return _nll_and_logprobs(base_params, base_cfg, embeds, pos,
+                             continuation_targets(tokens, layout, dense),
+                             layout.scored(dense))
+
+
+def full_context_nll(base_params, base_cfg: LlamaConfig, tokens: jax.Array, layout: GistLayout,
+                     dense: bool = False):
+    """NLL [B, n] and log-probs of the scored targets given the whole raw window."""
     inputs = tokens[:, : layout.window_len - 1]
     embeds = base.embed_tokens(base_params, inputs)
     return _nll_and_logprobs(base_params, base_cfg, embeds, np.arange(inputs.shape[1]),
-                             continuation_targets(tokens, layout), layout.horizon)
+                             continuation_targets(tokens, layout, dense),
+                             layout.scored(dense))
 
 
 def gistnet_fn(gist_params, gist_cfg: GistConfig, embed_dim: int) -> Callable:
@@ -175,19 +262,31 @@ def gistnet_fn(gist_params, gist_cfg: GistConfig, embed_dim: int) -> Callable:
     return lambda children, level: module.apply({"params": gist_params}, children, level)
 
 
+def kl_to_teacher(teacher_logp: jax.Array, student_logp: jax.Array) -> jax.Array:
+    """KL(teacher ‖ student) [B, n] per scored position."""
+    return jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
+
+
 def gist_loss(gist_params, base_params, tokens: jax.Array, *, base_cfg: LlamaConfig,
               gist_cfg: GistConfig, layout: GistLayout, nll_weight: float = 1.0,
-              kl_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Substitutability loss: nll_weight·NLL + kl_weight·KL(full ‖ compressed) on H tokens."""
+              kl_weight: float = 1.0, dense: bool = False
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Substitutability loss: nll_weight·NLL + kl_weight·KL(full ‖ compressed), over the
+    H continuation targets or (dense) every raw-tail position. Metrics `delta_nll` and
+    `kl_h` are always over the H continuation targets, comparable across layouts."""
     base_params = jax.lax.stop_gradient(base_params)
-    full_nll, full_logp = full_context_nll(base_params, base_cfg, tokens, layout)
+    full_nll, full_logp = full_context_nll(base_params, base_cfg, tokens, layout, dense)
     full_nll, full_logp = jax.lax.stop_gradient((full_nll, full_logp))
     fn = gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
-    nll, logp = substitution_nll(base_params, base_cfg, tokens, layout, fn)
-    kl = jnp.sum(jnp.exp(full_logp) * (full_logp - logp), axis=-1)
+    children = lod1_children(base_params, base_cfg, gist_cfg, tokens[:, : layout.raw_start])
+    nll, logp = substitution_nll(base_params, base_cfg, tokens, layout, fn, children=children,
+                                 dense=dense)
+    kl = kl_to_teacher(full_logp, logp)
     loss = nll_weight * nll.mean() + kl_weight * kl.mean()
-    return loss, {"loss": loss, "nll": nll.mean(), "nll_full": full_nll.mean(),
-                  "delta_nll": (nll - full_nll).mean(), "kl": kl.mean()}
+    H = layout.horizon
+    return loss, {"loss": loss, "nll": nll[:, -H:].mean(), "nll_full": full_nll[:, -H:].mean(),
+                  "delta_nll": (nll - full_nll)[:, -H:].mean(), "kl": kl.mean(),
+                  "kl_h": kl[:, -H:].mean()}
 
 
 # =========================================================================== LensNet
@@ -257,7 +356,7 @@ class LensTask:
         if candidates < 1 or num_layouts < 1 or max_random_edits < 0:
             raise ValueError(f"need candidates >= 1, num_layouts >= 1, max_random_edits >= 0; "
                              f"got {candidates}, {num_layouts}, {max_random_edits}")
-        lo = max(wcm.min_slots(prefix_len, mc), mc.recent_protect + K)
+        lo = max(wcm.min_slots(prefix_len, mc), wcm.sink_tokens(mc) + mc.recent_protect + K)
         if lo + K - 1 > mc.w_max:
             raise ValueError(
                 f"w_max={mc.w_max} cannot hold a compressed working context of "
@@ -287,7 +386,8 @@ def _collapsible_head(entries, i: int, num_tokens: int, mc: MCConfig) -> bool:
     lvl, node = entries[i]
     return (lvl < mc.num_levels and node % K == 0 and i + K - 1 < len(entries)
             and entries[i + K - 1] == (lvl, node + K - 1)
-            and (node // K + 1) * K ** (lvl + 1) <= num_tokens - mc.recent_protect)
+            and (node // K + 1) * K ** (lvl + 1) <= num_tokens - mc.recent_protect
+            and node * K ** lvl >= mc.sink_blocks * K)  # parent span clear of the sink
 
 
 @functools.lru_cache(maxsize=16)
@@ -308,7 +408,7 @@ def _build_layout_bank(task: LensTask):
     mc, T, K = task.mc, task.prefix_len, task.mc.block_size
     rng = np.random.default_rng([task.layout_seed, 0x1E45])
     room = mc.w_max - (K - 1)
-    lo = max(wcm.min_slots(T, mc), mc.recent_protect + K)
+    lo = max(wcm.min_slots(T, mc), wcm.sink_tokens(mc) + mc.recent_protect + K)
     budgets = np.linspace(lo, room, task.num_layouts).round().astype(int)
     layouts = []
     for budget in budgets:

@@ -60,25 +60,34 @@ def _replicated(mesh: Mesh, tree: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class GistStep:
-    """The GistNet substitutability step for one experiment and window layout.
+    """The GistNet substitutability step for one experiment and its window layouts.
 
-    With `alternate` set, even steps train on `layout` and odd steps on `alternate` (e.g.
-    LOD1+LOD2 and LOD1 only): a single layout leaves most LOD1 gists seen only through
-    their LOD2 parent, so stand-alone LOD1 gists would never be trained. The choice is a
-    `lax.cond` on the traced step counter, so both layouts share one compiled step.
+    With several `layouts`, step s trains on layouts[s % len(layouts)] (e.g. 1, 4 and 17
+    raw blocks, LOD1+LOD2): one layout alone would leave the others' regimes untrained
+    (LOD1 gists seen only through their LOD2 parent, few gists, many gists). The choice is
+    a `lax.switch` on the traced step counter, so every layout shares one compiled step;
+    metrics carry the `layout` index so each branch can be logged on its own.
     """
 
     cfg: ExperimentConfig
-    layout: losses.GistLayout
+    layouts: tuple[losses.GistLayout, ...]
     nll_weight: float = 1.0
     kl_weight: float = 1.0
-    alternate: losses.GistLayout | None = None
+    dense: bool = False
+
+    def __post_init__(self):
+        if not self.layouts:
+            raise ValueError("GistStep needs at least one layout")
+
+    @property
+    def layout(self) -> losses.GistLayout:
+        return self.layouts[0]
 
     def loss(self, trainable, base_params, tokens, layout: losses.GistLayout | None = None):
         return losses.gist_loss(trainable["gist"], base_params, tokens,
                                 base_cfg=self.base_cfg, gist_cfg=self.cfg.gist,
                                 layout=layout or self.layout, nll_weight=self.nll_weight,
-                                kl_weight=self.kl_weight)
+                                kl_weight=self.kl_weight, dense=self.dense)
 
     @property
     def base_cfg(self):
@@ -90,17 +99,19 @@ class GistStep:
 
     def update(self, optimizer, state: TrainState, base_params, tokens, rng):
         del rng  # the objective is deterministic; kept for the common step signature
-        if self.alternate is None:
-            grads, metrics = self._grads(state.params, base_params, tokens, self.layout)
-            metrics = dict(metrics, layout=jnp.zeros((), jnp.int32))
+
+        def branch(index, layout):
+            def run(params):
+                grads, metrics = self._grads(params, base_params, tokens, layout)
+                return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
+            return run
+
+        branches = [branch(i, lay) for i, lay in enumerate(self.layouts)]
+        if len(branches) == 1:
+            grads, metrics = branches[0](state.params)
         else:
-            def branch(index, layout):
-                def run(params):
-                    grads, metrics = self._grads(params, base_params, tokens, layout)
-                    return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
-                return run
-            grads, metrics = jax.lax.cond(state.step % 2 == 0, branch(0, self.layout),
-                                          branch(1, self.alternate), state.params)
+            grads, metrics = jax.lax.switch(state.step % len(branches), branches,
+                                            state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -251,7 +262,7 @@ class JointStep:
 
     @property
     def gist_step(self) -> GistStep:
-        return GistStep(self.cfg, self.layout, self.nll_weight, self.kl_weight)
+        return GistStep(self.cfg, (self.layout,), self.nll_weight, self.kl_weight)
 
     @property
     def lens_step(self) -> LensStep:

@@ -1,0 +1,237 @@
+"""Params-only network files (SPEC §2.10): `<name>.safetensors` plus a JSON card beside it.
+
+A file holds one network's params (GistNet or LensNet), no optimizer state: the nested
+param dict flattened to "a/b/c" keys, written with `safetensors.numpy`. The card
+`<name>.json` says what the params mean:
+
+    {"format": "mcjax-params-v1", "part": "gist",
+     "config": {"base": "smollm2-135m", "gist": {<GistConfig fields>},
+                "mc": {<MCConfig fields>, at least block_size and num_levels}, ...},
+     ...anything else: "source", "step", "command", "data", "figures"}
+
+`config` is `mcjax.checkpoint.config_to_json(cfg)` of the training config (only "gist" and
+"mc" are required). Shipped networks live in this package directory (SPEC §2.10); any
+other path works the same way.
+
+- `save_params_safetensors(params, path)` / `load_params_safetensors(path)`: the arrays.
+- `write_card` / `read_card`: the card (`card_path(path)` is where it lies).
+- `save_gist_params(params, cfg, path, **card)`: both at once.
+- `export_gist_params(workdir, path)`: a training workdir's latest GistNet → file + card.
+- `apply_card(cfg, card)`: the experiment config with the card's GistNet architecture
+  (checked: same base model, block size and number of levels).
+- `check_gist_params(params, cfg)`: the param tree matches that architecture.
+
+Errors are `AssetError` (a `CheckpointError`: the CLIs report both the same way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, config_to_json
+from mcjax.config import ExperimentConfig, GistConfig
+
+__all__ = ["AssetError", "FORMAT", "ASSET_DIR", "save_params_safetensors",
+           "load_params_safetensors", "card_path", "read_card", "write_card",
+           "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
+           "check_gist_params"]
+
+FORMAT = "mcjax-params-v1"
+ASSET_DIR = Path(__file__).resolve().parent  # shipped params + cards
+_SEP = "/"
+
+
+class AssetError(CheckpointError):
+    """A params file or its card is missing, unreadable or does not fit the config."""
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    if hasattr(tree, "items"):  # dict / FrozenDict
+        out: dict[str, np.ndarray] = {}
+        for k, v in tree.items():
+            k = str(k)
+            if not k or _SEP in k:
+                raise AssetError(f"param name {k!r} under {prefix or '/'!r} is empty or holds "
+                                 f"{_SEP!r}; cannot flatten it")
+            out.update(_flatten(v, f"{prefix}{k}{_SEP}"))
+        return out
+    if not prefix:
+        raise AssetError("params must be a (nested) dict of arrays")
+    return {prefix[:-1]: np.ascontiguousarray(np.asarray(tree))}
+
+
+def save_params_safetensors(params: Any, path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Write a nested dict of arrays as safetensors with "a/b/c" keys (atomic rename)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    flat = _flatten(params)
+    if not flat:
+        raise AssetError("no arrays to save")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, os.fspath(tmp), metadata={"format": FORMAT, **(metadata or {})})
+    os.replace(tmp, path)
+    return path
+
+
+def load_params_safetensors(path: str | os.PathLike) -> dict:
+    """The nested dict of numpy arrays written by `save_params_safetensors`."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"params file {str(path)!r} does not exist")
+    try:
+        flat = load_file(os.fspath(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AssetError(f"cannot read params file {path}: {e}") from e
+    tree: dict = {}
+    for key in sorted(flat):
+        node = tree
+        *parents, leaf = key.split(_SEP)
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise AssetError(f"{path}: key {key!r} nests under an array")
+        node[leaf] = flat[key]
+    return tree
+
+
+# --------------------------------------------------------------------------- cards
+
+
+def card_path(path: str | os.PathLike) -> Path:
+    """`<name>.json` beside `<name>.safetensors`."""
+    return Path(path).with_suffix(".json")
+
+
+def write_card(path: str | os.PathLike, card: dict) -> Path:
+    out = card_path(path)
+    out.write_text(json.dumps(card, indent=2) + "\n")
+    return out
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """The card beside a params file; it must hold "config" with "gist" and "mc" dicts."""
+    cp = card_path(path)
+    if not cp.is_file():
+        raise AssetError(f"no card {str(cp)!r} beside {path} (a JSON file with the training "
+                         f"config: {{\"config\": {{\"gist\": {{...}}, \"mc\": {{...}}}}}})")
+    try:
+        card = json.loads(cp.read_text())
+    except json.JSONDecodeError as e:
+        raise AssetError(f"card {cp} is not valid JSON: {e}") from e
+    config = card.get("config") if isinstance(card, dict) else None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict)
+                                               for k in ("gist", "mc")):
+        raise AssetError(f"card {cp} needs a \"config\" object with \"gist\" and \"mc\" objects")
+    return card
+
+
+# --------------------------------------------------------------------------- GistNet
+
+
+def gist_config_from_card(card: dict) -> GistConfig:
+    fields = {f.name for f in dataclasses.fields(GistConfig)}
+    given = card["config"]["gist"]
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise AssetError(f"card's gist config has unknown fields {unknown}")
+    try:
+        return GistConfig(**given)
+    except (TypeError, ValueError) as e:
+        raise AssetError(f"card's gist config is invalid: {e}") from e
+
+
+def apply_card(cfg: ExperimentConfig, card: dict) -> ExperimentConfig:
+    """`cfg` with the card's GistNet architecture. The card must be for the same base model
+    (when it names one), block size and number of levels: else CheckpointMismatchError."""
+    config = card["config"]
+    diffs = []
+    if config.get("base") is not None and config["base"] != cfg.base:
+        diffs.append(f"base: card {config['base']!r} vs session {cfg.base!r}")
+    for k in ("block_size", "num_levels"):
+        theirs, ours = config["mc"].get(k), getattr(cfg.mc, k)
+        if theirs is not None and theirs != ours:
+            diffs.append(f"mc.{k}: card {theirs!r} vs session {ours!r}")
+    if diffs:
+        raise CheckpointMismatchError("the params card was written for another setup:\n  "
+                                      + "\n  ".join(diffs))
+    return dataclasses.replace(cfg, gist=gist_config_from_card(card))
+
+
+def check_gist_params(params: Any, cfg: ExperimentConfig, what: str = "gist params") -> None:
+    """Same param names and shapes as `init_gist_params` for `cfg` (base_config set)."""
+    import jax
+
+    from mcjax.gist import init_gist_params
+
+    want = jax.eval_shape(lambda k: init_gist_params(cfg.gist, cfg.base_config.hidden_size, k,
+                                                     block_size=cfg.mc.block_size),
+                          jax.random.key(0))
+    want = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    got = {_key(p): tuple(np.shape(v))
+           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if got != want:
+        missing = sorted(set(want) - set(got))[:3]
+        extra = sorted(set(got) - set(want))[:3]
+        wrong = [f"{k}: {got[k]} != {want[k]}" for k in sorted(want)
+                 if k in got and got[k] != want[k]][:3]
+        raise CheckpointMismatchError(
+            f"{what} do not match the configured GistNet (missing {missing}, unexpected "
+            f"{extra}, wrong shapes {wrong})")
+
+
+def _key(path) -> str:
+    return _SEP.join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def save_gist_params(params: Any, cfg: ExperimentConfig, path: str | os.PathLike,
+                     **card: Any) -> tuple[Path, Path]:
+    """Write GistNet params and their card (config = `cfg`, plus the `card` entries)."""
+    out = save_params_safetensors(params, path, {"part": "gist"})
+    return out, write_card(out, {"format": FORMAT, "part": "gist",
+                                 "config": config_to_json(cfg), **card})
+
+
+def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
+                       step: int | None = None) -> tuple[Path, Path]:
+    """A training workdir's GistNet (latest or `step`) as a params-only file + card (the
+    checkpoint's config; source, step and run in the card)."""
+    import orbax.checkpoint as ocp
+
+    from mcjax.checkpoint import Checkpointer
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(workdir)!r} does not exist")
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {workdir}")
+        meta = ckpt.read_meta(step)
+        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ckpt.close()
+    gist = ((raw.get("params") or {}) if isinstance(raw, dict) else {}).get("gist")
+    if gist is None:
+        raise CheckpointError(f"checkpoint {workdir} (step {step}) holds no gist params")
+    out = save_params_safetensors(gist, path, {"part": "gist"})
+    card = {"format": FORMAT, "part": "gist", "config": meta.get("config") or {},
+            "source": {"workdir": str(workdir.absolute()), "step": int(step),
+                       "run": (meta.get("extra") or {}).get("run") or "train_gist"}}
+    return out, write_card(out, card)

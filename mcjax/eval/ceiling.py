@@ -1,0 +1,230 @@
+"""The embedding-space ceiling of gist substitution (SPEC §2.9).
+
+For each held-out window, free vectors in the gist slots of a compressed layout are
+optimised directly — no GistNet, one set per window — to make the frozen base model's
+continuation distribution match the uncompressed one:
+
+    min over V [B, G, D]   mean over the H continuation targets of
+                           KL( p_full(· | window) ‖ p(· | [sink ‖ V ‖ raw tail ‖ cont.]) )
+
+with Adam (optax; cosine decay to `final_lr_fraction`), starting from the mean-pooled token
+embeddings of each gisted block (LOD2 slots: the mean of their LOD1 means), the
+`mean_pool` baseline. The vectors are the only trainable leaves; one jitted step updates a
+whole batch of windows (each window's loss depends only on its own vectors, so the batch
+is B independent problems). The ΔNLL@H the vectors reach bounds what any gist in the
+input-embedding space can do for this frozen base at this layout: a GistNet that maps
+blocks to embeddings can match it at best (up to the optimiser's reach).
+
+Library code: no printing; a progress bar only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mcjax.base import model as base
+from mcjax.config import LlamaConfig
+from mcjax.eval import metrics
+from mcjax.eval.tasks import LayoutSpec, batches_of
+from mcjax.gist import embedding_rms
+from mcjax.train import losses
+
+__all__ = ["CeilingConfig", "CeilingResult", "init_vectors", "optimize_ceiling",
+           "ceiling_section", "CEILING_NOTE"]
+
+CEILING_NOTE = ("free vectors in the gist slots, optimised per window (Adam on KL(full ‖ "
+                "compressed) over the H continuation targets, init: mean-pooled token "
+                "embeddings of each block); ΔNLL@H of the optimised vectors on the same "
+                "targets; bounds what any embedding-space gist can reach with this frozen "
+                "base at this layout")
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingConfig:
+    steps: int = 300
+    # Adam step size in units of the base model's token-embedding RMS (gists live at that
+    # scale: an absolute rate would mean different things for different bases).
+    learning_rate: float = 0.1
+    final_lr_fraction: float = 0.1  # cosine decay from learning_rate to this fraction
+    log_every: int = 10  # KL / NLL curve points (mean over windows)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"ceiling steps must be >= 1, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"ceiling learning rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError("final_lr_fraction must lie in [0, 1]")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(lr: float, steps: int, final_fraction: float) -> optax.GradientTransformation:
+    return optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=final_fraction))
+
+
+def init_vectors(base_params, tokens: jax.Array, layout: losses.GistLayout) -> jax.Array:
+    """[B, G, D] start: the mean-pool baseline's gists (mean token embedding per block)."""
+    children = base.embed_tokens(base_params, tokens[:, : layout.raw_start])
+    return losses.make_gists(losses.mean_pool_gist_fn, children, layout).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("base_cfg", "layout"))
+def _reference(base_params, tokens, *, base_cfg: LlamaConfig, layout: losses.GistLayout):
+    """Teacher log-probs [B, H, V], per-window NLL [B] of full context and truncation,
+    truncation's KL to the teacher [B], and the mean-pool start vectors."""
+    full_nll, full_logp = losses.full_context_nll(base_params, base_cfg, tokens, layout)
+    trunc_nll, trunc_logp = losses.substitution_nll_from_gists(base_params, base_cfg, tokens,
+                                                               layout, None)
+    trunc_kl = losses.kl_to_teacher(full_logp, trunc_logp).mean(-1)
+    return (full_logp, full_nll.mean(-1), trunc_nll.mean(-1), trunc_kl,
+            init_vectors(base_params, tokens, layout))
+
+
+def _kl_and_nll(vectors, base_params, tokens, teacher_logp, base_cfg, layout):
+    nll, logp = losses.substitution_nll_from_gists(base_params, base_cfg, tokens, layout,
+                                                   vectors)
+    kl = losses.kl_to_teacher(teacher_logp, logp).mean(-1)  # [B]
+    return kl, nll.mean(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("base_cfg", "layout", "opt"))
+def _step(vectors, opt_state, base_params, tokens, teacher_logp, *, base_cfg, layout, opt):
+    """One Adam step on every window's vectors; KL [B] and NLL [B] before the step."""
+    optimizer = _optimizer(*opt)
+
+    def loss(v):
+        kl, nll = _kl_and_nll(v, jax.lax.stop_gradient(base_params), tokens, teacher_logp,
+                              base_cfg, layout)
+        return kl.sum(), (kl, nll)  # sum: every window's own mean KL, independently
+
+    grads, (kl, nll) = jax.grad(loss, has_aux=True)(vectors)
+    updates, opt_state = optimizer.update(grads, opt_state, vectors)
+    return optax.apply_updates(vectors, updates), opt_state, kl, nll
+
+
+@functools.partial(jax.jit, static_argnames=("base_cfg", "layout"))
+def _evaluate(vectors, base_params, tokens, teacher_logp, *, base_cfg, layout):
+    return _kl_and_nll(vectors, base_params, tokens, teacher_logp, base_cfg, layout)
+
+
+@dataclasses.dataclass
+class CeilingResult:
+    """Per-window results of one layout's ceiling ([N] arrays unless noted)."""
+
+    layout: LayoutSpec
+    config: CeilingConfig
+    learning_rate_abs: float  # the Adam step size used (learning_rate x embedding RMS)
+    nll_full: np.ndarray
+    nll_truncation: np.ndarray
+    nll_init: np.ndarray  # mean-pool start vectors (the mean_pool baseline)
+    nll_ceiling: np.ndarray  # the optimised vectors
+    kl_init: np.ndarray
+    kl_ceiling: np.ndarray
+    kl_truncation: np.ndarray  # KL(full ‖ truncated): the reference without any gist
+    curve_steps: np.ndarray  # [C] steps at which the curve was recorded
+    kl_curve: np.ndarray  # [C, N] KL before each recorded step
+    nll_curve: np.ndarray  # [C, N]
+    vector_rms: np.ndarray  # [N] RMS of the optimised vectors
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        name = self.layout.name
+        return {f"{name}/{k}": getattr(self, k) for k in (
+            "nll_full", "nll_truncation", "nll_init", "nll_ceiling", "kl_init", "kl_ceiling",
+            "kl_truncation", "curve_steps", "kl_curve", "nll_curve", "vector_rms")}
+
+
+def optimize_ceiling(base_params, base_cfg: LlamaConfig, windows: np.ndarray,
+                     spec: LayoutSpec, config: CeilingConfig = CeilingConfig(), *,
+                     batch_size: int = 8, progress: bool = False) -> CeilingResult:
+    """Optimise free gist-slot vectors for every window [N, S] at one layout (batches of
+    `batch_size`; the last one padded with copies, dropped after)."""
+    from tqdm.auto import tqdm
+
+    layout = spec.layout
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[1] < layout.window_len:
+        raise ValueError(f"windows must be [N, >= {layout.window_len}], got {windows.shape}")
+    if layout.num_gists == 0:
+        raise ValueError(f"layout {spec.name} has no gist slots to optimise")
+    lr = float(config.learning_rate * embedding_rms(base_params))
+    opt = (lr, config.steps, config.final_lr_fraction)
+    optimizer = _optimizer(*opt)
+    log_at = sorted(set(range(0, config.steps, config.log_every)) | {config.steps - 1})
+    out: dict[str, list] = {k: [] for k in ("full", "trunc", "init", "ceil", "kl0", "kl1",
+                                            "klt", "klc", "nllc", "rms")}
+    batches = batches_of(windows, batch_size)
+    bar = tqdm(total=len(batches) * config.steps, desc=f"ceiling {spec.name}",
+               disable=not progress)
+    for batch, real in batches:
+        tokens = jnp.asarray(batch)
+        teacher, nll_full, nll_trunc, kl_trunc, vectors = _reference(
+            base_params, tokens, base_cfg=base_cfg, layout=layout)
+        opt_state = optimizer.init(vectors)
+        kl_c, nll_c = [], []
+        for step in range(config.steps):
+            vectors, opt_state, kl, nll = _step(vectors, opt_state, base_params, tokens,
+                                                teacher, base_cfg=base_cfg, layout=layout,
+                                                opt=opt)
+            if step == 0:
+                out["kl0"].append(np.asarray(kl)[:real])
+                out["init"].append(np.asarray(nll)[:real])
+            if step in log_at:
+                kl_c.append(np.asarray(kl)[:real])
+                nll_c.append(np.asarray(nll)[:real])
+            bar.update(1)
+        kl, nll = _evaluate(vectors, base_params, tokens, teacher, base_cfg=base_cfg,
+                            layout=layout)
+        out["kl1"].append(np.asarray(kl)[:real])
+        out["ceil"].append(np.asarray(nll)[:real])
+        out["full"].append(np.asarray(nll_full)[:real])
+        out["trunc"].append(np.asarray(nll_trunc)[:real])
+        out["klt"].append(np.asarray(kl_trunc)[:real])
+        out["klc"].append(np.stack(kl_c))
+        out["nllc"].append(np.stack(nll_c))
+        out["rms"].append(np.sqrt(np.mean(np.square(np.asarray(vectors)), axis=(1, 2)))[:real])
+    bar.close()
+    cat = lambda k, axis=0: np.concatenate(out[k], axis=axis).astype(np.float32)  # noqa: E731
+    return CeilingResult(
+        layout=spec, config=config, learning_rate_abs=lr, nll_full=cat("full"),
+        nll_truncation=cat("trunc"), nll_init=cat("init"), nll_ceiling=cat("ceil"),
+        kl_init=cat("kl0"), kl_ceiling=cat("kl1"), kl_truncation=cat("klt"), curve_steps=np.asarray(log_at, np.int32),
+        kl_curve=cat("klc", 1), nll_curve=cat("nllc", 1), vector_rms=cat("rms"))
+
+
+def ceiling_section(results: Sequence[CeilingResult], *, embedding_rms_value: float | None = None
+                    ) -> dict[str, Any]:
+    """The "ceiling" results section: per layout, ΔNLL@H of the optimised vectors and of
+    their mean-pool start, each paired against truncation (± SE, gap recovered), the KL
+    at start and end, and the mean KL / NLL curve."""
+    rows = []
+    for r in results:
+        spec = r.layout
+        ceil = metrics.paired_vs_truncation(r.nll_ceiling, r.nll_truncation, r.nll_full)
+        init = metrics.paired_vs_truncation(r.nll_init, r.nll_truncation, r.nll_full)
+        rows.append({
+            **spec.describe(), "layout": spec.name, "n": int(r.nll_full.size),
+            "steps": r.config.steps, "learning_rate": r.config.learning_rate,
+            "learning_rate_abs": r.learning_rate_abs,
+            "final_lr_fraction": r.config.final_lr_fraction,
+            "nll_full": float(r.nll_full.mean()),
+            "ceiling": ceil, "mean_pool_init": init,
+            "ceiling_minus_init": metrics.mean_stderr(r.nll_ceiling - r.nll_init),
+            "kl_init": metrics.mean_stderr(r.kl_init),
+            "kl_ceiling": metrics.mean_stderr(r.kl_ceiling),
+            "kl_truncation": metrics.mean_stderr(r.kl_truncation),
+            "windows_improved": int(np.sum(r.nll_ceiling < r.nll_init)),
+            "vector_rms": float(r.vector_rms.mean()),
+            "curve": {"steps": r.curve_steps.tolist(),
+                      "kl": r.kl_curve.mean(axis=1).tolist(),
+                      "nll": r.nll_curve.mean(axis=1).tolist()}})
+    return {"note": CEILING_NOTE, "paired_note": metrics.PAIRED_NOTE,
+            "embedding_rms": embedding_rms_value, "layouts": rows}
