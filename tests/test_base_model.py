@@ -214,3 +214,26 @@ def test_blocked_causal_attention_equals_full_attention(tiny_llama, monkeypatch)
 
     blocked, full = run(4), run(10_000)
     chex.assert_trees_all_close(blocked, full, atol=1e-5)
+
+
+def test_layer_hidden_reads_independent_chunks_and_equals_a_truncated_stack(tiny_llama):
+    """Read-pass features: each aligned chunk is read on its own (positions from 0), and a
+    token's state after `layer` layers equals an independent reference — the full forward
+    of a model built from only the first `layer` layers, run on that chunk alone."""
+    config, params = tiny_llama
+    chunk, T = 7, 17  # two full chunks and a partial one
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (2, T)))
+    for layer in (1, config.num_layers):
+        got = base.layer_hidden(params, config, tokens, layer=layer, chunk=chunk)
+        chex.assert_shape(got, (2, T, config.hidden_size))
+        sub_cfg = dataclasses.replace(config, num_layers=layer)
+        sub = dict(params, layers=jax.tree.map(lambda x: x[:layer], params["layers"]))
+        for start in range(0, T, chunk):
+            piece = tokens[:, start:start + chunk]
+            ref = base.forward(sub, sub_cfg, tokens=piece, return_hidden=True)
+            chex.assert_trees_all_close(got[:, start:start + chunk], ref, atol=1e-5)
+        # features of a prefix are the prefix of the features (appending never changes them)
+        head = base.layer_hidden(params, config, tokens[:, :10], layer=layer, chunk=chunk)
+        chex.assert_trees_all_close(head, got[:, :10], atol=1e-5)
+    with pytest.raises(base.InputError, match="layer must lie in"):
+        base.layer_hidden(params, config, tokens, layer=config.num_layers + 1, chunk=chunk)

@@ -1,12 +1,14 @@
 """Checkpoint evaluation (mcjax/eval, experiments/evaluate.py): metrics against hand
-computations, passkey scoring, identical ΔNLL targets, the random / recency focus
-baselines, the sliding-window baseline, an end-to-end run on the tiny config and clear
+computations, paired ΔNLL statistics and gap recovered, passkey scoring, identical ΔNLL
+targets, in-document held-out windows, params-only GistNet files, the random / recency
+focus baselines, the sliding-window baseline, end-to-end runs on the tiny config and clear
 errors for bad input.
 
 Every session here uses the plan of the end-to-end run (tiny config, w_max 256, 2 streams,
 max_tokens 2048), so the programs compile once for the whole file.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,9 +23,10 @@ from mcjax import working_context as wcm
 from mcjax.base.generate import GreedySampler
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import get_config, override
+from mcjax import assets
 from mcjax.eval import baselines, metrics, tasks
 from mcjax.runtime import Session, _policy_scores, recency_scores, untrained_params
-from mcjax.train import steps
+from mcjax.train import data, steps
 from mcjax.train.loop import load_frozen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +127,9 @@ def test_passkey_scoring_found_not_found_and_partial_digits():
 
 
 def test_every_delta_nll_variant_scores_the_same_next_token_targets(frozen, cfg):
+    # the tiny base has 3 layers: read its hidden states after 2 for mean_pool_hidden
+    frozen = dataclasses.replace(frozen, cfg=override(cfg, {"gist.input_layer": 2}))
+    assert baselines.available_variants(frozen.cfg) == (baselines.NLL_VARIANTS, {})
     layouts = tasks.nll_layouts(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, (1,))
     assert [s.name for s in layouts] == ["lod1_keep1", "lod1+lod2_keep1"]
     assert layouts[0].context_ratio < layouts[1].context_ratio
@@ -156,6 +162,168 @@ def test_every_delta_nll_variant_scores_the_same_next_token_targets(frozen, cfg)
     a, b = sweep["layouts"]
     assert a["nll"]["truncation"] == b["nll"]["truncation"]
     assert a["nll"]["gistnet"] != a["nll"]["gistnet_untrained"]
+
+
+    assert {(r["layout"], r["variant"]) for r in sweep["paired"]} == {
+        (lay.name, v) for lay in layouts for v in baselines.PAIRED_VARIANTS}
+
+
+def test_paired_statistics_and_gap_recovered_match_hand_computation():
+    full = [1.0, 2.0, 3.0, 4.0]
+    trunc = [1.5, 2.5, 3.1, 4.9]  # ΔNLL_truncation per window (.5, .5, .1, .9): mean .5
+    var = [1.2, 2.1, 3.0, 4.3]  # ΔNLL_variant (.2, .1, 0, .3): mean .15
+    r = metrics.paired_vs_truncation(var, trunc, full)
+    # d = var - trunc = (-.3, -.4, -.1, -.6): mean -.35, Σ(d - mean)² = .13
+    assert r["n"] == 4
+    assert r["mean_diff_vs_truncation"] == pytest.approx(-0.35)
+    assert r["se"] == pytest.approx(np.sqrt(0.13 / 3) / 2)
+    assert r["significant"]  # -.35 + 2 · .104 < 0
+    assert r["delta_nll"] == pytest.approx(0.15)
+    assert r["delta_nll_truncation"] == pytest.approx(0.5)
+    # gap recovered 1 - .15 / .5 = .7; delta method: z = ((t - v) - .7 (t - f)) / .5
+    # = (-.1, .1, .06, -.06), SE = sd(z) / 2
+    assert r["gap_recovered"] == pytest.approx(0.7)
+    assert r["gap_recovered_se"] == pytest.approx(np.sqrt(0.0272 / 3) / 2)
+    assert r["gap_note"] is None
+    # truncation against itself: the reference row
+    t = metrics.paired_vs_truncation(trunc, trunc, full)
+    assert t["mean_diff_vs_truncation"] == 0 and t["se"] == 0 and t["gap_recovered"] == 0
+    assert not t["significant"]
+    # the full context recovers the whole gap; a noisy small gain is not significant
+    assert metrics.paired_vs_truncation(full, trunc, full)["gap_recovered"] == pytest.approx(1)
+    noisy = metrics.paired_vs_truncation([1.6, 2.0, 3.3, 4.4], trunc, full)
+    assert noisy["mean_diff_vs_truncation"] < 0 and not noisy["significant"]
+    # no gap to recover: undefined, and said so
+    none = metrics.paired_vs_truncation(var, full, full)
+    assert none["gap_recovered"] is None and "undefined" in none["gap_note"]
+    one = metrics.paired_vs_truncation([1.0], [2.0], [0.5])
+    assert one["se"] is None and not one["significant"]
+    with pytest.raises(ValueError, match="align"):
+        metrics.paired_vs_truncation([1.0, 2.0], [1.0], [1.0])
+
+    # rows of a hand-made per-window table: every (layout, variant) against truncation
+    spec = tasks.nll_layouts(get_config("tiny").mc, 1088, (1,))[0]
+    nll = {"full": np.asarray(full), "truncation": np.asarray(trunc),
+           "gistnet": np.asarray(var), "mean_pool": np.asarray(full) + 1}
+    pw = baselines.PerWindowNLL(layouts=[spec], variants=tuple(nll), nll={spec.name: nll},
+                                tokens_nll={spec.name: {k: v[:, None] for k, v in nll.items()}},
+                                window_len=1104)
+    rows = baselines.paired_rows(pw)
+    assert [r["variant"] for r in rows] == ["gistnet", "mean_pool", "truncation"]
+    g = rows[0]
+    assert g["layout"] == spec.name and g["n"] == 4
+    assert g["gap_recovered"] == pytest.approx(0.7) and g["se"] == pytest.approx(r["se"])
+    assert rows[1]["gap_recovered"] == pytest.approx(1 - 1 / 0.5)  # worse than truncation
+    assert set(pw.arrays()) == {f"{k}/{spec.name}/{v}" for k in ("nll", "nll_tokens")
+                                for v in nll}
+
+
+def test_keep_raw_1_4_17_gives_exactly_the_four_named_layouts():
+    for name in ("tiny", "smollm2_135m_cpu"):  # both: 1,088-token prefixes, 1-block sink
+        c = get_config(name)
+        specs = tasks.nll_layouts(c.mc, c.train.seq_len - c.mc.horizon, (1, 4, 17))
+        assert sorted(s.name for s in specs) == sorted(
+            ["lod1_keep1", "lod1_keep4", "lod1_keep17", "lod1+lod2_keep1"]), name
+        by = {s.name: s.layout for s in specs}
+        assert by["lod1_keep1"].num_gists == 32 and by["lod1_keep1"].lod2_groups == 0
+        assert by["lod1+lod2_keep1"].num_gists == 1
+        assert by["lod1_keep17"].num_gists == 16 and by["lod1_keep17"].sink_blocks == 1
+        assert [s.name for s in tasks.layouts_by_name(
+            c.mc, 1088, ["lod1+lod2_keep1", "lod1_keep4"])] == ["lod1+lod2_keep1", "lod1_keep4"]
+    mc = get_config("tiny").mc
+    with pytest.raises(tasks.EvalInputError, match="not of the form"):
+        tasks.layouts_by_name(mc, 1088, ["lod2_keep1"])
+    with pytest.raises(tasks.EvalInputError, match="do not exist"):
+        tasks.layouts_by_name(mc, 1088, ["lod1+lod2_keep4"])  # 29 blocks: no LOD2 group
+    with pytest.raises(tasks.EvalInputError, match="leave nothing to compress"):
+        tasks.nll_layouts(mc, 1088, (33,))  # 34 blocks, one is the sink
+
+
+def _hand_corpus(lengths, sep=0):
+    """Documents whose tokens name their document: doc d holds 100·(d+1) + i."""
+    pieces, starts, off = [], [], 0
+    for d, n in enumerate(lengths):
+        starts.append(off)
+        pieces += [np.arange(n, dtype=np.int32) % 100 + 100 * (d + 1), np.asarray([sep], np.int32)]
+        off += n + 1
+    return data.TokenizedCorpus(np.concatenate(pieces), np.asarray(starts, np.int64),
+                                tuple(f"doc{d}" for d in range(len(lengths))))
+
+
+def test_held_out_windows_never_cross_documents_and_too_few_is_a_clear_error():
+    lengths = [5, 23, 12, 40, 10]  # windows of 10: 0 + 2 + 1 + 4 + 1 = 8
+    corpus = _hand_corpus(lengths)
+    got = data.document_windows(corpus, 10, 8, seed=3)
+    assert got.shape == (8, 10)
+    assert not (got == 0).any()  # never a separator
+    assert all(len(set(w // 100)) == 1 for w in got)  # one document each
+    where = tasks.locate_windows(corpus, got)
+    assert (where["offset"] >= 0).all()
+    for w, doc, off in zip(got, where["doc"], where["doc_offset"]):
+        assert 0 <= off and off + 10 <= lengths[doc] and (w // 100 == doc + 1).all()
+    assert list(where["doc_id"]) == [f"doc{d}" for d in where["doc"]]
+    # a smaller sample is contained in a larger one (the ceiling's windows are ΔNLL windows)
+    small = data.document_windows(corpus, 10, 3, seed=3)
+    assert {w.tobytes() for w in small} <= {w.tobytes() for w in got}
+    np.testing.assert_array_equal(data.document_windows(corpus, 10, 8, seed=3), got)
+    with pytest.raises(data.DataError, match="fewer than"):
+        data.document_windows(corpus, 10, 9)
+    with pytest.raises(data.DataError, match="fewer than"):
+        data.document_windows(corpus, 41, 1)  # no document holds 41 tokens
+
+
+def test_window_count_not_a_multiple_of_the_batch_is_padded_and_dropped(frozen, cfg):
+    layouts = tasks.nll_layouts(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, (4,))
+    gist = untrained_params(cfg, "gist", frozen.params)
+    windows = np.random.default_rng(5).integers(3, 256, (3, cfg.train.seq_len)).astype(np.int32)
+    a = baselines.per_window_nll(frozen, gist, gist, windows, layouts, batch_size=2)
+    b = baselines.per_window_nll(frozen, gist, gist, windows, layouts, batch_size=3)
+    assert a.num_windows == 3 and "mean_pool_hidden" in a.skipped  # tiny: 3 layers < 12
+    for v in a.variants:
+        np.testing.assert_allclose(a.nll["lod1_keep4"][v], b.nll["lod1_keep4"][v], atol=1e-5)
+    chunks = tasks.batches_of(windows, 2)
+    assert [c.shape[0] for c, _ in chunks] == [2, 2] and [r for _, r in chunks] == [2, 1]
+    np.testing.assert_array_equal(chunks[1][0][1], windows[2])  # padded with the last window
+
+
+# --------------------------------------------------------------------------- params files
+
+
+def test_params_safetensors_round_trip_card_and_export(tmp_path, frozen, cfg, gist_workdir):
+    params = gist_workdir[1]
+    path = tmp_path / "g.safetensors"
+    assets.save_gist_params(params, cfg, path, step=2, command="test")
+    back = assets.load_params_safetensors(path)
+    flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v)  # noqa: E731
+                      for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    assert flat(back).keys() == flat(params).keys()
+    for k, v in flat(params).items():
+        np.testing.assert_array_equal(flat(back)[k], v)
+    card = assets.read_card(path)
+    assert card["part"] == "gist" and card["step"] == 2
+    assert assets.apply_card(cfg, card) == cfg
+    assets.check_gist_params(back, cfg)
+
+    other = assets.apply_card(cfg, {"config": {"gist": {**card["config"]["gist"],
+                                                        "width": 24}, "mc": {}}})
+    assert other.gist.width == 24
+    with pytest.raises(assets.CheckpointMismatchError, match="do not match"):
+        assets.check_gist_params(back, other)
+    with pytest.raises(assets.CheckpointMismatchError, match="mc.block_size"):
+        assets.apply_card(cfg, {"config": {"gist": {}, "mc": {"block_size": 16}}})
+    with pytest.raises(assets.AssetError, match="unknown fields"):
+        assets.gist_config_from_card({"config": {"gist": {"nope": 1}, "mc": {}}})
+    (tmp_path / "bare.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(assets.AssetError, match="no card"):
+        assets.read_card(tmp_path / "bare.safetensors")
+    with pytest.raises(assets.AssetError, match="does not exist"):
+        assets.load_params_safetensors(tmp_path / "nope.safetensors")
+
+    out, card_file = assets.export_gist_params(gist_workdir[0], tmp_path / "e.safetensors")
+    exported = json.loads(card_file.read_text())
+    assert exported["source"]["step"] == 2 and exported["config"]["name"] == "tiny"
+    for k, v in flat(params).items():
+        np.testing.assert_array_equal(flat(assets.load_params_safetensors(out))[k], v)
 
 
 # --------------------------------------------------------------------------- focus baselines
@@ -204,7 +372,9 @@ def test_random_focus_is_deterministic_for_a_seed_and_differs_across_seeds_and_r
 
 
 def test_recency_focus_collapses_the_oldest_and_expands_the_newest(cfg):
-    mc = cfg.mc  # K = 32, w_max = 256, recent_protect = 64
+    # K = 32, w_max = 256, recent_protect = 64; no sink: the history's first block is a
+    # gist here (the recency ordering is the point, the sink has its own tests)
+    mc = dataclasses.replace(cfg.mc, sink_blocks=0)
     K = mc.block_size
     entries = ([(1, n) for n in range(2 * K)]  # two complete LOD1 sibling groups
                + [(0, t) for t in range(2 * K * K, 2 * K * K + 160)])  # 160 raw tokens
@@ -339,6 +509,84 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
         assert f"]({name})" in report
 
 
+@pytest.fixture(scope="module")
+def dnll_run(tmp_path_factory, cfg, gist_workdir):
+    """evaluate.py --only dnll,ceiling on a params-only GistNet file whose card reads the
+    tiny base's hidden states after 2 layers (so mean_pool_hidden runs too)."""
+    d = tmp_path_factory.mktemp("dnll")
+    params = d / "gist.safetensors"
+    assets.save_gist_params(gist_workdir[1], override(cfg, {"gist.input_layer": 2}), params,
+                            step=2)
+    out = d / "out"
+    argv = ["--config", "tiny", "--gist-params", str(params), "--out", str(out),
+            "--only", "dnll,ceiling", "--windows", "3", "--nll-batch-size", "2",
+            "--keep-raw", "1", "--ceiling-windows", "2", "--ceiling-steps", "12",
+            "--no-progress"]
+    assert evaluate.main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_evaluate_only_dnll_writes_paired_rows_and_per_window_nlls(dnll_run):
+    out, res = dnll_run
+    assert res["meta"]["networks"]["gist"]["source"] == "params_file"
+    assert res["meta"]["config"]["gist"]["input_layer"] == 2  # from the card
+    assert "passkey" not in res and "focus_quality" not in res
+    rows = res["dnll_paired"]
+    names = ["lod1_keep1", "lod1+lod2_keep1"]
+    assert [(r["layout"], r["variant"]) for r in rows] == [
+        (n, v) for n in names for v in ("gistnet", "gistnet_untrained", "mean_pool",
+                                        "mean_pool_hidden", "truncation")]
+    for r in rows:
+        assert {"layout", "variant", "n", "mean_diff_vs_truncation", "se", "gap_recovered",
+                "delta_nll", "delta_nll_se", "significant"} <= set(r)
+        assert r["n"] == 3 and r["se"] is not None and np.isfinite(r["delta_nll"])
+    by = {(r["layout"], r["variant"]): r for r in rows}
+    t = by[("lod1_keep1", "truncation")]
+    assert t["mean_diff_vs_truncation"] == 0 and (t["gap_recovered"] in (0, None))
+    assert by[("lod1_keep1", "gistnet")]["delta_nll"] != by[("lod1_keep1",
+                                                             "gistnet_untrained")]["delta_nll"]
+    nll = res["delta_nll"]
+    assert nll["windows"] == 3 and nll["batch_size"] == 2 and not nll["skipped_variants"]
+    for row in nll["layouts"]:  # the summary agrees with the paired rows
+        g = by[(row["name"], "gistnet")]
+        assert row["delta_nll"]["gistnet"]["mean"] == pytest.approx(g["delta_nll"], abs=1e-6)
+
+    with np.load(out / "per_window_nll.npz") as z:
+        assert z["nll/lod1_keep1/gistnet"].shape == (3,)
+        assert z["nll_tokens/lod1_keep1/gistnet"].shape == (3, 16)  # H = 16
+        assert (z["window/offset"] >= 0).all() and all(z["window/doc_id"])
+        d = z["nll/lod1_keep1/gistnet"] - z["nll/lod1_keep1/truncation"]
+        assert d.mean() == pytest.approx(by[("lod1_keep1", "gistnet")][
+            "mean_diff_vs_truncation"], abs=1e-6)
+    report = (out / "report.md").read_text()
+    assert "Paired against truncation" in report and "GistNet: trained" in report
+    assert "Only 3 windows" in report and "per_window_nll.npz" in report
+
+
+def test_evaluate_only_ceiling_pairs_free_vectors_with_truncation(dnll_run):
+    out, res = dnll_run
+    c = res["ceiling"]
+    assert c["windows"] == 2 and [r["layout"] for r in c["layouts"]] == ["lod1_keep1"]
+    row = c["layouts"][0]
+    assert row["n"] == 2 and row["steps"] == 12 and row["lod1_gists"] == 32
+    assert row["kl_ceiling"]["mean"] < row["kl_init"]["mean"]
+    for k in ("ceiling", "mean_pool_init", "gistnet"):
+        assert {"mean_diff_vs_truncation", "se", "gap_recovered", "delta_nll"} <= set(row[k])
+    with np.load(out / "ceiling_per_window.npz") as z, \
+            np.load(out / "per_window_nll.npz") as w:
+        assert z["lod1_keep1/kl_curve"].shape == (len(row["curve"]["steps"]), 2)
+        # the ceiling's windows are ΔNLL windows; its start is the mean_pool baseline there
+        at = [list(w["window/offset"]).index(o) for o in z["window/offset"]]
+        np.testing.assert_allclose(z["lod1_keep1/nll_init"],
+                                   w["nll/lod1_keep1/mean_pool"][at], atol=1e-4)
+        np.testing.assert_allclose(z["lod1_keep1/nll_truncation"],
+                                   w["nll/lod1_keep1/truncation"][at], atol=1e-4)
+        np.testing.assert_allclose(z["lod1_keep1/nll_gistnet"],
+                                   w["nll/lod1_keep1/gistnet"][at], atol=1e-4)
+    report = (out / "report.md").read_text()
+    assert "## Ceiling" in report and "ceiling_per_window.npz" in report
+
+
 def test_focus_grid_gives_the_finest_lod_per_bucket():
     from mcjax.eval.report import focus_grid
 
@@ -372,6 +620,14 @@ def test_bad_input_gives_clear_errors(capsys, tmp_path, gist_workdir):
     _fails(capsys, out, "--untrained")  # neither a checkpoint nor --untrained
     _fails(capsys, ck + out + ["--untrained"], "not both")
     _fails(capsys, ck + out + ["--keep-raw", "40"], "leave nothing to compress")
+    _fails(capsys, ck + out + ["--only", "bogus"], "sections must be")
+    _fails(capsys, ck + out + ["--only", "dnll", "--windows", "0"], "--windows must be >= 1")
+    _fails(capsys, ck + out + ["--only", "ceiling", "--ceiling-layouts", "lod2_keep1"],
+           "not of the form")
+    _fails(capsys, ck + out + ["--only", "ceiling", "--ceiling-steps", "0"], "steps must be")
+    _fails(capsys, ["--gist-params", str(tmp_path / "nope.safetensors")] + out,
+           "does not exist")
+    _fails(capsys, ck + out + ["--only", "dnll", "--windows", "100000"], "fewer than")
     assert not (tmp_path / "o").exists()  # nothing written on failure
 
 

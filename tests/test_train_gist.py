@@ -35,14 +35,33 @@ def tiny():
     return cfg, frozen, layout, tokens
 
 
-def test_layout_compresses_aligned_blocks_and_keeps_the_newest_raw(tiny):
+def test_layout_keeps_the_sink_compresses_aligned_blocks_and_keeps_the_newest_raw(tiny):
     cfg, _, layout, _ = tiny
-    assert (layout.lod2_groups, layout.lod1_blocks, layout.keep_raw_blocks) == (1, 1, 1)
+    # 34 prefix blocks: the sink block, one LOD2 group of blocks 1..32, one raw block
+    assert (layout.sink_blocks, layout.lod2_groups, layout.lod1_blocks,
+            layout.keep_raw_blocks) == (1, 1, 0, 1)
     pos = layout.positions()
-    assert pos[0] == 512 and pos[1] == 1024 + 16  # centres of [0,1024) and [1024,1056)
-    np.testing.assert_array_equal(pos[2:], np.arange(1056, layout.window_len - 1))
+    np.testing.assert_array_equal(pos[:32], np.arange(32))  # the sink: real tokens first
+    assert pos[32] == 32 + 512  # centre of [32, 1056)
+    np.testing.assert_array_equal(pos[33:], np.arange(1056, layout.window_len - 1))
+    np.testing.assert_array_equal(layout.positions(truncated=True),
+                                  np.r_[np.arange(32), np.arange(1056, layout.window_len - 1)])
+    compact = dataclasses.replace(layout, position_scheme="compact")
+    np.testing.assert_array_equal(compact.positions(), np.arange(layout.num_slots))
     with pytest.raises(ValueError, match="multiple of block_size"):
         losses.GistLayout.build(cfg.mc, prefix_len=1000)
+    with pytest.raises(ValueError, match="nothing to compress"):
+        losses.GistLayout.build(cfg.mc, prefix_len=1088, keep_raw_blocks=33)
+
+
+def _manual_nll(frozen, cfg, tokens, embeds, positions, first_target):
+    """Independent reference: a plain forward, NLL of tokens[first_target:] from the last
+    slots (slot holding token i predicts token i + 1)."""
+    n = tokens.shape[1] - first_target
+    logits = base.forward(frozen.params, cfg.base_config, embeds=embeds,
+                          positions=jnp.broadcast_to(jnp.asarray(positions), embeds.shape[:2]))
+    logp = jax.nn.log_softmax(logits[:, -n:], -1)
+    return -jnp.take_along_axis(logp, tokens[:, first_target:, None], -1)[..., 0]
 
 
 def test_targets_are_the_next_tokens_and_identical_for_every_variant(tiny):
@@ -52,33 +71,64 @@ def test_targets_are_the_next_tokens_and_identical_for_every_variant(tiny):
     for i in range(H):  # target i is the token after the slot that predicts it
         np.testing.assert_array_equal(targets[:, i], tokens[:, P + i])
     bc, bp = cfg.base_config, frozen.params
-
-    def manual_nll(embeds, positions):
-        logits = base.forward(bp, bc, embeds=embeds, positions=jnp.broadcast_to(
-            jnp.asarray(positions), embeds.shape[:2]))
-        logp = jax.nn.log_softmax(logits[:, -H:], -1)
-        # the last H slots hold tokens P-1 .. P+H-2; each predicts the next token
-        return -jnp.take_along_axis(logp, tokens[:, P:P + H, None], -1)[..., 0]
-
     emb = base.embed_tokens(bp, tokens[:, : P + H - 1])
     full = losses.full_context_nll(bp, bc, tokens, layout)[0]
-    chex.assert_trees_all_close(full, manual_nll(emb, np.arange(P + H - 1)), atol=1e-5)
+    chex.assert_trees_all_close(full, _manual_nll(frozen, cfg, tokens, emb,
+                                                  np.arange(P + H - 1), P), atol=1e-5)
     trunc = losses.substitution_nll(bp, bc, tokens, layout, None)[0]
-    chex.assert_trees_all_close(
-        trunc, manual_nll(emb[:, layout.raw_start:], np.arange(layout.raw_start, P + H - 1)),
-        atol=1e-5)
-    lod1 = emb[:, :1056].reshape(2, 33, 32, -1).mean(2)
-    gists = jnp.stack([lod1[:, :32].mean(1), lod1[:, 32]], axis=1)
+    keep = np.r_[np.arange(32), np.arange(layout.raw_start, P + H - 1)]  # sink + raw tail
+    chex.assert_trees_all_close(trunc, _manual_nll(frozen, cfg, tokens, emb[:, keep], keep, P),
+                                atol=1e-5)
+    lod1 = emb[:, 32:1056].reshape(2, 32, 32, -1).mean(2)
+    gists = lod1.mean(1, keepdims=True)  # the LOD2 gist of the 32 LOD1 means
     mean = losses.substitution_nll(bp, bc, tokens, layout, losses.mean_pool_gist_fn)[0]
+    inputs = jnp.concatenate([emb[:, :32], gists, emb[:, layout.raw_start:]], 1)
     chex.assert_trees_all_close(
-        mean, manual_nll(jnp.concatenate([gists, emb[:, layout.raw_start:]], 1),
-                         layout.positions()), atol=1e-5)
+        mean, _manual_nll(frozen, cfg, tokens, inputs, layout.positions(), P), atol=1e-5)
+
+
+def test_dense_targets_cover_every_raw_tail_position_and_all_raw_gives_zero_kl(tiny):
+    cfg, frozen, _, tokens = tiny
+    bc, bp = cfg.base_config, frozen.params
+    lay = losses.GistLayout.build(cfg.mc, prefix_len=1088, keep_raw_blocks=4, use_lod2=False,
+                                  horizon=cfg.mc.horizon)
+    n = lay.scored(dense=True)
+    assert n == 4 * 32 + lay.horizon - 1 and lay.scored(dense=False) == lay.horizon
+    np.testing.assert_array_equal(losses.continuation_targets(tokens, lay, dense=True),
+                                  tokens[:, lay.raw_start + 1: lay.window_len])
+    gists = jnp.asarray(np.random.default_rng(3).normal(0, .02, (2, lay.num_gists,
+                                                                    bc.hidden_size)))
+    nll = losses.substitution_nll_from_gists(bp, bc, tokens, lay, gists, dense=True)[0]
+    emb = base.embed_tokens(bp, tokens[:, : lay.window_len - 1])
+    inputs = jnp.concatenate([emb[:, :32], gists.astype(emb.dtype), emb[:, lay.raw_start:]], 1)
+    chex.assert_trees_all_close(nll, _manual_nll(frozen, cfg, tokens, inputs, lay.positions(),
+                                                 lay.raw_start + 1), atol=1e-5)
+    # Nothing gisted (every block after the sink raw): the compressed context is the full
+    # one, so the dense KL to the full context is exactly zero at every position.
+    all_raw = dataclasses.replace(lay, keep_raw_blocks=33, lod1_blocks=0)
+    none = jnp.zeros((2, 0, bc.hidden_size))
+    _, logp = losses.substitution_nll_from_gists(bp, bc, tokens, all_raw, none, dense=True)
+    _, full_logp = losses.full_context_nll(bp, bc, tokens, all_raw, dense=True)
+    kl = losses.kl_to_teacher(full_logp, logp)
+    assert kl.shape == (2, all_raw.window_len - 1 - 32)
+    np.testing.assert_allclose(np.asarray(kl), 0.0, atol=1e-5)
+
+
+def test_hidden_children_are_the_read_pass_features(tiny):
+    cfg, frozen, layout, tokens = tiny
+    g = dataclasses.replace(cfg.gist, input="hidden", input_layer=2, read_chunk=512)
+    ch = losses.lod1_children(frozen.params, cfg.base_config, g, tokens[:, :1056])
+    ref = base.layer_hidden(frozen.params, cfg.base_config, tokens[:, :1056], layer=2,
+                            chunk=512)
+    chex.assert_trees_all_close(ch, ref)
+    emb = losses.lod1_children(frozen.params, cfg.base_config, cfg.gist, tokens[:, :1056])
+    chex.assert_trees_all_close(emb, base.embed_tokens(frozen.params, tokens[:, :1056]))
 
 
 def test_one_step_trains_every_gistnet_param_and_no_base_param(tiny):
     cfg, frozen, layout, tokens = tiny
     gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(1))
-    step = steps.GistStep(cfg, layout)
+    step = steps.GistStep(cfg, (layout,))
     grads = jax.grad(lambda t: step.loss(t, frozen.params, tokens)[0])({"gist": gp})
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert float(jnp.abs(g).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
@@ -96,24 +146,26 @@ def test_one_step_trains_every_gistnet_param_and_no_base_param(tiny):
     assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
 
-def test_alternating_step_trains_lod1_only_and_lod2_layouts_in_turn(tiny):
+def test_cycling_step_trains_each_layout_in_turn(tiny):
     cfg, frozen, layout, tokens = tiny
     lod1 = losses.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
                                    use_lod2=False)
-    assert lod1.num_gists == 33 and layout.num_gists == 2
+    keep4 = losses.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
+                                    use_lod2=False, keep_raw_blocks=4)
+    assert (layout.num_gists, lod1.num_gists, keep4.num_gists) == (1, 32, 29)
     gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(5))
     opt = steps.make_optimizer(cfg.train)
-    step = steps.GistStep(cfg, layout, alternate=lod1)
+    step = steps.GistStep(cfg, (layout, lod1, keep4), dense=True)
     update = jax.jit(lambda s, b, t: step.update(opt, s, b, t, None))
     state = steps.init_state({"gist": gp}, opt)
     seen = []
-    for _ in range(3):
-        expected = [layout, lod1][int(state.step) % 2]
+    for _ in range(4):
+        expected = step.layouts[int(state.step) % 3]
         want = step.loss(state.params, frozen.params, tokens, expected)[1]["loss"]
         state, metrics = update(state, frozen.params, tokens)
         seen.append(int(metrics["layout"]))
         np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
-    assert seen == [0, 1, 0]
+    assert seen == [0, 1, 2, 0]
 
 
 def test_untrained_gists_start_at_the_base_embedding_scale(tiny):
@@ -134,7 +186,7 @@ def test_sharded_step_equals_single_device_step_with_declared_shardings(tiny):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, layout.window_len)))
     gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(2))
     opt = steps.make_optimizer(cfg.train)
-    step = steps.GistStep(cfg, layout)
+    step = steps.GistStep(cfg, (layout,))
     results = {}
     for name, shape in {"single": (1, 1), "mesh": (2, 4)}.items():
         mesh = sharding.make_mesh(shape)
@@ -209,17 +261,22 @@ def test_short_tiny_run_lowers_held_out_loss(tmp_path, tiny):
                          "train.checkpoint_every": 30, "train.log_every": 10})
     result = train_gist(cfg, tmp_path, progress=False, eval_batches=1)
     # same held-out windows, same targets; the trained gists must do measurably better at
-    # both levels (steps alternate between the LOD1+LOD2 and the LOD1-only layout)
-    for name in ("lod1+lod2", "lod1"):
+    # both levels (steps alternate between the LOD1-only and the LOD1+LOD2 layout)
+    for name in ("lod1+lod2_keep1", "lod1_keep1"):
         before, after = result["eval_before"][name], result["eval_after"][name]
         assert after["delta_nll_gistnet"] < before["delta_nll_gistnet"] - 0.01, (name, before,
                                                                                  after)
     # the metrics are also TensorBoard scalars
     scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
-    assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30]
-    evals = scalars["eval/lod1/delta_nll_gistnet"]
+    # every log step has a row for each of the two alternating layouts (log_every=10 is
+    # even: logging only the logged step's metrics would show one layout only)
+    assert [s for s, _ in scalars["train/loss"]] == [10, 10, 20, 20, 30, 30]
+    assert [v for _, v in scalars["train/layout"]] == [0, 1] * 3
+    assert [v for _, v in scalars["train/steps"]] == [5] * 6
+    evals = scalars["eval/lod1_keep1/delta_nll_gistnet"]
     assert evals[0][0] == 0 and evals[-1][0] == 30
-    np.testing.assert_allclose(evals[-1][1], result["eval_after"]["lod1"]["delta_nll_gistnet"],
+    np.testing.assert_allclose(evals[-1][1],
+                               result["eval_after"]["lod1_keep1"]["delta_nll_gistnet"],
                                rtol=1e-6)
 
 

@@ -196,7 +196,8 @@ def optimize_ceiling(base_params, base_cfg: LlamaConfig, windows: np.ndarray,
     return CeilingResult(
         layout=spec, config=config, learning_rate_abs=lr, nll_full=cat("full"),
         nll_truncation=cat("trunc"), nll_init=cat("init"), nll_ceiling=cat("ceil"),
-        kl_init=cat("kl0"), kl_ceiling=cat("kl1"), kl_truncation=cat("klt"), curve_steps=np.asarray(log_at, np.int32),
+        kl_init=cat("kl0"), kl_ceiling=cat("kl1"), kl_truncation=cat("klt"),
+        curve_steps=np.asarray(log_at, np.int32),
         kl_curve=cat("klc", 1), nll_curve=cat("nllc", 1), vector_rms=cat("rms"))
 
 

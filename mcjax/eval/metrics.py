@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["pearson", "spearman", "rankdata", "sign_agreement", "correlation_summary",
-           "mean_stderr", "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore", "score_passkey", "accuracy", "PASSKEY_SCORING"]
+           "mean_stderr", "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore",
+           "score_passkey", "accuracy", "PASSKEY_SCORING"]
 
 
 def _pairs(x, y) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,10 @@ trained on, when that can be found), `train_joint` → both. Explicit `gist_chec
 `lens_checkpoint` take precedence; `untrained=True` evaluates the untrained nets on
 purpose. `gist_params` is a params-only GistNet file (`mcjax.assets`: `<name>.safetensors`
 with its `<name>.json` card); the config must already carry the card's GistNet
-architecture (`mcjax.assets.apply_card`, which `pipeline.validate` applies). Loading goes through `mcjax.runtime.load_trained_params`, so a checkpoint of
-another base model or architecture is a `CheckpointMismatchError` naming the fields, and a
-missing directory or one without a complete checkpoint a `CheckpointError`.
+architecture (`mcjax.assets.apply_card`, which `pipeline.validate` applies). Loading
+goes through `mcjax.runtime.load_trained_params`, so a checkpoint of another base model
+or architecture is a `CheckpointMismatchError` naming the fields, and a missing directory
+or one without a complete checkpoint a `CheckpointError`.
 """
 
 from __future__ import annotations

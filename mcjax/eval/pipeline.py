@@ -17,8 +17,9 @@ loads the frozen base model and the nets (`networks.resolve_networks`), then mea
    optimised per window in the gist slots (`mcjax.eval.ceiling`);
 
 and returns the results dict (`report.write_outputs` turns it into results.json,
-report.md, the plots and, from its "arrays" entry, the per-window .npz files). ΔNLL and focus quality use the config's MegaContext settings
-(as trained); the passkey sessions use `w_max`.
+report.md, the plots and, from its "arrays" entry, the per-window .npz files). ΔNLL and
+focus quality use the config's MegaContext settings (as trained); the passkey sessions use
+`w_max`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""The embedding-space ceiling (mcjax/eval/ceiling.py) on the tiny config: free vectors in
+the gist slots, optimised per window against the full context's distributions, reduce the
+KL over their steps and bring ΔNLL@H toward the full context; they start exactly at the
+mean-pool baseline; one jitted step serves every batch of windows."""
+
+import numpy as np
+import pytest
+
+from mcjax.config import get_config
+from mcjax.eval import baselines, ceiling, tasks
+from mcjax.train.loop import load_frozen
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    return load_frozen(get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def run(frozen):
+    cfg = frozen.cfg
+    spec = tasks.layouts_by_name(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, ["lod1_keep1"])[0]
+    windows = np.random.default_rng(0).integers(3, 256, (3, cfg.train.seq_len)).astype(np.int32)
+    before = ceiling._step._cache_size()
+    res = ceiling.optimize_ceiling(frozen.params, cfg.base_config, windows, spec,
+                                   ceiling.CeilingConfig(steps=30, log_every=5), batch_size=2)
+    return spec, windows, res, ceiling._step._cache_size() - before
+
+
+def test_ceiling_reduces_kl_and_moves_dnll_toward_the_full_context(run):
+    spec, _, r, _ = run
+    assert r.nll_ceiling.shape == (3,) and r.kl_curve.shape == (len(r.curve_steps), 3)
+    assert r.curve_steps[0] == 0 and r.curve_steps[-1] == 29
+    np.testing.assert_allclose(r.kl_curve[0], r.kl_init, rtol=1e-6)
+    assert (r.kl_ceiling < 0.5 * r.kl_init).all()  # every window's KL falls
+    assert r.kl_curve.mean(1)[-1] < r.kl_curve.mean(1)[0]
+    init = r.nll_init - r.nll_full
+    ceil = r.nll_ceiling - r.nll_full
+    # KL -> 0 pulls the compressed NLL to the full context's. On a random tiny base the
+    # mean-pool start can sit *below* the full context (ΔNLL < 0), so the check is on |ΔNLL|;
+    # on a real base (ΔNLL > 0 at the start) that is ΔNLL_ceiling <= ΔNLL_mean_pool.
+    assert np.abs(ceil).mean() <= np.abs(init).mean()
+    assert np.abs(ceil).mean() < np.abs(r.nll_truncation - r.nll_full).mean()
+
+
+def test_ceiling_starts_at_the_mean_pool_baseline_and_compiles_one_step(frozen, run):
+    spec, windows, r, compiles = run
+    assert compiles == 1  # 2 batches of 2 windows (the last padded): one compiled step
+    got = baselines.window_variant_nll(frozen, None, None, windows, spec.layout,
+                                       ("full", "mean_pool", "truncation"))
+    np.testing.assert_allclose(r.nll_init, got["mean_pool"].mean(1), atol=1e-5)
+    np.testing.assert_allclose(r.nll_full, got["full"].mean(1), atol=1e-5)
+    np.testing.assert_allclose(r.nll_truncation, got["truncation"].mean(1), atol=1e-5)
+
+    sec = ceiling.ceiling_section([r])
+    row = sec["layouts"][0]
+    assert row["layout"] == "lod1_keep1" and row["n"] == 3 and row["steps"] == 30
+    assert row["ceiling"]["n"] == 3 and row["ceiling"]["delta_nll"] == pytest.approx(
+        float((r.nll_ceiling - r.nll_full).mean()), abs=1e-6)
+    assert row["kl_truncation"]["mean"] > row["kl_ceiling"]["mean"]
+    assert set(r.arrays()) >= {"lod1_keep1/nll_ceiling", "lod1_keep1/kl_curve"}
+
+
+def test_ceiling_rejects_bad_settings(frozen):
+    with pytest.raises(ValueError, match="steps"):
+        ceiling.CeilingConfig(steps=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        ceiling.CeilingConfig(learning_rate=0.0)
+    cfg = frozen.cfg
+    spec = tasks.nll_layouts(cfg.mc, 1088, (1,))[0]
+    with pytest.raises(ValueError, match="windows must be"):
+        ceiling.optimize_ceiling(frozen.params, cfg.base_config, np.zeros((2, 100), np.int32),
+                                 spec)
