@@ -118,3 +118,11 @@ def run(args) -> dict:
                                   for v in result["prefill"].values())
                               and result["decode"]["ratio_ours_over_reference"] >= 1.0)
     return result
+
+
+if __name__ == "__main__":
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_args(parser)
+    print(json.dumps(run(parser.parse_args()), indent=2))

@@ -11,6 +11,10 @@ layers, query pooling), in one process:
 * tree append: tokens/s, gisting included, for a `--tokens` stream appended in chunks of
   `--chunk` tokens, in memory and on disk (durable: fsync per append), plus a streaming
   run that appends one block (32 tokens) at a time;
+* read pass (v2 GistNet input, SPEC §2.3a): tokens/s of `layer_hidden` (the first
+  `--read-layer` layers over independent chunks of `--read-chunk` tokens) against the
+  plain base prefill (all layers, hidden states only) of the same `--read-tokens` tokens,
+  timed alternately; the ratio is what the read pass adds to ingesting a history;
 * storage: bytes per 1M tokens at each level, measured from the on-disk files.
 """
 
@@ -41,6 +45,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="gist batch sizes whose per-block cost is measured")
     p.add_argument("--gist-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage dtype of gists in the tree")
+    p.add_argument("--read-tokens", type=int, default=4096,
+                   help="tokens per read-pass timing (one stream)")
+    p.add_argument("--read-layer", type=int, default=10,
+                   help="read-pass depth (GistConfig.input_layer)")
+    p.add_argument("--read-chunk", type=int, default=1024,
+                   help="read-pass chunk (GistConfig.read_chunk)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dir", default=None, help="directory for the on-disk store (default: a "
                    "temporary directory, removed afterwards)")
@@ -133,6 +143,20 @@ def run(args) -> dict:
                       "ratio": headline["ratio_gist_over_base_forward"],
                       "met": headline["ratio_gist_over_base_forward"] <= 0.10}
 
+    # ---------------------------------------------------------------- read pass
+    T = args.read_tokens
+    ids = jnp.asarray(rng.integers(0, bcfg.vocab_size, (1, T)), jnp.int32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    mask = jnp.ones((1, T), bool)
+    read = lambda: base._layer_hidden(base_params, bcfg, ids, args.read_layer, args.read_chunk)
+    prefill = lambda: base._forward(base_params, bcfg, ids, None, pos, mask, True)
+    med = _alternate({"read": read, "prefill": prefill}, args.iters)
+    result["read_pass"] = {
+        "tokens": T, "layer": args.read_layer, "chunk": args.read_chunk,
+        "read_pass_tokens_per_s": T / med["read"],
+        "base_prefill_tokens_per_s": T / med["prefill"],
+        "ratio_read_pass_over_base_prefill_time": med["read"] / med["prefill"]}
+
     # ---------------------------------------------------------------- tree append
     gister = BlockGister.from_base(gcfg, gparams, base_params, bcfg, block_size=K,
                                    gist_batch=args.gist_batch)  # None: backend default
@@ -191,3 +215,11 @@ def run(args) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
     result["tree_append"] = appends
     return result
+
+
+if __name__ == "__main__":
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_args(parser)
+    print(json.dumps(run(parser.parse_args()), indent=2))

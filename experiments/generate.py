@@ -7,7 +7,8 @@ streams the greedy answer, followed by a compact focus map (which spans of the h
 working context holds as raw tokens, LOD1 or LOD2 gists) and a telemetry summary.
 
 GistNet / LensNet come from training workdirs (`--gist-checkpoint`, `--lens-checkpoint`);
-without them the untrained networks are used, and the output says so plainly.
+without them GistNet is the shipped one (mcjax/assets/, when it fits the config) and
+LensNet untrained — the output says which, plainly; `--untrained` forces the random init.
 `--mode base` streams the plain base model over the whole prompt instead.
 
 Examples:
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train_gist / train_joint workdir with the GistNet to use")
     parser.add_argument("--lens-checkpoint", default=None,
                         help="train_lens / train_joint workdir with the LensNet to use")
+    parser.add_argument("--untrained", action="store_true",
+                        help="use the untrained GistNet (default without --gist-checkpoint: "
+                             "the shipped GistNet in mcjax/assets/ when it fits --config)")
     parser.add_argument("--feed-chunk", type=int, default=4096,
                         help="feed the prompt in pieces of this many tokens (progress shown; "
                              "the result does not depend on it)")
@@ -161,6 +165,7 @@ def run_megacontext(model, ids, text, args, parser) -> int:
         session = Session.from_checkpoints(
             model, cfg, gist_checkpoint=args.gist_checkpoint,
             lens_checkpoint=args.lens_checkpoint, max_tokens=max_tokens,
+            untrained=args.untrained,
             debug_invariants=args.debug_invariants, on_event=events.append)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -737,8 +737,10 @@ class Session:
     """A batch of MegaContext streams over one frozen base model (module docstring).
 
     base: a `BaseModel` (gives text encoding) or `(LlamaConfig, params)`. gist_params /
-    lens_params: trained params, or None for the untrained networks the trainers start
-    from (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
+    lens_params: trained params, or None: for GistNet the shipped params when they fit
+    `cfg` (`mcjax.assets.shipped_gist`, provenance "shipped"), else — and with
+    `untrained=True` always — the untrained networks the trainers start from
+    (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
     max_tokens: per-stream history capacity (fixes the device view's shapes).
     collapse_headroom: slots freed at once when the next block would not fit (default
     w_max/8 in whole blocks; 0 = collapse only as needed): trades up to that much budget
@@ -758,7 +760,7 @@ class Session:
                  gist_batch: int | None = None, pad_id: int = 0,
                  on_event: Callable[[RefocusEvent], None] | None = None,
                  max_events: int = 100_000, provenance: dict | None = None,
-                 focus_policy: str = "lens", focus_seed: int = 0):
+                 focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False):
         if focus_policy not in FOCUS_POLICIES:
             raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
                               f"{focus_policy!r}")
@@ -817,6 +819,12 @@ class Session:
         self.events: collections.deque[RefocusEvent] = collections.deque(maxlen=max_events)
         self.provenance = dict(provenance or {})
 
+        if gist_params is None and not untrained:  # the shipped GistNet, when it fits
+            from mcjax.assets import shipped_gist
+
+            shipped = shipped_gist(cfg)
+            if shipped is not None:
+                gist_params, self.provenance["gist"] = shipped
         if gist_params is None:
             gist_params = untrained_params(cfg, "gist", params)
             self.provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
@@ -876,7 +884,8 @@ class Session:
                          gist_checkpoint: str | os.PathLike | None = None,
                          lens_checkpoint: str | os.PathLike | None = None, **kwargs
                          ) -> "Session":
-        """A session with GistNet / LensNet from training workdirs (None: untrained).
+        """A session with GistNet / LensNet from training workdirs (None: the shipped
+        GistNet when it fits `cfg`, else untrained; `untrained=True`: untrained).
 
         Without `gist_checkpoint`, a LensNet checkpoint's own GistNet is used when it has
         one (a `train_joint` run) or names one that exists (a `train_lens` run trained on a

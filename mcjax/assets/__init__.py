@@ -40,7 +40,7 @@ from mcjax.config import ExperimentConfig, GistConfig
 __all__ = ["AssetError", "FORMAT", "ASSET_DIR", "save_params_safetensors",
            "load_params_safetensors", "card_path", "read_card", "write_card",
            "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
-           "check_gist_params"]
+           "check_gist_params", "SHIPPED_GIST", "shipped_gist"]
 
 FORMAT = "mcjax-params-v1"
 ASSET_DIR = Path(__file__).resolve().parent  # shipped params + cards
@@ -235,3 +235,34 @@ def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
             "source": {"workdir": str(workdir.absolute()), "step": int(step),
                        "run": (meta.get("extra") or {}).get("run") or "train_gist"}}
     return out, write_card(out, card)
+
+
+# --------------------------------------------------------------------------- shipped nets
+
+# The GistNet that ships with the package (SPEC §2.10), trained for the named config's
+# base model and GistNet architecture; see its card for the command, data and figures.
+SHIPPED_GIST = ASSET_DIR / "gistnet_smollm2_135m.safetensors"
+
+
+def shipped_gist(cfg: ExperimentConfig, path: str | os.PathLike | None = None
+                 ) -> tuple[Any, dict] | None:
+    """The shipped GistNet params and their provenance when they fit `cfg` (same base
+    model, GistNet architecture, block size, levels, position scheme and sink — the gists
+    were trained under those), else None: a session of another
+    setup then starts untrained, as before. `cfg.base_config` must be set."""
+    import jax
+    import jax.numpy as jnp
+
+    path = Path(SHIPPED_GIST if path is None else path)
+    if not path.is_file() or not card_path(path).is_file():
+        return None
+    card = read_card(path)
+    config = card["config"]
+    if (config.get("base") != cfg.base or gist_config_from_card(card) != cfg.gist
+            or any(config["mc"].get(k) != getattr(cfg.mc, k)
+                   for k in ("block_size", "num_levels", "position_scheme", "sink_blocks"))):
+        return None
+    params = jax.tree.map(jnp.asarray, load_params_safetensors(path))
+    check_gist_params(params, cfg, f"shipped GistNet params in {path}")
+    return params, {"source": "shipped", "path": str(path), "card": str(card_path(path)),
+                    "step": card.get("step")}

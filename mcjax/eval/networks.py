@@ -110,11 +110,16 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
     if untrained and given:
         raise ValueError("--untrained evaluates untrained nets: do not combine it with "
                          "checkpoints")
+    shipped = None
     if not untrained and not given:
-        raise ValueError("no checkpoint given: pass --checkpoint DIR (a train_gist / "
-                         "train_lens / train_joint workdir), --gist-checkpoint / "
-                         "--lens-checkpoint, --gist-params FILE.safetensors, or "
-                         "--untrained to evaluate untrained nets")
+        from mcjax.assets import shipped_gist
+
+        shipped = shipped_gist(cfg)
+        if shipped is None:
+            raise ValueError("no checkpoint given and no shipped GistNet fits this config: "
+                             "pass --checkpoint DIR (a train_gist / train_lens / train_joint "
+                             "workdir), --gist-checkpoint / --lens-checkpoint, --gist-params "
+                             "FILE.safetensors, or --untrained to evaluate untrained nets")
     gist_dir, lens_dir = gist_checkpoint, lens_checkpoint
     notes = {}
     if checkpoint is not None:
@@ -139,7 +144,9 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
                            + (f" ({checkpoint} is a {notes['checkpoint_run']} workdir)"
                               if checkpoint is not None else "")}
     gist = None
-    if gist_params is not None:
+    if shipped is not None:
+        gist, sources["gist"] = shipped
+    elif gist_params is not None:
         gist, sources["gist"], seed = _load_gist_file(gist_params, cfg)
     elif gist_dir is not None:
         gist, sources["gist"] = load_trained_params(gist_dir, cfg, "gist")

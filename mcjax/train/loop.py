@@ -538,8 +538,10 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
                 progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
                 candidates: int = 4, lens_weight: float = 1.0) -> dict[str, Any]:
     """Train GistNet and LensNet together on the same batches (summed objectives, see
-    `steps.JointStep`). Held-out evaluation: substitution ΔNLL@H beside the baselines (as
-    `train_gist`) and the lens metrics (as `train_lens`)."""
+    `steps.JointStep`). The GistNet term is `train_gist`'s: steps cycle over
+    `gist_train_layouts(cfg)` with its weights and `train.gist_dense`. Held-out evaluation:
+    substitution ΔNLL@H beside the baselines on every training layout (as `train_gist`) and
+    the lens metrics (as `train_lens`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     task = lens_task(cfg, candidates)
@@ -547,8 +549,8 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
     check_resumable(workdir, meta, resume)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
-    layout = gist_layout(cfg)
-    layouts = {"lod1": gist_layout(cfg, use_lod2=False), "lod1+lod2": layout}
+    tc = cfg.train
+    layouts = gist_train_layouts(cfg)
 
     def evaluate(params, sh, fz, batches):
         return {"substitution": evaluate_substitution(params["gist"], frozen, batches, layouts),
@@ -556,12 +558,14 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
 
     job = Job(
         name="train_joint",
-        step=steps.JointStep(cfg, layout, task, lens_weight=lens_weight),
+        step=steps.JointStep(cfg, tuple(layouts.values()), task, lens_weight=lens_weight,
+                             nll_weight=tc.gist_nll_weight, kl_weight=tc.gist_kl_weight,
+                             dense=tc.gist_dense),
         optimizer=steps.make_joint_optimizer(cfg.train),
         params={"gist": _init_gist(cfg, frozen.params), "lens": _init_lens(cfg)},
         frozen_inputs=frozen.params, evaluate=evaluate,
         postfix=lambda m: {"gist": f"{float(m['gist/loss']):.4f}",
                            "lens": f"{float(m['lens/loss']):.4f}"},
-        meta=meta)
+        meta=meta, notes={"layouts": list(layouts)})
     return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                         eval_batches=eval_batches, stop_after=stop_after)

@@ -245,31 +245,43 @@ class JointStep:
     loss = gist_loss(gist) + lens_weight · lens_loss(lens | gists of the current GistNet).
     The lens term sees GistNet through stop_gradient (its utilities are targets), so each
     net gets exactly its own objective's gradient; summing rather than alternating keeps
-    LensNet's utilities tracking the GistNet being trained, at every step. Use
+    LensNet's utilities tracking the GistNet being trained, at every step. The GistNet term
+    is `GistStep`'s (same `layouts`, cycled per step with a `lax.switch`; same weights and
+    `dense`), so a joint run trains GistNet on what `train_gist` would. Use
     `make_joint_optimizer` so global-norm clipping is per net. Trainable state:
     `{"gist", "lens"}`; frozen input: the base params (as GistStep). Metrics are prefixed
-    `gist/` and `lens/`.
+    `gist/` and `lens/`, beside `loss` and the `layout` index of the step.
     """
 
     cfg: ExperimentConfig
-    layout: losses.GistLayout
+    layouts: tuple[losses.GistLayout, ...]
     task: losses.LensTask
     lens_weight: float = 1.0
     nll_weight: float = 1.0
     kl_weight: float = 1.0
+    dense: bool = False
     weights: losses.LensLossConfig = losses.LensLossConfig()
     eval_seed: int = 0
 
+    def __post_init__(self):
+        if not isinstance(self.layouts, tuple) or not self.layouts:
+            raise ValueError("JointStep needs a non-empty tuple of GistLayouts, got "
+                             f"{type(self.layouts).__name__}")
+
+    @property
+    def layout(self) -> losses.GistLayout:
+        return self.layouts[0]
+
     @property
     def gist_step(self) -> GistStep:
-        return GistStep(self.cfg, (self.layout,), self.nll_weight, self.kl_weight)
+        return GistStep(self.cfg, self.layouts, self.nll_weight, self.kl_weight, self.dense)
 
     @property
     def lens_step(self) -> LensStep:
         return LensStep(self.cfg, self.task, self.weights, self.eval_seed)
 
-    def _total(self, trainable, base_params, tokens, cf):
-        g_loss, g_metrics = self.gist_step.loss(trainable, base_params, tokens)
+    def _total(self, trainable, base_params, tokens, cf, layout=None):
+        g_loss, g_metrics = self.gist_step.loss(trainable, base_params, tokens, layout)
         l_loss, l_metrics = self.lens_step.objective(trainable["lens"], cf)
         metrics = {"loss": g_loss + self.lens_weight * l_loss,
                    **{f"gist/{k}": v for k, v in g_metrics.items()},
@@ -278,8 +290,20 @@ class JointStep:
 
     def update(self, optimizer, state: TrainState, base_params, tokens, rng):
         cf = self.lens_step.counterfactuals(state.params["gist"], base_params, tokens, rng)
-        grads, metrics = jax.grad(self._total, has_aux=True)(state.params, base_params,
-                                                             tokens, cf)
+
+        def branch(index, layout):
+            def run(params):
+                grads, metrics = jax.grad(functools.partial(self._total, layout=layout),
+                                          has_aux=True)(params, base_params, tokens, cf)
+                return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
+            return run
+
+        branches = [branch(i, lay) for i, lay in enumerate(self.layouts)]
+        if len(branches) == 1:
+            grads, metrics = branches[0](state.params)
+        else:
+            grads, metrics = jax.lax.switch(state.step % len(branches), branches,
+                                            state.params)
         metrics = dict(metrics, **{f"{k}/grad_norm": optax.tree.norm(g)
                                    for k, g in grads.items()})
         return _apply_grads(optimizer, state, grads, metrics)

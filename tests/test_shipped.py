@@ -1,0 +1,66 @@
+"""The GistNet shipped in mcjax/assets/: it loads, matches its card, is what sessions and
+evaluations use by default, and on fixed held-out windows beats dropping the span."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcjax import assets
+from mcjax.config import get_config
+from mcjax.eval.metrics import paired_vs_truncation
+from mcjax.train import loop
+
+pytestmark = pytest.mark.slow
+
+if not assets.SHIPPED_GIST.is_file():  # a checkout without the shipped file is broken
+    raise FileNotFoundError(f"the shipped GistNet {assets.SHIPPED_GIST} is missing")
+
+
+@pytest.fixture(scope="module")
+def shipped(smollm2):
+    cfg = dataclasses.replace(get_config("smollm2_135m_cpu"), base_config=smollm2.config)
+    return cfg, smollm2
+
+
+def test_shipped_gistnet_loads_and_matches_its_card(shipped):
+    cfg, _ = shipped
+    card = assets.read_card(assets.SHIPPED_GIST)
+    assert card["part"] == "gist" and card["format"] == assets.FORMAT
+    assert assets.gist_config_from_card(card) == cfg.gist  # the config it is the default for
+    for k in ("position_scheme", "sink_blocks", "block_size", "num_levels"):
+        assert card["config"]["mc"][k] == getattr(cfg.mc, k)
+    for k in ("command", "data", "step", "figures"):
+        assert card.get(k), f"card lacks {k!r}"
+    got = assets.shipped_gist(cfg)
+    assert got is not None and got[1]["source"] == "shipped"
+    # another GistNet architecture does not silently get these params
+    other = dataclasses.replace(cfg, gist=dataclasses.replace(cfg.gist, input_layer=3))
+    assert assets.shipped_gist(other) is None
+
+
+def test_sessions_use_the_shipped_gistnet_unless_told_untrained(shipped):
+    from mcjax.runtime import Session
+
+    cfg, model = shipped
+    s = Session(model, None, None, cfg, max_tokens=1024)
+    assert s.provenance["gist"]["source"] == "shipped" and "gist" not in s.untrained
+    u = Session(model, None, None, cfg, max_tokens=1024, untrained=True)
+    assert u.provenance["gist"]["source"] == "untrained" and "gist" in u.untrained
+
+
+def test_shipped_gistnet_beats_truncation_at_32_to_1_on_fixed_held_out_windows(shipped):
+    cfg, model = shipped
+    frozen = loop.Frozen(cfg, model.params, model.encode, cfg.base, cfg.base_config.eos_token_id)
+    params, _ = assets.shipped_gist(cfg)
+    layout = loop.gist_layout(cfg, use_lod2=False, keep_raw_blocks=1)  # 32 LOD1 gists
+    assert layout.compression_ratio == 32.0 and layout.num_gists == 32
+    (batch,) = loop.held_out_batches(frozen, 1, 8, cfg.train.seq_len, seed=4321)
+    nll = {v: np.asarray(loop.variant_nll(
+        model.params, params, jnp.asarray(batch), base_cfg=cfg.base_config, gist_cfg=cfg.gist,
+        layout=layout, variant=v)).mean(axis=1) for v in ("full", "gistnet", "truncation")}
+    row = paired_vs_truncation(nll["gistnet"], nll["truncation"], nll["full"])
+    # the gists must carry information: lower NLL than dropping the span, window-paired
+    assert row["mean_diff_vs_truncation"] < -0.02, row
+    assert row["gap_recovered"] > 0.15, row
