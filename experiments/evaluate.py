@@ -22,6 +22,7 @@ and variant the paired difference to truncation on the same windows (± SE), ΔN
 which nets are trained (a train_gist workdir leaves LensNet untrained, and the report says
 so). --gist-checkpoint / --lens-checkpoint combine workdirs; --gist-params FILE.safetensors
 takes a params-only GistNet (its FILE.json card gives the GistNet config, mcjax.assets);
+with none of them the shipped GistNet (mcjax/assets/) is used when it fits --config;
 --untrained evaluates the untrained nets on purpose.
 
 Examples (SmolLM2 on a CPU; see --help for the sizes):

@@ -443,7 +443,8 @@ def _tiny() -> ExperimentConfig:
         base="random",
         base_config=TINY_LLAMA,
         mc=MCConfig(w_max=256, horizon=16, recent_protect=64),
-        gist=GistConfig(width=36, num_heads=3, num_layers=2, pooling="query"),
+        gist=GistConfig(width=36, num_heads=3, num_layers=2, pooling="query", input_layer=2,
+                        read_chunk=512),
         lens=LensConfig(width=20, num_latents=7, num_heads=2, num_latent_layers=1),
         # window = 1,088-token prefix (one LOD2 group + LOD1 + a raw block) + H=16
         train=TrainConfig(batch_size=2, seq_len=1104, steps=20, warmup_steps=2,

@@ -262,10 +262,14 @@ def test_short_tiny_run_lowers_held_out_loss(tmp_path, tiny):
     result = train_gist(cfg, tmp_path, progress=False, eval_batches=1)
     # same held-out windows, same targets; the trained gists must do measurably better at
     # both levels (steps alternate between the LOD1-only and the LOD1+LOD2 layout)
-    for name in ("lod1+lod2_keep1", "lod1_keep1"):
+    # LOD1: 32 gists, by >= 0.01 nats; LOD1+LOD2: one gist for 1,024 tokens after the sink,
+    # whose whole span costs only ~0.007 nats on the random tiny base (truncation), so by a
+    # quarter of its starting ΔNLL instead
+    for name, margin in (("lod1+lod2_keep1", None), ("lod1_keep1", 0.01)):
         before, after = result["eval_before"][name], result["eval_after"][name]
-        assert after["delta_nll_gistnet"] < before["delta_nll_gistnet"] - 0.01, (name, before,
-                                                                                 after)
+        b, a = before["delta_nll_gistnet"], after["delta_nll_gistnet"]
+        need = b - margin if margin is not None else b - 0.25 * abs(b)
+        assert a < need, (name, before, after)
     # the metrics are also TensorBoard scalars
     scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
     # every log step has a row for each of the two alternating layouts (log_every=10 is

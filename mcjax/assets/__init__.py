@@ -70,12 +70,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def save_params_safetensors(params: Any, path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> Path:
-    """Write a nested dict of arrays as safetensors with "a/b/c" keys (atomic rename)."""
+                            metadata: dict[str, str] | None = None,
+                            dtype: str | None = None) -> Path:
+    """Write a nested dict of arrays as safetensors with "a/b/c" keys (atomic rename);
+    `dtype` (e.g. "float16": half the bytes of a shipped file) casts floating arrays."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     flat = _flatten(params)
+    if dtype is not None:
+        flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v
+                for k, v in flat.items()}
     if not flat:
         raise AssetError("no arrays to save")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,8 @@ def save_params_safetensors(params: Any, path: str | os.PathLike,
 
 
 def load_params_safetensors(path: str | os.PathLike) -> dict:
-    """The nested dict of numpy arrays written by `save_params_safetensors`."""
+    """The nested dict of numpy arrays written by `save_params_safetensors` (floating
+    arrays as float32, whatever precision they were stored in)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -105,7 +111,8 @@ def load_params_safetensors(path: str | os.PathLike) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise AssetError(f"{path}: key {key!r} nests under an array")
-        node[leaf] = flat[key]
+        arr = flat[key]
+        node[leaf] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
     return tree
 
 
@@ -207,7 +214,8 @@ def save_gist_params(params: Any, cfg: ExperimentConfig, path: str | os.PathLike
 
 
 def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
-                       step: int | None = None) -> tuple[Path, Path]:
+                       step: int | None = None, dtype: str | None = None,
+                       **card_entries: Any) -> tuple[Path, Path]:
     """A training workdir's GistNet (latest or `step`) as a params-only file + card (the
     checkpoint's config; source, step and run in the card)."""
     import orbax.checkpoint as ocp
@@ -230,10 +238,11 @@ def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
     gist = ((raw.get("params") or {}) if isinstance(raw, dict) else {}).get("gist")
     if gist is None:
         raise CheckpointError(f"checkpoint {workdir} (step {step}) holds no gist params")
-    out = save_params_safetensors(gist, path, {"part": "gist"})
+    out = save_params_safetensors(gist, path, {"part": "gist"}, dtype=dtype)
     card = {"format": FORMAT, "part": "gist", "config": meta.get("config") or {},
             "source": {"workdir": str(workdir.absolute()), "step": int(step),
-                       "run": (meta.get("extra") or {}).get("run") or "train_gist"}}
+                       "run": (meta.get("extra") or {}).get("run") or "train_gist"},
+            "step": int(step), "stored_dtype": dtype or "as trained", **card_entries}
     return out, write_card(out, card)
 
 

@@ -175,11 +175,14 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
             networks.checkpoint_parts(d)
     if opts.gist_params is not None and opts.gist_checkpoint is not None:
         raise EvalInputError("give --gist-params or --gist-checkpoint, not both")
-    if opts.untrained == any(d is not None for d in (opts.checkpoint, opts.gist_checkpoint,
-                                                     opts.lens_checkpoint, opts.gist_params)):
-        raise EvalInputError("pass --checkpoint DIR (or --gist-checkpoint / --lens-checkpoint "
-                             "/ --gist-params FILE), or --untrained to evaluate untrained nets "
-                             "on purpose; not both")
+    given = any(d is not None for d in (opts.checkpoint, opts.gist_checkpoint,
+                                        opts.lens_checkpoint, opts.gist_params))
+    if opts.untrained and given:
+        raise EvalInputError("--untrained evaluates the untrained nets on purpose: do not "
+                             "combine it with --checkpoint / --gist-checkpoint / "
+                             "--lens-checkpoint / --gist-params")
+    # neither: the shipped GistNet when it fits the config (else a clear error, later, from
+    # networks.resolve_networks once the base model's architecture is known)
     return cfg
 
 
