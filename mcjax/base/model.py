@@ -15,6 +15,7 @@ and then call jit-compiled cores; inside a user's own `jit` only the static chec
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -325,8 +326,6 @@ def layer_hidden_core(params, config: LlamaConfig, tokens: jax.Array, layer: int
     causal inside a chunk, positions 0..chunk-1 (the read pass, SPEC §2.3a). A trailing
     partial chunk is read as is, so a token's state depends only on its chunk's tokens up
     to itself: features of a prefix equal the prefix of the features. Unjitted."""
-    import dataclasses
-
     B, T = tokens.shape
     if not 1 <= layer <= config.num_layers:
         raise InputError(f"layer must lie in 1..{config.num_layers}, got {layer}")
