@@ -180,7 +180,7 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
     if opts.untrained and given:
         raise EvalInputError("--untrained evaluates the untrained nets on purpose: do not "
                              "combine it with --checkpoint / --gist-checkpoint / "
-                             "--lens-checkpoint / --gist-params")
+                             "--lens-checkpoint / --gist-params (not both)")
     # neither: the shipped GistNet when it fits the config (else a clear error, later, from
     # networks.resolve_networks once the base model's architecture is known)
     return cfg
