@@ -58,6 +58,22 @@ def _replicated(mesh: Mesh, tree: Any) -> Any:
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
+def grads_cycling_layouts(grad_fn, layouts, step, params):
+    """(grads, metrics + `layout` index) of `grad_fn(params, layout)` for the layout of
+    this step, layouts[step % len(layouts)]: a `lax.switch` on the traced step, so every
+    layout shares one compiled step."""
+    def branch(index, layout):
+        def run(p):
+            grads, metrics = grad_fn(p, layout)
+            return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
+        return run
+
+    branches = [branch(i, lay) for i, lay in enumerate(layouts)]
+    if len(branches) == 1:
+        return branches[0](params)
+    return jax.lax.switch(step % len(branches), branches, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class GistStep:
     """The GistNet substitutability step for one experiment and its window layouts.
@@ -100,18 +116,9 @@ class GistStep:
     def update(self, optimizer, state: TrainState, base_params, tokens, rng):
         del rng  # the objective is deterministic; kept for the common step signature
 
-        def branch(index, layout):
-            def run(params):
-                grads, metrics = self._grads(params, base_params, tokens, layout)
-                return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
-            return run
-
-        branches = [branch(i, lay) for i, lay in enumerate(self.layouts)]
-        if len(branches) == 1:
-            grads, metrics = branches[0](state.params)
-        else:
-            grads, metrics = jax.lax.switch(state.step % len(branches), branches,
-                                            state.params)
+        grads, metrics = grads_cycling_layouts(
+            lambda params, layout: self._grads(params, base_params, tokens, layout),
+            self.layouts, state.step, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -291,19 +298,10 @@ class JointStep:
     def update(self, optimizer, state: TrainState, base_params, tokens, rng):
         cf = self.lens_step.counterfactuals(state.params["gist"], base_params, tokens, rng)
 
-        def branch(index, layout):
-            def run(params):
-                grads, metrics = jax.grad(functools.partial(self._total, layout=layout),
-                                          has_aux=True)(params, base_params, tokens, cf)
-                return grads, dict(metrics, layout=jnp.asarray(index, jnp.int32))
-            return run
-
-        branches = [branch(i, lay) for i, lay in enumerate(self.layouts)]
-        if len(branches) == 1:
-            grads, metrics = branches[0](state.params)
-        else:
-            grads, metrics = jax.lax.switch(state.step % len(branches), branches,
-                                            state.params)
+        grads, metrics = grads_cycling_layouts(
+            lambda params, layout: jax.grad(functools.partial(self._total, layout=layout),
+                                            has_aux=True)(params, base_params, tokens, cf),
+            self.layouts, state.step, state.params)
         metrics = dict(metrics, **{f"{k}/grad_norm": optax.tree.norm(g)
                                    for k, g in grads.items()})
         return _apply_grads(optimizer, state, grads, metrics)
