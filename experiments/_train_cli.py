@@ -28,6 +28,10 @@ def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
         parser.add_argument("--candidates", type=int, default=4,
                             help="counterfactual candidate actions per window (half expansions)")
     if layouts:
+        parser.add_argument("--init-gist", default=None, metavar="PARAMS.safetensors",
+                            help="warm start from a params-only GistNet file (e.g. "
+                                 "mcjax/assets/gistnet_smollm2_135m.safetensors): fresh "
+                                 "optimizer and schedule")
         parser.add_argument("--single-layout", action="store_true",
                             help="train on one layout only: LOD1 gists with "
                                  "train.gist_keep_raw[0] raw blocks (same as --set "
@@ -69,6 +73,8 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
                   stop_after=args.stop_after, progress=not args.no_progress)
     if hasattr(args, "candidates"):
         kwargs["candidates"] = args.candidates
+    if getattr(args, "init_gist", None) is not None:
+        kwargs["init_gist"] = args.init_gist
     if getattr(args, "gist_workdir", None) is not None:
         kwargs["gist_workdir"] = args.gist_workdir
     try:

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy tokens per answer (default: longest answer + 4)")
+    g.add_argument("--methods", default=None,
+                   help="passkey methods, comma-separated (default: all of megacontext_lens, "
+                        "megacontext_random, megacontext_recency, megacontext_retrieval, "
+                        "sliding_window, full_context)")
     g.add_argument("--haystack", choices=["filler", "held_out"], default="filler",
                    help="repeated filler text or held-out corpus text (default: %(default)s)")
     g.add_argument("--full-memory-gb", type=float, default=6.0,
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
                      else parse_int_list(args.lengths, "--lengths")), w_max=args.w_max,
             cases=args.cases, refocus_steps=args.refocus_steps,
             max_new_tokens=args.max_new_tokens, haystack=args.haystack,
+            methods=(pipeline.METHODS if args.methods is None else
+                     tuple(m.strip() for m in args.methods.split(",") if m.strip())),
             full_memory_gb=args.full_memory_gb, ceiling_windows=args.ceiling_windows,
             ceiling_steps=args.ceiling_steps, ceiling_lr=args.ceiling_lr,
             ceiling_layouts=tuple(n.strip() for n in args.ceiling_layouts.split(",")

@@ -18,6 +18,7 @@ __all__ = [
     "LlamaConfig",
     "GistConfig",
     "LensConfig",
+    "RetrievalConfig",
     "MCConfig",
     "TrainConfig",
     "EvalConfig",
@@ -215,6 +216,47 @@ class GistConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """Training-free, query-aware focus (`focus_policy="retrieval"`, SPEC §2.3a, §2.6).
+
+    The read pass keeps, per LOD1 block, the pre-RoPE keys of all its tokens at `layers`
+    (0-based), read in independent history-aligned chunks of `chunk` tokens; a chunk's first
+    token (its attention sink) is never scored. At refocus the newest `queries` tokens'
+    pre-RoPE queries (read over the last `query_window` tokens) score every block: per
+    (layer, head) the max q·k over the queries and the block's tokens, z-scored over the
+    scoreable blocks (not the sink, not the protected tail), then the max over (layer,
+    head). The `top_blocks` best blocks are relevant: spans holding them expand; while some
+    WC gist holds one, the oldest other spans become collapse candidates to make room.
+    Chosen by measurement (results/retrieval_probe): layers 17 and 24 of SmolLM2-135M, all
+    32 keys per block (Quest min/max and mean keys lose on real-text haystacks), 8 queries.
+    """
+
+    layers: tuple[int, ...] = (17, 24)
+    chunk: int = 512
+    queries: int = 8
+    query_window: int = 128
+    top_blocks: int = 4
+    key_dtype: str = "float16"
+    # after new input, refocus again (no new tokens) while the last refocus acted, at most
+    # this many extra times: a needle inside an LOD2 gist needs two expansions
+    settle_rounds: int = 4
+
+    def __post_init__(self):
+        _require(len(self.layers) >= 1 and all(int(x) >= 0 for x in self.layers)
+                 and list(self.layers) == sorted(set(self.layers)),
+                 f"retrieval.layers must be increasing 0-based layers, got {self.layers}")
+        _require(self.chunk >= 2, f"retrieval.chunk must be >= 2, got {self.chunk}")
+        _require(1 <= self.queries <= self.query_window,
+                 f"retrieval.queries must lie in 1..query_window={self.query_window}, got "
+                 f"{self.queries}")
+        _require(self.top_blocks >= 1, f"retrieval.top_blocks must be >= 1, got "
+                                       f"{self.top_blocks}")
+        _require(self.key_dtype in ("float32", "bfloat16", "float16"),
+                 f"unsupported retrieval.key_dtype {self.key_dtype!r}")
+        _require(self.settle_rounds >= 0, "retrieval.settle_rounds must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class LensConfig:
     """LensNet, a Perceiver-IO query decoder (SPEC §2.5)."""
 
@@ -339,6 +381,7 @@ class ExperimentConfig:
     mc: MCConfig = MCConfig()
     gist: GistConfig = GistConfig()
     lens: LensConfig = LensConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
@@ -446,6 +489,7 @@ def _tiny() -> ExperimentConfig:
         gist=GistConfig(width=36, num_heads=3, num_layers=2, pooling="query", input_layer=2,
                         read_chunk=512),
         lens=LensConfig(width=20, num_latents=7, num_heads=2, num_latent_layers=1),
+        retrieval=RetrievalConfig(layers=(1, 2), chunk=64, queries=4, query_window=32),
         # window = 1,088-token prefix (one LOD2 group + LOD1 + a raw block) + H=16
         train=TrainConfig(batch_size=2, seq_len=1104, steps=20, warmup_steps=2,
                           learning_rate=1e-3, log_every=1, eval_every=10,

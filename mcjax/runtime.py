@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mcjax import focus, lens, sharding
+from mcjax import focus, lens, retrieval, sharding
 from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.base.model import InputError, KVCache
@@ -98,7 +98,7 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
 # Where refocus scores come from: LensNet (the design), or a baseline policy that replaces
 # its scores inside the same session machinery (see `recency_scores`, `random_scores`).
-FOCUS_POLICIES = ("lens", "random", "recency")
+FOCUS_POLICIES = ("lens", "random", "recency", "retrieval")
 _MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
 
 
@@ -130,6 +130,7 @@ class _Plan:
     headroom: int  # slots to free ahead when the next block would not fit (0: off)
     prefill_chunk: int  # C: slots per bulk re-prefill chunk (a multiple of K dividing w_max)
     focus_policy: str = "lens"  # one of FOCUS_POLICIES
+    retrieval: Any = None  # RetrievalConfig (used by focus_policy "retrieval")
 
     @property
     def num_slots(self) -> int:
@@ -166,11 +167,15 @@ def random_scores(key: jax.Array, wc, mc) -> jax.Array:
                              wc, mc)
 
 
-def _policy_scores(plan: _Plan, lens_params, base_params, wc, view, stream, call: int):
+def _policy_scores(plan: _Plan, lens_params, base_params, wc, view, stream, call: int,
+                   block_scores=None):
     """Scores [W] of one stream's WC under the plan's focus policy. For "random",
     `lens_params` is the seed ([] uint32); the key folds in the stream, the WC's refocus
     step and which scoring of the refocus this is, so it is deterministic given the seed
-    and differs from refocus to refocus."""
+    and differs from refocus to refocus. For "retrieval", `block_scores` [C1] are the
+    stream's (`retrieval.stream_block_scores`, computed once per refocus)."""
+    if plan.focus_policy == "retrieval":
+        return retrieval.slot_scores(wc, block_scores, plan.mc)
     if plan.focus_policy == "lens":
         return _score_stream(plan, lens_params, base_params, wc, view)
     if plan.focus_policy == "recency":
@@ -284,13 +289,15 @@ def _copy_pending_kv(plan: _Plan, cache: KVCache, copy, dest, count) -> KVCache:
 
 
 def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: TreeView,
-             num_new, reset, layout, revive, from_pending):
+             num_new, reset, layout, revive, from_pending, settle):
     """One refocus of every stream (module docstring, step 2).
 
     num_new [B]: tokens the trees gained since the WC was last updated; reset [B]: the
     stream starts from `layout` (its initial layout; its cache holds nothing yet); revive
     [B]: clear the stream's EOS flag (it got new input); from_pending []: the new tokens are
-    the decoded ones in the pending slots (their KV entries can be reused).
+    the decoded ones in the pending slots (their KV entries can be reused); settle [B]: the
+    stream refocuses without new tokens (the rounds after input that let focus reach
+    raw tokens, e.g. two expansions for a block inside an LOD2 gist).
     """
     mc, llama = plan.mc, plan.llama
     W, K, B, L = mc.w_max, mc.block_size, plan.batch_size, mc.num_levels
@@ -302,18 +309,26 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
     streams = jnp.arange(B, dtype=jnp.int32)
+    blocks = None
+    if plan.focus_policy == "retrieval":  # the queries see the whole history, new tokens too
+        blocks = jax.vmap(functools.partial(
+            retrieval.stream_block_scores, base_params, llama, plan.retrieval, mc))(
+                view.tokens, view.keys, view.counts)
 
     def score(lens_params, base_params, wc, view, call):
-        fn = functools.partial(_policy_scores, plan, call=call)
-        return jax.vmap(fn, in_axes=(None, None, 0, 0, 0))(lens_params, base_params, wc, view,
-                                                            streams)
+        def fn(lens_params, base_params, wc, view, stream, blocks):
+            return _policy_scores(plan, lens_params, base_params, wc, view, stream, call,
+                                  blocks)
+
+        return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, 0))(lens_params, base_params, wc,
+                                                               view, streams, blocks)
 
     scores0 = score(lens_params, base_params, wc0, view, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
     scores1 = score(lens_params, base_params, wc1, view, 1)
     # Only streams with new tokens (or a fresh layout) refocus, so a stream's focus never
     # depends on its batch neighbours (e.g. one that already emitted EOS).
-    active = reset | (num_new > 0)
+    active = reset | (num_new > 0) | settle
     wc1, scores1, ahead = jax.vmap(functools.partial(_collapse_ahead, plan))(wc1, scores1,
                                                                           active)
     wc2, focus_info = jax.vmap(lambda wc, s: focus.allocate(wc, s, mc))(wc1, scores1)
@@ -403,12 +418,17 @@ def _scatter_rows(buf, rows, start, count):
     return buf.at[jnp.arange(B)[:, None], idx].set(rows.astype(buf.dtype), mode="drop")
 
 
-def _write_view(view: TreeView, token_rows, gist_rows, start, count, counts) -> TreeView:
-    """Write each stream's new tree rows into the batched fixed-capacity view."""
+def _write_view(view: TreeView, token_rows, gist_rows, start, count, counts, key_rows=None
+                ) -> TreeView:
+    """Write each stream's new tree rows into the batched fixed-capacity view (retrieval
+    keys, when kept, share LOD1's rows)."""
     tokens = _scatter_rows(view.tokens, token_rows, start[:, 0], count[:, 0])
     gists = tuple(_scatter_rows(g, r, start[:, l + 1], count[:, l + 1])
                   for l, (g, r) in enumerate(zip(view.gists, gist_rows)))
-    return TreeView(tokens=tokens, gists=gists, counts=counts)
+    keys = view.keys
+    if key_rows is not None:
+        keys = _scatter_rows(view.keys, key_rows, start[:, 1], count[:, 1])
+    return TreeView(tokens=tokens, gists=gists, counts=counts, keys=keys)
 
 
 class _Programs(NamedTuple):
@@ -437,7 +457,7 @@ def _shardings(plan: _Plan, mesh: Mesh) -> dict:
     state = StreamState(wc=wc, cache=KVCache(k=kv, v=kv, valid=lead(2)), next_token=lead(1),
                         pending=lead(2), num_pending=rep, done=lead(1))
     view = TreeView(tokens=lead(2), gists=tuple(lead(3) for _ in range(plan.mc.num_levels)),
-                    counts=lead(2))
+                    counts=lead(2), keys=lead(3) if plan.focus_policy == "retrieval" else None)
     return dict(rep=rep, lead=lead, wc=wc, state=state, view=view,
                 params=sharding.param_shardings(_abstract_base_params(plan.llama), mesh))
 
@@ -461,12 +481,12 @@ def _programs(plan: _Plan, mesh: Mesh | None) -> _Programs:
                        out_shardings=(sh["state"], lead(2), rep)),
         refocus=jax.jit(refocus, donate_argnums=2,
                         in_shardings=(sh["params"], rep, sh["state"], sh["view"], lead(1),
-                                      lead(1), sh["wc"], lead(1), rep),
+                                      lead(1), sh["wc"], lead(1), rep, lead(1)),
                         out_shardings=(sh["state"], rep)),
         write_view=jax.jit(write_view, donate_argnums=0,
                            in_shardings=(sh["view"], lead(2), tuple(
                                lead(3) for _ in range(plan.mc.num_levels)), lead(2), lead(2),
-                               lead(2)),
+                               lead(2), lead(3) if plan.focus_policy == "retrieval" else None),
                            out_shardings=sh["view"]),
         shardings=sh)
 
@@ -487,7 +507,7 @@ class RefocusEvent:
     """
 
     index: int  # refocus number in this session
-    trigger: str  # "input" (after feed) or "decode" (K tokens decoded)
+    trigger: str  # "input" (after feed), "settle" (a round after input) or "decode"
     num_tokens: list[int]
     num_new: list[int]
     actions: list[list[tuple[str, int, int]]]  # (expand|collapse, slot, level before)
@@ -848,7 +868,8 @@ class Session:
         self._plan = _Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=self.batch_size,
                            max_tokens=self.max_tokens, pad_id=int(pad_id),
                            headroom=int(collapse_headroom),
-                           prefill_chunk=int(prefill_chunk), focus_policy=focus_policy)
+                           prefill_chunk=int(prefill_chunk), focus_policy=focus_policy,
+                           retrieval=cfg.retrieval if focus_policy == "retrieval" else None)
         self._programs = _programs(self._plan, mesh)
         sh = self._programs.shardings
         if focus_policy == "random":  # the refocus program reads the seed in LensNet's place
@@ -861,8 +882,17 @@ class Session:
             self._lens_params = jax.device_put(lens_params, sh["rep"])
         self._gister = BlockGister.from_base(cfg.gist, gist_params, self._params, llama,
                                              block_size=K, gist_batch=gist_batch)
+        self._key_reader = None
+        if focus_policy == "retrieval":
+            from mcjax.retrieval import BlockKeyReader
+
+            if max(cfg.retrieval.layers) >= llama.num_layers:
+                raise ConfigError(f"retrieval.layers {cfg.retrieval.layers} exceed the base "
+                                  f"model's {llama.num_layers} layers")
+            self._key_reader = BlockKeyReader.from_base(cfg.retrieval, self._params, llama, K)
         self._trees = [MegaContextTree.in_memory(mc, self._gister,
-                                                 view_capacity_tokens=self.max_tokens)
+                                                 view_capacity_tokens=self.max_tokens,
+                                                 key_reader=self._key_reader)
                        for _ in range(self.batch_size)]
         self._gist_dtype = np.dtype(jnp.dtype(mc.gist_dtype))
         self._state = self._put(self._initial_state(), "state")
@@ -939,7 +969,9 @@ class Session:
             tokens=np.zeros((B, self._plan.view_rows(0)), np.int32),
             gists=tuple(np.zeros((B, self._plan.view_rows(l), D), self._gist_dtype)
                         for l in range(1, self.mc.num_levels + 1)),
-            counts=np.zeros((B, self.mc.num_levels + 1), np.int32))
+            counts=np.zeros((B, self.mc.num_levels + 1), np.int32),
+            keys=None if self._key_reader is None else np.zeros(
+                (B, self._plan.view_rows(1), self._key_reader.width), self._key_reader.dtype))
 
     def _layouts(self, reset: np.ndarray) -> wcm.WorkingContext:
         """Batched host WC: the initial layout of each reset stream's history, else empty."""
@@ -1063,6 +1095,7 @@ class Session:
         timings, self._ingest_s = {"ingest_s": self._ingest_s}, 0.0
         self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset, trigger="input",
                       timings=timings)
+        self._settle((num_new > 0) | reset)
 
     # ------------------------------------------------------------------ refocus
 
@@ -1075,23 +1108,31 @@ class Session:
         token_rows = np.zeros((B, _bucket(new[:, 0].max(), K)), np.int32)
         gist_rows = [np.zeros((B, _bucket(new[:, l].max(), _MIN_GIST_ROWS), D),
                               self._gist_dtype) for l in range(1, self.mc.num_levels + 1)]
+        key_rows = None
+        if self._key_reader is not None:
+            key_rows = np.zeros((B, gist_rows[0].shape[1], self._key_reader.width),
+                                self._key_reader.dtype)
         for b, tree in enumerate(self._trees):
             lo, hi = self._view_synced[b], counts[b]
             token_rows[b, :new[b, 0]] = tree.tokens(lo[0], hi[0])
             for l in range(1, self.mc.num_levels + 1):
                 gist_rows[l - 1][b, :new[b, l]] = tree.gists(l, lo[l], hi[l])
+            if key_rows is not None:
+                key_rows[b, :new[b, 1]] = tree.keys(lo[1], hi[1])
         self._view = self._programs.write_view(
             self._view, token_rows, tuple(gist_rows), self._view_synced.astype(np.int32),
-            new.astype(np.int32), counts.astype(np.int32))
+            new.astype(np.int32), counts.astype(np.int32), key_rows)
         self._view_synced = counts
 
-    def _refocus(self, num_new, reset, layout, *, revive, trigger: str, timings: dict) -> None:
+    def _refocus(self, num_new, reset, layout, *, revive, trigger: str, timings: dict,
+                 settle=None) -> RefocusEvent:
         t0 = time.perf_counter()
         self._upload_view()
+        settle = self._no_streams if settle is None else np.asarray(settle, bool)
         self._state, telemetry = self._programs.refocus(
             self._params, self._lens_params, self._state, self._view,
             np.asarray(num_new, np.int32), np.asarray(reset, bool), layout,
-            np.asarray(revive, bool), np.bool_(trigger == "decode"))
+            np.asarray(revive, bool), np.bool_(trigger == "decode"), settle)
         telemetry = jax.device_get(telemetry)  # waits for the refocus
         timings = dict(timings, refocus_s=time.perf_counter() - t0)
         if telemetry["append_overflow"].any():
@@ -1106,6 +1147,22 @@ class Session:
             self.on_event(event)
         if self.debug_invariants:
             self._check()
+        return event
+
+    def _settle(self, streams: np.ndarray) -> None:
+        """After new input: refocus `streams` again without new tokens while the last round
+        acted, at most `retrieval.settle_rounds` times (retrieval focus; SPEC §2.6), so a
+        block inside an LOD2 gist can reach raw tokens before the answer starts."""
+        rounds = self.cfg.retrieval.settle_rounds if self.focus_policy == "retrieval" else 0
+        zeros = np.zeros(self.batch_size, np.int32)
+        for _ in range(rounds):
+            event = self.events[-1]
+            acted = np.asarray([e + c > 0 for e, c in zip(event.num_expand, event.num_collapse)])
+            streams = streams & acted
+            if not streams.any():
+                return
+            self._refocus(zeros, self._no_streams, self._empty_layout, revive=self._no_streams,
+                          trigger="settle", timings={}, settle=streams)
 
     def _refocus_pending(self, timings: dict) -> None:
         """K tokens decoded: ingest them into the trees and refocus."""

@@ -112,6 +112,9 @@ class TreeView:
     tokens: jax.Array  # [C0] int32 LOD0 token ids
     gists: tuple[jax.Array, ...]  # gists[l - 1]: [C_l, D] gists of level l = 1..num_levels
     counts: jax.Array  # [num_levels + 1] int32 number of valid entries per level
+    # [C1, width] retrieval keys per LOD1 block (`mcjax.retrieval`), or None (not kept);
+    # valid rows: counts[1]
+    keys: jax.Array | None = None
 
     @property
     def num_levels(self) -> int:
@@ -207,6 +210,8 @@ _CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
 _GIST_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _METADATA = "metadata.json"
+KEYS_LEVEL = 0xFF  # header level code of the retrieval-keys file (one row per LOD1 block)
+KEYS_FILENAME = "KEYS.ctx"
 _FORMAT_NAME = "mcjax.megacontext"
 _MIN_VIEW_ROWS = 64
 
@@ -714,7 +719,10 @@ class MegaContextTree:
 
     def __init__(self, stores: Sequence[LevelStore], mc: MCConfig, gister: BlockGister, *,
                  path: Path | None = None, metadata: dict | None = None,
-                 view_capacity_tokens: int | None = None):
+                 view_capacity_tokens: int | None = None, key_reader: Any = None,
+                 key_store: LevelStore | None = None):
+        if (key_reader is None) != (key_store is None):
+            raise ValueError("key_reader and key_store come together (retrieval keys)")
         if len(stores) != mc.num_levels + 1:
             raise ValueError(f"need {mc.num_levels + 1} level stores, got {len(stores)}")
         if gister.block_size != mc.block_size:
@@ -726,6 +734,9 @@ class MegaContextTree:
         if view_capacity_tokens is not None and view_capacity_tokens < 1:
             raise ValueError(f"view_capacity_tokens must be >= 1, got {view_capacity_tokens}")
         self.mc, self.gister = mc, gister
+        self.key_reader, self.key_store = key_reader, key_store
+        self._keys_view: jax.Array | None = None
+        self._keys_synced = 0
         self.stores = list(stores)
         self.path = path
         self._metadata = metadata
@@ -741,28 +752,41 @@ class MegaContextTree:
                     f"LOD{l} has {len(self.stores[l])} entries{where}, but LOD{l - 1} has "
                     f"only {len(self.stores[l - 1])} (at most "
                     f"{len(self.stores[l - 1]) // mc.block_size} complete blocks)")
+        if key_store is not None and len(key_store) > len(self.stores[0]) // mc.block_size:
+            raise InconsistentLevelsError(
+                f"{KEYS_FILENAME} has {len(key_store)} rows, but LOD0 holds only "
+                f"{len(self.stores[0]) // mc.block_size} complete blocks")
         self._gist_complete_blocks()  # after a crash: gist blocks whose gists were lost
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def in_memory(cls, mc: MCConfig, gister: BlockGister, *,
-                  view_capacity_tokens: int | None = None) -> "MegaContextTree":
+                  view_capacity_tokens: int | None = None, key_reader: Any = None
+                  ) -> "MegaContextTree":
+        """`key_reader` (a `mcjax.retrieval.BlockKeyReader`): also keep retrieval keys."""
         stores = [MemoryLevelStore(0, np.uint32, 1)] + [
             MemoryLevelStore(l, _GIST_DTYPES[mc.gist_dtype], gister.embed_dim)
             for l in range(1, mc.num_levels + 1)]
-        return cls(stores, mc, gister, view_capacity_tokens=view_capacity_tokens)
+        key_store = (None if key_reader is None else
+                     MemoryLevelStore(KEYS_LEVEL, key_reader.dtype, key_reader.width))
+        return cls(stores, mc, gister, view_capacity_tokens=view_capacity_tokens,
+                   key_reader=key_reader, key_store=key_store)
 
     @classmethod
     def create(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
                model_name: str = "", gist_checkpoint_id: str = "", overwrite: bool = False,
-               durable: bool = True, view_capacity_tokens: int | None = None
-               ) -> "MegaContextTree":
-        """A new, empty on-disk store in directory `path` (created if needed)."""
+               durable: bool = True, view_capacity_tokens: int | None = None,
+               key_reader: Any = None) -> "MegaContextTree":
+        """A new, empty on-disk store in directory `path` (created if needed); with
+        `key_reader`, retrieval keys go to `KEYS.ctx` beside the level files."""
         path = Path(path)
         _encode_model_name(model_name)  # fail before touching the disk
         if gister.embed_dim > 0xFFFF or mc.block_size > 0xFFFF:
             raise ValueError("embedding_dim and block_size must fit in a u16")
+        if key_reader is not None and key_reader.width > 0xFFFF:
+            raise ValueError(f"retrieval key rows of {key_reader.width} values do not fit the "
+                             f"header's u16 width field")
         path.mkdir(parents=True, exist_ok=True)
         if (path / _METADATA).exists() and not overwrite:
             raise StoreExistsError(f"{path} already holds a MegaContext store "
@@ -775,6 +799,15 @@ class MegaContextTree:
                     width=w, model_name=model_name, durable=durable))
                 if l == 0:  # we hold the lock now; until metadata is rewritten, the
                     (path / _METADATA).unlink(missing_ok=True)  # store is unopenable
+            key_store = None
+            if key_reader is not None:
+                key_store = DiskLevelStore.create(
+                    path / KEYS_FILENAME, level=KEYS_LEVEL, block_size=mc.block_size,
+                    dtype=key_reader.dtype, width=key_reader.width, model_name=model_name,
+                    durable=durable)
+                stores.append(key_store)
+            elif (path / KEYS_FILENAME).exists():
+                (path / KEYS_FILENAME).unlink()
         except BaseException:
             for s in stores:
                 s.close()
@@ -787,14 +820,18 @@ class MegaContextTree:
             "gist_batch": gister.gist_batch, "read_batch": gister.read_batch,
             **_input_metadata(gister),
             "mc_config": dataclasses.asdict(mc), "gist_config": dataclasses.asdict(gister.cfg),
+            "retrieval_keys": None if key_reader is None else key_reader.signature(),
             "counts": [0] * (mc.num_levels + 1),
         }
+        if key_store is not None:
+            stores = stores[:-1]
         try:
             tree = cls(stores, mc, gister, path=path, metadata=metadata,
-                       view_capacity_tokens=view_capacity_tokens)
+                       view_capacity_tokens=view_capacity_tokens, key_reader=key_reader,
+                       key_store=key_store)
             tree._write_metadata()  # last: its presence marks a complete store
         except BaseException:
-            for s in stores:
+            for s in stores + ([key_store] if key_store is not None else []):
                 s.close()
             raise
         return tree
@@ -802,8 +839,8 @@ class MegaContextTree:
     @classmethod
     def open(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
              model_name: str | None = None, gist_checkpoint_id: str | None = None,
-             durable: bool = True, view_capacity_tokens: int | None = None
-             ) -> "MegaContextTree":
+             durable: bool = True, view_capacity_tokens: int | None = None,
+             key_reader: Any = None) -> "MegaContextTree":
         """Open an on-disk store, validating every header against `mc` and `gister`.
 
         A torn tail is truncated (bytes per level in `tree.recovered_bytes`), and complete
@@ -851,16 +888,38 @@ class MegaContextTree:
             raise MetadataError(f"{meta_path}: gists were made by GistNet checkpoint "
                                 f"{metadata.get('gist_checkpoint_id')!r}, not "
                                 f"{gist_checkpoint_id!r}")
+        stored_keys = metadata.get("retrieval_keys")
+        want_keys = None if key_reader is None else key_reader.signature()
+        if stored_keys != want_keys:
+            if stored_keys is None:
+                raise MetadataError(
+                    f"{meta_path}: this store keeps no retrieval keys (written without them, "
+                    f"or by a version before them), but retrieval focus needs keys "
+                    f"{want_keys}: build a new store with them")
+            if want_keys is None:
+                raise MetadataError(
+                    f"{meta_path}: this store keeps retrieval keys {stored_keys}; open it "
+                    f"with their key reader (focus_policy='retrieval') so new blocks get "
+                    f"keys too")
+            raise MetadataError(f"{meta_path}: stored retrieval keys are {stored_keys}, the "
+                                f"configuration asks for {want_keys}")
         stores: list[DiskLevelStore] = []
+        key_store = None
         try:
             for l, dt, w in cls._level_layout(mc, gister):
                 stores.append(DiskLevelStore.open(
                     path / level_filename(l), level=l, block_size=mc.block_size, dtype=dt,
                     width=w, model_name=model_name, durable=durable))
+            if key_reader is not None:
+                key_store = DiskLevelStore.open(
+                    path / KEYS_FILENAME, level=KEYS_LEVEL, block_size=mc.block_size,
+                    dtype=key_reader.dtype, width=key_reader.width, model_name=model_name,
+                    durable=durable)
             tree = cls(stores, mc, gister, path=path, metadata=metadata,
-                       view_capacity_tokens=view_capacity_tokens)
+                       view_capacity_tokens=view_capacity_tokens, key_reader=key_reader,
+                       key_store=key_store)
         except BaseException:
-            for s in stores:
+            for s in stores + ([key_store] if key_store is not None else []):
                 s.close()
             raise
         tree._write_metadata()
@@ -903,6 +962,13 @@ class MegaContextTree:
             parent.append(gists)
             self.stats.blocks_gisted[l] += complete - done
             self.stats.gist_calls += -(-(complete - done) // self.gister.gist_batch)
+        if self.key_store is not None:
+            done, complete = len(self.key_store), len(self.stores[0]) // K
+            if complete > done:
+                lo = self.key_reader.context_start(done * K)
+                ids = self.stores[0].read(lo, complete * K)[:, 0]
+                self.key_store.append(self.key_reader(ids[done * K - lo:],
+                                                      context=ids[:done * K - lo]))
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
@@ -946,6 +1012,16 @@ class MegaContextTree:
         """LOD0 token ids [start, stop) as uint32."""
         stop = self.num_tokens if stop is None else stop
         return self.stores[0].read(start, stop)[:, 0]
+
+    @property
+    def has_keys(self) -> bool:
+        return self.key_store is not None
+
+    def keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Retrieval keys of LOD1 blocks [start, stop): [n, width] in the storage dtype."""
+        if self.key_store is None:
+            raise ValueError("this tree keeps no retrieval keys (built without a key_reader)")
+        return self.key_store.read(start, len(self.key_store) if stop is None else stop)
 
     def gists(self, level: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Gists of `level` (1..num_levels), rows [start, stop), storage dtype, [n, D]."""
@@ -1000,15 +1076,32 @@ class MegaContextTree:
                 buf = _write_rows(buf, jnp.asarray(rows), jnp.int32(s), jnp.int32(n - s))
             self._view_arrays[l], self._view_synced[l] = buf, n
             arrays.append(buf)
+        keys = None
+        if self.key_store is not None:  # same rows as LOD1
+            cap, n = caps[1], len(self.key_store)
+            if self._keys_view is None or self._keys_view.shape[0] != cap:
+                host = np.zeros((cap, self.key_store.width), self.key_store.dtype)
+                host[:n] = self.key_store.read(0, n)
+                self._keys_view = jnp.asarray(host)
+            elif n > self._keys_synced:
+                rows = self.key_store.read(self._keys_synced, n)
+                bucket = _next_pow2(max(len(rows), 8))
+                rows = np.concatenate([rows, np.zeros((bucket - len(rows), rows.shape[1]),
+                                                      rows.dtype)])
+                self._keys_view = _write_rows(self._keys_view, jnp.asarray(rows),
+                                              jnp.int32(self._keys_synced),
+                                              jnp.int32(n - self._keys_synced))
+            self._keys_synced = n
+            keys = self._keys_view
         return TreeView(tokens=arrays[0], gists=tuple(arrays[1:]),
-                        counts=jnp.asarray(self.counts, jnp.int32))
+                        counts=jnp.asarray(self.counts, jnp.int32), keys=keys)
 
     # ------------------------------------------------------------------ lifecycle
 
     def flush(self) -> None:
         """fsync every level and rewrite metadata.json with the current counts."""
         self._require_open()
-        for s in self.stores:
+        for s in self._all_stores():
             s.flush()
         self._write_metadata()
 
@@ -1017,9 +1110,12 @@ class MegaContextTree:
             return
         if self.path is not None:
             self._write_metadata()
-        for s in self.stores:
+        for s in self._all_stores():
             s.close()
         self._closed = True
+
+    def _all_stores(self) -> list[LevelStore]:
+        return self.stores + ([self.key_store] if self.key_store is not None else [])
 
     def __enter__(self) -> "MegaContextTree":
         return self

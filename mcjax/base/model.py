@@ -16,7 +16,7 @@ and then call jit-compiled cores; inside a user's own `jit` only the static chec
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -176,6 +176,13 @@ class Llama(nn.Module):
         carry = (embeds.astype(_dtype(self.config)), cache, jnp.int32(0))
         (h, kv, _), _ = self.layers(carry, cos, sin, bias, index)
         return self.final_norm(h), kv
+
+    def run_layers(self, h, positions, bias):
+        """The decoder layers alone (no embedding, no final norm): residual stream in, out."""
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        (h, _, _), _ = self.layers((h.astype(_dtype(self.config)), None, jnp.int32(0)),
+                                   cos, sin, bias, None)
+        return h
 
     def logits(self, hidden):
         if self.config.tie_word_embeddings:
@@ -343,6 +350,88 @@ def layer_hidden_core(params, config: LlamaConfig, tokens: jax.Array, layer: int
 
 
 _layer_hidden = jax.jit(layer_hidden_core, static_argnames=("config", "layer", "chunk"))
+
+
+def _layer_slice(params, start: int, stop: int):
+    sub = dict(params)
+    sub["layers"] = jax.tree_util.tree_map(lambda x: x[start:stop], params["layers"])
+    return sub
+
+
+def _pre_rope_qk(params, config: LlamaConfig, h: jax.Array, layer: int):
+    """Layer `layer`'s queries [.., T, H, hd] and keys [.., T, KVH, hd] of residual stream
+    h [.., T, D], before RoPE (position-free: comparable across chunks)."""
+    lp = jax.tree_util.tree_map(lambda x: x[layer], params["layers"])
+    x = RMSNorm(config.rms_norm_eps, _dtype(config)).apply(
+        {"params": lp["input_norm"]}, h)
+    q = (x @ lp["q_proj"]["kernel"]).reshape(*h.shape[:-1], config.num_heads, config.head_dim)
+    k = (x @ lp["k_proj"]["kernel"]).reshape(*h.shape[:-1], config.num_kv_heads,
+                                             config.head_dim)
+    return q, k
+
+
+def read_pass_core(params, config: LlamaConfig, tokens: jax.Array, *, chunk: int,
+                   hidden_layer: int | None, qk_layers: tuple[int, ...]) -> dict:
+    """The read pass (SPEC §2.3a) over token ids [B, T] in independent aligned chunks of
+    `chunk` tokens (as `layer_hidden_core`), one forward for everything later stages use:
+
+    - "hidden" [B, T, D]: the final-normed state after `hidden_layer` layers (GistNet's
+      input; equal to `layer_hidden_core(..., layer=hidden_layer)`), or absent;
+    - "keys" [B, T, len(qk_layers), KVH, hd] and "queries" [B, T, len(qk_layers), H, hd]:
+      pre-RoPE keys and queries of the 0-based layers `qk_layers` (retrieval focus).
+
+    The stack runs only as deep as the deepest layer asked for. Unjitted."""
+    B, T = tokens.shape
+    qk_layers = tuple(int(x) for x in qk_layers)
+    if hidden_layer is not None and not 1 <= hidden_layer <= config.num_layers:
+        raise InputError(f"hidden_layer must lie in 1..{config.num_layers}, got {hidden_layer}")
+    if any(not 0 <= x < config.num_layers for x in qk_layers) or \
+            list(qk_layers) != sorted(set(qk_layers)):
+        raise InputError(f"qk_layers must be increasing 0-based layers below "
+                         f"{config.num_layers}, got {qk_layers}")
+    n = -(-T // chunk)
+    ids = jnp.pad(tokens, ((0, 0), (0, n * chunk - T))).reshape(B * n, chunk)
+    pos = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (B * n, chunk))
+    bias = _causal_bias(jnp.ones((B * n, chunk), bool), pos)
+    h = embed_tokens(params, ids)
+    out: dict = {}
+    stops = sorted(set(qk_layers) | ({hidden_layer} if hidden_layer is not None else set()))
+    done, qs, ks = 0, [], []
+    final_norm = RMSNorm(config.rms_norm_eps, _dtype(config))
+
+    def unchunk(x):
+        return x.reshape(B, n * chunk, *x.shape[2:])[:, :T]
+
+    for stop in stops:
+        if stop > done:
+            sub_cfg = dataclasses.replace(config, num_layers=stop - done)
+            h = Llama(sub_cfg).apply({"params": _layer_slice(params, done, stop)}, h, pos, bias,
+                                     method=Llama.run_layers)
+            done = stop
+        if hidden_layer == stop:
+            out["hidden"] = unchunk(final_norm.apply({"params": params["final_norm"]}, h))
+        if stop in qk_layers:
+            q, k = _pre_rope_qk(params, config, h, stop)
+            qs.append(unchunk(q))
+            ks.append(unchunk(k))
+    if qk_layers:
+        out["queries"] = jnp.stack(qs, axis=2)
+        out["keys"] = jnp.stack(ks, axis=2)
+    return out
+
+
+_read_pass = jax.jit(read_pass_core,
+                     static_argnames=("config", "chunk", "hidden_layer", "qk_layers"))
+
+
+def read_pass(params: Params, config: LlamaConfig, tokens, *, chunk: int,
+              hidden_layer: int | None = None, qk_layers: Sequence[int] = ()) -> dict:
+    """Validated, jitted `read_pass_core`."""
+    _validate(config, tokens, None, None, None, name="read_pass")
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1, got {chunk}")
+    return _read_pass(params, config, jnp.asarray(tokens), chunk=int(chunk),
+                      hidden_layer=hidden_layer, qk_layers=tuple(qk_layers))
 
 
 def layer_hidden(params: Params, config: LlamaConfig, tokens, *, layer: int,

@@ -48,8 +48,8 @@ SECTIONS = ("nll", "passkey", "focus", "ceiling")
 DEFAULT_SECTIONS = ("nll", "passkey", "focus")  # the ceiling is expensive: only when asked
 SECTION_ALIASES = {"dnll": "nll"}
 HELD_OUT_SEED = 1234  # as `loop.held_out_batches`: the same windows as training's eval
-METHODS = ("megacontext_lens", "megacontext_random", "megacontext_recency", "sliding_window",
-           "full_context")
+METHODS = ("megacontext_lens", "megacontext_random", "megacontext_recency",
+           "megacontext_retrieval", "sliding_window", "full_context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,7 @@ class EvalOptions:
     refocus_steps: int = 2
     max_new_tokens: int | None = None  # default: longest answer + 4
     haystack: str = "filler"  # filler | held_out
+    methods: tuple[str, ...] = METHODS  # passkey methods to run (report order)
     full_memory_gb: float = 6.0
     # ceiling
     ceiling_windows: int = 16
@@ -156,6 +157,10 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
     if opts.focus_candidates < 2:
         raise EvalInputError("--focus-candidates must be >= 2 (an expansion and a collapse)")
     if "passkey" in sections:
+        unknown = [m for m in opts.methods if m not in METHODS]
+        if unknown or not opts.methods or len(set(opts.methods)) != len(opts.methods):
+            raise EvalInputError(f"--methods must name distinct methods of {METHODS}, got "
+                                 f"{list(opts.methods)}")
         w_max = opts.w_max or cfg.mc.w_max
         _passkey_mc(cfg, w_max)
         tasks.check_lengths(passkey_lengths(opts, cfg), w_max)
@@ -247,7 +252,7 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
         "w_max": mc.w_max, "lengths": list(lengths), "cases": opts.cases,
         "haystack": opts.haystack, "max_new_tokens": new, "refocus_steps": opts.refocus_steps,
         "scoring": metrics.PASSKEY_SCORING, "full_context_memory_limit_gb": opts.full_memory_gb,
-        "methods": {m: {} for m in METHODS}, "notes": []}
+        "methods": {m: {} for m in opts.methods}, "notes": []}
     if "lens" in nets.untrained:
         section["notes"].append("LensNet is untrained: 'MegaContext, LensNet focus' uses "
                                 "random-init LensNet scores.")
@@ -256,12 +261,12 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
                                 "random-init gists.")
     focus_map = None
     record_at = max(lengths)
-    bar = tqdm(total=len(lengths) * len(METHODS), desc="passkey methods x lengths",
+    bar = tqdm(total=len(lengths) * len(opts.methods), desc="passkey methods x lengths",
                disable=not opts.progress)
     for L in lengths:
         cs = cases[L]
         histories = [c.tokens for c in cs]
-        for method in METHODS:
+        for method in opts.methods:
             bar.set_postfix(length=L, method=method)
             t0 = time.perf_counter()
             row: dict[str, Any]
@@ -273,7 +278,9 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
                         (llama, frozen.params), nets.gist, nets.lens, cfg, cs, policy=policy,
                         max_new_tokens=new, decode=decode, eos_id=eos,
                         refocus_steps=opts.refocus_steps, max_tokens=max_tokens,
-                        focus_seed=opts.seed, record_focus=(policy == "lens" and L == record_at))
+                        focus_seed=opts.seed,
+                        record_focus=(L == record_at and focus_map is None
+                                      and policy in ("lens", "retrieval")))
                     if run.focus_snapshots is not None:
                         final = run.focus_snapshots[-1]["runs"]
                         focus_map = {"method": method, "length": L, "stream": 0,

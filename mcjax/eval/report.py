@@ -27,6 +27,7 @@ VARIANT_LABELS = {"full": "full context", "gistnet": "GistNet", "gistnet_untrain
 METHOD_LABELS = {"megacontext_lens": "MegaContext, LensNet focus",
                  "megacontext_random": "MegaContext, random focus",
                  "megacontext_recency": "MegaContext, recency focus",
+                 "megacontext_retrieval": "MegaContext, retrieval focus (training-free)",
                  "sliding_window": "sliding window (last W_max tokens)",
                  "full_context": "full context (plain base model)"}
 
@@ -206,12 +207,16 @@ def _net_lines(meta: dict) -> list[str]:
             lines.append(f"- **{name}: trained**, params file `{src['path']}` (card "
                          f"`{src['card']}`" + (f", step {step}" if step is not None else "")
                          + ").")
+        elif src.get("source") == "shipped":
+            lines.append(f"- **{name}: trained, shipped** with the package: `{src.get('path')}`"
+                         f" (card `{src.get('card')}`, step {src.get('step')}).")
         else:
             lines.append(f"- **{name}: UNTRAINED** (random init, seed {src.get('seed')}; "
                          f"{src.get('why', 'no checkpoint')}). Results that use it measure an "
                          f"untrained network, not the method.")
     lines.append("- Baselines without learned parts: full context, truncation, mean-pooled "
-                 "embeddings, sliding window, random focus, recency focus; the untrained "
+                 "embeddings, sliding window, random focus, recency focus, retrieval focus; the "
+                 "untrained "
                  "GistNet is a baseline on purpose (the init training starts from, seed "
                  f"{sources.get('untrained_gist', {}).get('seed')}).")
     return lines

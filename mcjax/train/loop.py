@@ -387,8 +387,8 @@ def _init_lens(cfg: ExperimentConfig):
 
 
 def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
-               progress: bool = True, eval_batches: int = 4, stop_after: int | None = None
-               ) -> dict[str, Any]:
+               progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
+               init_gist: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train GistNet on substitutability; returns the final metrics and evaluations.
 
     Steps cycle over `gist_train_layouts(cfg)` (`train.gist_keep_raw`, `train.gist_lod2`);
@@ -397,6 +397,10 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
 
     `stop_after` ends the process's work after that many steps of this call (the run can be
     resumed later), which tests use to emulate interruptions deterministically.
+
+    `init_gist`: a params-only GistNet file (e.g. the shipped one) to start from instead of
+    the random init (a warm start: fresh optimizer state and schedule). A checkpoint in
+    `workdir` still takes precedence when resuming.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -404,17 +408,25 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     cfg = frozen.cfg
     tc = cfg.train
     layouts = gist_train_layouts(cfg)
+    notes = {"layouts": list(layouts)}
+    if init_gist is None:
+        gist_params = _init_gist(cfg, frozen.params)
+    else:
+        from mcjax.assets import check_gist_params, load_params_safetensors
+        gist_params = jax.tree_util.tree_map(jnp.asarray, load_params_safetensors(init_gist))
+        check_gist_params(gist_params, cfg, f"--init-gist {init_gist}")
+        notes["init_gist"] = str(init_gist)
     job = Job(
         name="train_gist",
         step=steps.GistStep(cfg, tuple(layouts.values()), nll_weight=tc.gist_nll_weight,
                             kl_weight=tc.gist_kl_weight, dense=tc.gist_dense),
-        optimizer=steps.make_optimizer(cfg.train), params={"gist": _init_gist(cfg, frozen.params)},
+        optimizer=steps.make_optimizer(cfg.train), params={"gist": gist_params},
         frozen_inputs=frozen.params,
         evaluate=lambda params, sh, fz, batches: evaluate_substitution(
             params["gist"], frozen, batches, layouts),
         postfix=lambda m: {"loss": f"{float(m['loss']):.4f}",
                            "dnll": f"{float(m['delta_nll']):+.4f}"},
-        notes={"layouts": list(layouts)})
+        notes=notes)
     return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                         eval_batches=eval_batches, stop_after=stop_after)
 

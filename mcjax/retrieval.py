@@ -1,0 +1,228 @@
+"""Training-free, query-aware focus scores (`focus_policy="retrieval"`, SPEC §2.3a, §2.6).
+
+The read pass keeps, for every LOD1 block of the history, the frozen base model's pre-RoPE
+keys of all the block's tokens at a few layers (`RetrievalConfig.layers`), read in
+independent history-aligned chunks (`BlockKeyReader`, stored by the tree beside the gists).
+At refocus:
+
+1. `query_vectors`: the newest `queries` tokens' pre-RoPE queries at the same layers, read
+   over the last `query_window` tokens of the history (one small fixed-shape forward);
+2. `block_relevance`: per block and (layer, head), the max q·k over the queries and the
+   block's tokens; z-scored per (layer, head) over the scoreable blocks (not the sink, not
+   the protected tail — both stay raw anyway — and never a chunk's first token, which is
+   the read chunk's own attention sink); the max over (layer, head) is the relevance;
+3. `block_scores`: the `top_blocks` most relevant blocks get scores in [0.6, 1.0] by rank;
+   the rest 0;
+4. `slot_scores`: a WC slot's score is the max over the blocks its span covers (an LOD2
+   gist: over its 32 children). While some gist slot holds a relevant block, every other
+   span scores below -tau_collapse, oldest lowest, so the allocator makes room by
+   collapsing the oldest irrelevant groups; otherwise they score 0 (no action). Legality is
+   LensNet's (`lens.mask_illegal`), so the scores enter the same allocator.
+
+Pure jittable functions over fixed shapes; all measured choices are recorded in
+`results/retrieval_probe/`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax import lens
+from mcjax import working_context as wcm
+from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
+
+__all__ = ["key_width", "key_shape", "BlockKeyReader", "query_vectors", "block_relevance",
+           "block_scores", "slot_scores", "stream_block_scores", "RELEVANT_FLOOR"]
+
+RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
+_KEY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+
+
+def key_shape(rc: RetrievalConfig, llama: LlamaConfig, block_size: int) -> tuple[int, ...]:
+    """Per-block key array shape [K, layers, kv_heads, head_dim]."""
+    return (block_size, len(rc.layers), llama.num_kv_heads, llama.head_dim)
+
+
+def key_width(rc: RetrievalConfig, llama: LlamaConfig, block_size: int) -> int:
+    """Values per block as stored (one flat row per block)."""
+    return int(np.prod(key_shape(rc, llama, block_size)))
+
+
+def key_dtype(rc: RetrievalConfig) -> np.dtype:
+    return np.dtype(_KEY_DTYPES[rc.key_dtype])
+
+
+class BlockKeyReader:
+    """Reads the retrieval keys of complete blocks for a tree (SPEC §2.3a).
+
+    `read_fn(windows [Gr, R] int32) -> [Gr, R, layers, kv_heads, head_dim]` reads each row
+    as one independent chunk of R = `rc.chunk` tokens (`base.model.read_pass_core` with
+    `qk_layers`). Chunks are aligned to the history start, and a call for new blocks passes
+    the tokens from their first chunk's start as `context`, so keys are bit-identical
+    however the stream was chunked (as `tree.BlockGister`'s hidden read). Cost: one R-token
+    forward through max(layers)+1 layers per chunk an append touches (up to R/K x the bulk
+    read pass when blocks arrive one by one)."""
+
+    def __init__(self, rc: RetrievalConfig, llama: LlamaConfig, block_size: int,
+                 read_fn: Callable[[jax.Array], jax.Array], *, read_batch: int = 1):
+        if max(rc.layers) >= llama.num_layers:
+            raise ValueError(f"retrieval.layers {rc.layers} exceed the base model's "
+                             f"{llama.num_layers} layers")
+        if read_batch < 1:
+            raise ValueError(f"read_batch must be >= 1, got {read_batch}")
+        self.rc, self.block_size, self.read_fn, self.read_batch = rc, block_size, read_fn, \
+            read_batch
+        self.shape = key_shape(rc, llama, block_size)
+        self.width = key_width(rc, llama, block_size)
+        self.dtype = key_dtype(rc)
+        self.read_calls = 0
+
+    @classmethod
+    def from_base(cls, rc: RetrievalConfig, base_params: Any, llama: LlamaConfig,
+                  block_size: int, *, read_batch: int = 1) -> "BlockKeyReader":
+        from mcjax.base.model import read_pass_core
+
+        read = jax.jit(read_pass_core,
+                       static_argnames=("config", "chunk", "hidden_layer", "qk_layers"))
+        layers, chunk = tuple(rc.layers), rc.chunk
+        return cls(rc, llama, block_size,
+                   lambda w: read(base_params, llama, w, chunk=chunk, hidden_layer=None,
+                                  qk_layers=layers)["keys"], read_batch=read_batch)
+
+    def signature(self) -> dict:
+        """What the stored keys are (recorded in an on-disk store's metadata.json)."""
+        return {"layers": list(self.rc.layers), "chunk": self.rc.chunk,
+                "key_dtype": self.rc.key_dtype, "width": self.width}
+
+    def context_start(self, offset: int) -> int:
+        return (offset // self.rc.chunk) * self.rc.chunk
+
+    def __call__(self, ids: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """ids: [m*K] token ids of new complete blocks; context: the < chunk ids from the
+        start of the first block's chunk → [m, width] keys in the storage dtype."""
+        K, R, Gr = self.block_size, self.rc.chunk, self.read_batch
+        m = len(ids) // K
+        if m == 0:
+            return np.zeros((0, self.width), self.dtype)
+        ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
+        if ctx.ndim != 1 or len(ctx) >= R:
+            raise ValueError(f"context must be the < chunk={R} token ids from the start of "
+                             f"the first block's chunk, got shape {ctx.shape}")
+        full = np.concatenate([ctx, np.asarray(ids[: m * K], np.int32)])
+        n_win = -(-len(full) // R)
+        out = []
+        for w in range(0, n_win, Gr):
+            windows = np.zeros((Gr * R,), np.int32)
+            part = full[w * R:(w + Gr) * R]
+            windows[:len(part)] = part
+            keys = self.read_fn(jnp.asarray(windows.reshape(Gr, R)))
+            self.read_calls += 1
+            keys = np.asarray(keys).reshape(Gr * R, -1)[:len(part)]
+            out.append(keys)
+        keys = np.concatenate(out)[len(ctx):]
+        return keys.reshape(m, self.width).astype(self.dtype)
+
+
+def query_vectors(base_params, llama: LlamaConfig, rc: RetrievalConfig, tokens: jax.Array,
+                  num_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pre-RoPE queries [layers, queries, heads, head_dim] of the newest `rc.queries` of
+    the first `num_tokens` ids in `tokens` [C0] (a tree view), read over the last
+    `rc.query_window` of them; and which of them exist [queries] (fewer tokens than
+    queries: the missing ones are masked). Jittable, fixed shapes."""
+    from mcjax.base.model import read_pass_core
+
+    R, Q = rc.query_window, rc.queries
+    C0 = tokens.shape[0]
+    if C0 < R:  # a view shorter than the window: pad (padding sits after, causal)
+        tokens = jnp.pad(tokens, (0, R - C0))
+    start = jnp.clip(num_tokens - R, 0, tokens.shape[0] - R)
+    window = jax.lax.dynamic_slice_in_dim(tokens, start, R)
+    q = read_pass_core(base_params, llama, window[None], chunk=R, hidden_layer=None,
+                       qk_layers=tuple(rc.layers))["queries"][0]  # [R, layers, H, hd]
+    rows = num_tokens - start - Q + jnp.arange(Q)
+    valid = rows >= 0
+    q = jnp.take(q, jnp.clip(rows, 0, R - 1), axis=0)  # [Q, layers, H, hd]
+    return jnp.transpose(q, (1, 0, 2, 3)).astype(jnp.float32), valid
+
+
+def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
+                    query_valid: jax.Array, rc: RetrievalConfig, mc: MCConfig,
+                    llama: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """Relevance [C1] of every block row of `keys` [C1, width] to the queries (module
+    docstring, step 2) and which blocks are scoreable [C1] (complete, outside the sink
+    and the protected tail; relevance of the others is -inf)."""
+    K = mc.block_size
+    C1 = keys.shape[0]
+    nl, kvh, hd = len(rc.layers), llama.num_kv_heads, llama.head_dim
+    G = llama.num_heads // kvh
+    k = keys.reshape(C1, K, nl, kvh, hd).astype(jnp.float32)
+    q = queries.reshape(nl, -1, kvh, G, hd)
+    s = jnp.einsum("lqkgd,ntlkd->nltqkg", q, k)  # [C1, L, K, Q, kv, G]
+    token = jnp.arange(C1)[:, None] * K + jnp.arange(K)[None, :]
+    ok_token = (token % rc.chunk) != 0  # a read chunk's first token is its own sink
+    ok = ok_token[:, None, :, None, None, None] & query_valid[None, None, None, :, None, None]
+    s = jnp.max(jnp.where(ok, s, -jnp.inf), axis=(2, 3)).reshape(C1, nl * kvh * G)
+    blocks = jnp.arange(C1)
+    scoreable = ((blocks >= mc.sink_blocks)
+                 & ((blocks + 1) * K <= num_tokens - mc.recent_protect))
+    n = jnp.maximum(jnp.sum(scoreable), 1)
+    w = scoreable[:, None]
+    mean = jnp.sum(jnp.where(w, s, 0.0), axis=0) / n
+    var = jnp.sum(jnp.where(w, (s - mean) ** 2, 0.0), axis=0) / n
+    z = (s - mean) / (jnp.sqrt(var) + 1e-6)
+    rel = jnp.where(scoreable, jnp.max(z, axis=1), -jnp.inf)
+    return rel, scoreable
+
+
+def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig) -> jax.Array:
+    """[C1] scores: the `top_blocks` most relevant scoreable blocks get 1.0 (best) down to
+    RELEVANT_FLOOR by rank; every other block 0."""
+    C1 = rel.shape[0]
+    k = min(rc.top_blocks, C1)
+    _, idx = jax.lax.top_k(rel, k)
+    step = (1.0 - RELEVANT_FLOOR) / max(k - 1, 1)
+    value = 1.0 - step * jnp.arange(k, dtype=jnp.float32)
+    value = jnp.where(scoreable[idx], value, 0.0)  # fewer scoreable blocks than k
+    return jnp.zeros((C1,), jnp.float32).at[idx].set(value)
+
+
+def stream_block_scores(base_params, llama: LlamaConfig, rc: RetrievalConfig, mc: MCConfig,
+                        tokens: jax.Array, keys: jax.Array, counts: jax.Array) -> jax.Array:
+    """One stream's block scores [C1] from its tree view (tokens [C0], keys [C1, width],
+    counts [levels+1]): steps 1-3 of the module docstring."""
+    q, qv = query_vectors(base_params, llama, rc, tokens, counts[0])
+    rel, ok = block_relevance(keys, counts[0], q, qv, rc, mc, llama)
+    return block_scores(rel, ok, rc)
+
+
+def slot_scores(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig) -> jax.Array:
+    """Scores [W] of one WC from its stream's block scores [C1] (module docstring, step 4)."""
+    K, L = mc.block_size, mc.num_levels
+    C1 = blocks.shape[0]
+    per_level = [blocks]  # per_level[l-1][n]: max block score under LOD-l node n
+    for _ in range(2, L + 1):
+        prev = per_level[-1]
+        rows = -(-prev.shape[0] // K)
+        prev = jnp.pad(prev, (0, rows * K - prev.shape[0]))
+        per_level.append(jnp.max(prev.reshape(rows, K), axis=1))
+    node = wc.node
+    block_of_token = node // K
+    score = jnp.where((wc.level == 0) & (block_of_token < C1),
+                      blocks[jnp.clip(block_of_token, 0, C1 - 1)], 0.0)
+    for l, arr in enumerate(per_level, start=1):
+        n = arr.shape[0]
+        score = jnp.where(wc.level == l, arr[jnp.clip(node, 0, n - 1)], score)
+    score = jnp.where(wc.valid, score, 0.0)
+    relevant = score > 0.0
+    need = jnp.any(relevant & (wc.level >= 1) & wc.valid)
+    end = (node + 1) * wcm.span_size(wc.level, mc)
+    frac = jnp.clip(end.astype(jnp.float32)
+                    / jnp.maximum(jnp.asarray(wc.num_tokens, jnp.float32), 1.0), 0.0, 1.0)
+    # below -tau_collapse however young; the oldest lowest (collapsed first)
+    make_room = -(mc.tau_collapse + 0.05) - 0.5 * (1.0 - frac)
+    score = jnp.where(relevant, score, jnp.where(need, make_room, 0.0))
+    return lens.mask_illegal(score, wc, mc)

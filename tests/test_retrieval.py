@@ -1,0 +1,252 @@
+"""Retrieval focus (SPEC §2.3a, §2.6): read-pass keys kept by the tree, query-aware block
+scores, slot scores that enter the allocator, and the settle rounds that bring a block
+inside an LOD2 gist to raw tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcjax import focus, retrieval
+from mcjax import working_context as wcm
+from mcjax.base import model as base
+from mcjax.config import ConfigError, RetrievalConfig, get_config, override
+from mcjax.gist import init_gist_params
+from mcjax.runtime import CompileCounter, Session
+from mcjax.tree import BlockGister, MegaContextTree, MetadataError
+
+CFG = get_config("tiny")
+LLAMA = CFG.base_config
+MC = CFG.mc
+RC = CFG.retrieval  # layers (1, 2), chunk 64, 4 queries over a 32-token window
+K = MC.block_size
+
+
+@functools.lru_cache(maxsize=None)
+def params():
+    return base.init_params(LLAMA, jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=None)
+def gister():
+    g = init_gist_params(CFG.gist, LLAMA.hidden_size, jax.random.key(1), block_size=K)
+    return BlockGister.from_base(CFG.gist, g, params(), LLAMA, block_size=K)
+
+
+def reader(rc=RC):
+    return retrieval.BlockKeyReader.from_base(rc, params(), LLAMA, K)
+
+
+def history(n, seed=0):
+    return np.random.default_rng(seed).integers(3, LLAMA.vocab_size, n)
+
+
+# --------------------------------------------------------------------------- read pass
+
+
+def test_read_pass_keys_are_the_caches_keys_before_rope():
+    """Independent reference: a plain prefill of one chunk at positions 0..C-1 caches
+    post-RoPE keys; rotating the read pass's pre-RoPE keys must give them."""
+    toks = jnp.asarray(history(RC.chunk)[None], jnp.int32)
+    feats = base.read_pass(params(), LLAMA, toks, chunk=RC.chunk, qk_layers=(0, 2))
+    cache = base.init_cache(LLAMA, 1, RC.chunk)
+    _, cache = base.prefill(params(), LLAMA, cache, tokens=toks,
+                            positions=jnp.arange(RC.chunk)[None], index=0)
+    cos, sin = base.rope_cos_sin(jnp.arange(RC.chunk)[None], LLAMA.head_dim, LLAMA.rope_theta)
+    for i, layer in enumerate((0, 2)):
+        rotated = base.apply_rope(feats["keys"][:, :, i], cos, sin)
+        chex.assert_trees_all_close(rotated, cache.k[layer, :, :RC.chunk], atol=1e-5)
+
+
+def test_read_pass_hidden_equals_layer_hidden_and_chunks_are_independent():
+    toks = jnp.asarray(history(150)[None], jnp.int32)
+    feats = base.read_pass(params(), LLAMA, toks, chunk=64, hidden_layer=2, qk_layers=(1,))
+    chex.assert_trees_all_close(feats["hidden"],
+                                base.layer_hidden(params(), LLAMA, toks, layer=2, chunk=64))
+    # the second chunk read alone gives the same keys as inside the whole history
+    alone = base.read_pass(params(), LLAMA, toks[:, 64:128], chunk=64, qk_layers=(1,))
+    chex.assert_trees_all_close(alone["keys"], feats["keys"][:, 64:128], atol=1e-6)
+
+
+def test_read_pass_rejects_bad_layers():
+    toks = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(base.InputError, match="qk_layers"):
+        base.read_pass(params(), LLAMA, toks, chunk=8, qk_layers=(2, 1))
+    with pytest.raises(base.InputError, match="qk_layers"):
+        base.read_pass(params(), LLAMA, toks, chunk=8, qk_layers=(LLAMA.num_layers,))
+
+
+# --------------------------------------------------------------------------- tree keys
+
+
+def test_tree_keys_whole_equal_pieces_equal_read_pass():
+    toks = history(700)
+    whole = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    whole.append(toks)
+    pieces = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    for a in range(0, 700, 45):
+        pieces.append(toks[a:a + 45])
+    nb = 700 // K
+    assert whole.keys().shape == (nb, retrieval.key_width(RC, LLAMA, K))
+    np.testing.assert_array_equal(whole.keys(), pieces.keys())
+    ref = base.read_pass(params(), LLAMA, jnp.asarray(toks[None]), chunk=RC.chunk,
+                         qk_layers=RC.layers)["keys"][0, :nb * K]
+    np.testing.assert_allclose(whole.keys().astype(np.float32),
+                               np.asarray(ref).reshape(nb, -1), atol=2e-3, rtol=2e-3)
+    view = whole.view()
+    np.testing.assert_array_equal(np.asarray(view.keys[:nb]), whole.keys())
+
+
+def test_disk_store_keeps_keys_and_says_when_they_do_not_fit():
+    toks = history(500)
+    memory = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    memory.append(toks)
+    with tempfile.TemporaryDirectory() as d:
+        t = MegaContextTree.create(d, MC, gister(), key_reader=reader())
+        t.append(toks[:200])
+        t.close()
+        t = MegaContextTree.open(d, MC, gister(), key_reader=reader())
+        t.append(toks[200:])
+        np.testing.assert_array_equal(t.keys(), memory.keys())
+        t.close()
+        with pytest.raises(MetadataError, match="keeps retrieval keys"):
+            MegaContextTree.open(d, MC, gister())
+        other = reader(dataclasses.replace(RC, layers=(0, 2)))
+        with pytest.raises(MetadataError, match="asks for"):
+            MegaContextTree.open(d, MC, gister(), key_reader=other)
+    with tempfile.TemporaryDirectory() as d:
+        MegaContextTree.create(d, MC, gister()).close()
+        with pytest.raises(MetadataError, match="no retrieval keys"):
+            MegaContextTree.open(d, MC, gister(), key_reader=reader())
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def planted_keys(num_blocks, target_block, target_token, query):
+    """Random small keys; one token of `target_block` holds `query` (max q·k there)."""
+    nl, kvh, hd = len(RC.layers), LLAMA.num_kv_heads, LLAMA.head_dim
+    keys = np.random.default_rng(3).normal(0, 0.1, (num_blocks, K, nl, kvh, hd))
+    keys[target_block, target_token] = 5.0 * query
+    return jnp.asarray(keys.reshape(num_blocks, -1), jnp.float32)
+
+
+def test_block_relevance_finds_the_planted_block_and_skips_chunk_starts():
+    nb, T = 40, 40 * K
+    nl, G = len(RC.layers), LLAMA.num_heads // LLAMA.num_kv_heads
+    direction = np.random.default_rng(4).normal(0, 1, (nl, LLAMA.num_kv_heads, LLAMA.head_dim))
+    q = np.broadcast_to(direction[:, None, :, None, :],
+                        (nl, RC.queries, LLAMA.num_kv_heads, G, LLAMA.head_dim))
+    q = jnp.asarray(q.reshape(nl, RC.queries, LLAMA.num_heads, LLAMA.head_dim), jnp.float32)
+    valid = jnp.ones((RC.queries,), bool)
+    rel, ok = retrieval.block_relevance(planted_keys(nb, 13, 5, direction), jnp.int32(T), q,
+                                        valid, RC, MC, LLAMA)
+    assert int(jnp.argmax(rel)) == 13
+    # sink block and protected tail are never scoreable
+    assert not bool(ok[0]) and not bool(ok[nb - 1]) and bool(ok[1])
+    assert np.all(np.isneginf(np.asarray(rel)[~np.asarray(ok)]))
+    # the same key on a read chunk's first token (token 0 of block 14: 14·32 = 7·64) is
+    # that chunk's own sink and ignored
+    rel2, _ = retrieval.block_relevance(planted_keys(nb, 14, 0, direction), jnp.int32(T), q,
+                                        valid, RC, MC, LLAMA)
+    assert int(jnp.argmax(rel2)) != 14
+
+
+def test_block_scores_rank_the_top_blocks():
+    rel = jnp.asarray([-jnp.inf, 0.1, 3.0, 0.5, 2.0, 7.0, 0.0, 1.0])
+    ok = jnp.isfinite(rel)
+    rc = dataclasses.replace(RC, top_blocks=3)
+    s = np.asarray(retrieval.block_scores(rel, ok, rc))
+    np.testing.assert_allclose(s, [0, 0, 0.8, 0, retrieval.RELEVANT_FLOOR, 1.0, 0, 0])
+
+
+def test_slot_scores_expand_the_span_holding_a_relevant_block_and_make_room_oldest_first():
+    T = 1600
+    wc = wcm.initial_layout(T, MC)
+    entries = wcm.to_entries(wc)
+    blocks = np.zeros(T // K)
+    blocks[5] = 1.0  # inside the LOD2 gist over blocks 0..31 (its first LOD2 group)
+    s = np.asarray(retrieval.slot_scores(wc, jnp.asarray(blocks, jnp.float32), MC))
+    lod2 = [i for i, e in enumerate(entries) if e[0] == 2]
+    holding = [i for i in range(len(entries))
+               if entries[i][0] == 2 and entries[i][1] * K * K <= 5 * K < (entries[i][1] + 1)
+               * K * K]
+    others = [i for i in range(len(entries)) if i not in holding]
+    if holding:
+        assert s[holding[0]] == 1.0
+    else:  # the sink keeps block 5 at a finer level: the LOD1 gist of block 5
+        lod1 = [i for i, e in enumerate(entries) if e[0] == 1 and e[1] == 5]
+        assert lod1 and s[lod1[0]] == 1.0
+        others = [i for i in range(len(entries)) if i != lod1[0]]
+    assert lod2 or holding is not None
+    legal_collapse = [i for i in others if s[i] < 0]
+    assert legal_collapse, "no room is made while a relevant gist waits"
+    assert all(s[i] < -MC.tau_collapse for i in legal_collapse)
+    assert s[legal_collapse[0]] <= s[legal_collapse[-1]]  # oldest lowest
+    # nothing relevant in a gist: no action anywhere
+    none = np.asarray(retrieval.slot_scores(wc, jnp.zeros(T // K, jnp.float32), MC))
+    assert np.all(none == 0.0)
+
+
+def test_two_refocuses_bring_a_block_inside_an_lod2_gist_to_raw_tokens():
+    """The allocator alone, driven by retrieval scores: a needle block inside an LOD2 gist
+    needs one expansion to LOD1 and one more to raw tokens (the settle rounds)."""
+    mc = dataclasses.replace(MC, sink_blocks=0, w_max=256)
+    T = 2048
+    wc = wcm.initial_layout(T, mc)
+    target = 7  # block 7 lies inside LOD2 node 0 (blocks 0..31)
+    assert any(e[0] == 2 and e[1] == 0 for e in wcm.to_entries(wc))
+    blocks = jnp.zeros(T // K, jnp.float32).at[target].set(1.0)
+    levels = []
+    for _ in range(3):
+        wc, _ = focus.allocate(wc, retrieval.slot_scores(wc, blocks, mc), mc)
+        wcm.check_invariants(wc, None, mc)
+        entries = wcm.to_entries(wc)
+        levels.append(min(e[0] for e in entries
+                          if e[1] * K ** e[0] <= target * K < (e[1] + 1) * K ** e[0]))
+    assert levels[0] == 1 and levels[1] == 0 and levels[2] == 0
+
+
+# --------------------------------------------------------------------------- session
+
+
+def test_session_with_retrieval_focus_settles_checks_and_never_recompiles():
+    s = Session((LLAMA, params()), None, None, CFG, batch_size=2, max_tokens=2048,
+                debug_invariants=True, focus_policy="retrieval")
+    s.feed([history(1500, 1), history(1100, 2)])
+    s.sync()
+    triggers = [e.trigger for e in s.events]
+    assert triggers[0] == "input"
+    assert set(triggers[1:]) <= {"settle"} and len(triggers) <= 1 + RC.settle_rounds
+    s.generate(40)
+    s.check()
+    for seed in (3, 5):  # warm-up: the row buckets of 70-token feeds
+        s.feed([history(70, seed), history(70, seed + 1)])
+        s.generate(40)
+    with CompileCounter() as cc:
+        for seed in (7, 9):
+            s.feed([history(70, seed), history(70, seed + 1)])
+            s.generate(40)
+    assert cc.count == 0
+    s.check()
+    assert s.provenance["focus_policy"]["policy"] == "retrieval"
+
+
+def test_session_rejects_retrieval_layers_beyond_the_base_model():
+    cfg = override(CFG, {"retrieval.layers": (1, LLAMA.num_layers)})
+    with pytest.raises(ConfigError, match="retrieval.layers"):
+        Session((LLAMA, params()), None, None, cfg, focus_policy="retrieval")
+
+
+def test_retrieval_config_rejects_bad_values():
+    with pytest.raises(ConfigError):
+        RetrievalConfig(layers=(3, 2))
+    with pytest.raises(ConfigError):
+        RetrievalConfig(queries=200, query_window=128)
