@@ -5,13 +5,15 @@ For passkey cases of a given history length, reads every case once with the read
 scores every 32-token block against the question's queries (the last --queries tokens)
 under several block summaries:
 
-  exact     max over the block's tokens, the queries and all heads of q·k (stores every key)
+  exact     per head, max over the block's tokens and the queries of q·k (every key kept)
   minmax    Quest's bound: per head, sum_d max(q_d·min_d, q_d·max_d) (2 keys per head)
-  mean      q·(mean key) (1 key per head)
+  mean      per head, q·(mean key) (1 key per head)
 
-It reports, per layer and summary, the needle block's rank among the scoreable blocks
-(those outside the sink and the protected recent tail), top-1 / top-8 counts and the
-median rank, plus the same for z-scored sums over layer sets. Output: JSON on stdout.
+A read chunk's first token (its own attention sink) is never scored. Per summary, layer
+(set) and normalisation — "raw" (max over heads) or "z" (each head z-scored over the
+scoreable blocks, then the max) — it reports the needle block's rank among the scoreable
+blocks (outside the sink and the protected recent tail): top-1 / top-4 counts, median rank
+and every rank. Output: JSON on stdout (a brief summary on stderr).
 
 Example:
   python experiments/probe_retrieval.py --length 16384 --cases 12 --haystack held_out
@@ -35,9 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--haystack", choices=("held_out", "filler"), default="held_out")
     parser.add_argument("--chunk", type=int, default=512, help="read-pass chunk (tokens)")
-    parser.add_argument("--queries", type=int, default=24, help="newest tokens whose queries score")
+    parser.add_argument("--queries", type=int, default=8, help="newest tokens whose queries score")
     parser.add_argument("--layers", default="all", help="comma list of 0-based layers, or all")
-    parser.add_argument("--combos", default="17,18,23;16,17,18,23;18;17",
+    parser.add_argument("--combos", default="17,24;17,18,23,24;17;24;18;23",
                         help="';'-separated layer sets whose z-scored scores are summed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -65,20 +67,25 @@ def main(argv=None) -> int:
     G = llama.num_heads // llama.num_kv_heads
 
     @jax.jit
-    def block_scores(keys, queries):
-        """keys [T, L, KVH, hd], queries [Q, L, H, hd] → dict of [L, nblocks]."""
+    def head_scores(keys, queries, pos):
+        """keys [T, L, KVH, hd], queries [Q, L, H, hd], pos [T] chunk positions → per
+        summary [L, nblocks, H]: max over queries (and tokens) per head."""
         T = keys.shape[0]
         nb = T // K
         kb = keys[: nb * K].reshape(nb, K, *keys.shape[1:]).astype(jnp.float32)  # [n,K,L,kv,d]
+        ok = (pos[: nb * K] != 0).reshape(nb, K)  # a chunk's first token is its own sink
         q = queries.reshape(queries.shape[0], queries.shape[1], llama.num_kv_heads, G, -1)
         q = q.astype(jnp.float32)
-        exact = jnp.einsum("qlkgd,ntlkd->lnqkgt", q, kb).max(axis=(2, 3, 4, 5))
-        mn, mx = kb.min(axis=1), kb.max(axis=1)  # [n, L, kv, d]
-        bound = jnp.maximum(jnp.einsum("qlkgd,nlkd->lnqkgd", q, mn),
-                            jnp.einsum("qlkgd,nlkd->lnqkgd", q, mx)).sum(-1)
-        minmax = bound.max(axis=(2, 3, 4))
-        mean = jnp.einsum("qlkgd,nlkd->lnqkg", q, kb.mean(axis=1)).max(axis=(2, 3, 4))
-        return {"exact": exact, "minmax": minmax, "mean": mean}
+        s = jnp.einsum("qlkgd,ntlkd->lnqkgt", q, kb)
+        exact = jnp.where(ok[None, :, None, None, None, :], s, -jnp.inf).max(axis=(2, 5))
+        big = jnp.where(ok[:, :, None, None, None], kb, -jnp.inf).max(axis=1)
+        small = jnp.where(ok[:, :, None, None, None], kb, jnp.inf).min(axis=1)
+        bound = jnp.maximum(jnp.einsum("qlkgd,nlkd->lnqkgd", q, small),
+                            jnp.einsum("qlkgd,nlkd->lnqkgd", q, big)).sum(-1).max(axis=2)
+        mean_k = (kb * ok[:, :, None, None, None]).sum(1) / ok.sum(1)[:, None, None, None]
+        mean = jnp.einsum("qlkgd,nlkd->lnqkg", q, mean_k).max(axis=2)
+        return {n: x.reshape(x.shape[0], nb, -1)
+                for n, x in (("exact", exact), ("minmax", bound), ("mean", mean))}
 
     results = {name: [] for name in ("exact", "minmax", "mean")}
     needle_blocks, scoreable = [], []
@@ -86,9 +93,10 @@ def main(argv=None) -> int:
     for c in tqdm(cases, desc="cases"):
         feats = base.read_pass(frozen.params, llama, c.tokens[None], chunk=args.chunk,
                                qk_layers=layers)
-        s = block_scores(feats["keys"][0], feats["queries"][0, -args.queries:])
+        pos = jnp.arange(len(c.tokens)) % args.chunk
+        s = head_scores(feats["keys"][0], feats["queries"][0, -args.queries:], pos)
         for name in results:
-            results[name].append(np.asarray(s[name]))
+            results[name].append(np.asarray(s[name]))  # [L, n, H]
         a, b = c.needle_span
         needle_blocks.append(list(range(a // K, (b - 1) // K + 1)))
         nb = len(c.tokens) // K
@@ -107,28 +115,38 @@ def main(argv=None) -> int:
         return np.asarray(out)
 
     def summary(r):
-        return {"top1": int(np.sum(r == 0)), "top8": int(np.sum(r < 8)),
+        return {"top1": int(np.sum(r == 0)), "top4": int(np.sum(r < 4)),
                 "median_rank": float(np.median(r)), "ranks": r.tolist()}
 
     def zscore(s, ok):
+        """z-score every head's scores [n, H] over the scoreable blocks."""
         v = s[ok]
-        return (s - v.mean()) / (v.std() + 1e-6)
+        return (s - v.mean(0)) / (v.std(0) + 1e-6)
+
+    def relevance(rows, ids, norm):
+        """[n] per case: max over the layers `ids` and their heads (raw or z-scored)."""
+        out = []
+        for r, ok in zip(rows, scoreable):
+            per = [zscore(r[i], ok) if norm == "z" else r[i] for i in ids]
+            out.append(np.concatenate(per, axis=1).max(axis=1))
+        return out
 
     report = {"length": args.length, "cases": args.cases, "haystack": args.haystack,
               "chunk": args.chunk, "queries": args.queries,
               "scoreable_blocks": int(np.mean([ok.sum() for ok in scoreable])),
               "read_seconds_per_case": elapsed / len(cases), "per_layer": {}, "combos": {}}
     for name, rows in results.items():
-        report["per_layer"][name] = {
-            str(layer): summary(ranks([r[i] for r in rows])) for i, layer in enumerate(layers)}
-        for combo in args.combos.split(";"):
-            ids = [layers.index(int(x)) for x in combo.split(",") if int(x) in layers]
-            if not ids:
-                continue
-            comb = [sum(zscore(r[i], ok) for i in ids) for r, ok in zip(rows, scoreable)]
-            report["combos"].setdefault(name, {})[combo] = summary(ranks(comb))
+        for norm in ("raw", "z"):
+            report["per_layer"][f"{name}/{norm}"] = {
+                str(layer): summary(ranks(relevance(rows, [i], norm)))
+                for i, layer in enumerate(layers)}
+            for combo in args.combos.split(";"):
+                ids = [layers.index(int(x)) for x in combo.split(",") if int(x) in layers]
+                if ids:
+                    report["combos"].setdefault(f"{name}/{norm}", {})[combo] = summary(
+                        ranks(relevance(rows, ids, norm)))
     brief = {name: {l: (v["top1"], v["median_rank"]) for l, v in per.items()}
-             for name, per in report["per_layer"].items()}
+             for name, per in report["combos"].items()}
     print(json.dumps(brief), file=sys.stderr)
     json.dump(report, sys.stdout, indent=1)
     print()

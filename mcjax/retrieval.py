@@ -36,7 +36,8 @@ from mcjax import working_context as wcm
 from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
 
 __all__ = ["key_width", "key_shape", "BlockKeyReader", "query_vectors", "block_relevance",
-           "block_scores", "slot_scores", "stream_block_scores", "RELEVANT_FLOOR"]
+           "block_scores", "slot_scores", "stream_block_scores", "RELEVANT_FLOOR",
+           "key_bytes_per_million_tokens", "key_dtype"]
 
 RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
 _KEY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
@@ -226,3 +227,10 @@ def slot_scores(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig) -> jax.
     make_room = -(mc.tau_collapse + 0.05) - 0.5 * (1.0 - frac)
     score = jnp.where(relevant, score, jnp.where(need, make_room, 0.0))
     return lens.mask_illegal(score, wc, mc)
+
+
+def key_bytes_per_million_tokens(rc: RetrievalConfig, llama: LlamaConfig,
+                                 block_size: int) -> float:
+    """Stored retrieval-key bytes per 1,000,000 history tokens (all keys of every token at
+    `rc.layers`; e.g. 768 MB for SmolLM2-135M at layers 17 and 24 in fp16)."""
+    return 1e6 / block_size * key_width(rc, llama, block_size) * key_dtype(rc).itemsize

@@ -1208,6 +1208,8 @@ class Session:
         if empty:
             raise InputError(f"stream(s) {empty} have no history: feed them before generating")
         self._check_room([self._num_pending + n] * self.batch_size)
+        # `done` means "emitted EOS in this generation": a new call starts every stream anew
+        self._state = self._state.replace(done=jnp.zeros_like(self._state.done))
         return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
 
     def _stream(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:

@@ -163,6 +163,20 @@ def test_streams_stop_at_eos_independently(tiny_llama, cfg, nets):
         assert (out[b, stop:] == 0).all()
 
 
+def test_a_generation_after_one_that_stopped_at_eos_runs_again(tiny_llama, cfg, nets):
+    """`done` belongs to one generation: generate(n, eos_id=E) that stops at E, then
+    generate(n) must give n tokens (it returned 0 when the flag survived the call)."""
+    s = _session(tiny_llama, cfg, nets, batch_size=1)
+    s.feed(_tokens(5, 3 * K))
+    first = s.generate(8)
+    s2 = _session(tiny_llama, cfg, nets, batch_size=1)
+    s2.feed(_tokens(5, 3 * K))
+    stopped = s2.generate(8, eos_id=int(first[0, 0]))
+    assert stopped.shape[1] == 1  # EOS emitted first: the generation ended there
+    again = s2.generate(8)
+    assert again.shape == (1, 8)
+
+
 def test_sharded_decode_on_an_8_device_mesh_equals_unsharded(tiny_llama, cfg, nets):
     assert len(jax.devices()) == 8
     prompts, n = _two_streams(), K + 3
