@@ -6,12 +6,21 @@ text file of any length plus an optional question — into a `mcjax.runtime.Sess
 streams the greedy answer, followed by a compact focus map (which spans of the history the
 working context holds as raw tokens, LOD1 or LOD2 gists) and a telemetry summary.
 
-GistNet / LensNet come from training workdirs (`--gist-checkpoint`, `--lens-checkpoint`);
-without them GistNet is the shipped one (mcjax/assets/, when it fits the config) and
-LensNet untrained — the output says which, plainly; `--untrained` forces the random init.
-`--mode base` streams the plain base model over the whole prompt instead.
+Focus (`--focus-policy`): "retrieval" (default; training-free, query-aware: the newest
+tokens' queries score every history block's read-pass keys, SPEC §2.6), "lens" (LensNet),
+or the baselines "recency" / "random". GistNet / LensNet come from training workdirs
+(`--gist-checkpoint`, `--lens-checkpoint`); without them GistNet is the shipped one
+(mcjax/assets/, when it fits the config) and LensNet untrained — the output says which,
+plainly; `--untrained` forces the random init. `--mode base` streams the plain base model
+over the whole prompt instead. `--compare-window` also answers with the plain base model
+over the last w_max tokens (the sliding window MegaContext must beat).
+
+`--demo` (what `make run` does): a held-out corpus document of --demo-tokens tokens with a
+fact planted at --demo-depth and a question about it at the end — far outside the recent
+window — answered by MegaContext and by the sliding window side by side.
 
 Examples:
+  python experiments/generate.py --demo
   python experiments/generate.py --prompt "The capital of France is"
   python experiments/generate.py --prompt-file book.txt --question "Who is the narrator?" \\
       --chat --gist-checkpoint runs/gist --lens-checkpoint runs/lens
@@ -58,11 +67,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feed-chunk", type=int, default=4096,
                         help="feed the prompt in pieces of this many tokens (progress shown; "
                              "the result does not depend on it)")
+    parser.add_argument("--focus-policy", default="retrieval",
+                        choices=["retrieval", "lens", "recency", "random"],
+                        help="where refocus scores come from (default: %(default)s)")
+    parser.add_argument("--compare-window", action="store_true",
+                        help="also answer with the plain base model over the last w_max "
+                             "prompt tokens (the sliding-window baseline)")
+    parser.add_argument("--demo", action="store_true",
+                        help="the long-document demo: a held-out corpus document with a "
+                             "planted fact and a question about it (implies --compare-window)")
+    parser.add_argument("--demo-tokens", type=int, default=12288,
+                        help="demo document length in tokens (default: %(default)s)")
+    parser.add_argument("--demo-depth", type=float, default=0.1,
+                        help="where the fact sits, as a fraction of the document "
+                             "(default: %(default)s)")
+    parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--debug-invariants", action="store_true",
                         help="check every working-context invariant after each refocus")
     parser.add_argument("--telemetry", default=None,
                         help="write one JSON line per refocus event to this file")
     return parser
+
+
+def _demo_ids(model, args, parser):
+    """The demo prompt: held-out corpus text with a planted fact, then the question."""
+    import numpy as np
+
+    from mcjax.train import data
+
+    if args.demo_tokens < 256 or not 0.0 <= args.demo_depth < 1.0:
+        parser.error("--demo-tokens must be >= 256 and --demo-depth in [0, 1)")
+    # the held-out split exactly as training and evaluation tokenize it (loop.load_frozen)
+    corpus = data.tokenized_corpus(model.encode, args.model, "held_out",
+                                   separator=model.config.eos_token_id or 0, progress=True)
+    rng = np.random.default_rng(args.demo_seed)
+    ex = data.make_retrieval_example(model.encode, args.demo_tokens, rng,
+                                     haystack=corpus.tokens, depth=args.demo_depth,
+                                     phrasing=2, key_digits=5)
+    ids = [int(i) for i in ex.tokens]
+    a, b = ex.needle_span
+    print(f"[demo: {len(ids)} tokens of held-out corpus text; planted at tokens {a}-{b}: "
+          f"{model.decode(ids[a:b]).strip()!r}; the question ends the prompt: "
+          f"{model.decode(ids[-16:]).strip()!r}; expected answer: {ex.key}]", file=sys.stderr)
+    return ids, model.decode(ids), ex
 
 
 def _prompt_ids(model, args, parser) -> tuple[list[int], str]:
@@ -130,6 +177,8 @@ def _network_lines(provenance: dict, untrained: tuple[str, ...]) -> list[str]:
         if source.get("source") == "checkpoint":
             how = f" ({source['chosen_by']})" if source.get("chosen_by") else ""
             lines.append(f"[{name}: checkpoint {source['path']} step {source['step']}{how}]")
+        elif source.get("source") == "shipped":
+            lines.append(f"[{name}: shipped {source.get('path')} (step {source.get('step')})]")
     if untrained:
         names = " and ".join({"gist": "GistNet", "lens": "LensNet"}[p] for p in untrained)
         flags = " / ".join(f"--{p}-checkpoint" for p in untrained)
@@ -165,14 +214,14 @@ def run_megacontext(model, ids, text, args, parser) -> int:
         session = Session.from_checkpoints(
             model, cfg, gist_checkpoint=args.gist_checkpoint,
             lens_checkpoint=args.lens_checkpoint, max_tokens=max_tokens,
-            untrained=args.untrained,
+            untrained=args.untrained, focus_policy=args.focus_policy,
             debug_invariants=args.debug_invariants, on_event=events.append)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[{model.path.name}: MegaContext session ({cfg.name}): w_max={mc.w_max}, "
-          f"K={mc.block_size}, {mc.num_levels} gist levels, positions {mc.position_scheme}; "
-          f"{len(ids)} prompt tokens, greedy]", file=sys.stderr)
+          f"K={mc.block_size}, {mc.num_levels} gist levels, positions {mc.position_scheme}, "
+          f"focus {args.focus_policy}; {len(ids)} prompt tokens, greedy]", file=sys.stderr)
     for line in _network_lines(session.provenance, session.untrained):
         print(line, file=sys.stderr)
 
@@ -200,6 +249,24 @@ def run_megacontext(model, ids, text, args, parser) -> int:
     n = len(printer.tokens)
     print(f"\n[{n} tokens in {t_gen:.2f}s after {t_feed:.2f}s of ingest + layout + prefill "
           f"(both incl. compile)]", file=sys.stderr)
+    answers = {"megacontext": printer.shown}
+    if args.compare_window or args.demo:
+        from mcjax.eval.baselines import sliding_window_generate
+
+        t2 = time.perf_counter()
+        out = sliding_window_generate(model.config, model.params, [np.asarray(ids)], mc.w_max,
+                                      args.max_new_tokens, model.config.eos_token_id)
+        eos = model.config.eos_token_id
+        answers["sliding_window"] = model.decode([int(t) for t in out[0] if t != eos])
+        print(f"\nsliding window (plain base model over the last {mc.w_max} prompt tokens, "
+              f"{time.perf_counter() - t2:.2f}s):{answers['sliding_window']}")
+    if getattr(args, "expected", None) is not None:
+        import re
+
+        pattern = re.compile(rf"(?<!\d){re.escape(args.expected)}(?!\d)")
+        verdict = {k: ("right" if pattern.search(v) else "wrong") for k, v in answers.items()}
+        print("\nexpected " + args.expected + ": " + ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in verdict.items()))
 
     session.flush()  # the answer joins the history: the map covers it too
     print("\nfocus map (the working context's view of the history, oldest first):")
@@ -231,7 +298,17 @@ def main(argv=None) -> int:
     from mcjax.base.loading import load_base_model
 
     model = load_base_model(args.model)
-    ids, text = _prompt_ids(model, args, parser)
+    args.expected = None
+    if args.demo:
+        if args.mode != "megacontext" or args.prompt_file or args.chat:
+            parser.error("--demo builds its own prompt for a MegaContext session: no "
+                         "--prompt-file / --chat / --mode base")
+        ids, text, example = _demo_ids(model, args, parser)
+        args.expected = example.key
+        if args.question:
+            parser.error("--demo asks its own question")
+    else:
+        ids, text = _prompt_ids(model, args, parser)
     if args.mode == "base":
         return run_base(model, ids, text, args)
     return run_megacontext(model, ids, text, args, parser)

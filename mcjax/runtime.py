@@ -1176,11 +1176,46 @@ class Session:
         self._refocus(np.asarray([len(x) for x in new]), self._no_streams, self._empty_layout,
                       revive=self._no_streams, trigger="decode", timings=timings)
 
-    def check(self) -> None:
+    def check(self, atol: float = 2e-3) -> None:
         """Check every WC invariant against the trees, and that the cache holds exactly the
-        WC and the pending tokens (raises `working_context.InvariantError`)."""
+        WC and the pending tokens: its keys/values equal (to `atol`, relative to their
+        scale) a fresh prefill of the materialized WC followed by the pending tokens, and the
+        next token is that reference's greedy prediction (raises
+        `working_context.InvariantError`). Costs one prefill of every stream's WC."""
         self.sync()
         self._check()
+        W, K, p = self.mc.w_max, self.mc.block_size, self._num_pending
+        state = self._state
+        emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, self._params, self.mc))(
+            state.wc, self._view)
+        ref = base.init_cache(self.llama, self.batch_size, W + K)
+        hidden, ref = base.prefill(self._params, self.llama, ref, embeds=emb, positions=pos,
+                                   mask=valid, index=0, return_hidden=True)
+        newest = np.asarray(state.wc.num_valid) - 1
+        last = np.asarray(hidden)[np.arange(self.batch_size), np.maximum(newest, 0)]
+        if p:
+            live = np.asarray(state.cache.valid)[:, W:W + p]
+            first = np.asarray(_pending_base_position(self._plan, state.wc))
+            hidden, ref = base.prefill(
+                self._params, self.llama, ref, tokens=np.asarray(state.pending)[:, :p],
+                positions=first[:, None] + np.arange(p)[None], mask=live, index=W,
+                return_hidden=True)
+            last = np.where(live[:, -1:], np.asarray(hidden)[:, -1], last)
+        slots = np.concatenate([np.asarray(valid), np.asarray(state.cache.valid)[:, W:]], 1)
+        for name, got, want in (("keys", state.cache.k, ref.k), ("values", state.cache.v, ref.v)):
+            got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+            m = slots[None, :, :, None, None]
+            err = np.max(np.abs(np.where(m, got - want, 0.0)))
+            scale = max(1.0, float(np.max(np.abs(np.where(m, want, 0.0)))))
+            if err > atol * scale:
+                raise wcm.InvariantError(f"cached {name} differ from a fresh prefill of the "
+                                         f"working context by {err:.3g} (scale {scale:.3g})")
+        logits = base.logits_from_hidden(self._params, self.llama, jnp.asarray(last))
+        want_next = np.asarray(jnp.argmax(logits, -1))
+        has = (newest >= 0) & ~np.asarray(state.done)
+        if (np.asarray(state.next_token)[has] != want_next[has]).any():
+            raise wcm.InvariantError("next_token is not the greedy prediction of a fresh "
+                                     "prefill of the working context")
 
     def _check(self) -> None:
         wc = jax.device_get(self._state.wc)

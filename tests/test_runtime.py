@@ -177,6 +177,29 @@ def test_a_generation_after_one_that_stopped_at_eos_runs_again(tiny_llama, cfg, 
     assert again.shape == (1, 8)
 
 
+def test_check_compares_the_cache_with_a_fresh_prefill_of_the_working_context(
+        tiny_llama, cfg, nets):
+    """check() passes mid-generation (pending tokens in the cache) and catches a cache
+    whose validity bits are right but whose keys, values or next token are not."""
+    from mcjax.working_context import InvariantError
+
+    s = _session(tiny_llama, cfg, nets, batch_size=2)
+    s.feed(_two_streams())
+    s.generate(K + 5)  # a refocus, then 5 pending tokens
+    s.check()
+    good = s._state
+    for part in ("k", "v"):
+        bad = getattr(good.cache, part).at[:, 1, 3].add(0.5)
+        s._state = good.replace(cache=good.cache.replace(**{part: bad}))
+        with pytest.raises(InvariantError, match="fresh prefill"):
+            s.check()
+    s._state = good.replace(next_token=(good.next_token + 1) % TINY_LLAMA.vocab_size)
+    with pytest.raises(InvariantError, match="next_token"):
+        s.check()
+    s._state = good
+    s.check()
+
+
 def test_sharded_decode_on_an_8_device_mesh_equals_unsharded(tiny_llama, cfg, nets):
     assert len(jax.devices()) == 8
     prompts, n = _two_streams(), K + 3

@@ -64,3 +64,24 @@ def test_shipped_gistnet_beats_truncation_at_32_to_1_on_fixed_held_out_windows(s
     # the gists must carry information: lower NLL than dropping the span, window-paired
     assert row["mean_diff_vs_truncation"] < -0.02, row  # 64 windows: -0.045 ± 0.007
     assert row["gap_recovered"] > 0.05, row  # 64 windows: 14 % (results/eval_gist_v2)
+
+
+def test_make_run_demo_expands_a_raw_span_inside_the_older_history(smollm2, capsys):
+    """`make run`'s demo at a reduced size (a 2,048-token document, still 4x w_max): the
+    focus map after the answer shows raw tokens between gists, away from the sink and the
+    recent tail — the planted fact brought back by retrieval focus."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--demo", "--demo-tokens", "2048", "--max-new-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    runs = [line for line in out.splitlines() if "LOD" in line and " x " in line]
+    levels = [int(line.split("LOD")[1].split()[0]) for line in runs]
+    assert len(levels) >= 3 and levels[-1] == 0
+    inner = levels[1:-1]
+    assert 0 in inner and any(l >= 1 for l in levels[:levels.index(0, 1)]), out
+    assert "sliding window" in out and "expected " in out

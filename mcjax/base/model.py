@@ -505,9 +505,11 @@ def _index_scalar(index):
 
 
 def prefill(params: Params, config: LlamaConfig, cache: KVCache, *, tokens=None, embeds=None,
-            positions=None, mask=None, index=0) -> tuple[jax.Array, KVCache]:
+            positions=None, mask=None, index=0, return_hidden: bool = False
+            ) -> tuple[jax.Array, KVCache]:
     """Write T slots into the cache at slot `index` (a scalar shared by all streams; give
-    shorter streams invalid slots via `mask`) and return their logits.
+    shorter streams invalid slots via `mask`) and return their logits (or, with
+    `return_hidden`, their final hidden states [B, T, D]).
 
     The slots attend to every valid cache slot before them, so re-prefilling from the first
     changed slot of a working context reuses the unchanged prefix. The cache is donated.
@@ -517,7 +519,7 @@ def prefill(params: Params, config: LlamaConfig, cache: KVCache, *, tokens=None,
     return _prefill(params, config, cache, None if tokens is None else jnp.asarray(tokens),
                     None if embeds is None else jnp.asarray(embeds),
                     _default_positions(positions, B, T), _default_mask(mask, B, T),
-                    _index_scalar(index))
+                    _index_scalar(index), return_hidden=return_hidden)
 
 
 def decode_step_unchecked(params, config, cache, token, position, index):
