@@ -225,8 +225,9 @@ class RetrievalConfig:
     pre-RoPE queries (read over the last `query_window` tokens) score every block: per
     (layer, head) the max q·k over the queries and the block's tokens, z-scored over the
     scoreable blocks (not the sink, not the protected tail), then the max over (layer,
-    head). The `top_blocks` best blocks are relevant: spans holding them expand; while some
-    WC gist holds one, the oldest other spans become collapse candidates to make room.
+    head). The `top_blocks` best blocks and their neighbours within `spread` blocks are
+    relevant: spans holding them expand; while some WC gist holds one, the oldest other
+    spans become collapse candidates to make room.
     Chosen by measurement (results/retrieval_probe): layers 17 and 24 of SmolLM2-135M, all
     32 keys per block (Quest min/max and mean keys lose on real-text haystacks), 8 queries.
     """
@@ -235,7 +236,10 @@ class RetrievalConfig:
     chunk: int = 512
     queries: int = 8
     query_window: int = 128
-    top_blocks: int = 4
+    top_blocks: int = 3
+    # blocks on each side of a top block that come along (a fact straddles a boundary:
+    # without them 16k passkey answers held partial keys, results/passkey_retrieval_16k_*)
+    spread: int = 1
     key_dtype: str = "float16"
     # after new input, refocus again (no new tokens) while the last refocus acted, at most
     # this many extra times: a needle inside an LOD2 gist needs two expansions
@@ -251,6 +255,7 @@ class RetrievalConfig:
                  f"{self.queries}")
         _require(self.top_blocks >= 1, f"retrieval.top_blocks must be >= 1, got "
                                        f"{self.top_blocks}")
+        _require(self.spread >= 0, f"retrieval.spread must be >= 0, got {self.spread}")
         _require(self.key_dtype in ("float32", "bfloat16", "float16"),
                  f"unsupported retrieval.key_dtype {self.key_dtype!r}")
         _require(self.settle_rounds >= 0, "retrieval.settle_rounds must be >= 0")

@@ -11,8 +11,9 @@ At refocus:
    block's tokens; z-scored per (layer, head) over the scoreable blocks (not the sink, not
    the protected tail — both stay raw anyway — and never a chunk's first token, which is
    the read chunk's own attention sink); the max over (layer, head) is the relevance;
-3. `block_scores`: the `top_blocks` most relevant blocks get scores in [0.6, 1.0] by rank;
-   the rest 0;
+3. `block_scores`: the `top_blocks` most relevant blocks get scores in [0.6, 1.0] by rank,
+   their neighbours within `spread` blocks 0.95**d of that (a fact straddles a block
+   boundary more often than not); the rest 0;
 4. `slot_scores`: a WC slot's score is the max over the blocks its span covers (an LOD2
    gist: over its 32 children). While some gist slot holds a relevant block, every other
    span scores below -tau_collapse, oldest lowest, so the allocator makes room by
@@ -40,6 +41,7 @@ __all__ = ["key_width", "key_shape", "BlockKeyReader", "query_vectors", "block_r
            "key_bytes_per_million_tokens", "key_dtype"]
 
 RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
+NEIGHBOUR_DECAY = 0.95  # a neighbour d blocks from a top block scores decay**d of it
 _KEY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
 
 
@@ -181,14 +183,24 @@ def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
 
 def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig) -> jax.Array:
     """[C1] scores: the `top_blocks` most relevant scoreable blocks get 1.0 (best) down to
-    RELEVANT_FLOOR by rank; every other block 0."""
+    RELEVANT_FLOOR by rank, blocks within `rc.spread` of one NEIGHBOUR_DECAY**distance of
+    its score; every other block 0."""
     C1 = rel.shape[0]
     k = min(rc.top_blocks, C1)
     _, idx = jax.lax.top_k(rel, k)
     step = (1.0 - RELEVANT_FLOOR) / max(k - 1, 1)
     value = 1.0 - step * jnp.arange(k, dtype=jnp.float32)
     value = jnp.where(scoreable[idx], value, 0.0)  # fewer scoreable blocks than k
-    return jnp.zeros((C1,), jnp.float32).at[idx].set(value)
+    out = jnp.zeros((C1,), jnp.float32).at[idx].set(value)
+    # a fact often straddles a block boundary (the phrase the question matches in one
+    # block, the answer in the next): neighbours within `spread` blocks come along
+    spread = out
+    for d in range(1, rc.spread + 1):
+        decay = NEIGHBOUR_DECAY ** d
+        after = jnp.pad(out[:-d], (d, 0)) * decay
+        before = jnp.pad(out[d:], (0, d)) * decay
+        spread = jnp.maximum(spread, jnp.maximum(after, before))
+    return spread
 
 
 def stream_block_scores(base_params, llama: LlamaConfig, rc: RetrievalConfig, mc: MCConfig,

@@ -162,9 +162,13 @@ def test_block_relevance_finds_the_planted_block_and_skips_chunk_starts():
 def test_block_scores_rank_the_top_blocks():
     rel = jnp.asarray([-jnp.inf, 0.1, 3.0, 0.5, 2.0, 7.0, 0.0, 1.0])
     ok = jnp.isfinite(rel)
-    rc = dataclasses.replace(RC, top_blocks=3)
+    rc = dataclasses.replace(RC, top_blocks=3, spread=0)
     s = np.asarray(retrieval.block_scores(rel, ok, rc))
     np.testing.assert_allclose(s, [0, 0, 0.8, 0, retrieval.RELEVANT_FLOOR, 1.0, 0, 0])
+    # neighbours come along at decay**distance of their top block (the larger one wins)
+    d = retrieval.NEIGHBOUR_DECAY
+    s = np.asarray(retrieval.block_scores(rel, ok, dataclasses.replace(rc, spread=1)))
+    np.testing.assert_allclose(s, [0, 0.8 * d, 0.8, 0.8 * d, d, 1.0, d, 0], rtol=1e-6)
 
 
 def test_slot_scores_expand_the_span_holding_a_relevant_block_and_make_room_oldest_first():
