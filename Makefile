@@ -9,16 +9,20 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 MODEL  ?= smollm2-135m
 # Trained nets for `make run` (training workdirs), e.g. `make run GIST=runs/gist`;
-# unset: the untrained nets, and the output says so.
+# unset: the shipped GistNet (and LensNet untrained; the default focus is retrieval).
 GIST   ?=
 LENS   ?=
+# Your own document and question: `make run PROMPT_FILE=book.txt QUESTION="Who ...?"`;
+# unset: the demo (a held-out document with a planted fact, asked about at the end).
+PROMPT_FILE ?=
+QUESTION    ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup test run bench clean help
 
 help:
-	@echo "make run    set up, then stream a greedy generation (the main job); GIST=/LENS= workdirs"
+	@echo "make run    set up, then the long-document demo (the main job); PROMPT_FILE= QUESTION= GIST= LENS="
 	@echo "make test   set up, then run the test suite"
 	@echo "make bench  set up, then run every benchmark into bench.json"
 	@echo "make setup  virtualenv + dependencies + converted base model (idempotent)"
@@ -39,6 +43,8 @@ test: setup
 
 run: setup
 	$(PY) experiments/generate.py --model $(MODEL) \
+	    $(if $(PROMPT_FILE),--prompt-file "$(PROMPT_FILE)" --compare-window \
+	        $(if $(QUESTION),--question "$(QUESTION)"),--demo) \
 	    $(if $(GIST),--gist-checkpoint $(GIST)) $(if $(LENS),--lens-checkpoint $(LENS))
 
 bench: setup

@@ -770,7 +770,10 @@ class Session:
     focus_policy: where refocus scores come from — "lens" (LensNet, the default), or the
     baselines "random" (uniform scores, deterministic given `focus_seed`, new ones every
     refocus) and "recency" (newer spans toward expand, older toward collapse); both are
-    legality-masked like LensNet's and go through the same allocator and budget logic.
+    legality-masked like LensNet's and go through the same allocator and budget logic; or
+    "retrieval" (training-free and query-aware, `mcjax.retrieval`: the trees also keep
+    read-pass keys per block, the newest tokens' queries score them, and new input is
+    followed by up to `cfg.retrieval.settle_rounds` extra refocuses while focus still moves).
     """
 
     def __init__(self, base_model, gist_params, lens_params, cfg: ExperimentConfig, *,

@@ -119,8 +119,21 @@ def test_passkey_scoring_found_not_found_and_partial_digits():
     assert acc["correct"] == 1 and acc["n"] == 3
     assert acc["accuracy"] == pytest.approx(1 / 3)
     assert acc["digit_accuracy"] == pytest.approx((1 + 0 + 0.8) / 3)
+    assert acc["ci95"] == list(metrics.wilson_interval(1, 3))
     with pytest.raises(ValueError, match="digit string"):
         metrics.score_passkey("123", "")
+
+
+def test_wilson_interval_matches_the_closed_form_and_its_edge_cases():
+    # 14/24: p = 0.5833; hand-computed Wilson 95 % bounds
+    lo, hi = metrics.wilson_interval(14, 24)
+    assert lo == pytest.approx(0.3883, abs=1e-3) and hi == pytest.approx(0.7551, abs=1e-3)
+    lo, hi = metrics.wilson_interval(0, 24)
+    assert lo == 0.0 and hi == pytest.approx(0.1380, abs=1e-3)  # never a zero-width interval
+    assert metrics.wilson_interval(24, 24)[1] == pytest.approx(1.0)
+    assert metrics.wilson_interval(0, 0) is None
+    with pytest.raises(ValueError):
+        metrics.wilson_interval(5, 4)
 
 
 # --------------------------------------------------------------------------- ΔNLL@H
@@ -477,7 +490,8 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
     pk = res["passkey"]
     assert pk["w_max"] == 256 and pk["lengths"] == list(LENGTHS)
     assert set(pk["methods"]) == {"megacontext_lens", "megacontext_random",
-                                  "megacontext_recency", "sliding_window", "full_context"}
+                                  "megacontext_recency", "megacontext_retrieval",
+                                  "sliding_window", "full_context"}
     for method, per in pk["methods"].items():
         assert set(per) == {str(L) for L in LENGTHS}, method
         for L, row in per.items():
@@ -486,6 +500,8 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
                 continue
             assert row["status"] == "ok", (method, L, row["status"])
             assert row["n"] == CASES and 0 <= row["accuracy"] <= 1
+            lo, hi = row["ci95"]
+            assert lo <= row["accuracy"] <= hi and hi > lo
             assert len(row["examples"]) == CASES
             assert all(len(ex["key"]) == 5 for ex in row["examples"])
     assert pk["methods"]["megacontext_lens"]["1024"]["refocuses"] == 3  # bulk + 2 blocks
@@ -621,6 +637,8 @@ def test_bad_input_gives_clear_errors(capsys, tmp_path, gist_workdir):
     _fails(capsys, ck + out + ["--untrained"], "not both")
     _fails(capsys, ck + out + ["--keep-raw", "40"], "leave nothing to compress")
     _fails(capsys, ck + out + ["--only", "bogus"], "sections must be")
+    _fails(capsys, ck + out + ["--only", "passkey", "--methods", "megacontext_lens,oracle"],
+           "--methods must name distinct methods")
     _fails(capsys, ck + out + ["--only", "dnll", "--windows", "0"], "--windows must be >= 1")
     _fails(capsys, ck + out + ["--only", "ceiling", "--ceiling-layouts", "lod2_keep1"],
            "not of the form")

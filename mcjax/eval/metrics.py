@@ -198,12 +198,24 @@ def score_passkey(continuation: str, key: str) -> PasskeyScore:
                         digit_accuracy=correct / len(key))
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion (95 % by default); None for n = 0."""
+    if n <= 0:
+        return None
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct={correct} must lie in [0, n={n}]")
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def accuracy(scores: Sequence[PasskeyScore]) -> dict[str, Any]:
-    """Accuracy (share found) and mean digit accuracy over cases."""
+    """Accuracy (share found) with its Wilson 95 % interval, and mean digit accuracy."""
     n = len(scores)
     if n == 0:
-        return {"accuracy": None, "digit_accuracy": None, "correct": 0, "n": 0}
+        return {"accuracy": None, "digit_accuracy": None, "correct": 0, "n": 0, "ci95": None}
     correct = sum(s.found for s in scores)
-    return {"accuracy": correct / n,
+    return {"accuracy": correct / n, "ci95": list(wilson_interval(int(correct), n)),
             "digit_accuracy": float(np.mean([s.digit_accuracy for s in scores])),
             "correct": int(correct), "n": n}

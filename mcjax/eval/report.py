@@ -331,7 +331,7 @@ def render_markdown(results: dict) -> str:
                 f"spaced); haystack: {pk['haystack']}; {pk['max_new_tokens']} greedy tokens; "
                 f"MegaContext sessions feed the bulk of the history at once, then the last "
                 f"{pk['refocus_steps']} blocks one refocus at a time.", "",
-                f"Scoring: {pk['scoring']}", ""]
+                f"Scoring: {pk['scoring']} Brackets: Wilson 95 % intervals.", ""]
         lengths = pk["lengths"]
         out += ["| method | " + " | ".join(f"{L} tokens" for L in lengths) + " |",
                 "| --- | " + " | ".join("---:" for _ in lengths) + " |"]
@@ -339,7 +339,9 @@ def render_markdown(results: dict) -> str:
             cells = []
             for L in lengths:
                 r = per.get(str(L), {"status": "not run"})
+                ci = r.get("ci95") if r["status"] == "ok" else None
                 cells.append(f"{r['correct']}/{r['n']} = {r['accuracy']:.2f}"
+                             + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
                              if r["status"] == "ok" else r["status"])
             out.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
         out += ["", "![accuracy vs history length](accuracy_vs_length.png)", ""]
