@@ -1096,9 +1096,9 @@ class Session:
         self._laid_out |= reset
         self._unsynced[:] = 0
         timings, self._ingest_s = {"ingest_s": self._ingest_s}, 0.0
-        self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset, trigger="input",
-                      timings=timings)
-        self._settle((num_new > 0) | reset)
+        event = self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset,
+                              trigger="input", timings=timings)
+        self._settle((num_new > 0) | reset, event)
 
     # ------------------------------------------------------------------ refocus
 
@@ -1152,20 +1152,20 @@ class Session:
             self._check()
         return event
 
-    def _settle(self, streams: np.ndarray) -> None:
+    def _settle(self, streams: np.ndarray, event: RefocusEvent) -> None:
         """After new input: refocus `streams` again without new tokens while the last round
         acted, at most `retrieval.settle_rounds` times (retrieval focus; SPEC §2.6), so a
         block inside an LOD2 gist can reach raw tokens before the answer starts."""
         rounds = self.cfg.retrieval.settle_rounds if self.focus_policy == "retrieval" else 0
         zeros = np.zeros(self.batch_size, np.int32)
         for _ in range(rounds):
-            event = self.events[-1]
             acted = np.asarray([e + c > 0 for e, c in zip(event.num_expand, event.num_collapse)])
             streams = streams & acted
             if not streams.any():
                 return
-            self._refocus(zeros, self._no_streams, self._empty_layout, revive=self._no_streams,
-                          trigger="settle", timings={}, settle=streams)
+            event = self._refocus(zeros, self._no_streams, self._empty_layout,
+                                  revive=self._no_streams, trigger="settle", timings={},
+                                  settle=streams)
 
     def _refocus_pending(self, timings: dict) -> None:
         """K tokens decoded: ingest them into the trees and refocus."""
