@@ -240,6 +240,7 @@ def run_megacontext(model, ids, text, args, parser) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_feed = time.perf_counter() - t0
+    answer_map = session.focus_map(0)  # what the WC holds as the answer begins
     _echo(text, args)
     printer = _Printer(model)
     t1 = time.perf_counter()
@@ -268,9 +269,10 @@ def run_megacontext(model, ids, text, args, parser) -> int:
         print("\nexpected " + args.expected + ": " + ", ".join(
             f"{k.replace('_', ' ')} {v}" for k, v in verdict.items()))
 
-    session.flush()  # the answer joins the history: the map covers it too
-    print("\nfocus map (the working context's view of the history, oldest first):")
-    print(session.focus_map(0))
+    session.flush()  # the answer joins the history (telemetry below counts its refocuses)
+    print("\nfocus map when the answer started (the working context's view of the history, "
+          "oldest first):")
+    print(answer_map)
     if events:
         actions = sum(e.num_expand[0] + e.num_collapse[0] for e in events)
         last = events[-1]
