@@ -35,6 +35,7 @@ import numpy as np
 from mcjax import lens
 from mcjax import working_context as wcm
 from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
+from mcjax.tree import chunk_windows
 
 __all__ = ["key_width", "key_shape", "BlockKeyReader", "query_vectors", "block_relevance",
            "block_scores", "slot_scores", "stream_block_scores", "RELEVANT_FLOOR",
@@ -116,16 +117,11 @@ class BlockKeyReader:
             raise ValueError(f"context must be the < chunk={R} token ids from the start of "
                              f"the first block's chunk, got shape {ctx.shape}")
         full = np.concatenate([ctx, np.asarray(ids[: m * K], np.int32)])
-        n_win = -(-len(full) // R)
         out = []
-        for w in range(0, n_win, Gr):
-            windows = np.zeros((Gr * R,), np.int32)
-            part = full[w * R:(w + Gr) * R]
-            windows[:len(part)] = part
-            keys = self.read_fn(jnp.asarray(windows.reshape(Gr, R)))
+        for windows, n, _ in chunk_windows(full, R, Gr):
+            keys = self.read_fn(jnp.asarray(windows))
             self.read_calls += 1
-            keys = np.asarray(keys).reshape(Gr * R, -1)[:len(part)]
-            out.append(keys)
+            out.append(np.asarray(keys).reshape(Gr * R, -1)[:n])
         keys = np.concatenate(out)[len(ctx):]
         return keys.reshape(m, self.width).astype(self.dtype)
 

@@ -490,6 +490,18 @@ class DiskLevelStore(LevelStore):
 # --------------------------------------------------------------------------- gisting
 
 
+def chunk_windows(ids: np.ndarray, chunk: int, batch: int):
+    """Yield (windows [batch, chunk] int32, real ids in them, is_last) covering `ids` in
+    aligned chunks, `batch` chunks per call, zero-padded after the last id (the read pass's
+    fixed-shape calls; causal, so padding never reaches earlier positions)."""
+    n_win = -(-len(ids) // chunk)
+    for w in range(0, n_win, batch):
+        part = ids[w * chunk:(w + batch) * chunk]
+        windows = np.zeros((batch * chunk,), np.int32)
+        windows[:len(part)] = part
+        yield windows.reshape(batch, chunk), len(part), w + batch >= n_win
+
+
 def default_gist_batch() -> int:
     """Blocks per gist call when none is given. On CPU a block costs about the same in any
     batch of >= 4 (measured at SmolLM2 width: ~18 ms/block alone, ~10-11 ms in batches of
@@ -644,17 +656,12 @@ class BlockGister:
             raise ValueError(f"context must be the < read_chunk={R} token ids from the start "
                              f"of the first block's read chunk, got shape {ctx.shape}")
         full = np.concatenate([ctx, ids.astype(np.int32)])
-        n_win = -(-len(full) // R)
         skip, pending, buffered = len(ctx), [], 0
-        for w in range(0, n_win, Gr):
-            windows = np.zeros((Gr * R,), np.int32)
-            part = full[w * R:(w + Gr) * R]
-            windows[:len(part)] = part
-            hidden = self._read(windows.reshape(Gr, R)).reshape(Gr * R, D)[:len(part)]
+        for windows, n, last in chunk_windows(full, R, Gr):
+            hidden = self._read(windows).reshape(Gr * R, D)[:n]
             pending.append(hidden[skip:])
-            buffered += len(part) - skip
+            buffered += n - skip
             skip = 0
-            last = w + Gr >= n_win
             while buffered >= G * K or (last and buffered > 0):
                 feats = np.concatenate(pending)
                 take = feats[:G * K]

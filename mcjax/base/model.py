@@ -333,20 +333,10 @@ def layer_hidden_core(params, config: LlamaConfig, tokens: jax.Array, layer: int
     causal inside a chunk, positions 0..chunk-1 (the read pass, SPEC §2.3a). A trailing
     partial chunk is read as is, so a token's state depends only on its chunk's tokens up
     to itself: features of a prefix equal the prefix of the features. Unjitted."""
-    B, T = tokens.shape
     if not 1 <= layer <= config.num_layers:
         raise InputError(f"layer must lie in 1..{config.num_layers}, got {layer}")
-    sub_cfg = dataclasses.replace(config, num_layers=layer)
-    sub = dict(params)
-    sub["layers"] = jax.tree_util.tree_map(lambda x: x[:layer], params["layers"])
-    n = -(-T // chunk)
-    padded = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))  # padding sits after: causal
-    ids = padded.reshape(B * n, chunk)
-    embeds = embed_tokens(sub, ids)
-    pos = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (B * n, chunk))
-    bias = _causal_bias(jnp.ones((B * n, chunk), bool), pos)
-    hidden, _ = Llama(sub_cfg).apply({"params": sub}, embeds, pos, bias)
-    return hidden.reshape(B, n * chunk, -1)[:, :T]
+    return read_pass_core(params, config, tokens, chunk=chunk, hidden_layer=layer,
+                          qk_layers=())["hidden"]
 
 
 _layer_hidden = jax.jit(layer_hidden_core, static_argnames=("config", "layer", "chunk"))
