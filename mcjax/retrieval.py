@@ -228,9 +228,7 @@ def slot_scores(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig) -> jax.
     score = jnp.where(wc.valid, score, 0.0)
     relevant = score > 0.0
     need = jnp.any(relevant & (wc.level >= 1) & wc.valid)
-    end = (node + 1) * wcm.span_size(wc.level, mc)
-    frac = jnp.clip(end.astype(jnp.float32)
-                    / jnp.maximum(jnp.asarray(wc.num_tokens, jnp.float32), 1.0), 0.0, 1.0)
+    frac = wcm.span_end_fraction(wc, mc)
     # below -tau_collapse however young; the oldest lowest (collapsed first)
     make_room = -(mc.tau_collapse + 0.05) - 0.5 * (1.0 - frac)
     score = jnp.where(relevant, score, jnp.where(need, make_room, 0.0))

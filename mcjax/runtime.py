@@ -154,10 +154,7 @@ def recency_scores(wc, mc) -> jax.Array:
     """Recency-focus baseline scores [..., W]: linear in the age of a slot's span, from +1
     (span ends at the newest token: expand) to -1 (oldest: collapse), legality-masked like
     LensNet's. No learned parts; jittable."""
-    end = (wc.node + 1) * wcm.span_size(wc.level, mc)
-    frac = end.astype(jnp.float32) / jnp.maximum(
-        jnp.asarray(wc.num_tokens, jnp.float32)[..., None], 1.0)
-    return lens.mask_illegal(2.0 * jnp.clip(frac, 0.0, 1.0) - 1.0, wc, mc)
+    return lens.mask_illegal(2.0 * wcm.span_end_fraction(wc, mc) - 1.0, wc, mc)
 
 
 def random_scores(key: jax.Array, wc, mc) -> jax.Array:

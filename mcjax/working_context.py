@@ -137,6 +137,13 @@ def span_size(level: jax.Array, cfg: MCConfig) -> jax.Array:
     return _pow_table(cfg)[level]
 
 
+def span_end_fraction(wc, cfg: MCConfig) -> jax.Array:
+    """[..., W] where each slot's span ends, as a fraction of the history (1 = newest)."""
+    end = (wc.node + 1) * span_size(wc.level, cfg)
+    return jnp.clip(end.astype(jnp.float32) / jnp.maximum(
+        jnp.asarray(wc.num_tokens, jnp.float32)[..., None], 1.0), 0.0, 1.0)
+
+
 def span_start(level: jax.Array, node: jax.Array, cfg: MCConfig) -> jax.Array:
     """First token of entry (level, node); entries are block aligned by construction."""
     return node * span_size(level, cfg)
