@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# the lm-eval-harness extra: only `make test` installs it (its test), not setup/run
+HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 MODEL  ?= smollm2-135m
 # Trained nets for `make run` (training workdirs), e.g. `make run GIST=runs/gist`;
 # unset: the shipped GistNet (and LensNet untrained; the default focus is retrieval).
@@ -35,10 +37,15 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+$(HARNESS_STAMP): $(STAMP)
+	$(PY) -m pip install --progress-bar on -e '.[test,harness]'
+	rm -f $(VENV)/.harness-*
+	touch $@
+
 setup: $(STAMP)
 	$(PY) experiments/prepare.py --model $(MODEL)
 
-test: setup
+test: setup $(HARNESS_STAMP)
 	$(PY) -m pytest -q
 
 run: setup

@@ -273,10 +273,27 @@ class LensConfig:
     mlp_ratio: int = 4  # MLPs on the latents (run num_latents times)
     query_mlp_ratio: int = 1  # MLP on the per-slot output queries (run w_max times: keep small)
     dtype: str = "float32"
+    # v2 conditioning (SPEC §2.5): the question sits in raw tail tokens, not in gists.
+    # `query_tokens` newest tokens' read-pass hidden states after `query_layer` layers join
+    # the encoder's inputs (0: none, LensNet v1); `retrieval_features`: each slot also gets
+    # its retrieval relevance (`mcjax.retrieval.slot_retrieval_features`), so the trees keep
+    # the read-pass keys as for `focus_policy="retrieval"`
+    query_tokens: int = 0
+    query_layer: int = 10
+    retrieval_features: bool = False
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether scoring needs a read of the newest tokens (v2 conditioning)."""
+        return self.query_tokens > 0 or self.retrieval_features
 
     def __post_init__(self):
         _require(self.mlp_ratio >= 1 and self.query_mlp_ratio >= 1,
                  "LensConfig.mlp_ratio and query_mlp_ratio must be >= 1")
+        _require(self.query_tokens >= 0, f"LensConfig.query_tokens must be >= 0, got "
+                                         f"{self.query_tokens}")
+        _require(self.query_layer >= 1, f"LensConfig.query_layer must be >= 1, got "
+                                        f"{self.query_layer}")
         _require(self.width % self.num_heads == 0,
                  f"LensConfig.width ({self.width}) must be divisible by num_heads "
                  f"({self.num_heads})")
@@ -395,6 +412,10 @@ class ExperimentConfig:
     def __post_init__(self):
         _require(self.base != "random" or self.base_config is not None,
                  "base='random' needs base_config")
+        _require(self.lens.query_tokens <= self.retrieval.query_window,
+                 f"lens.query_tokens ({self.lens.query_tokens}) must be <= "
+                 f"retrieval.query_window ({self.retrieval.query_window}): both are read "
+                 f"from one window of the newest tokens")
 
 
 # --------------------------------------------------------------------------- registry
@@ -522,6 +543,10 @@ def _smollm2_135m_cpu() -> ExperimentConfig:
         mc=MCConfig(w_max=512, position_scheme="compact"),
         # v2 GistNet: children are read-pass hidden states after 10 of 30 layers
         gist=GistConfig(input="hidden", input_layer=10, read_chunk=1024),
+        # LensNet v2: sees the question (8 newest tokens' layer-10 hidden states) and each
+        # slot's retrieval relevance; distilled from retrieval focus (distill_lens.py)
+        lens=LensConfig(width=128, num_latents=16, num_heads=4, num_latent_layers=2,
+                        query_tokens=8, query_layer=10, retrieval_features=True),
         # window = 1,088-token prefix (a sink block + 32 blocks + a raw block) + H=64; dense
         # KL over the raw tail at 1, 4 and 17 raw blocks and LOD1+LOD2, NLL weight 0.1
         train=TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,

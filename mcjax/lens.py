@@ -8,6 +8,11 @@ cursor in blocks, protected flag) — cross-attends to the latents; a head gives
 score in (−1, 1) via tanh (positive = expand, negative = collapse). Illegal directions are
 masked to 0 (see `mask_illegal`).
 
+LensNet v2 (`LensConfig.query_tokens`, `retrieval_features`) also sees the question: the
+question sits in the newest raw tokens, which no gist summarises yet, so their read-pass
+hidden states (`QueryTokens`) join the encoder's inputs, and each slot's retrieval
+relevance (`mcjax.retrieval.slot_retrieval_features`) joins its features.
+
 Cost is O(W · (D·d + M·d)) — linear in `w_max`: slots only ever attend to the M latents and
 the latents to the slots; no slot-slot attention. Padding slots are zeroed before the
 encoder and masked out of its keys, and decoding is per slot, so they cannot influence the
@@ -27,8 +32,9 @@ import jax.numpy as jnp
 from mcjax.config import LensConfig, MCConfig
 from mcjax.working_context import WorkingContext, protected_mask, span_size
 
-__all__ = ["TailGists", "LensNet", "tail_gists", "slot_features", "mask_illegal",
-           "init_lens", "lens_scores", "NUM_SLOT_FEATURES"]
+__all__ = ["TailGists", "QueryTokens", "LensNet", "tail_gists", "slot_features",
+           "mask_illegal", "init_lens", "lens_scores", "NUM_SLOT_FEATURES",
+           "NUM_SLOT_RETRIEVAL_FEATURES"]
 
 _NEG = -1e30  # finite "minus infinity" for masked attention logits
 
@@ -64,7 +70,17 @@ def tail_gists(tree_view, cfg: MCConfig) -> TailGists:
     return TailGists(embeds=embeds, level=level, valid=valid)
 
 
+@flax.struct.dataclass
+class QueryTokens:
+    """LensNet v2's view of the question: the newest raw tokens' read-pass hidden states
+    (`mcjax.retrieval.tail_read`)."""
+
+    hidden: jax.Array  # [..., Q, D]
+    valid: jax.Array  # [..., Q] bool
+
+
 NUM_SLOT_FEATURES = 4
+NUM_SLOT_RETRIEVAL_FEATURES = 2  # `mcjax.retrieval.slot_retrieval_features`
 
 
 def slot_features(wc: WorkingContext, cfg: MCConfig) -> jax.Array:
@@ -123,15 +139,27 @@ class _MLP(nn.Module):
 
 
 class LensNet(nn.Module):
-    """Perceiver-IO scorer. `__call__(slot_embeds [..., W, D], wc, tail) -> scores [..., W]`."""
+    """Perceiver-IO scorer. `__call__(slot_embeds [..., W, D], wc, tail, query=None,
+    slot_retrieval=None) -> scores [..., W]`; `query` (QueryTokens) is required when
+    `cfg.query_tokens > 0`, `slot_retrieval` [..., W, NUM_SLOT_RETRIEVAL_FEATURES] when
+    `cfg.retrieval_features`."""
 
     cfg: LensConfig
     mc: MCConfig
 
     @nn.compact
-    def __call__(self, slot_embeds: jax.Array, wc: WorkingContext, tail: TailGists) -> jax.Array:
+    def __call__(self, slot_embeds: jax.Array, wc: WorkingContext, tail: TailGists,
+                 query: QueryTokens | None = None,
+                 slot_retrieval: jax.Array | None = None) -> jax.Array:
         c = self.cfg
         d, dt = c.width, jnp.dtype(c.dtype)
+        if (c.query_tokens > 0) != (query is not None):
+            raise ValueError(f"LensConfig.query_tokens={c.query_tokens}: query tokens must be "
+                             f"{'given' if c.query_tokens else 'None'}")
+        if c.retrieval_features != (slot_retrieval is not None):
+            raise ValueError(f"LensConfig.retrieval_features={c.retrieval_features}: "
+                             f"slot_retrieval must be "
+                             f"{'given' if c.retrieval_features else 'None'}")
         mlp = lambda name: _MLP(d, c.mlp_ratio * d, dt, name=name)  # noqa: E731
         attn = lambda name: _Attention(d, c.num_heads, dt, name=name)  # noqa: E731
         norm = lambda name: nn.LayerNorm(dtype=dt, name=name)  # noqa: E731
@@ -142,15 +170,27 @@ class LensNet(nn.Module):
         level_emb = nn.Embed(self.mc.num_levels + 1, d, name="level_embed")
         feats = _MLP(d, 32, dt, name="feature_mlp")(slot_features(wc, self.mc))
         slot_tok = content + level_emb(wc.level) + feats
+        if slot_retrieval is not None:
+            slot_tok = slot_tok + _MLP(d, 32, dt, name="retrieval_mlp")(
+                slot_retrieval.astype(dt))
         slot_tok = jnp.where(valid[..., None], slot_tok, 0).astype(dt)
 
         tail_tok = (nn.Dense(d, dtype=dt, name="tail_proj")(norm("tail_in_norm")(tail.embeds))
                     + nn.Embed(self.mc.num_levels + 2, d, name="tail_level_embed")(tail.level))
         tail_tok = jnp.where(tail.valid[..., None], tail_tok, 0).astype(dt)
 
-        # encode: latents <- [slots ‖ tail]
-        kv = jnp.concatenate([slot_tok, tail_tok], axis=-2)
-        kv_mask = jnp.concatenate([valid, tail.valid], axis=-1)
+        kv_parts, mask_parts = [slot_tok, tail_tok], [valid, tail.valid]
+        if query is not None:  # the question: newest raw tokens, newest last
+            Q = query.hidden.shape[-2]
+            pos = self.param("query_pos", nn.initializers.normal(0.02), (Q, d))
+            q_tok = (nn.Dense(d, dtype=dt, name="query_proj")(
+                norm("query_in_norm")(query.hidden)) + pos.astype(dt))
+            kv_parts.append(jnp.where(query.valid[..., None], q_tok, 0).astype(dt))
+            mask_parts.append(query.valid)
+
+        # encode: latents <- [slots ‖ tail ‖ question]
+        kv = jnp.concatenate(kv_parts, axis=-2)
+        kv_mask = jnp.concatenate(mask_parts, axis=-1)
         latents = self.param("latents", nn.initializers.normal(0.02), (c.num_latents, d))
         latents = jnp.broadcast_to(latents.astype(dt), valid.shape[:-1] + latents.shape)
         kv_n = norm("enc_kv_norm")(kv)
@@ -170,16 +210,20 @@ class LensNet(nn.Module):
         return mask_illegal(jnp.tanh(raw.astype(jnp.float32)), wc, self.mc)
 
 
-def init_lens(lens_cfg: LensConfig, mc: MCConfig, embed_dim: int, rng: jax.Array):
-    """Random LensNet params for slot embeddings of width `embed_dim`.
+def init_lens(lens_cfg: LensConfig, mc: MCConfig, embed_dim: int, rng: jax.Array,
+              hidden_dim: int | None = None):
+    """Random LensNet params for slot embeddings of width `embed_dim` (and v2 query
+    hidden states of width `hidden_dim`, default `embed_dim`).
 
-    Params depend only on the LensConfig, num_levels and embed_dim (never on w_max), so one
-    jitted init serves every budget."""
-    return _init_lens(lens_cfg, mc.num_levels, embed_dim, rng)
+    Params depend only on the LensConfig, num_levels and the widths (never on w_max), so
+    one jitted init serves every budget."""
+    return _init_lens(lens_cfg, mc.num_levels, embed_dim, hidden_dim or embed_dim, rng)
 
 
-@functools.partial(jax.jit, static_argnames=("lens_cfg", "num_levels", "embed_dim"))
-def _init_lens(lens_cfg: LensConfig, num_levels: int, embed_dim: int, rng: jax.Array):
+@functools.partial(jax.jit, static_argnames=("lens_cfg", "num_levels", "embed_dim",
+                                             "hidden_dim"))
+def _init_lens(lens_cfg: LensConfig, num_levels: int, embed_dim: int, hidden_dim: int,
+               rng: jax.Array):
     mc = MCConfig(block_size=2, num_levels=num_levels, w_max=4, recent_protect=0,
                   tail_lod1=1, tail_lod2=1)
     W, nt = mc.w_max, mc.num_tail_gists
@@ -193,11 +237,19 @@ def _init_lens(lens_cfg: LensConfig, num_levels: int, embed_dim: int, rng: jax.A
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng)
     rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
-    return LensNet(lens_cfg, mc).init(rng, jnp.zeros((W, embed_dim)), wc, tail)["params"]
+    query = (QueryTokens(hidden=jnp.zeros((lens_cfg.query_tokens, hidden_dim)),
+                         valid=jnp.ones((lens_cfg.query_tokens,), bool))
+             if lens_cfg.query_tokens else None)
+    feats = jnp.zeros((W, NUM_SLOT_RETRIEVAL_FEATURES)) if lens_cfg.retrieval_features else None
+    return LensNet(lens_cfg, mc).init(rng, jnp.zeros((W, embed_dim)), wc, tail, query,
+                                      feats)["params"]
 
 
 @functools.partial(jax.jit, static_argnames=("lens_cfg", "mc"))
 def lens_scores(params, slot_embeds: jax.Array, wc: WorkingContext, tail: TailGists,
-                lens_cfg: LensConfig, mc: MCConfig) -> jax.Array:
-    """Legality-masked scores [..., W] in (−1, 1) for a materialized WC."""
-    return LensNet(lens_cfg, mc).apply({"params": params}, slot_embeds, wc, tail)
+                lens_cfg: LensConfig, mc: MCConfig, query: QueryTokens | None = None,
+                slot_retrieval: jax.Array | None = None) -> jax.Array:
+    """Legality-masked scores [..., W] in (−1, 1) for a materialized WC (v2: with the
+    question's `query` tokens and the slots' retrieval features)."""
+    return LensNet(lens_cfg, mc).apply({"params": params}, slot_embeds, wc, tail, query,
+                                       slot_retrieval)

@@ -37,9 +37,10 @@ from mcjax import working_context as wcm
 from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
 from mcjax.tree import chunk_windows
 
-__all__ = ["key_width", "key_shape", "BlockKeyReader", "query_vectors", "block_relevance",
-           "block_scores", "slot_scores", "stream_block_scores", "RELEVANT_FLOOR",
-           "key_bytes_per_million_tokens", "key_dtype"]
+__all__ = ["key_width", "key_shape", "BlockKeyReader", "tail_read", "query_vectors",
+           "block_relevance", "block_scores", "span_max", "slot_retrieval_features",
+           "NUM_SLOT_RETRIEVAL_FEATURES", "slot_scores", "stream_block_scores",
+           "RELEVANT_FLOOR", "key_bytes_per_million_tokens", "key_dtype"]
 
 RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
 NEIGHBOUR_DECAY = 0.95  # a neighbour d blocks from a top block scores decay**d of it
@@ -126,12 +127,18 @@ class BlockKeyReader:
         return keys.reshape(m, self.width).astype(self.dtype)
 
 
-def query_vectors(base_params, llama: LlamaConfig, rc: RetrievalConfig, tokens: jax.Array,
-                  num_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Pre-RoPE queries [layers, queries, heads, head_dim] of the newest `rc.queries` of
-    the first `num_tokens` ids in `tokens` [C0] (a tree view), read over the last
-    `rc.query_window` of them; and which of them exist [queries] (fewer tokens than
-    queries: the missing ones are masked). Jittable, fixed shapes."""
+def tail_read(base_params, llama: LlamaConfig, rc: RetrievalConfig, tokens: jax.Array,
+              num_tokens: jax.Array, *, hidden_layer: int | None = None,
+              hidden_tokens: int = 0) -> dict:
+    """One read of the last `rc.query_window` of the first `num_tokens` ids in `tokens` [C0]
+    (a tree view), giving what query-aware focus needs. Jittable, fixed shapes:
+
+    - "queries" [layers, rc.queries, heads, head_dim]: the newest `rc.queries` tokens'
+      pre-RoPE queries at `rc.layers`, "query_valid" [rc.queries] which of them exist
+      (fewer tokens than queries: the missing ones are masked);
+    - with `hidden_layer`: "hidden" [hidden_tokens, D], the newest `hidden_tokens` tokens'
+      hidden states after that many layers (LensNet v2's view of the question), and
+      "hidden_valid" [hidden_tokens]."""
     from mcjax.base.model import read_pass_core
 
     R, Q = rc.query_window, rc.queries
@@ -140,12 +147,29 @@ def query_vectors(base_params, llama: LlamaConfig, rc: RetrievalConfig, tokens: 
         tokens = jnp.pad(tokens, (0, R - C0))
     start = jnp.clip(num_tokens - R, 0, tokens.shape[0] - R)
     window = jax.lax.dynamic_slice_in_dim(tokens, start, R)
-    q = read_pass_core(base_params, llama, window[None], chunk=R, hidden_layer=None,
-                       qk_layers=tuple(rc.layers))["queries"][0]  # [R, layers, H, hd]
-    rows = num_tokens - start - Q + jnp.arange(Q)
-    valid = rows >= 0
-    q = jnp.take(q, jnp.clip(rows, 0, R - 1), axis=0)  # [Q, layers, H, hd]
-    return jnp.transpose(q, (1, 0, 2, 3)).astype(jnp.float32), valid
+    read = read_pass_core(base_params, llama, window[None], chunk=R, hidden_layer=hidden_layer,
+                          qk_layers=tuple(rc.layers))
+
+    def newest(x, n):  # x [R, ...] -> its newest n rows of the history, and which exist
+        rows = num_tokens - start - n + jnp.arange(n)
+        return jnp.take(x, jnp.clip(rows, 0, R - 1), axis=0), rows >= 0
+
+    q, valid = newest(read["queries"][0], Q)  # [Q, layers, H, hd]
+    out = {"queries": jnp.transpose(q, (1, 0, 2, 3)).astype(jnp.float32),
+           "query_valid": valid}
+    if hidden_layer is not None:
+        h, hv = newest(read["hidden"][0], hidden_tokens)
+        out["hidden"], out["hidden_valid"] = jnp.where(hv[:, None], h, 0.0), hv
+    return out
+
+
+def query_vectors(base_params, llama: LlamaConfig, rc: RetrievalConfig, tokens: jax.Array,
+                  num_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pre-RoPE queries [layers, queries, heads, head_dim] of the newest `rc.queries` of
+    the first `num_tokens` ids in `tokens` [C0] and which of them exist [queries]
+    (`tail_read` without hidden states)."""
+    out = tail_read(base_params, llama, rc, tokens, num_tokens)
+    return out["queries"], out["query_valid"]
 
 
 def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
@@ -208,24 +232,48 @@ def stream_block_scores(base_params, llama: LlamaConfig, rc: RetrievalConfig, mc
     return block_scores(rel, ok, rc)
 
 
-def slot_scores(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig) -> jax.Array:
-    """Scores [W] of one WC from its stream's block scores [C1] (module docstring, step 4)."""
+def span_max(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig,
+             fill: float = 0.0) -> jax.Array:
+    """[W] max of per-block values `blocks` [C1] over each slot's span (a token: its block;
+    an LOD-l gist: its K^(l-1) blocks); `fill` for padding slots and spans past the
+    blocks."""
     K, L = mc.block_size, mc.num_levels
     C1 = blocks.shape[0]
-    per_level = [blocks]  # per_level[l-1][n]: max block score under LOD-l node n
+    per_level = [blocks]  # per_level[l-1][n]: max block value under LOD-l node n
     for _ in range(2, L + 1):
         prev = per_level[-1]
         rows = -(-prev.shape[0] // K)
-        prev = jnp.pad(prev, (0, rows * K - prev.shape[0]))
+        prev = jnp.pad(prev, (0, rows * K - prev.shape[0]), constant_values=fill)
         per_level.append(jnp.max(prev.reshape(rows, K), axis=1))
     node = wc.node
     block_of_token = node // K
-    score = jnp.where((wc.level == 0) & (block_of_token < C1),
-                      blocks[jnp.clip(block_of_token, 0, C1 - 1)], 0.0)
+    out = jnp.where((wc.level == 0) & (block_of_token < C1),
+                    blocks[jnp.clip(block_of_token, 0, C1 - 1)], fill)
     for l, arr in enumerate(per_level, start=1):
         n = arr.shape[0]
-        score = jnp.where(wc.level == l, arr[jnp.clip(node, 0, n - 1)], score)
-    score = jnp.where(wc.valid, score, 0.0)
+        out = jnp.where((wc.level == l) & (node < n), arr[jnp.clip(node, 0, n - 1)], out)
+    return jnp.where(wc.valid, out, fill)
+
+
+NUM_SLOT_RETRIEVAL_FEATURES = lens.NUM_SLOT_RETRIEVAL_FEATURES
+_Z_SCALE = 10.0  # relevance z-scores of top blocks lie around 5-15
+
+
+def slot_retrieval_features(wc: wcm.WorkingContext, rel: jax.Array, blocks: jax.Array,
+                            mc: MCConfig) -> jax.Array:
+    """[W, 2] LensNet v2's per-slot retrieval inputs: the retrieval score of the slot's
+    span (`span_max` of `block_scores`, in [0, 1]) and its best block's relevance
+    z-score / 10 clipped to [-1, 3] (0 where nothing is scoreable: sink, protected tail,
+    padding)."""
+    z = jnp.where(jnp.isfinite(rel), jnp.clip(rel / _Z_SCALE, -1.0, 3.0), -jnp.inf)
+    zmax = span_max(wc, z, mc, fill=-jnp.inf)
+    zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
+    return jnp.stack([span_max(wc, blocks, mc), zmax], axis=-1)
+
+
+def slot_scores(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig) -> jax.Array:
+    """Scores [W] of one WC from its stream's block scores [C1] (module docstring, step 4)."""
+    score = span_max(wc, blocks, mc)
     relevant = score > 0.0
     need = jnp.any(relevant & (wc.level >= 1) & wc.valid)
     frac = wcm.span_end_fraction(wc, mc)

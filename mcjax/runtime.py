@@ -130,7 +130,19 @@ class _Plan:
     headroom: int  # slots to free ahead when the next block would not fit (0: off)
     prefill_chunk: int  # C: slots per bulk re-prefill chunk (a multiple of K dividing w_max)
     focus_policy: str = "lens"  # one of FOCUS_POLICIES
-    retrieval: Any = None  # RetrievalConfig (used by focus_policy "retrieval")
+    retrieval: Any = None  # RetrievalConfig (focus_policy "retrieval", or LensNet v2)
+
+    @property
+    def keeps_keys(self) -> bool:
+        """The trees keep read-pass keys: retrieval focus, or LensNet v2's relevance."""
+        return self.focus_policy == "retrieval" or (self.focus_policy == "lens"
+                                                    and self.lens.retrieval_features)
+
+    @property
+    def query_aware(self) -> bool:
+        """Scores depend on the newest tokens' read (so focus can settle after input)."""
+        return self.focus_policy == "retrieval" or (self.focus_policy == "lens"
+                                                    and self.lens.conditioned)
 
     @property
     def num_slots(self) -> int:
@@ -143,11 +155,43 @@ class _Plan:
 # --------------------------------------------------------------------------- jitted programs
 
 
-def _score_stream(plan: _Plan, lens_params, base_params, wc, view):
-    """LensNet scores [W] of one stream's WC (materialized from its tree view)."""
+def _focus_conditioning(plan: _Plan, base_params, view: TreeView) -> dict | None:
+    """What query-aware scoring needs per stream, computed once per refocus from the whole
+    history (new tokens too): for "retrieval" the block scores; for LensNet v2 the
+    question's hidden states and/or the blocks' relevance and scores. None otherwise."""
+    if not plan.query_aware:
+        return None
+    llama, rc, mc, lc = plan.llama, plan.retrieval, plan.mc, plan.lens
+    v2 = plan.focus_policy == "lens"
+
+    def one(tokens, keys, counts):
+        read = retrieval.tail_read(base_params, llama, rc, tokens, counts[0],
+                                   hidden_layer=lc.query_layer if v2 and lc.query_tokens
+                                   else None, hidden_tokens=lc.query_tokens)
+        out = {}
+        if keys is not None:
+            rel, ok = retrieval.block_relevance(keys, counts[0], read["queries"],
+                                                read["query_valid"], rc, mc, llama)
+            out["rel"], out["blocks"] = rel, retrieval.block_scores(rel, ok, rc)
+        if "hidden" in read:
+            out["hidden"], out["hidden_valid"] = read["hidden"], read["hidden_valid"]
+        return out
+
+    return jax.vmap(one)(view.tokens, view.keys, view.counts)
+
+
+def _score_stream(plan: _Plan, lens_params, base_params, wc, view, cond=None):
+    """LensNet scores [W] of one stream's WC (materialized from its tree view; v2 also
+    from the stream's `_focus_conditioning`)."""
     emb, _, _ = wcm.materialize(wc, view, base_params, plan.mc)
     tail = lens.tail_gists(view, plan.mc)
-    return lens.lens_scores(lens_params, emb, wc, tail, plan.lens, plan.mc)
+    query = feats = None
+    if plan.lens.query_tokens:
+        query = lens.QueryTokens(hidden=cond["hidden"].astype(emb.dtype),
+                                 valid=cond["hidden_valid"])
+    if plan.lens.retrieval_features:
+        feats = retrieval.slot_retrieval_features(wc, cond["rel"], cond["blocks"], plan.mc)
+    return lens.lens_scores(lens_params, emb, wc, tail, plan.lens, plan.mc, query, feats)
 
 
 def recency_scores(wc, mc) -> jax.Array:
@@ -165,16 +209,16 @@ def random_scores(key: jax.Array, wc, mc) -> jax.Array:
 
 
 def _policy_scores(plan: _Plan, lens_params, base_params, wc, view, stream, call: int,
-                   block_scores=None):
+                   cond=None):
     """Scores [W] of one stream's WC under the plan's focus policy. For "random",
     `lens_params` is the seed ([] uint32); the key folds in the stream, the WC's refocus
     step and which scoring of the refocus this is, so it is deterministic given the seed
-    and differs from refocus to refocus. For "retrieval", `block_scores` [C1] are the
-    stream's (`retrieval.stream_block_scores`, computed once per refocus)."""
+    and differs from refocus to refocus. `cond`: the stream's `_focus_conditioning`
+    (computed once per refocus) for "retrieval" and LensNet v2."""
     if plan.focus_policy == "retrieval":
-        return retrieval.slot_scores(wc, block_scores, plan.mc)
+        return retrieval.slot_scores(wc, cond["blocks"], plan.mc)
     if plan.focus_policy == "lens":
-        return _score_stream(plan, lens_params, base_params, wc, view)
+        return _score_stream(plan, lens_params, base_params, wc, view, cond)
     if plan.focus_policy == "recency":
         return recency_scores(wc, plan.mc)
     key = jax.random.key(lens_params)
@@ -306,19 +350,15 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
     streams = jnp.arange(B, dtype=jnp.int32)
-    blocks = None
-    if plan.focus_policy == "retrieval":  # the queries see the whole history, new tokens too
-        blocks = jax.vmap(functools.partial(
-            retrieval.stream_block_scores, base_params, llama, plan.retrieval, mc))(
-                view.tokens, view.keys, view.counts)
+    cond = _focus_conditioning(plan, base_params, view)  # the whole history, new tokens too
 
     def score(lens_params, base_params, wc, view, call):
-        def fn(lens_params, base_params, wc, view, stream, blocks):
+        def fn(lens_params, base_params, wc, view, stream, cond):
             return _policy_scores(plan, lens_params, base_params, wc, view, stream, call,
-                                  blocks)
+                                  cond)
 
         return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, 0))(lens_params, base_params, wc,
-                                                               view, streams, blocks)
+                                                               view, streams, cond)
 
     scores0 = score(lens_params, base_params, wc0, view, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
@@ -454,7 +494,7 @@ def _shardings(plan: _Plan, mesh: Mesh) -> dict:
     state = StreamState(wc=wc, cache=KVCache(k=kv, v=kv, valid=lead(2)), next_token=lead(1),
                         pending=lead(2), num_pending=rep, done=lead(1))
     view = TreeView(tokens=lead(2), gists=tuple(lead(3) for _ in range(plan.mc.num_levels)),
-                    counts=lead(2), keys=lead(3) if plan.focus_policy == "retrieval" else None)
+                    counts=lead(2), keys=lead(3) if plan.keeps_keys else None)
     return dict(rep=rep, lead=lead, wc=wc, state=state, view=view,
                 params=sharding.param_shardings(_abstract_base_params(plan.llama), mesh))
 
@@ -483,7 +523,7 @@ def _programs(plan: _Plan, mesh: Mesh | None) -> _Programs:
         write_view=jax.jit(write_view, donate_argnums=0,
                            in_shardings=(sh["view"], lead(2), tuple(
                                lead(3) for _ in range(plan.mc.num_levels)), lead(2), lead(2),
-                               lead(2), lead(3) if plan.focus_policy == "retrieval" else None),
+                               lead(2), lead(3) if plan.keeps_keys else None),
                            out_shardings=sh["view"]),
         shardings=sh)
 
@@ -754,8 +794,8 @@ class Session:
     """A batch of MegaContext streams over one frozen base model (module docstring).
 
     base: a `BaseModel` (gives text encoding) or `(LlamaConfig, params)`. gist_params /
-    lens_params: trained params, or None: for GistNet the shipped params when they fit
-    `cfg` (`mcjax.assets.shipped_gist`, provenance "shipped"), else — and with
+    lens_params: trained params, or None: the shipped params when they fit `cfg`
+    (`mcjax.assets.shipped_gist` / `shipped_lens`, provenance "shipped"), else — and with
     `untrained=True` always — the untrained networks the trainers start from
     (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
     max_tokens: per-stream history capacity (fixes the device view's shapes).
@@ -848,6 +888,12 @@ class Session:
         if gist_params is None:
             gist_params = untrained_params(cfg, "gist", params)
             self.provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
+        if lens_params is None and not untrained and focus_policy == "lens":
+            from mcjax.assets import shipped_lens  # the shipped LensNet, when it fits
+
+            shipped = shipped_lens(cfg)
+            if shipped is not None:
+                lens_params, self.provenance["lens"] = shipped
         if lens_params is None:
             lens_params = untrained_params(cfg, "lens")
             self.provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
@@ -869,7 +915,8 @@ class Session:
                            max_tokens=self.max_tokens, pad_id=int(pad_id),
                            headroom=int(collapse_headroom),
                            prefill_chunk=int(prefill_chunk), focus_policy=focus_policy,
-                           retrieval=cfg.retrieval if focus_policy == "retrieval" else None)
+                           retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens")
+                           else None)
         self._programs = _programs(self._plan, mesh)
         sh = self._programs.shardings
         if focus_policy == "random":  # the refocus program reads the seed in LensNet's place
@@ -883,13 +930,17 @@ class Session:
         self._gister = BlockGister.from_base(cfg.gist, gist_params, self._params, llama,
                                              block_size=K, gist_batch=gist_batch)
         self._key_reader = None
-        if focus_policy == "retrieval":
+        if self._plan.keeps_keys:
             from mcjax.retrieval import BlockKeyReader
 
             if max(cfg.retrieval.layers) >= llama.num_layers:
                 raise ConfigError(f"retrieval.layers {cfg.retrieval.layers} exceed the base "
                                   f"model's {llama.num_layers} layers")
             self._key_reader = BlockKeyReader.from_base(cfg.retrieval, self._params, llama, K)
+        if self._plan.query_aware and focus_policy == "lens" and cfg.lens.query_tokens \
+                and cfg.lens.query_layer > llama.num_layers:
+            raise ConfigError(f"lens.query_layer {cfg.lens.query_layer} exceeds the base "
+                              f"model's {llama.num_layers} layers")
         self._trees = [MegaContextTree.in_memory(mc, self._gister,
                                                  view_capacity_tokens=self.max_tokens,
                                                  key_reader=self._key_reader)
@@ -1153,7 +1204,7 @@ class Session:
         """After new input: refocus `streams` again without new tokens while the last round
         acted, at most `retrieval.settle_rounds` times (retrieval focus; SPEC §2.6), so a
         block inside an LOD2 gist can reach raw tokens before the answer starts."""
-        rounds = self.cfg.retrieval.settle_rounds if self.focus_policy == "retrieval" else 0
+        rounds = self.cfg.retrieval.settle_rounds if self._plan.query_aware else 0
         zeros = np.zeros(self.batch_size, np.int32)
         for _ in range(rounds):
             acted = np.asarray([e + c > 0 for e, c in zip(event.num_expand, event.num_collapse)])

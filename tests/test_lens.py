@@ -86,10 +86,16 @@ def test_output_shape_and_dtype_for_every_registered_config(name):
                               level=jax.ShapeDtypeStruct((nt,), jnp.int32),
                               valid=jax.ShapeDtypeStruct((nt,), bool))
         emb = jax.ShapeDtypeStruct((W, dim), jnp.float32)
+        q = exp.lens.query_tokens
+        query = (lens.QueryTokens(hidden=jnp.zeros((q, dim)), valid=jnp.ones((q,), bool))
+                 if q else None)
+        feats = (jnp.zeros((W, lens.NUM_SLOT_RETRIEVAL_FEATURES))
+                 if exp.lens.retrieval_features else None)
         params = jax.eval_shape(lambda: lens.LensNet(exp.lens, mc).init(
-            jax.random.key(0), jnp.zeros((W, dim)), wcm.empty(mc), _concrete(tail)))
+            jax.random.key(0), jnp.zeros((W, dim)), wcm.empty(mc), _concrete(tail), query,
+            feats))
         out = jax.eval_shape(lambda p, e, w, t: lens.LensNet(exp.lens, mc).apply(
-            {"params": p}, e, w, t), params["params"], emb, wc, tail)
+            {"params": p}, e, w, t, query, feats), params["params"], emb, wc, tail)
         assert out.shape == (W,) and out.dtype == jnp.float32
 
 
@@ -243,3 +249,55 @@ def test_tail_gists_are_the_newest_rows_and_masked_while_the_history_is_short():
     np.testing.assert_array_equal(short.valid, [False, True, True, False])
     np.testing.assert_array_equal(short.embeds[1:3], g1[0:2])
     assert not np.asarray(short.embeds)[[0, 3]].any()
+
+
+# --------------------------------------------------------------------------- LensNet v2
+
+LENS_V2 = dataclasses.replace(LENS, query_tokens=3, retrieval_features=True)
+QDIM = 11  # the question's hidden width (prime, distinct from DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _v2_setup():
+    cfg = CFG_A
+    wc, tree, emb, _ = _setup(cfg)
+    params = lens.init_lens(LENS_V2, cfg, DIM, jax.random.PRNGKey(3), hidden_dim=QDIM)
+    rng = np.random.default_rng(9)
+    query = lens.QueryTokens(hidden=jnp.asarray(rng.normal(size=(3, QDIM)), jnp.float32),
+                             valid=jnp.asarray([False, True, True]))
+    feats = jnp.where(wc.valid[:, None], jnp.asarray(rng.uniform(size=(cfg.w_max, 2)),
+                                                     jnp.float32), 0.0)
+    return cfg, wc, lens.tail_gists(tree, cfg), emb, params, query, feats
+
+
+def test_lensnet_v2_scores_see_the_question_and_ignore_its_masked_tokens():
+    cfg, wc, tail, emb, params, query, feats = _v2_setup()
+    base = np.asarray(lens.lens_scores(params, emb, wc, tail, LENS_V2, cfg, query, feats))
+    _check_legal(base, wc, cfg)
+    other = query.replace(hidden=query.hidden.at[2].set(5.0))
+    changed = np.asarray(lens.lens_scores(params, emb, wc, tail, LENS_V2, cfg, other, feats))
+    movable = np.asarray(wc.valid) & (base != 0)
+    assert np.abs(changed - base)[movable].min() > 0, "every scored slot sees the question"
+    masked = query.replace(hidden=query.hidden.at[0].set(1e3))  # token 0 is not valid
+    np.testing.assert_array_equal(
+        lens.lens_scores(params, emb, wc, tail, LENS_V2, cfg, masked, feats), base)
+
+
+def test_lensnet_v2_scores_change_with_a_slots_retrieval_features():
+    cfg, wc, tail, emb, params, query, feats = _v2_setup()
+    base = np.asarray(lens.lens_scores(params, emb, wc, tail, LENS_V2, cfg, query, feats))
+    slot = int(np.flatnonzero(np.asarray(wc.valid) & (base != 0))[0])
+    bumped = feats.at[slot].set(jnp.asarray([1.0, 2.5]))
+    new = np.asarray(lens.lens_scores(params, emb, wc, tail, LENS_V2, cfg, query, bumped))
+    assert new[slot] != base[slot]
+
+
+def test_lensnet_requires_exactly_the_conditioning_its_config_names():
+    cfg, wc, tail, emb, params, query, feats = _v2_setup()
+    with pytest.raises(ValueError, match="query tokens must be given"):
+        lens.LensNet(LENS_V2, cfg).apply({"params": params}, emb, wc, tail, None, feats)
+    with pytest.raises(ValueError, match="slot_retrieval must be given"):
+        lens.LensNet(LENS_V2, cfg).apply({"params": params}, emb, wc, tail, query, None)
+    v1 = _setup(cfg)[3]
+    with pytest.raises(ValueError, match="must be None"):
+        lens.LensNet(LENS, cfg).apply({"params": v1}, emb, wc, tail, query, None)

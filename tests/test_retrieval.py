@@ -19,7 +19,7 @@ from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.config import ConfigError, RetrievalConfig, get_config, override
 from mcjax.gist import init_gist_params
-from mcjax.runtime import CompileCounter, Session
+from mcjax.runtime import CompileCounter, Session, _focus_conditioning, _score_stream
 from mcjax.tree import BlockGister, MegaContextTree, MetadataError
 
 CFG = get_config("tiny")
@@ -218,12 +218,72 @@ def test_two_refocuses_bring_a_block_inside_an_lod2_gist_to_raw_tokens():
     assert levels[0] == 1 and levels[1] == 0 and levels[2] == 0
 
 
+def test_span_max_is_the_max_over_each_slot_span_of_a_hand_built_layout():
+    T = 5120
+    wc = wcm.initial_layout(T, MC)
+    entries = wcm.to_entries(wc)
+    assert {e[0] for e in entries} == {0, 1, 2}
+    values = np.random.default_rng(3).normal(size=T // K).astype(np.float32)
+    got = np.asarray(retrieval.span_max(wc, jnp.asarray(values), MC, fill=-7.0))
+    for i, (level, node, *_rest) in enumerate(entries):
+        first = node * K ** level // K  # first block of the span
+        last = max(first, ((node + 1) * K ** level - 1) // K)
+        assert got[i] == pytest.approx(values[first: last + 1].max()), (i, level, node)
+    assert np.all(got[len(entries):] == -7.0)  # padding slots
+
+
+def test_slot_retrieval_features_are_span_scores_and_scaled_relevance():
+    T = 1600
+    wc = wcm.initial_layout(T, MC)
+    C1 = T // K
+    rel = np.full(C1, -np.inf, np.float32)
+    rel[3:40] = np.linspace(-2.0, 25.0, 37)  # scoreable blocks; the rest -inf (sink, tail)
+    blocks = np.zeros(C1, np.float32)
+    blocks[39] = 1.0
+    f = np.asarray(retrieval.slot_retrieval_features(wc, jnp.asarray(rel),
+                                                     jnp.asarray(blocks), MC))
+    chex.assert_shape(f, (MC.w_max, retrieval.NUM_SLOT_RETRIEVAL_FEATURES))
+    ref_score = np.asarray(retrieval.span_max(wc, jnp.asarray(blocks), MC))
+    np.testing.assert_array_equal(f[:, 0], ref_score)
+    scaled = np.where(np.isfinite(rel), np.clip(rel / 10, -1, 3), -np.inf)
+    z = np.asarray(retrieval.span_max(wc, jnp.asarray(scaled), MC, fill=-np.inf))
+    np.testing.assert_allclose(f[:, 1], np.where(np.isfinite(z), z, 0.0), rtol=1e-6)
+    assert f[:, 1].max() == pytest.approx(2.5) and f[:, 1].min() >= -1.0
+    assert np.all(f[~np.asarray(wc.valid)] == 0.0)
+
+
+def test_tail_read_gives_the_newest_tokens_queries_and_hidden_states():
+    ids = history(300, 11)
+    tokens = jnp.asarray(np.pad(ids, (0, 212)), jnp.int32)  # a view with capacity 512
+    out = retrieval.tail_read(params(), LLAMA, RC, tokens, jnp.int32(300), hidden_layer=2,
+                              hidden_tokens=5)
+    R = RC.query_window
+    ref = base.read_pass_core(params(), LLAMA, jnp.asarray(ids[300 - R:])[None], chunk=R,
+                              hidden_layer=2, qk_layers=RC.layers)
+    np.testing.assert_allclose(out["hidden"], ref["hidden"][0, -5:], atol=1e-5)
+    np.testing.assert_allclose(out["queries"],
+                               np.transpose(ref["queries"][0, -RC.queries:], (1, 0, 2, 3)),
+                               atol=1e-5)
+    assert np.all(out["hidden_valid"]) and np.all(out["query_valid"])
+    short = retrieval.tail_read(params(), LLAMA, RC, tokens, jnp.int32(3), hidden_layer=2,
+                                hidden_tokens=5)
+    np.testing.assert_array_equal(short["hidden_valid"], [False, False, True, True, True])
+    assert np.all(np.asarray(short["hidden"])[:2] == 0.0)
+
+
 # --------------------------------------------------------------------------- session
 
 
-def test_session_with_retrieval_focus_settles_checks_and_never_recompiles():
-    s = Session((LLAMA, params()), None, None, CFG, batch_size=2, max_tokens=2048,
-                debug_invariants=True, focus_policy="retrieval")
+LENS_V2 = override(CFG, {"lens.query_tokens": 3, "lens.query_layer": 2,
+                        "lens.retrieval_features": True})
+
+
+@pytest.mark.parametrize("policy,cfg", [("retrieval", CFG), ("lens", LENS_V2)],
+                         ids=["retrieval", "lensnet_v2"])
+def test_session_with_query_aware_focus_settles_checks_and_never_recompiles(policy, cfg):
+    s = Session((LLAMA, params()), None, None, cfg, batch_size=2, max_tokens=2048,
+                debug_invariants=True, focus_policy=policy)
+    assert s._plan.keeps_keys and s._plan.query_aware
     s.feed([history(1500, 1), history(1100, 2)])
     s.sync()
     triggers = [e.trigger for e in s.events]
@@ -240,7 +300,31 @@ def test_session_with_retrieval_focus_settles_checks_and_never_recompiles():
             s.generate(40)
     assert cc.count == 0
     s.check()
-    assert s.provenance["focus_policy"]["policy"] == "retrieval"
+    assert s.provenance["focus_policy"]["policy"] == policy
+
+
+def test_lensnet_v2_scores_in_the_session_see_the_question():
+    """The same history with a different newest block: LensNet v2's first scores differ
+    (v1 conditions on gists only, and the newest block is not gisted into the tail yet)."""
+    hist = history(1500, 1)
+    scores = []
+    for last in (4, 8):
+        s = Session((LLAMA, params()), None, None, LENS_V2, batch_size=1, max_tokens=2048,
+                    focus_policy="lens")
+        s.feed([np.concatenate([hist, history(20, last)])])
+        view = s.tree(0).view()
+        cond = jax.tree.map(lambda x: x[0], _focus_conditioning(
+            s._plan, s._params, jax.tree.map(lambda x: x[None], view)))
+        wc = wcm.initial_layout(1520, LENS_V2.mc)
+        scores.append(np.asarray(_score_stream(s._plan, s._lens_params, s._params, wc, view,
+                                               cond)))
+    assert not np.allclose(scores[0], scores[1])
+
+
+def test_session_rejects_a_lens_query_layer_beyond_the_base_model():
+    cfg = override(LENS_V2, {"lens.query_layer": LLAMA.num_layers + 1})
+    with pytest.raises(ConfigError, match="query_layer"):
+        Session((LLAMA, params()), None, None, cfg, focus_policy="lens")
 
 
 def test_session_rejects_retrieval_layers_beyond_the_base_model():

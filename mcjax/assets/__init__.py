@@ -1,6 +1,6 @@
 """Params-only network files (SPEC §2.10): `<name>.safetensors` plus a JSON card beside it.
 
-A file holds one network's params (GistNet or LensNet), no optimizer state: the nested
+A file holds one network's params (GistNet or LensNet — `shipped_lens`, `SHIPPED_LENS`), no optimizer state: the nested
 param dict flattened to "a/b/c" keys, written with `safetensors.numpy`. The card
 `<name>.json` says what the params mean:
 
@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 
 from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, config_to_json
-from mcjax.config import ExperimentConfig, GistConfig
+from mcjax.config import ExperimentConfig, GistConfig, LensConfig
 
 __all__ = ["AssetError", "FORMAT", "ASSET_DIR", "save_params_safetensors",
            "load_params_safetensors", "card_path", "read_card", "write_card",
            "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
-           "check_gist_params", "SHIPPED_GIST", "shipped_gist"]
+           "check_gist_params", "SHIPPED_GIST", "shipped_gist", "SHIPPED_LENS",
+           "lens_config_from_card", "check_lens_params", "shipped_lens"]
 
 FORMAT = "mcjax-params-v1"
 ASSET_DIR = Path(__file__).resolve().parent  # shipped params + cards
@@ -275,3 +276,72 @@ def shipped_gist(cfg: ExperimentConfig, path: str | os.PathLike | None = None
     check_gist_params(params, cfg, f"shipped GistNet params in {path}")
     return params, {"source": "shipped", "path": str(path), "card": str(card_path(path)),
                     "step": card.get("step")}
+
+
+# --------------------------------------------------------------------------- LensNet
+
+SHIPPED_LENS = ASSET_DIR / "lensnet_smollm2_135m.safetensors"
+
+
+def lens_config_from_card(card: dict) -> LensConfig:
+    fields = {f.name for f in dataclasses.fields(LensConfig)}
+    given = card["config"].get("lens")
+    if given is None:
+        raise AssetError("the card has no lens config")
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise AssetError(f"card's lens config has unknown fields {unknown}")
+    try:
+        return LensConfig(**given)
+    except (TypeError, ValueError) as e:
+        raise AssetError(f"card's lens config is invalid: {e}") from e
+
+
+def check_lens_params(params: Any, cfg: ExperimentConfig, what: str = "lens params") -> None:
+    """Same param names and shapes as `init_lens` for `cfg` (base_config set)."""
+    import jax
+
+    from mcjax.lens import init_lens
+
+    d = cfg.base_config.hidden_size
+    want = jax.eval_shape(lambda k: init_lens(cfg.lens, cfg.mc, d, k), jax.random.key(0))
+    want = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    got = {_key(p): tuple(np.shape(v))
+           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if got != want:
+        raise CheckpointMismatchError(
+            f"{what} do not match the configured LensNet (missing "
+            f"{sorted(set(want) - set(got))[:3]}, unexpected {sorted(set(got) - set(want))[:3]})")
+
+
+def shipped_lens(cfg: ExperimentConfig, path: str | os.PathLike | None = None
+                 ) -> tuple[Any, dict] | None:
+    """The shipped LensNet params and their provenance when they fit `cfg` — same base
+    model, LensNet config, block size, levels, position scheme, sink, retrieval config
+    and GistNet (it was trained on the shipped GistNet's gists and the retrieval
+    relevance of that config) — else None. `cfg.base_config` must be set."""
+    import jax
+    import jax.numpy as jnp
+
+    path = Path(SHIPPED_LENS if path is None else path)
+    if not path.is_file() or not card_path(path).is_file():
+        return None
+    card = read_card(path)
+    config = card["config"]
+    if (config.get("base") != cfg.base or lens_config_from_card(card) != cfg.lens
+            or gist_config_from_card(card) != cfg.gist
+            or any(config["mc"].get(k) != getattr(cfg.mc, k)
+                   for k in ("block_size", "num_levels", "position_scheme", "sink_blocks"))
+            or (cfg.lens.retrieval_features and any(
+                _as_tuple(config.get("retrieval", {}).get(k)) != _as_tuple(getattr(
+                    cfg.retrieval, k)) for k in ("layers", "chunk", "queries",
+                                                 "query_window", "top_blocks", "spread")))):
+        return None
+    params = jax.tree.map(jnp.asarray, load_params_safetensors(path))
+    check_lens_params(params, cfg, f"shipped LensNet params in {path}")
+    return params, {"source": "shipped", "path": str(path), "card": str(card_path(path)),
+                    "step": card.get("step")}
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (list, tuple)) else x
