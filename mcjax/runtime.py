@@ -427,6 +427,9 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
     next_token = jnp.where(got, jnp.argmax(logits, -1).astype(jnp.int32), state.next_token)
     new_state = StreamState(wc=wc2, cache=cache, next_token=next_token, pending=state.pending,
                             num_pending=jnp.int32(0), done=state.done & ~revive)
+    # A stream that could not absorb its new tokens: the host raises CapacityError, and the
+    # state it keeps (the input was donated) must be the one before this refocus.
+    new_state = jax.lax.cond(jnp.any(append_info.overflow), lambda: state, lambda: new_state)
 
     levels = jnp.arange(L + 1)
     in_level = (wc2.level[..., None] == levels) & valid[..., None]  # [B, W, L+1]

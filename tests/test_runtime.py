@@ -177,6 +177,32 @@ def test_a_generation_after_one_that_stopped_at_eos_runs_again(tiny_llama, cfg, 
     assert again.shape == (1, 8)
 
 
+def test_a_refocus_that_overflows_raises_and_leaves_the_state_as_it_was(tiny_llama, cfg,
+                                                                        nets):
+    """The refocus program's input state is donated: when a stream cannot absorb its new
+    tokens, the state the session keeps must be the one before the refocus (it was the
+    half-applied one), so the error is clean and the session goes on as if it never ran."""
+    import jax as _jax
+
+    from mcjax import working_context as wcm
+
+    def fresh():
+        s = _session(tiny_llama, cfg, nets, batch_size=1)
+        s.feed(_tokens(9, 700))
+        s.generate(5)
+        return s
+
+    s, ref = fresh(), fresh()
+    entries = wcm.to_entries(_jax.tree.map(lambda x: x[0], s.working_context))
+    huge = np.asarray([400_000])  # far more than any layout of w_max slots can cover
+    with pytest.raises(CapacityError, match="could not absorb"):
+        s._refocus(huge, np.zeros(1, bool), s._empty_layout, revive=np.zeros(1, bool),
+                   trigger="input", timings={})
+    assert wcm.to_entries(_jax.tree.map(lambda x: x[0], s.working_context)) == entries
+    s.check()
+    np.testing.assert_array_equal(s.generate(2 * K), ref.generate(2 * K))
+
+
 def test_check_compares_the_cache_with_a_fresh_prefill_of_the_working_context(
         tiny_llama, cfg, nets):
     """check() passes mid-generation (pending tokens in the cache) and catches a cache
