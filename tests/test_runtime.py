@@ -337,3 +337,35 @@ def test_a_budget_that_cannot_hold_the_sink_is_refused(tiny_llama, cfg, nets):
     small = dataclasses.replace(cfg, mc=dataclasses.replace(cfg.mc, w_max=48))  # 16+32+16
     with pytest.raises(ConfigError, match="sink_blocks=1 .*need w_max >= 64"):
         Session(tiny_llama, nets[0], nets[1], small)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_op_fuzz_keeps_the_cache_equal_to_a_fresh_prefill_after_every_refocus(
+        tiny_llama, cfg, nets, seed):
+    """Differential fuzz over the edit paths: random focus (expansions and collapses every
+    refocus), random feeds (some streams only, sometimes while pending tokens are in the
+    cache), generations of random lengths with and without EOS, syncs between pieces.
+    After every refocus (on_event) and every op, the KV cache equals a fresh prefill of
+    the materialized WC + pending tokens and the next tokens match (`Session.check`)."""
+    rng = np.random.default_rng(seed)
+    checked = []
+    s = _session(tiny_llama, cfg, nets, batch_size=2, focus_policy="random", focus_seed=seed,
+                 debug_invariants=True)
+    s.on_event = lambda e: (s.check(), checked.append(e.trigger))
+    s.feed([_tokens(seed, int(rng.integers(K, 6 * K))), _tokens(seed + 7, 9 * K + 5)])
+    for _ in range(8):
+        op = rng.choice(["feed", "generate", "eos", "sync"])
+        if op == "feed":
+            n = [int(rng.integers(0, 3 * K)) if rng.random() < 0.7 else 0 for _ in range(2)]
+            s.feed([_tokens(int(rng.integers(1 << 20)), x) for x in n])
+        elif op == "generate":
+            s.generate(int(rng.integers(1, 2 * K + 3)))
+        elif op == "eos":
+            out = s.generate(3)
+            s.generate(int(rng.integers(1, K + 2)), eos_id=int(out[0, -1]))
+        else:
+            s.sync()
+        s.check()
+    edits = sum(sum(e.num_expand) + sum(e.num_collapse) for e in s.events)
+    assert checked, "no refocus happened"
+    assert edits > 0, "the fuzz never exercised an edit path"
