@@ -35,7 +35,7 @@ import numpy as np
 
 from mcjax.config import MCConfig
 from mcjax.working_context import (
-    WorkingContext, _actions_from_masks, _relayout, _window_sum_int, group_windows,
+    WorkingContext, actions_from_masks, relayout, window_sum_int, group_windows,
     legal_collapse_heads, legal_expand_mask, to_entries)
 
 __all__ = ["FocusInfo", "NO_ACTION", "ACT_EXPAND", "ACT_COLLAPSE", "allocate",
@@ -67,7 +67,7 @@ def candidate_scores(wc: WorkingContext, scores: jax.Array, cfg: MCConfig):
     expand_ok = (legal_expand_mask(wc.level, wc.valid, cfg) & ~exp_blocked
                  & (scores > cfg.tau_expand))
     mean = jnp.sum(group_windows(scores, K, 0.0), axis=1) / K
-    col_blocked = _window_sum_int((wc.edit_dir == 1) & fresh & wc.valid, K) > 0
+    col_blocked = window_sum_int((wc.edit_dir == 1) & fresh & wc.valid, K) > 0
     collapse_ok = (legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
                    & ~col_blocked & (mean < -cfg.tau_collapse))
     return expand_ok, scores, collapse_ok, mean
@@ -88,7 +88,7 @@ def _allocate_impl(wc: WorkingContext, scores: jax.Array, cfg: MCConfig):
         e_mask = expand_ok & ~occupied & ~dead
         e = jnp.argmax(jnp.where(e_mask, safe, -jnp.inf)).astype(jnp.int32)
         has_e = jnp.any(e_mask)
-        c_mask = collapse_ok & (_window_sum_int(occupied, K) == 0)
+        c_mask = collapse_ok & (window_sum_int(occupied, K) == 0)
         c = jnp.argmin(jnp.where(c_mask, mean, jnp.inf)).astype(jnp.int32)
         has_c = jnp.any(c_mask)
         c2_mask = c_mask & ~((slots <= e) & (e < slots + K))  # groups not containing e
@@ -127,8 +127,8 @@ def _allocate_impl(wc: WorkingContext, scores: jax.Array, cfg: MCConfig):
             jnp.int32(0))
     _, _, exp_sel, col_sel, _, _, kinds, where_, _ = jax.lax.fori_loop(0, n_diff, round_, init)
 
-    action = _actions_from_masks(exp_sel, col_sel, K)
-    (level, node, valid, es, ed), _, _ = _relayout(
+    action = actions_from_masks(exp_sel, col_sel, K)
+    (level, node, valid, es, ed), _, _ = relayout(
         wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir, action, wc.step, K)
     new_wc = wc.replace(level=level, node=node, valid=valid, edit_step=es, edit_dir=ed,
                         step=wc.step + 1)

@@ -807,7 +807,10 @@ class Session:
     for re-prefilling only the new tokens on most refocuses (see `_collapse_ahead`).
     prefill_chunk: slots per bulk re-prefill chunk (default: the largest K·2^i <= 256 that
     divides w_max); bigger chunks use the hardware better, K-slot chunks trim the ends.
-    focus_policy: where refocus scores come from — "lens" (LensNet, the default), or the
+    focus_policy: where refocus scores come from — "lens" (LensNet, the default; LensNet v2,
+    `cfg.lens.query_tokens` / `retrieval_features`, also reads the newest tokens and, with
+    retrieval features, makes the trees keep read-pass keys, and settles like
+    "retrieval"), or the
     baselines "random" (uniform scores, deterministic given `focus_seed`, new ones every
     refocus) and "recency" (newer spans toward expand, older toward collapse); both are
     legality-masked like LensNet's and go through the same allocator and budget logic; or

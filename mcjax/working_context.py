@@ -8,7 +8,7 @@ same layout are equal bit for bit.
 
 Every operation is a masked, shape-preserving array program compiled once per config:
 `expand`, `collapse` and `apply_edits` are thin wrappers around one re-layout pass
-(`_relayout`: per-slot output counts → cumsum offsets → scatter + cummax maps every output
+(`relayout`: per-slot output counts → cumsum offsets → scatter + cummax maps every output
 slot to its source slot), so several non-overlapping edits cost one pass. `append` adds
 tokens at LOD0 and, when the budget would overflow, collapses aligned sibling groups
 (lowest score, else oldest; never the protected tail nor the sink) instead of dropping
@@ -49,7 +49,8 @@ __all__ = [
     "empty", "from_entries", "to_entries", "initial_layout", "min_slots", "check_capacity",
     "check_config", "sink_tokens", "sink_mask",
     "capacity_message", "span_start", "span_size", "slot_positions", "protected_mask",
-    "legal_expand_mask", "legal_collapse_heads", "group_windows",
+    "legal_expand_mask", "legal_collapse_heads", "group_windows", "window_sum_int",
+    "relayout", "actions_from_masks", "span_end_fraction",
     "apply_edits", "expand", "collapse", "append", "append_checked", "materialize",
     "check_invariants",
 ]
@@ -350,7 +351,7 @@ def _shift_left(x: jax.Array, k: int, fill) -> jax.Array:
     return jnp.concatenate([x[k:], jnp.full((k,), fill, x.dtype)])
 
 
-def _window_sum_int(x: jax.Array, k: int) -> jax.Array:
+def window_sum_int(x: jax.Array, k: int) -> jax.Array:
     """s[i] = sum(x[i:i+k]) for integer x (exact, via cumsum)."""
     cs = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(x.astype(jnp.int32))])
     end = jnp.minimum(jnp.arange(x.shape[0]) + k, x.shape[0])
@@ -392,7 +393,7 @@ def legal_collapse_heads(level, node, valid, num_tokens, cfg: MCConfig) -> jax.A
 # --------------------------------------------------------------------------- re-layout
 
 
-def _relayout(level, node, valid, edit_step, edit_dir, action, step, K: int):
+def relayout(level, node, valid, edit_step, edit_dir, action, step, K: int):
     """Apply per-slot actions in one pass; returns new arrays (same length) and `src`.
 
     Output counts per slot (KEEP 1, EXPAND K, COLLAPSE 1, ABSORBED/invalid 0) → cumsum
@@ -429,7 +430,7 @@ def _group_cover(collapse_heads, K: int) -> jax.Array:
     return jnp.cumsum(h - jnp.concatenate([jnp.zeros((K,), jnp.int32), h[:-K]])[: h.shape[0]])
 
 
-def _actions_from_masks(expand_mask, collapse_heads, K: int) -> jax.Array:
+def actions_from_masks(expand_mask, collapse_heads, K: int) -> jax.Array:
     """Per-slot action codes; a group head's K-1 followers become ABSORBED."""
     in_group = _group_cover(collapse_heads, K) > 0
     return jnp.where(collapse_heads, COLLAPSE,
@@ -452,8 +453,8 @@ def _edits_ok(wc: WorkingContext, expand_mask, collapse_heads, cfg: MCConfig) ->
 
 def _apply_edits_impl(wc: WorkingContext, expand_mask, collapse_heads, cfg: MCConfig):
     ok = _edits_ok(wc, expand_mask, collapse_heads, cfg)
-    action = _actions_from_masks(expand_mask & ok, collapse_heads & ok, cfg.block_size)
-    (level, node, valid, es, ed), _, _ = _relayout(
+    action = actions_from_masks(expand_mask & ok, collapse_heads & ok, cfg.block_size)
+    (level, node, valid, es, ed), _, _ = relayout(
         wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir, action, wc.step, cfg.block_size)
     return wc.replace(level=level, node=node, valid=valid, edit_step=es, edit_dir=ed), ok
 
@@ -534,13 +535,13 @@ def _append_impl(wc: WorkingContext, num_new, scores, cfg: MCConfig):
             mean = jnp.mean(group_windows(s["score"], K, 0.0), axis=1)
             # a group an expand created within the cooldown goes last, but the budget wins
             recent = (s["edit_dir"] == 1) & (s["edit_step"] > cooldown_cut)
-            blocked = _window_sum_int(recent, K) > 0
+            blocked = window_sum_int(recent, K) > 0
             key = jnp.where(heads, mean + 4.0 * blocked, jnp.inf)
             best = jnp.argmin(key)  # first minimum: the oldest among equals
             do = (n_valid > W) & heads[best]
-            action = jnp.where(do, _actions_from_masks(jnp.zeros((N,), bool), j == best, K),
+            action = jnp.where(do, actions_from_masks(jnp.zeros((N,), bool), j == best, K),
                                KEEP)
-            (lv, nd, va, es, ed), src, _ = _relayout(
+            (lv, nd, va, es, ed), src, _ = relayout(
                 s["level"], s["node"], s["valid"], s["edit_step"], s["edit_dir"], action,
                 wc.step, K)
             score = jnp.where(action[src] == COLLAPSE, mean[src], s["score"][src])

@@ -1,8 +1,10 @@
-"""The GistNet shipped in mcjax/assets/: it loads, matches its card, is what sessions and
-evaluations use by default, and on fixed held-out windows beats dropping the span."""
+"""The nets shipped in mcjax/assets/: they load, match their cards, are what sessions and
+evaluations use by default; on fixed held-out windows the GistNet beats dropping the span
+and LensNet v2 reproduces retrieval focus."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,6 +66,63 @@ def test_shipped_gistnet_beats_truncation_at_32_to_1_on_fixed_held_out_windows(s
     # the gists must carry information: lower NLL than dropping the span, window-paired
     assert row["mean_diff_vs_truncation"] < -0.02, row  # 64 windows: -0.045 ± 0.007
     assert row["gap_recovered"] > 0.05, row  # 64 windows: 14 % (results/eval_gist_v2)
+
+
+def test_shipped_lensnet_loads_matches_its_card_and_is_the_sessions_default(shipped):
+    from mcjax.runtime import Session
+
+    cfg, model = shipped
+    card = assets.read_card(assets.SHIPPED_LENS)
+    assert card["part"] == "lens" and assets.lens_config_from_card(card) == cfg.lens
+    assert cfg.lens.query_tokens > 0 and cfg.lens.retrieval_features  # v2
+    for k in ("command", "data", "step", "training"):
+        assert card.get(k), f"card lacks {k!r}"
+    got = assets.shipped_lens(cfg)
+    assert got is not None and got[1]["source"] == "shipped"
+    other = dataclasses.replace(cfg, lens=dataclasses.replace(cfg.lens, query_tokens=4))
+    assert assets.shipped_lens(other) is None  # another architecture: not these params
+    s = Session(model, None, None, cfg, max_tokens=1024, focus_policy="lens")
+    assert s.provenance["lens"]["source"] == "shipped" and "lens" not in s.untrained
+    r = Session(model, None, None, cfg, max_tokens=1024, focus_policy="retrieval")
+    assert r.provenance["lens"]["source"] == "untrained"  # not loaded where not used
+
+
+def test_shipped_lensnet_reproduces_retrieval_focus_on_held_out_passkey_cases(shipped):
+    """On held-out real text it was not trained on: LensNet v2's best slot is the
+    teacher's (retrieval + needle label) wherever the teacher expands something, the
+    needle's gist clears tau_expand, and it expands nothing the teacher would not."""
+    from mcjax.retrieval import BlockKeyReader
+    from mcjax.train import data, distill
+    from mcjax.tree import BlockGister, MegaContextTree
+
+    cfg, model = shipped
+    gist, _ = assets.shipped_gist(cfg)
+    lens_params, _ = assets.shipped_lens(cfg)
+    K = cfg.mc.block_size
+    gister = BlockGister.from_base(cfg.gist, gist, model.params, cfg.base_config, block_size=K)
+    reader = BlockKeyReader.from_base(cfg.retrieval, model.params, cfg.base_config, K)
+    hay = data.tokenized_corpus(model.encode, cfg.base, "held_out",
+                                separator=cfg.base_config.eos_token_id,
+                                progress=False).tokens
+    rows = []
+    for seed in range(3):
+        rng = np.random.default_rng([77, seed])
+        ex = data.make_retrieval_example(model.encode, 2560, rng, haystack=hay,
+                                         depth=0.15 + 0.3 * seed)
+        tree = MegaContextTree.in_memory(cfg.mc, gister, view_capacity_tokens=2560,
+                                         key_reader=reader)
+        tree.append(ex.tokens)
+        a, b = ex.needle_span
+        states = distill.distill_states(model.params, tree.view(), cfg,
+                                        list(range(a // K, (b - 1) // K + 1)), rounds=2,
+                                        rng=rng, explore=0.0)
+        batch = distill.batch_from_states(distill.stack_states(states))
+        scores = distill.distill_scores(lens_params, batch, cfg.lens, cfg.mc)
+        rows.append(jax.device_get(distill.distill_metrics(scores, batch, cfg.mc)))
+    m = distill.mean_metrics(rows)
+    assert m["n_want"] >= 3 and m["best_agree"] == 1.0, m
+    assert m["n_needle"] >= 3 and m["needle_expand"] == 1.0, m
+    assert m["false_expand"] == 0.0, m
 
 
 def test_make_run_demo_expands_a_raw_span_inside_the_older_history(smollm2, capsys):

@@ -3,7 +3,8 @@
 A training workdir tells by its checkpoint metadata which nets it holds: `train_gist` →
 GistNet (LensNet stays untrained), `train_lens` → LensNet (its GistNet is the one it was
 trained on, when that can be found), `train_joint` → both. Explicit `gist_checkpoint` /
-`lens_checkpoint` take precedence; `untrained=True` evaluates the untrained nets on
+`lens_checkpoint` take precedence; with nothing given the shipped GistNet and (when one
+fits the config) the shipped LensNet are used; `untrained=True` evaluates the untrained nets on
 purpose. `gist_params` is a params-only GistNet file (`mcjax.assets`: `<name>.safetensors`
 with its `<name>.json` card); the config must already carry the card's GistNet
 architecture (`mcjax.assets.apply_card`, which `pipeline.validate` applies). Loading
@@ -135,8 +136,15 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
 
     seed = cfg.train.seed
     sources: dict[str, dict] = {}
+    shipped_l = None
+    if shipped is not None:  # nothing given: the shipped LensNet too, when it fits
+        from mcjax.assets import shipped_lens
+
+        shipped_l = shipped_lens(cfg)
     if lens_dir is not None:
         lens, sources["lens"] = load_trained_params(lens_dir, cfg, "lens")
+    elif shipped_l is not None:
+        lens, sources["lens"] = shipped_l
     else:
         lens = untrained_params(cfg, "lens")
         sources["lens"] = {"source": "untrained", "seed": seed,
