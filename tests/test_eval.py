@@ -686,3 +686,20 @@ def test_checkpoint_kind_decides_which_nets_are_trained(tmp_path, frozen, cfg, g
     assert nets.untrained == ("gist", "lens")
     np.testing.assert_array_equal(jax.tree.leaves(nets.gist)[0],
                                   jax.tree.leaves(nets.untrained_gist)[0])
+
+
+def test_paired_accuracy_counts_discordant_cases_and_gives_the_exact_sign_test():
+    from mcjax.eval.metrics import paired_accuracy
+
+    a = [True] * 6 + [False] * 2 + [True] * 2
+    b = [True] * 6 + [True] * 2 + [False] * 2
+    r = paired_accuracy(a, b)
+    assert (r["both"], r["only_a"], r["only_b"], r["neither"]) == (6, 2, 2, 0)
+    assert r["mean_diff"] == 0.0 and r["mcnemar_p"] == 1.0
+    r = paired_accuracy([True] * 8 + [False] * 2, [False] * 8 + [False] * 2)
+    assert r["only_a"] == 8 and r["mean_diff"] == pytest.approx(0.8)
+    assert r["mcnemar_p"] == pytest.approx(2 / 2**8)  # all 8 discordant cases favour a
+    d = np.array([1.0] * 8 + [0.0] * 2)
+    assert r["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(10))
+    with pytest.raises(ValueError):
+        paired_accuracy([True], [True, False])

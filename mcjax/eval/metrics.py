@@ -17,7 +17,8 @@ import numpy as np
 
 __all__ = ["pearson", "spearman", "rankdata", "sign_agreement", "correlation_summary",
            "mean_stderr", "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore",
-           "score_passkey", "accuracy", "PASSKEY_SCORING"]
+           "score_passkey", "accuracy", "PASSKEY_SCORING", "wilson_interval",
+           "paired_accuracy"]
 
 
 def _pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -219,3 +220,23 @@ def accuracy(scores: Sequence[PasskeyScore]) -> dict[str, Any]:
     return {"accuracy": correct / n, "ci95": list(wilson_interval(int(correct), n)),
             "digit_accuracy": float(np.mean([s.digit_accuracy for s in scores])),
             "correct": int(correct), "n": n}
+
+
+def paired_accuracy(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+    """Two methods scored on the same cases (same order): counts right by both / only a /
+    only b, the mean paired difference a − b with its standard error, and the exact
+    two-sided McNemar (sign-test) p-value over the discordant cases."""
+    x, y = np.asarray(a, bool), np.asarray(b, bool)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"need two equally long non-empty case lists, got {x.shape} and "
+                         f"{y.shape}")
+    d = x.astype(float) - y.astype(float)
+    n = len(d)
+    only_a, only_b = int(np.sum(x & ~y)), int(np.sum(~x & y))
+    k, m = min(only_a, only_b), only_a + only_b
+    # P(X <= k) for X ~ Binomial(m, 1/2), doubled (capped at 1)
+    p = 1.0 if m == 0 else min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0**m)
+    se = float(np.std(d, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"n": n, "both": int(np.sum(x & y)), "only_a": only_a, "only_b": only_b,
+            "neither": int(np.sum(~x & ~y)), "mean_diff": float(d.mean()), "se": se,
+            "mcnemar_p": p}
