@@ -27,7 +27,7 @@ import numpy as np
 
 from mcjax import sharding
 from mcjax.checkpoint import CheckpointError, Checkpointer
-from mcjax.config import ExperimentConfig, LensConfig
+from mcjax.config import ConfigError, ExperimentConfig, LensConfig
 from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
 from mcjax.base import model as base
@@ -436,7 +436,14 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
 
 def lens_task(cfg: ExperimentConfig, candidates: int = 4) -> losses.LensTask:
     """The counterfactual task of a config: the WC covers the window's prefix
-    (seq_len − H tokens), scored on the H continuation tokens."""
+    (seq_len − H tokens), scored on the H continuation tokens. LensNet v1 only: the
+    counterfactual objective feeds LensNet no question read and no retrieval features."""
+    if cfg.lens.conditioned:
+        raise ConfigError(
+            f"config {cfg.name!r} has LensNet v2 (lens.query_tokens={cfg.lens.query_tokens}, "
+            f"retrieval_features={cfg.lens.retrieval_features}); the counterfactual trainers "
+            f"(train_lens, train_joint) train v1: pass --set lens.query_tokens=0 --set "
+            f"lens.retrieval_features=false, or train v2 with experiments/distill_lens.py")
     return losses.LensTask.build(cfg.mc, window_prefix_len(cfg), candidates=candidates,
                                  layout_seed=cfg.train.seed)
 
