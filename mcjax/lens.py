@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mcjax.config import LensConfig, MCConfig
-from mcjax.working_context import WorkingContext, protected_mask, span_size
+from mcjax.working_context import WorkingContext, legal_directions, protected_mask, span_size
 
 __all__ = ["TailGists", "QueryTokens", "LensNet", "tail_gists", "slot_features",
            "mask_illegal", "init_lens", "lens_scores", "NUM_SLOT_FEATURES",
@@ -97,11 +97,16 @@ def slot_features(wc: WorkingContext, cfg: MCConfig) -> jax.Array:
 
 
 def mask_illegal(scores: jax.Array, wc: WorkingContext, cfg: MCConfig) -> jax.Array:
-    """Zero the illegal direction of each slot: LOD0 cannot expand (score ≤ 0), the top level
-    and the protected tail cannot collapse (score ≥ 0); padding scores 0."""
-    prot = protected_mask(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
-    scores = jnp.where(wc.level >= 1, scores, jnp.minimum(scores, 0.0))
-    scores = jnp.where((wc.level < cfg.num_levels) & ~prot, scores, jnp.maximum(scores, 0.0))
+    """Zero the illegal direction of each slot by the allocator's own rules
+    (`working_context.legal_directions`): a slot that may not expand (LOD0, the protected
+    tail) scores ≤ 0, one outside every collapsible sibling group (the top level, the sink,
+    the protected tail, misaligned or incomplete groups) scores ≥ 0; padding scores 0.
+    Any leading batch axes."""
+    if scores.ndim > 1:
+        return jax.vmap(lambda s, w: mask_illegal(s, w, cfg))(scores, wc)
+    expand, collapse = legal_directions(wc, cfg)
+    scores = jnp.where(expand, scores, jnp.minimum(scores, 0.0))
+    scores = jnp.where(collapse, scores, jnp.maximum(scores, 0.0))
     return jnp.where(wc.valid, scores, 0.0)
 
 

@@ -50,7 +50,7 @@ __all__ = [
     "check_config", "sink_tokens", "sink_mask",
     "capacity_message", "span_start", "span_size", "slot_positions", "protected_mask",
     "legal_expand_mask", "legal_collapse_heads", "group_windows", "window_sum_int",
-    "relayout", "actions_from_masks", "span_end_fraction",
+    "relayout", "actions_from_masks", "group_cover", "legal_directions", "span_end_fraction",
     "apply_edits", "expand", "collapse", "append", "append_checked", "materialize",
     "check_invariants",
 ]
@@ -390,6 +390,19 @@ def legal_collapse_heads(level, node, valid, num_tokens, cfg: MCConfig) -> jax.A
             & ~sink_mask(level, node, valid, cfg))
 
 
+def legal_directions(wc: WorkingContext, cfg: MCConfig) -> tuple[jax.Array, jax.Array]:
+    """([W] may expand, [W] may collapse) of one WC — the allocator's rules, per slot: a
+    slot may expand iff `legal_expand_mask` (and it is outside the protected tail); it may
+    collapse iff it lies in a sibling group `legal_collapse_heads` allows. Scorers mask
+    their scores with these (`lens.mask_illegal`), so no score asks for an edit the
+    allocator could never make. Cooldown is the allocator's own (it depends on the step)."""
+    K = cfg.block_size
+    prot = protected_mask(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
+    expand = legal_expand_mask(wc.level, wc.valid, cfg) & ~prot
+    heads = legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
+    return expand, group_cover(heads, K) > 0
+
+
 # --------------------------------------------------------------------------- re-layout
 
 
@@ -424,7 +437,7 @@ def relayout(level, node, valid, edit_step, edit_dir, action, step, K: int):
     return (z(new_level), z(new_node), out_valid, z(new_edit_step), z(new_edit_dir)), src, total
 
 
-def _group_cover(collapse_heads, K: int) -> jax.Array:
+def group_cover(collapse_heads, K: int) -> jax.Array:
     """How many chosen sibling groups (K slots from each head) cover each slot."""
     h = collapse_heads.astype(jnp.int32)
     return jnp.cumsum(h - jnp.concatenate([jnp.zeros((K,), jnp.int32), h[:-K]])[: h.shape[0]])
@@ -432,7 +445,7 @@ def _group_cover(collapse_heads, K: int) -> jax.Array:
 
 def actions_from_masks(expand_mask, collapse_heads, K: int) -> jax.Array:
     """Per-slot action codes; a group head's K-1 followers become ABSORBED."""
-    in_group = _group_cover(collapse_heads, K) > 0
+    in_group = group_cover(collapse_heads, K) > 0
     return jnp.where(collapse_heads, COLLAPSE,
                      jnp.where(in_group, ABSORBED, jnp.where(expand_mask, EXPAND, KEEP)))
 
@@ -442,7 +455,7 @@ def _edits_ok(wc: WorkingContext, expand_mask, collapse_heads, cfg: MCConfig) ->
     K = cfg.block_size
     legal_e = legal_expand_mask(wc.level, wc.valid, cfg)
     legal_c = legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
-    covered = _group_cover(collapse_heads, K)
+    covered = group_cover(collapse_heads, K)
     n_exp = jnp.sum(expand_mask, dtype=jnp.int32)
     n_col = jnp.sum(collapse_heads, dtype=jnp.int32)
     new_count = wc.num_valid + (K - 1) * (n_exp - n_col)

@@ -193,13 +193,59 @@ def test_illegal_directions_are_masked():
         _check_legal(s, wc, cfg)
         if sign > 0:  # expand: every gist keeps it, LOD0 (incl. the tail) loses it
             assert np.all(s[va & (lv >= 1)] > 0.99) and np.all(s[va & (lv == 0)] == 0)
-        else:  # collapse: LOD0/LOD1 outside the tail keep it; top level and tail lose it
-            keep = va & (lv < cfg.num_levels) & ~prot
+        else:  # collapse: slots of collapsible sibling groups keep it, all others lose it
+            keep = _collapsible_ref(wc, cfg)
             assert keep.any() and np.all(s[keep] < -0.99)
-            assert np.all(s[va & ((lv == cfg.num_levels) | prot)] == 0)
+            assert np.all(s[va & ~keep] == 0)
+            assert not np.any(keep & ((lv == cfg.num_levels) | prot))
     # the mask itself on hand-made scores
     raw = jnp.asarray(np.where(np.arange(cfg.w_max) % 2, 0.5, -0.5), jnp.float32)
     _check_legal(lens.mask_illegal(raw, wc, cfg), wc, cfg)
+
+
+def _collapsible_ref(wc, cfg):
+    """Slots inside a sibling group the allocator may collapse, from the entries by hand:
+    K aligned siblings below the top level, parent span before the protected tail and at
+    or after the sink."""
+    K, L = cfg.block_size, cfg.num_levels
+    entries = wcm.to_entries(wc)
+    T, S = int(wc.num_tokens), cfg.sink_blocks * K
+    out = np.zeros(cfg.w_max, bool)
+    for h in range(len(entries) - K + 1):
+        lvl, nd = entries[h][0], entries[h][1]
+        if lvl >= L or nd % K or nd * K**lvl < S:
+            continue
+        if not all(entries[h + j][:2] == (lvl, nd + j) for j in range(K)):
+            continue
+        if (nd // K + 1) * K ** (lvl + 1) > T - cfg.recent_protect:
+            continue
+        out[h: h + K] = True
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_mask_is_the_allocators_legality_on_edited_layouts(seed):
+    """After random edits (misaligned groups, partly expanded parents): a slot keeps a
+    negative score iff the allocator could collapse its group, a positive one iff it is a
+    gist outside the protected tail; batched the same as one by one."""
+    from mcjax import focus
+
+    cfg = dataclasses.replace(CFG_A, sink_blocks=1)
+    wc = _setup(cfg)[0]
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        wc, _ = focus.allocate(wc, jnp.asarray(rng.uniform(-1, 1, cfg.w_max), jnp.float32),
+                               cfg)
+    neg = np.asarray(lens.mask_illegal(jnp.full((cfg.w_max,), -1.0), wc, cfg))
+    pos = np.asarray(lens.mask_illegal(jnp.full((cfg.w_max,), 1.0), wc, cfg))
+    collapsible = _collapsible_ref(wc, cfg)
+    np.testing.assert_array_equal(neg < 0, collapsible)
+    lv, va = np.asarray(wc.level), np.asarray(wc.valid)
+    prot = np.asarray(lens.slot_features(wc, cfg))[:, 2] > 0
+    np.testing.assert_array_equal(pos > 0, va & (lv >= 1) & ~prot)
+    both = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), wc)
+    np.testing.assert_array_equal(
+        lens.mask_illegal(jnp.stack([jnp.full((cfg.w_max,), -1.0)] * 2), both, cfg)[1], neg)
 
 
 def _collect_shapes(jaxpr, out):
