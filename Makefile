@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 HARNESS_STAMP := $(VENV)/.harness-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 MODEL  ?= smollm2-135m
 # Trained nets for `make run` (training workdirs), e.g. `make run GIST=runs/gist`;
-# unset: the shipped GistNet and LensNet v2 (the demo's default focus is retrieval).
+# unset: the shipped GistNet and LensNet v2.
 GIST   ?=
 LENS   ?=
 # Your own document and question: `make run PROMPT_FILE=book.txt QUESTION="Who ...?"`;

@@ -6,12 +6,12 @@ text file of any length plus an optional question — into a `mcjax.runtime.Sess
 streams the greedy answer, followed by a compact focus map (which spans of the history the
 working context holds as raw tokens, LOD1 or LOD2 gists) and a telemetry summary.
 
-Focus (`--focus-policy`): "retrieval" (default; training-free, query-aware: the newest
-tokens' queries score every history block's read-pass keys, SPEC §2.6), "lens" (LensNet),
-or the baselines "recency" / "random". GistNet / LensNet come from training workdirs
-(`--gist-checkpoint`, `--lens-checkpoint`); without them GistNet is the shipped one
-(mcjax/assets/, when it fits the config) and LensNet untrained — the output says which,
-plainly; `--untrained` forces the random init. `--mode base` streams the plain base model
+Focus (`--focus-policy`): "lens" (default: LensNet; the shipped v2 reads the question and
+each block's retrieval relevance), "retrieval" (training-free, query-aware: the newest
+tokens' queries score every history block's read-pass keys, SPEC §2.6), or the baselines
+"recency" / "random". GistNet / LensNet come from training workdirs (`--gist-checkpoint`,
+`--lens-checkpoint`); without them both are the shipped ones (mcjax/assets/, when they fit
+the config), else untrained — the output says which, plainly; `--untrained` forces the random init. `--mode base` streams the plain base model
 over the whole prompt instead. `--compare-window` also answers with the plain base model
 over the last w_max tokens (the sliding window MegaContext must beat).
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feed-chunk", type=int, default=4096,
                         help="feed the prompt in pieces of this many tokens (progress shown; "
                              "the result does not depend on it)")
-    parser.add_argument("--focus-policy", default="retrieval",
+    parser.add_argument("--focus-policy", default="lens",
                         choices=["retrieval", "lens", "recency", "random"],
                         help="where refocus scores come from (default: %(default)s)")
     parser.add_argument("--compare-window", action="store_true",

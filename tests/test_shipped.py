@@ -128,7 +128,7 @@ def test_shipped_lensnet_reproduces_retrieval_focus_on_held_out_passkey_cases(sh
 def test_make_run_demo_expands_a_raw_span_inside_the_older_history(smollm2, capsys):
     """`make run`'s demo at a reduced size (a 2,048-token document, still 4x w_max): the
     focus map after the answer shows raw tokens between gists, away from the sink and the
-    recent tail — the planted fact brought back by retrieval focus."""
+    recent tail — the planted fact brought back by focus (the shipped LensNet v2)."""
     import importlib.util
     from pathlib import Path
 
