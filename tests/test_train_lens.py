@@ -123,12 +123,13 @@ def test_illegal_penalty_reads_the_unmasked_head_that_the_score_mask_hides(tiny)
     np.testing.assert_array_equal(scores, lens_mod.mask_illegal(raw, bank, mc))
     chex.assert_trees_all_close(scores, lens_mod.lens_scores(lens, emb, bank, tail, cfg.lens, mc),
                                 atol=1e-6)
-    legal_both = (np.asarray(bank.valid) & (np.asarray(bank.level) >= 1)
-                  & (np.asarray(bank.level) < mc.num_levels)
-                  & ~np.asarray(wcm.protected_mask(bank.level, bank.node, bank.valid,
-                                                   bank.num_tokens, mc)))
-    assert legal_both.any() and (np.asarray(scores) != np.asarray(raw)).any()
-    np.testing.assert_array_equal(np.asarray(scores)[legal_both], np.asarray(raw)[legal_both])
+    # where the raw score's direction is legal (the allocator's rules) the mask keeps it
+    may_expand, may_collapse = jax.vmap(lambda w: wcm.legal_directions(w, mc))(bank)
+    r = np.asarray(raw)
+    kept = np.asarray(bank.valid) & np.where(r > 0, np.asarray(may_expand),
+                                             np.asarray(may_collapse))
+    assert kept.any() and (np.asarray(scores) != r).any()
+    np.testing.assert_array_equal(np.asarray(scores)[kept], r[kept])
 
 
 def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one_variant_at_a_time(
@@ -217,7 +218,8 @@ def test_sharded_lens_step_equals_single_device_step_with_declared_shardings(tin
     s1, m1, _, _ = lens_steps["single"]
     s8, m8, sh8, mesh8 = lens_steps["mesh"]
     mu1, mu8 = jax.device_get((_first_moments(s1), _first_moments(s8)))
-    chex.assert_trees_all_close(mu1, mu8, atol=1e-7, rtol=1e-3)  # the gradients agree
+    # the gradients agree (atol: summation-order noise of 8 devices on moments <= 1e-4)
+    chex.assert_trees_all_close(mu1, mu8, atol=1e-6, rtol=1e-3)
     p1, p8 = jax.device_get((s1.params, s8.params))
     for (path, a), b, m in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8),
                                jax.tree.leaves(mu1)):
