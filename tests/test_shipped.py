@@ -144,3 +144,13 @@ def test_make_run_demo_expands_a_raw_span_inside_the_older_history(smollm2, caps
     inner = levels[1:-1]
     assert 0 in inner and any(l >= 1 for l in levels[:levels.index(0, 1)]), out
     assert "sliding window" in out and "expected " in out
+
+
+def test_harness_adapter_uses_the_shipped_nets_by_default(smollm2):
+    pytest.importorskip("lm_eval")
+    from mcjax.eval.harness import MegaContextLM
+
+    lm = MegaContextLM(smollm2, "smollm2_135m_cpu", batch_size=1, max_tokens=1024)
+    assert lm.focus_policy == "lens"
+    assert lm.provenance["gist"]["source"] == "shipped"
+    assert lm.provenance["lens"]["source"] == "shipped"

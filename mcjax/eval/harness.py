@@ -188,21 +188,21 @@ class MegaContextLM(LM):
     shipped SmolLM2: "smollm2_135m_cpu", as `experiments/generate.py`); `overrides` apply
     on top (a dict, a list of "section.field=value", or one ';'-separated string).
     method: "megacontext" or "base". focus_policy: a `Session` focus policy (default
-    "retrieval"). batch_size: streams per session (requests per group). max_tokens: each
-    stream's history capacity (longer contexts keep their last tokens). max_gen_toks:
-    default generation length. gist_params / lens_params: trained params, or None: the
-    shipped GistNet when it fits the config (else untrained) and an untrained LensNet, as
-    `Session` does; gist_checkpoint / lens_checkpoint: training workdirs instead
-    (`mcjax.eval.networks.resolve_networks`). base_window: the base method's context
-    window (default w_max). session_kwargs: more `Session` arguments (e.g.
-    collapse_headroom). `device` and `max_batch_size` (lm-eval CLI) are ignored: JAX places
-    the computation.
+    "lens": the shipped LensNet v2 when it fits). batch_size: streams per session
+    (requests per group). max_tokens: each stream's history capacity (longer contexts
+    keep their last tokens). max_gen_toks: default generation length. gist_params /
+    lens_params: trained params, or None: the shipped GistNet / LensNet when they fit the
+    config (else untrained), as `Session` does; gist_checkpoint / lens_checkpoint:
+    training workdirs instead (`mcjax.eval.networks.resolve_networks`). base_window: the
+    base method's context window (default w_max). session_kwargs: more `Session`
+    arguments (e.g. collapse_headroom). `device` and `max_batch_size` (lm-eval CLI) are
+    ignored: JAX places the computation.
 
     After each group `last_session` is that group's session (for `focus_map`, `events`).
     """
 
     def __init__(self, model: Any = "smollm2-135m", config: ExperimentConfig | str | None = None,
-                 *, method: str = "megacontext", focus_policy: str = "retrieval",
+                 *, method: str = "megacontext", focus_policy: str = "lens",
                  batch_size: int | str = 1, max_tokens: int = DEFAULT_HARNESS_MAX_TOKENS,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, base_window: int | None = None,
                  overrides=None, gist_params=None, lens_params=None,
@@ -318,6 +318,12 @@ class MegaContextLM(LM):
         if gist_params is None:
             gist_params = untrained_params(cfg, "gist", self._params)
             prov["gist"] = {"source": "untrained", "seed": cfg.train.seed}
+        if lens_params is None and not untrained and self.focus_policy == "lens":
+            from mcjax.assets import shipped_lens
+
+            shipped = shipped_lens(cfg)
+            if shipped is not None:
+                lens_params, prov["lens"] = shipped
         if lens_params is None:
             lens_params = untrained_params(cfg, "lens")
             prov["lens"] = {"source": "untrained", "seed": cfg.train.seed}
