@@ -196,7 +196,7 @@ def _train(args) -> int:
         log.flush()
         return m
 
-    def save(step, path=None):
+    def save(path=None):
         path = Path(path) if path else work / "lens_params.safetensors"
         save_params_safetensors(jax.device_get(params), path, {"part": "lens"})
         return path
@@ -220,10 +220,10 @@ def _train(args) -> int:
             ev = run_eval(step)
             bar.write(json.dumps(ev))
         if step % args.save_every == 0:
-            save(step)
+            save()
     bar.close()
     final = run_eval(step)
-    save(step)
+    save()
     minutes = (time.time() - t0) / 60
     summary = {"steps": step, "minutes": minutes, "train_states": n_train,
                "val_states": n_val, "train_histories": len(shards) - args.val_histories,
@@ -231,7 +231,7 @@ def _train(args) -> int:
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     if args.export:
-        out = save(step, args.export)
+        out = save(args.export)
         card = {"format": FORMAT, "part": "lens", "config": config_to_json(cfg),
                 "source": "experiments/distill_lens.py", "step": step,
                 "command": " ".join(["python", "experiments/distill_lens.py"] + sys.argv[1:]),

@@ -11,8 +11,8 @@ each block's retrieval relevance), "retrieval" (training-free, query-aware: the 
 tokens' queries score every history block's read-pass keys, SPEC §2.6), or the baselines
 "recency" / "random". GistNet / LensNet come from training workdirs (`--gist-checkpoint`,
 `--lens-checkpoint`); without them both are the shipped ones (mcjax/assets/, when they fit
-the config), else untrained — the output says which, plainly; `--untrained` forces the random init. `--mode base` streams the plain base model
-over the whole prompt instead. `--compare-window` also answers with the plain base model
+the config), else untrained — the output says which, plainly; `--untrained` forces the
+random init. `--mode base` streams the plain base model over the whole prompt instead. `--compare-window` also answers with the plain base model
 over the last w_max tokens (the sliding window MegaContext must beat).
 
 `--demo` (what `make run` does): a held-out corpus document of --demo-tokens tokens with a

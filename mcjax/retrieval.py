@@ -39,8 +39,8 @@ from mcjax.tree import chunk_windows
 
 __all__ = ["key_width", "key_shape", "BlockKeyReader", "tail_read", "query_vectors",
            "block_relevance", "block_scores", "span_max", "slot_retrieval_features",
-           "NUM_SLOT_RETRIEVAL_FEATURES", "slot_scores", "stream_block_scores",
-           "RELEVANT_FLOOR", "key_bytes_per_million_tokens", "key_dtype"]
+           "NUM_SLOT_RETRIEVAL_FEATURES", "slot_scores", "stream_conditioning",
+           "stream_block_scores", "RELEVANT_FLOOR", "key_bytes_per_million_tokens", "key_dtype"]
 
 RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
 NEIGHBOUR_DECAY = 0.95  # a neighbour d blocks from a top block scores decay**d of it
@@ -223,13 +223,31 @@ def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig) -> j
     return spread
 
 
+def stream_conditioning(base_params, llama: LlamaConfig, rc: RetrievalConfig, mc: MCConfig,
+                        tokens: jax.Array, keys: jax.Array | None, counts: jax.Array, *,
+                        hidden_layer: int | None = None, hidden_tokens: int = 0) -> dict:
+    """What query-aware focus needs of one stream, from its tree view (tokens [C0], keys
+    [C1, width] or None, counts [levels+1]) in one `tail_read`: with keys, "rel" [C1]
+    (`block_relevance`, -inf where not scoreable) and "blocks" [C1] (`block_scores`);
+    with `hidden_layer`, "hidden" [hidden_tokens, D] and "hidden_valid" (LensNet v2's
+    question). Jittable, fixed shapes."""
+    read = tail_read(base_params, llama, rc, tokens, counts[0], hidden_layer=hidden_layer,
+                     hidden_tokens=hidden_tokens)
+    out = {}
+    if keys is not None:
+        rel, ok = block_relevance(keys, counts[0], read["queries"], read["query_valid"], rc,
+                                  mc, llama)
+        out["rel"], out["blocks"] = rel, block_scores(rel, ok, rc)
+    if hidden_layer is not None:
+        out["hidden"], out["hidden_valid"] = read["hidden"], read["hidden_valid"]
+    return out
+
+
 def stream_block_scores(base_params, llama: LlamaConfig, rc: RetrievalConfig, mc: MCConfig,
                         tokens: jax.Array, keys: jax.Array, counts: jax.Array) -> jax.Array:
     """One stream's block scores [C1] from its tree view (tokens [C0], keys [C1, width],
     counts [levels+1]): steps 1-3 of the module docstring."""
-    q, qv = query_vectors(base_params, llama, rc, tokens, counts[0])
-    rel, ok = block_relevance(keys, counts[0], q, qv, rc, mc, llama)
-    return block_scores(rel, ok, rc)
+    return stream_conditioning(base_params, llama, rc, mc, tokens, keys, counts)["blocks"]
 
 
 def span_max(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig,

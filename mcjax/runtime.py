@@ -83,6 +83,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mcjax import focus, lens, retrieval, sharding
 from mcjax import working_context as wcm
 from mcjax.base import model as base
+from mcjax.assets import check_params
 from mcjax.base.model import InputError, KVCache
 from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig
@@ -91,7 +92,8 @@ from mcjax.tree import BlockGister, MegaContextTree, TreeView
 
 __all__ = [
     "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
-    "load_trained_params", "untrained_params", "format_focus_map", "focus_runs",
+    "load_trained_params", "untrained_params", "default_params", "format_focus_map",
+    "focus_runs",
     "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "recency_scores", "random_scores",
 ]
 
@@ -161,22 +163,12 @@ def _focus_conditioning(plan: _Plan, base_params, view: TreeView) -> dict | None
     question's hidden states and/or the blocks' relevance and scores. None otherwise."""
     if not plan.query_aware:
         return None
-    llama, rc, mc, lc = plan.llama, plan.retrieval, plan.mc, plan.lens
-    v2 = plan.focus_policy == "lens"
-
-    def one(tokens, keys, counts):
-        read = retrieval.tail_read(base_params, llama, rc, tokens, counts[0],
-                                   hidden_layer=lc.query_layer if v2 and lc.query_tokens
-                                   else None, hidden_tokens=lc.query_tokens)
-        out = {}
-        if keys is not None:
-            rel, ok = retrieval.block_relevance(keys, counts[0], read["queries"],
-                                                read["query_valid"], rc, mc, llama)
-            out["rel"], out["blocks"] = rel, retrieval.block_scores(rel, ok, rc)
-        if "hidden" in read:
-            out["hidden"], out["hidden_valid"] = read["hidden"], read["hidden_valid"]
-        return out
-
+    lc = plan.lens
+    v2_query = plan.focus_policy == "lens" and lc.query_tokens > 0
+    one = functools.partial(retrieval.stream_conditioning, base_params, plan.llama,
+                            plan.retrieval, plan.mc,
+                            hidden_layer=lc.query_layer if v2_query else None,
+                            hidden_tokens=lc.query_tokens)
     return jax.vmap(one)(view.tokens, view.keys, view.counts)
 
 
@@ -663,29 +655,6 @@ def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[s
     return out
 
 
-def _expected_params(cfg: ExperimentConfig, part: str):
-    D = cfg.base_config.hidden_size
-    if part == "gist":
-        return jax.eval_shape(lambda k: init_gist_params(cfg.gist, D, k,
-                                                         block_size=cfg.mc.block_size),
-                              jax.random.key(0))
-    return jax.eval_shape(lambda k: lens.init_lens(cfg.lens, cfg.mc, D, k), jax.random.key(0))
-
-
-def _check_param_tree(params, expected, what: str, exc=ValueError) -> None:
-    got = jax.tree_util.tree_flatten_with_path(params)[0]
-    want = jax.tree_util.tree_flatten_with_path(expected)[0]
-    got_shapes = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in got}
-    want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in want}
-    if got_shapes != want_shapes:
-        missing = sorted(set(want_shapes) - set(got_shapes))[:3]
-        extra = sorted(set(got_shapes) - set(want_shapes))[:3]
-        wrong = [f"{k}: {got_shapes[k]} != {want_shapes[k]}" for k in sorted(want_shapes)
-                 if k in got_shapes and got_shapes[k] != want_shapes[k]][:3]
-        raise exc(f"{what} do not match the configured architecture (missing {missing}, "
-                  f"unexpected {extra}, wrong shapes {wrong})")
-
-
 def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
                         step: int | None = None) -> tuple[Any, dict]:
     """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
@@ -726,8 +695,7 @@ def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part:
         raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
                               f"has {sorted(trained)})")
     params = jax.tree.map(jnp.asarray, trained[part])
-    _check_param_tree(params, _expected_params(cfg, part), f"{part} params in {path}",
-                      CheckpointMismatchError)
+    check_params(params, cfg, part, f"{part} params in {path}")
     extra = meta.get("extra") or {}
     return params, {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
                     "run": extra.get("run"), "gistnet": extra.get("gistnet")}
@@ -751,6 +719,32 @@ def untrained_params(cfg: ExperimentConfig, part: str, base_params=None):
         raise ConfigError("untrained_params needs cfg.base_config")
     rms = 1.0 if part != "gist" or base_params is None else embedding_rms(base_params)
     return _untrained(cfg, part, rms)
+
+
+def default_params(cfg: ExperimentConfig, gist_params, lens_params, base_params, *,
+                   untrained: bool = False, focus_policy: str = "lens"):
+    """The nets a session uses when they are not given: the shipped GistNet (and, for
+    focus "lens", the shipped LensNet) when they fit `cfg` (`mcjax.assets`), else — and
+    with `untrained=True` always — the untrained ones the trainers start from. Returns
+    (gist_params, lens_params, provenance of the parts resolved here)."""
+    from mcjax.assets import shipped_gist, shipped_lens
+
+    provenance = {}
+    if gist_params is None and not untrained:
+        shipped = shipped_gist(cfg)
+        if shipped is not None:
+            gist_params, provenance["gist"] = shipped
+    if gist_params is None:
+        gist_params = untrained_params(cfg, "gist", base_params)
+        provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
+    if lens_params is None and not untrained and focus_policy == "lens":
+        shipped = shipped_lens(cfg)
+        if shipped is not None:
+            lens_params, provenance["lens"] = shipped
+    if lens_params is None:
+        lens_params = untrained_params(cfg, "lens")
+        provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
+    return gist_params, lens_params, provenance
 
 
 # --------------------------------------------------------------------------- focus maps
@@ -885,24 +879,10 @@ class Session:
         self.events: collections.deque[RefocusEvent] = collections.deque(maxlen=max_events)
         self.provenance = dict(provenance or {})
 
-        if gist_params is None and not untrained:  # the shipped GistNet, when it fits
-            from mcjax.assets import shipped_gist
-
-            shipped = shipped_gist(cfg)
-            if shipped is not None:
-                gist_params, self.provenance["gist"] = shipped
-        if gist_params is None:
-            gist_params = untrained_params(cfg, "gist", params)
-            self.provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
-        if lens_params is None and not untrained and focus_policy == "lens":
-            from mcjax.assets import shipped_lens  # the shipped LensNet, when it fits
-
-            shipped = shipped_lens(cfg)
-            if shipped is not None:
-                lens_params, self.provenance["lens"] = shipped
-        if lens_params is None:
-            lens_params = untrained_params(cfg, "lens")
-            self.provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
+        gist_params, lens_params, resolved = default_params(
+            cfg, gist_params, lens_params, params, untrained=untrained,
+            focus_policy=focus_policy)
+        self.provenance.update(resolved)
         for part in ("gist", "lens"):
             self.provenance.setdefault(part, {"source": "given"})
         self.focus_policy, self.focus_seed = focus_policy, int(focus_seed)
@@ -914,8 +894,8 @@ class Session:
         self.untrained: tuple[str, ...] = tuple(
             p for p in ("gist", "lens") if self.provenance[p]["source"] == "untrained"
             and (p == "gist" or focus_policy == "lens"))
-        _check_param_tree(gist_params, _expected_params(cfg, "gist"), "gist params")
-        _check_param_tree(lens_params, _expected_params(cfg, "lens"), "lens params")
+        check_params(gist_params, cfg, "gist", exc=ValueError)
+        check_params(lens_params, cfg, "lens", exc=ValueError)
 
         self._plan = _Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=self.batch_size,
                            max_tokens=self.max_tokens, pad_id=int(pad_id),
@@ -943,7 +923,7 @@ class Session:
                 raise ConfigError(f"retrieval.layers {cfg.retrieval.layers} exceed the base "
                                   f"model's {llama.num_layers} layers")
             self._key_reader = BlockKeyReader.from_base(cfg.retrieval, self._params, llama, K)
-        if self._plan.query_aware and focus_policy == "lens" and cfg.lens.query_tokens \
+        if focus_policy == "lens" and cfg.lens.query_tokens \
                 and cfg.lens.query_layer > llama.num_layers:
             raise ConfigError(f"lens.query_layer {cfg.lens.query_layer} exceeds the base "
                               f"model's {llama.num_layers} layers")
@@ -1239,12 +1219,10 @@ class Session:
         scale) a fresh prefill of the materialized WC followed by the pending tokens, and the
         next token is that reference's greedy prediction (raises
         `working_context.InvariantError`). Costs one prefill of every stream's WC."""
-        self.sync()
+        emb, pos, valid = self.materialized()  # syncs
         self._check()
         W, K, p = self.mc.w_max, self.mc.block_size, self._num_pending
         state = self._state
-        emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, self._params, self.mc))(
-            state.wc, self._view)
         ref = base.init_cache(self.llama, self.batch_size, W + K)
         hidden, ref = base.prefill(self._params, self.llama, ref, embeds=emb, positions=pos,
                                    mask=valid, index=0, return_hidden=True)
@@ -1273,6 +1251,14 @@ class Session:
         if (np.asarray(state.next_token)[has] != want_next[has]).any():
             raise wcm.InvariantError("next_token is not the greedy prediction of a fresh "
                                      "prefill of the working context")
+
+    def materialized(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(slot embeddings [B, W, D], positions [B, W], validity [B, W]) of every stream's
+        working context, from the session's own device view of the trees, after bringing
+        the WCs up to date (`sync`): what the cache's first W slots were prefilled from."""
+        self.sync()
+        return jax.vmap(lambda wc, v: wcm.materialize(wc, v, self._params, self.mc))(
+            self._state.wc, self._view)
 
     def _check(self) -> None:
         wc = jax.device_get(self._state.wc)

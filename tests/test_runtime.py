@@ -369,3 +369,23 @@ def test_random_op_fuzz_keeps_the_cache_equal_to_a_fresh_prefill_after_every_ref
     edits = sum(sum(e.num_expand) + sum(e.num_collapse) for e in s.events)
     assert checked, "no refocus happened"
     assert edits > 0, "the fuzz never exercised an edit path"
+
+
+def test_materialized_is_each_streams_wc_over_its_own_tree(tiny_llama, cfg, nets):
+    """Session.materialized (the session's batched device view) equals materializing each
+    stream's WC over a fresh view of its tree, after the pending input is synced."""
+    import jax as _jax
+
+    from mcjax import working_context as wcm
+
+    s = _session(tiny_llama, cfg, nets, batch_size=2)
+    s.feed(_two_streams())
+    emb, pos, valid = s.materialized()
+    wc = s.working_context
+    for b in range(2):
+        e, p, v = wcm.materialize(_jax.tree.map(lambda x: x[b], wc), s.tree(b).view(),
+                                  s._params, cfg.mc)
+        np.testing.assert_array_equal(emb[b], e)
+        np.testing.assert_array_equal(pos[b], p)
+        np.testing.assert_array_equal(valid[b], v)
+    assert int(np.asarray(valid).sum()) == int(np.asarray(wc.num_valid).sum()) > 0

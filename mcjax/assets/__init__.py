@@ -1,6 +1,6 @@
 """Params-only network files (SPEC §2.10): `<name>.safetensors` plus a JSON card beside it.
 
-A file holds one network's params (GistNet or LensNet — `shipped_lens`, `SHIPPED_LENS`), no optimizer state: the nested
+A file holds one network's params (GistNet or LensNet), no optimizer state: the nested
 param dict flattened to "a/b/c" keys, written with `safetensors.numpy`. The card
 `<name>.json` says what the params mean:
 
@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,7 +41,8 @@ __all__ = ["AssetError", "FORMAT", "ASSET_DIR", "save_params_safetensors",
            "load_params_safetensors", "card_path", "read_card", "write_card",
            "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
            "check_gist_params", "SHIPPED_GIST", "shipped_gist", "SHIPPED_LENS",
-           "lens_config_from_card", "check_lens_params", "shipped_lens"]
+           "lens_config_from_card", "check_lens_params", "shipped_lens", "expected_params",
+           "check_params"]
 
 FORMAT = "mcjax-params-v1"
 ASSET_DIR = Path(__file__).resolve().parent  # shipped params + cards
@@ -151,16 +152,22 @@ def read_card(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- GistNet
 
 
-def gist_config_from_card(card: dict) -> GistConfig:
-    fields = {f.name for f in dataclasses.fields(GistConfig)}
-    given = card["config"]["gist"]
-    unknown = sorted(set(given) - fields)
+def _section_config(card: dict, section: str, cls):
+    """The card's `config[section]` as a `cls` config (AssetError if absent or invalid)."""
+    given = card["config"].get(section)
+    if given is None:
+        raise AssetError(f"the card has no {section} config")
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise AssetError(f"card's gist config has unknown fields {unknown}")
+        raise AssetError(f"card's {section} config has unknown fields {unknown}")
     try:
-        return GistConfig(**given)
+        return cls(**given)
     except (TypeError, ValueError) as e:
-        raise AssetError(f"card's gist config is invalid: {e}") from e
+        raise AssetError(f"card's {section} config is invalid: {e}") from e
+
+
+def gist_config_from_card(card: dict) -> GistConfig:
+    return _section_config(card, "gist", GistConfig)
 
 
 def apply_card(cfg: ExperimentConfig, card: dict) -> ExperimentConfig:
@@ -180,26 +187,48 @@ def apply_card(cfg: ExperimentConfig, card: dict) -> ExperimentConfig:
     return dataclasses.replace(cfg, gist=gist_config_from_card(card))
 
 
-def check_gist_params(params: Any, cfg: ExperimentConfig, what: str = "gist params") -> None:
-    """Same param names and shapes as `init_gist_params` for `cfg` (base_config set)."""
+def expected_params(cfg: ExperimentConfig, part: str):
+    """The abstract param tree (shapes) of `part` ("gist" | "lens") for `cfg`
+    (base_config set): what the trainers' init makes."""
     import jax
 
-    from mcjax.gist import init_gist_params
+    D = cfg.base_config.hidden_size
+    if part == "gist":
+        from mcjax.gist import init_gist_params
 
-    want = jax.eval_shape(lambda k: init_gist_params(cfg.gist, cfg.base_config.hidden_size, k,
-                                                     block_size=cfg.mc.block_size),
-                          jax.random.key(0))
-    want = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-    got = {_key(p): tuple(np.shape(v))
-           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        return jax.eval_shape(lambda k: init_gist_params(cfg.gist, D, k,
+                                                         block_size=cfg.mc.block_size),
+                              jax.random.key(0))
+    if part == "lens":
+        from mcjax.lens import init_lens
+
+        return jax.eval_shape(lambda k: init_lens(cfg.lens, cfg.mc, D, k), jax.random.key(0))
+    raise ValueError(f"part must be 'gist' or 'lens', got {part!r}")
+
+
+def check_params(params: Any, cfg: ExperimentConfig, part: str, what: str | None = None,
+                 exc: type[Exception] = CheckpointMismatchError) -> None:
+    """`params` have the param names and shapes of `part` for `cfg` (`expected_params`),
+    else `exc` naming what is missing, unexpected or of the wrong shape."""
+    import jax
+
+    name = {"gist": "GistNet", "lens": "LensNet"}.get(part, part)
+    shapes = lambda tree, f: {_key(p): tuple(f(v))  # noqa: E731
+                              for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want = shapes(expected_params(cfg, part), lambda v: v.shape)
+    got = shapes(params, np.shape)
     if got != want:
         missing = sorted(set(want) - set(got))[:3]
         extra = sorted(set(got) - set(want))[:3]
         wrong = [f"{k}: {got[k]} != {want[k]}" for k in sorted(want)
                  if k in got and got[k] != want[k]][:3]
-        raise CheckpointMismatchError(
-            f"{what} do not match the configured GistNet (missing {missing}, unexpected "
-            f"{extra}, wrong shapes {wrong})")
+        raise exc(f"{what or part + ' params'} do not match the configured {name} (missing "
+                  f"{missing}, unexpected {extra}, wrong shapes {wrong})")
+
+
+def check_gist_params(params: Any, cfg: ExperimentConfig, what: str = "gist params") -> None:
+    """Same param names and shapes as `init_gist_params` for `cfg` (base_config set)."""
+    check_params(params, cfg, "gist", what)
 
 
 def _key(path) -> str:
@@ -254,28 +283,40 @@ def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
 SHIPPED_GIST = ASSET_DIR / "gistnet_smollm2_135m.safetensors"
 
 
+def _mc_fits(config: dict, cfg: ExperimentConfig) -> bool:
+    """The card's base model and block structure are `cfg`'s (what gists depend on)."""
+    return config.get("base") == cfg.base and all(
+        config["mc"].get(k) == getattr(cfg.mc, k)
+        for k in ("block_size", "num_levels", "position_scheme", "sink_blocks"))
+
+
+def _load_shipped(path: Path, cfg: ExperimentConfig, part: str,
+                  fits: Callable[[dict], bool]) -> tuple[Any, dict] | None:
+    """Params + provenance of the shipped `part` at `path` when its card `fits`, else
+    None (also when the file or its card is absent)."""
+    import jax
+    import jax.numpy as jnp
+
+    if not path.is_file() or not card_path(path).is_file():
+        return None
+    card = read_card(path)
+    if not fits(card):
+        return None
+    params = jax.tree.map(jnp.asarray, load_params_safetensors(path))
+    check_params(params, cfg, part, f"shipped {part} params in {path}")
+    return params, {"source": "shipped", "path": str(path), "card": str(card_path(path)),
+                    "step": card.get("step")}
+
+
 def shipped_gist(cfg: ExperimentConfig, path: str | os.PathLike | None = None
                  ) -> tuple[Any, dict] | None:
     """The shipped GistNet params and their provenance when they fit `cfg` (same base
     model, GistNet architecture, block size, levels, position scheme and sink — the gists
     were trained under those), else None: a session of another
     setup then starts untrained, as before. `cfg.base_config` must be set."""
-    import jax
-    import jax.numpy as jnp
-
-    path = Path(SHIPPED_GIST if path is None else path)
-    if not path.is_file() or not card_path(path).is_file():
-        return None
-    card = read_card(path)
-    config = card["config"]
-    if (config.get("base") != cfg.base or gist_config_from_card(card) != cfg.gist
-            or any(config["mc"].get(k) != getattr(cfg.mc, k)
-                   for k in ("block_size", "num_levels", "position_scheme", "sink_blocks"))):
-        return None
-    params = jax.tree.map(jnp.asarray, load_params_safetensors(path))
-    check_gist_params(params, cfg, f"shipped GistNet params in {path}")
-    return params, {"source": "shipped", "path": str(path), "card": str(card_path(path)),
-                    "step": card.get("step")}
+    return _load_shipped(Path(SHIPPED_GIST if path is None else path), cfg, "gist",
+                         lambda card: _mc_fits(card["config"], cfg)
+                         and gist_config_from_card(card) == cfg.gist)
 
 
 # --------------------------------------------------------------------------- LensNet
@@ -284,34 +325,15 @@ SHIPPED_LENS = ASSET_DIR / "lensnet_smollm2_135m.safetensors"
 
 
 def lens_config_from_card(card: dict) -> LensConfig:
-    fields = {f.name for f in dataclasses.fields(LensConfig)}
-    given = card["config"].get("lens")
-    if given is None:
-        raise AssetError("the card has no lens config")
-    unknown = sorted(set(given) - fields)
-    if unknown:
-        raise AssetError(f"card's lens config has unknown fields {unknown}")
-    try:
-        return LensConfig(**given)
-    except (TypeError, ValueError) as e:
-        raise AssetError(f"card's lens config is invalid: {e}") from e
+    return _section_config(card, "lens", LensConfig)
 
 
 def check_lens_params(params: Any, cfg: ExperimentConfig, what: str = "lens params") -> None:
     """Same param names and shapes as `init_lens` for `cfg` (base_config set)."""
-    import jax
+    check_params(params, cfg, "lens", what)
 
-    from mcjax.lens import init_lens
 
-    d = cfg.base_config.hidden_size
-    want = jax.eval_shape(lambda k: init_lens(cfg.lens, cfg.mc, d, k), jax.random.key(0))
-    want = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-    got = {_key(p): tuple(np.shape(v))
-           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    if got != want:
-        raise CheckpointMismatchError(
-            f"{what} do not match the configured LensNet (missing "
-            f"{sorted(set(want) - set(got))[:3]}, unexpected {sorted(set(got) - set(want))[:3]})")
+_RETRIEVAL_FIELDS = ("layers", "chunk", "queries", "query_window", "top_blocks", "spread")
 
 
 def shipped_lens(cfg: ExperimentConfig, path: str | os.PathLike | None = None
@@ -320,28 +342,12 @@ def shipped_lens(cfg: ExperimentConfig, path: str | os.PathLike | None = None
     model, LensNet config, block size, levels, position scheme, sink, retrieval config
     and GistNet (it was trained on the shipped GistNet's gists and the retrieval
     relevance of that config) — else None. `cfg.base_config` must be set."""
-    import jax
-    import jax.numpy as jnp
+    def fits(card):
+        config, ours = card["config"], config_to_json(cfg)
+        return (_mc_fits(config, cfg) and lens_config_from_card(card) == cfg.lens
+                and gist_config_from_card(card) == cfg.gist
+                and (not cfg.lens.retrieval_features
+                     or all((config.get("retrieval") or {}).get(k) == ours["retrieval"][k]
+                            for k in _RETRIEVAL_FIELDS)))
 
-    path = Path(SHIPPED_LENS if path is None else path)
-    if not path.is_file() or not card_path(path).is_file():
-        return None
-    card = read_card(path)
-    config = card["config"]
-    if (config.get("base") != cfg.base or lens_config_from_card(card) != cfg.lens
-            or gist_config_from_card(card) != cfg.gist
-            or any(config["mc"].get(k) != getattr(cfg.mc, k)
-                   for k in ("block_size", "num_levels", "position_scheme", "sink_blocks"))
-            or (cfg.lens.retrieval_features and any(
-                _as_tuple(config.get("retrieval", {}).get(k)) != _as_tuple(getattr(
-                    cfg.retrieval, k)) for k in ("layers", "chunk", "queries",
-                                                 "query_window", "top_blocks", "spread")))):
-        return None
-    params = jax.tree.map(jnp.asarray, load_params_safetensors(path))
-    check_lens_params(params, cfg, f"shipped LensNet params in {path}")
-    return params, {"source": "shipped", "path": str(path), "card": str(card_path(path)),
-                    "step": card.get("step")}
-
-
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else x
+    return _load_shipped(Path(SHIPPED_LENS if path is None else path), cfg, "lens", fits)

@@ -18,8 +18,8 @@ with `batch_size` streams per group, the last group padded with copies (one comp
 shape). Decoding is greedy (`do_sample` / `temperature` are ignored, with a warning).
 
 Teacher-forced scoring (MegaContext). After the context is fed and the session has
-refocused (`Session.working_context` syncs it), the working context is materialized from
-the stream's tree (`working_context.materialize` over `MegaContextTree.view()`), and one
+refocused, the working context is materialized from the session's own device view of the
+trees (`Session.materialized`, which syncs first), and one
 base-model forward over `[WC slots ‖ the next K continuation tokens]` (K = block size =
 the refocus cadence) scores those K tokens: the first from the WC's newest slot, each next
 one from the previous continuation token, at the positions the session's pending tokens
@@ -59,11 +59,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.base.generate import GreedySampler
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, get_config
-from mcjax.runtime import FOCUS_POLICIES, Session, untrained_params
+from mcjax.runtime import FOCUS_POLICIES, Session, default_params
 
 __all__ = ["MegaContextLM", "METHODS", "DEFAULT_MAX_GEN_TOKS", "DEFAULT_HARNESS_MAX_TOKENS",
            "score_continuations"]
@@ -133,19 +132,13 @@ def score_continuations(session: Session, continuations: Sequence[np.ndarray], p
     greedy = np.ones(B, bool)
     longest = max((len(c) for c in conts), default=0)
     for start in range(0, longest, K):
-        wc = session.working_context  # brings every WC up to date (a refocus if needed)
-        emb, pos, valid = [], [], []
-        for b in range(B):
-            e, p, v = wcm.materialize(jax.tree.map(lambda x: x[b], wc),
-                                      session.tree(b).view(), params, mc)
-            emb.append(e)
-            pos.append(p)
-            valid.append(v)
+        emb, pos, valid = session.materialized()  # brings every WC up to date first
+        wc = session.working_context
         num_valid = np.asarray(wc.num_valid)
         first = num_valid if mc.position_scheme == "compact" else np.asarray(wc.num_tokens)
         chunk = [c[start:start + K] for c in conts]
         toks, mask = _pad_rows(chunk, K, 0)
-        lp, gr = _score(params, jnp.stack(emb), jnp.stack(pos), jnp.stack(valid),
+        lp, gr = _score(params, emb, pos, valid,
                         jnp.asarray(np.maximum(num_valid - 1, 0), jnp.int32), jnp.asarray(toks),
                         jnp.asarray(first[:, None] + np.arange(K)[None], jnp.int32),
                         jnp.asarray(mask), config=llama)
@@ -309,24 +302,10 @@ class MegaContextLM(LM):
                                     lens_checkpoint=lens_checkpoint)
             gist_params, lens_params = nets.gist, nets.lens
             prov = {"gist": nets.sources["gist"], "lens": nets.sources["lens"]}
-        if gist_params is None and not untrained:
-            from mcjax.assets import shipped_gist
-
-            shipped = shipped_gist(cfg)
-            if shipped is not None:
-                gist_params, prov["gist"] = shipped
-        if gist_params is None:
-            gist_params = untrained_params(cfg, "gist", self._params)
-            prov["gist"] = {"source": "untrained", "seed": cfg.train.seed}
-        if lens_params is None and not untrained and self.focus_policy == "lens":
-            from mcjax.assets import shipped_lens
-
-            shipped = shipped_lens(cfg)
-            if shipped is not None:
-                lens_params, prov["lens"] = shipped
-        if lens_params is None:
-            lens_params = untrained_params(cfg, "lens")
-            prov["lens"] = {"source": "untrained", "seed": cfg.train.seed}
+        gist_params, lens_params, resolved = default_params(
+            cfg, gist_params, lens_params, self._params, untrained=untrained,
+            focus_policy=self.focus_policy)
+        prov.update(resolved)
         self.gist_params, self.lens_params, self.provenance = gist_params, lens_params, prov
 
     def new_session(self) -> Session:

@@ -67,12 +67,12 @@ class HistoryConditioning:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _conditioning(base_params, view, cfg: ExperimentConfig):
-    llama, rc, mc, lc = cfg.base_config, cfg.retrieval, cfg.mc, cfg.lens
-    read = retrieval.tail_read(base_params, llama, rc, view.tokens, view.counts[0],
-                               hidden_layer=lc.query_layer, hidden_tokens=lc.query_tokens)
-    rel, ok = retrieval.block_relevance(view.keys, view.counts[0], read["queries"],
-                                        read["query_valid"], rc, mc, llama)
-    return rel, retrieval.block_scores(rel, ok, rc), read["hidden"], read["hidden_valid"]
+    lc = cfg.lens
+    out = retrieval.stream_conditioning(base_params, cfg.base_config, cfg.retrieval, cfg.mc,
+                                        view.tokens, view.keys, view.counts,
+                                        hidden_layer=lc.query_layer,
+                                        hidden_tokens=lc.query_tokens)
+    return out["rel"], out["blocks"], out["hidden"], out["hidden_valid"]
 
 
 def history_conditioning(base_params, view, cfg: ExperimentConfig) -> HistoryConditioning:
