@@ -30,19 +30,40 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def config_to_json(cfg: ExperimentConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return config_to_json_section(cfg)
 
 
-def architecture_of(cfg_json: dict) -> dict:
-    """The config fields that fix parameter shapes and meaning."""
-    return {
+NETS = ("gist", "lens")
+
+
+def architecture_of(cfg_json: dict, nets: tuple[str, ...] = NETS) -> dict:
+    """The config fields that fix parameter shapes and meaning, for the nets in `nets`."""
+    arch = {
         "base": cfg_json.get("base"),
         "base_config": cfg_json.get("base_config"),
-        "gist": cfg_json.get("gist"),
-        "lens": cfg_json.get("lens"),
         "mc.block_size": (cfg_json.get("mc") or {}).get("block_size"),
         "mc.num_levels": (cfg_json.get("mc") or {}).get("num_levels"),
     }
+    arch.update({net: cfg_json.get(net) for net in nets})
+    return arch
+
+
+def _with_defaults(saved_cfg_json: dict, cfg: ExperimentConfig) -> dict:
+    """`saved_cfg_json` with the nets' fields it lacks set to today's dataclass defaults.
+
+    A field added after a checkpoint was written is added with a default that keeps the old
+    behaviour (e.g. `lens.query_tokens=0` is LensNet v1), so an old checkpoint means that.
+    """
+    out = dict(saved_cfg_json)
+    for net in NETS:
+        if isinstance(out.get(net), dict):
+            defaults = config_to_json_section(type(getattr(cfg, net))())
+            out[net] = {**defaults, **out[net]}
+    return out
+
+
+def config_to_json_section(section: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(section)))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -54,12 +75,24 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r} vs requested {b!r}"]
 
 
-def check_compatible(saved_cfg_json: dict, cfg: ExperimentConfig, where: str = "") -> None:
-    diffs = _differences(architecture_of(saved_cfg_json), architecture_of(config_to_json(cfg)))
+def check_compatible(saved_cfg_json: dict, cfg: ExperimentConfig, where: str = "",
+                     nets: tuple[str, ...] = NETS) -> None:
+    """Raise `CheckpointMismatchError` naming every architecture field (of the base model,
+    the block structure and the nets in `nets`) where the checkpoint and `cfg` differ."""
+    saved = architecture_of(_with_defaults(saved_cfg_json, cfg), nets)
+    diffs = _differences(saved, architecture_of(config_to_json(cfg), nets))
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {where} was written for a different architecture:\n  "
             + "\n  ".join(diffs))
+
+
+def nets_in(state: Any) -> tuple[str, ...]:
+    """The nets whose params a train state holds (`state.params` keyed by net), else all."""
+    params = getattr(state, "params", None)
+    if isinstance(params, dict) and set(params) & set(NETS):
+        return tuple(n for n in NETS if n in params)
+    return NETS
 
 
 class Checkpointer:
@@ -97,7 +130,8 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        check_compatible(self.read_meta(step)["config"], cfg, f"{self.directory}/{step}")
+        check_compatible(self.read_meta(step)["config"], cfg, f"{self.directory}/{step}",
+                         nets_in(abstract_state))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

@@ -16,7 +16,8 @@ import pytest
 
 from mcjax import sharding
 from mcjax.base import model as base
-from mcjax.checkpoint import Checkpointer, CheckpointMismatchError
+from mcjax.checkpoint import (Checkpointer, CheckpointMismatchError, check_compatible,
+                              config_to_json, nets_in)
 from mcjax.config import get_config, override
 from mcjax.gist import embedding_rms, gist_blocks, init_gist_params
 from mcjax.train import losses, steps
@@ -219,6 +220,30 @@ def test_checkpoint_into_a_different_architecture_is_a_clear_error(tiny, tmp_pat
     with pytest.raises(CheckpointMismatchError, match=r"gist.width: checkpoint 36 vs requested 48"):
         ck.restore(state, other)
     ck.close()
+
+
+def test_checkpoint_check_fills_fields_added_later_and_compares_only_the_nets_it_holds(tiny):
+    cfg, _, _, _ = tiny
+    saved = config_to_json(cfg)
+    # A checkpoint written before LensNet v2's fields existed means LensNet v1 (their defaults).
+    for field in ("query_tokens", "query_layer", "retrieval_features"):
+        del saved["lens"][field]
+    check_compatible(saved, cfg)
+    with pytest.raises(CheckpointMismatchError, match=r"lens.query_tokens: checkpoint 0 vs "
+                                                      r"requested 8"):
+        check_compatible(saved, override(cfg, {"lens.query_tokens": 8}))
+    # A GistNet-only train state is not checked against LensNet's architecture ...
+    gist_only = steps.TrainState(step=jnp.zeros((), jnp.int32), params={"gist": {}},
+                                 opt_state=())
+    assert nets_in(gist_only) == ("gist",)
+    other_lens = override(cfg, {"lens.num_latents": cfg.lens.num_latents + 2})
+    check_compatible(config_to_json(cfg), other_lens, nets=nets_in(gist_only))
+    # ... but it still is against GistNet's, and a state of unknown layout against both.
+    with pytest.raises(CheckpointMismatchError, match="gist.width"):
+        check_compatible(config_to_json(cfg), override(cfg, {"gist.width": 48}),
+                         nets=nets_in(gist_only))
+    with pytest.raises(CheckpointMismatchError, match="lens.num_latents"):
+        check_compatible(config_to_json(cfg), other_lens, nets=nets_in({"w": 1}))
 
 
 def _small(cfg, steps_=5):
