@@ -94,13 +94,17 @@ __all__ = [
     "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
     "load_trained_params", "untrained_params", "default_params", "format_focus_map",
     "focus_runs",
-    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "recency_scores", "random_scores",
+    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "recency_scores", "random_scores",
 ]
 
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
 # Where refocus scores come from: LensNet (the design), or a baseline policy that replaces
 # its scores inside the same session machinery (see `recency_scores`, `random_scores`).
 FOCUS_POLICIES = ("lens", "random", "recency", "retrieval")
+# How a refocus rebuilds the cache after edits: "exact" re-prefills every slot from the first
+# change on; "approx" keeps the entries of unchanged slots (moved and re-rotated) and
+# recomputes only the chunks with new entries and the newest one (CacheBlend-style).
+KV_REUSE = ("exact", "approx")
 _MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
 
 
@@ -133,6 +137,7 @@ class _Plan:
     prefill_chunk: int  # C: slots per bulk re-prefill chunk (a multiple of K dividing w_max)
     focus_policy: str = "lens"  # one of FOCUS_POLICIES
     retrieval: Any = None  # RetrievalConfig (focus_policy "retrieval", or LensNet v2)
+    kv_reuse: str = "exact"  # one of KV_REUSE (see `_kv_sources`, `_moved_kv`)
 
     @property
     def keeps_keys(self) -> bool:
@@ -321,6 +326,55 @@ def _copy_pending_kv(plan: _Plan, cache: KVCache, copy, dest, count) -> KVCache:
     return cache.replace(k=k, v=v)
 
 
+def _kv_sources(plan: _Plan, old_wc, cached_valid, new_wc, new_pos, new_valid,
+                from_pending):
+    """Where each new WC slot's KV entry already is in the cache, per stream (approximate
+    reuse). src [B, W]: an old WC slot holding the same entry (same level and span: entries
+    are immutable, so the same inputs), a pending slot W + p holding the same appended
+    token when the new tokens are the decoded ones, or -1 (the slot must be computed).
+    delta [B, W]: the slot's new position minus the one its entry was computed at."""
+    mc = plan.mc
+    W, K = mc.w_max, mc.block_size
+    big = jnp.iinfo(jnp.int32).max
+    old_pos = jax.vmap(lambda wc: wcm.slot_positions(wc, mc))(old_wc)
+    pending_pos = _pending_base_position(plan, old_wc)  # [B] position of pending slot 0
+
+    def one(old_level, old_node, cached, new_level, new_node, valid, npos, opos, ppos,
+            old_tokens):
+        old_start = jnp.where(cached, wcm.span_start(old_level, old_node, mc), big)
+        new_start = wcm.span_start(new_level, new_node, mc)
+        # valid slots are packed at the front in span order, so old_start is sorted
+        i = jnp.clip(jnp.searchsorted(old_start, new_start), 0, W - 1)
+        same = valid & cached[i] & (old_start[i] == new_start) & (old_level[i] == new_level)
+        p = new_node - old_tokens
+        pend = from_pending & valid & ~same & (new_level == 0) & (p >= 0) & (p < K)
+        src = jnp.where(same, i, jnp.where(pend, W + p, -1))
+        src_pos = jnp.where(same, opos[i], ppos + p)
+        return src.astype(jnp.int32), jnp.where(src >= 0, npos - src_pos, 0)
+
+    return jax.vmap(one)(old_wc.level, old_wc.node, cached_valid, new_wc.level, new_wc.node,
+                         new_valid, new_pos, old_pos, pending_pos, old_wc.num_tokens)
+
+
+def _moved_kv(plan: _Plan, cache: KVCache, src, delta) -> KVCache:
+    """cache slots [0, W) ← their entries' old slots `src` (where >= 0), keys re-rotated by
+    `delta` positions (RoPE rotations compose, so a moved key equals one computed at the new
+    position from the same input); other slots are left as they are."""
+    llama, W = plan.llama, plan.mc.w_max
+    idx = jnp.clip(src, 0, cache.k.shape[2] - 1)[None, :, :, None, None]
+    keep = (src >= 0)[None, :, :, None, None]
+    cos, sin = base.rope_cos_sin(delta, llama.head_dim, llama.rope_theta)
+
+    def move(buf, rotate: bool):
+        moved = jnp.take_along_axis(buf, idx, axis=2)
+        if rotate:
+            moved = jax.vmap(lambda x: base.apply_rope(x, cos, sin))(moved)
+        head = jnp.where(keep, moved.astype(buf.dtype), buf[:, :, :W])
+        return jax.lax.dynamic_update_slice_in_dim(buf, head, 0, axis=2)
+
+    return cache.replace(k=move(cache.k, True), v=move(cache.v, False))
+
+
 def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: TreeView,
              num_new, reset, layout, revive, from_pending, settle):
     """One refocus of every stream (module docstring, step 2).
@@ -390,31 +444,76 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
     stop = jnp.max(jnp.where(needs, num_valid, 0))
     newest = num_valid - 1
 
-    cache = cache.replace(valid=jnp.concatenate([valid, jnp.zeros((B, K), bool)], 1))
+    full_valid = jnp.concatenate([valid, jnp.zeros((B, K), bool)], 1)
 
-    def prefill_chunks(carry, size: int, more):
-        """Re-prefill `size`-slot chunks from carry's slot while `more(slot)`, keeping the
-        hidden state of each stream's newest slot."""
-        def body(carry):
-            cache, s, newest_hidden, got = carry
-            chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, s, size, axis=1)  # noqa: E731
-            hidden, cache = base.prefill_core(base_params, llama, cache, None, chunk(emb),
-                                              chunk(pos), chunk(valid), s, return_hidden=True)
-            inside = (newest >= s) & (newest < s + size)
-            row = jnp.clip(newest - s, 0, size - 1)
-            h = jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]
-            return cache, s + size, jnp.where(inside[:, None], h, newest_hidden), got | inside
+    def prefill_chunk(cache, s, size: int, newest_hidden, got):
+        """Re-prefill slots [s, s + size), keeping the hidden state of each stream's newest
+        slot when it lies there."""
+        chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, s, size, axis=1)  # noqa: E731
+        hidden, cache = base.prefill_core(base_params, llama, cache, None, chunk(emb),
+                                          chunk(pos), chunk(valid), s, return_hidden=True)
+        inside = (newest >= s) & (newest < s + size)
+        row = jnp.clip(newest - s, 0, size - 1)
+        h = jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]
+        return cache, jnp.where(inside[:, None], h, newest_hidden), got | inside
 
-        return jax.lax.while_loop(lambda c: more(c[1]), body, carry)
+    no_hidden = (jnp.zeros((B, llama.hidden_size), jnp.dtype(llama.dtype)),
+                 jnp.zeros((B,), bool))
+    exact_slots = jnp.where(start < stop, -(-stop // K) * K - start, 0).astype(jnp.int32)
 
-    carry = (cache, start.astype(jnp.int32),
-             jnp.zeros((B, llama.hidden_size), jnp.dtype(llama.dtype)), jnp.zeros((B,), bool))
-    C = plan.prefill_chunk
-    if C > K:  # K-slot chunks up to a multiple of C, C-slot chunks, then a K-slot tail
-        stop_k = -(-stop // K) * K
-        carry = prefill_chunks(carry, K, lambda s: (s < stop) & (s % C != 0))
-        carry = prefill_chunks(carry, C, lambda s: s + C <= stop_k)
-    cache, _, newest_hidden, got = prefill_chunks(carry, K, lambda s: s < stop)
+    def exact(cache):
+        """Every slot from `start` (the first change, K-aligned) through `stop`."""
+        def prefill_chunks(carry, size: int, more):
+            def body(carry):
+                cache, s, newest_hidden, got = carry
+                cache, newest_hidden, got = prefill_chunk(cache, s, size, newest_hidden, got)
+                return cache, s + size, newest_hidden, got
+
+            return jax.lax.while_loop(lambda c: more(c[1]), body, carry)
+
+        carry = (cache.replace(valid=full_valid), start.astype(jnp.int32)) + no_hidden
+        C = plan.prefill_chunk
+        if C > K:  # K-slot chunks up to a multiple of C, C-slot chunks, then a K-slot tail
+            stop_k = -(-stop // K) * K
+            carry = prefill_chunks(carry, K, lambda s: (s < stop) & (s % C != 0))
+            carry = prefill_chunks(carry, C, lambda s: s + C <= stop_k)
+        cache, _, newest_hidden, got = prefill_chunks(carry, K, lambda s: s < stop)
+        return cache, newest_hidden, got, exact_slots
+
+    if plan.kv_reuse == "approx":
+        src, delta = _kv_sources(plan, state.wc, cached_valid, wc2, pos, valid, from_pending)
+        changed_any = (first_changed < W) | (num_new > 0) | reset
+        fresh = valid & (src < 0)  # entries not in the cache anywhere: computed
+        chunk_of = jnp.arange(W) // K
+        dirty = jnp.any(fresh[:, :, None] & (chunk_of[None, :, None]
+                                            == jnp.arange(W // K)[None, None, :]), axis=1)
+        # the newest chunk of every changed stream, so its next token sees the new context
+        dirty = dirty | (changed_any[:, None] & (jnp.arange(W // K)[None, :]
+                                                 == (jnp.maximum(newest, 0) // K)[:, None]))
+        dirty = jnp.any(dirty, axis=0)  # the chunk index is shared by the batch
+        num_dirty = jnp.sum(dirty, dtype=jnp.int32)
+        order = jnp.argsort(~dirty, stable=True).astype(jnp.int32)  # dirty chunks, in order
+
+        def approx(_):
+            moved = _moved_kv(plan, state.cache, src, delta).replace(valid=full_valid)
+
+            def body(carry):
+                cache, i, newest_hidden, got = carry
+                cache, newest_hidden, got = prefill_chunk(cache, order[i] * K, K,
+                                                          newest_hidden, got)
+                return cache, i + 1, newest_hidden, got
+
+            cache, _, newest_hidden, got = jax.lax.while_loop(
+                lambda c: c[1] < num_dirty, body, (moved, jnp.int32(0)) + no_hidden)
+            return cache, newest_hidden, got, num_dirty * K
+
+        # exact when it recomputes no more (a fresh layout, or only pending tokens appended)
+        cache, newest_hidden, got, reprefilled = jax.lax.cond(
+            num_dirty * K < exact_slots, approx, lambda _: exact(cache), None)
+        approximate = num_dirty * K < exact_slots
+    else:
+        cache, newest_hidden, got, reprefilled = exact(cache)
+        approximate = jnp.bool_(False)
     logits = base.logits_from_hidden(base_params, llama, newest_hidden)
     next_token = jnp.where(got, jnp.argmax(logits, -1).astype(jnp.int32), state.next_token)
     new_state = StreamState(wc=wc2, cache=cache, next_token=next_token, pending=state.pending,
@@ -438,6 +537,7 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
         headroom_collapses=ahead,
         nan_scores=focus_info.nan_scores | append_info.nan_scores,
         first_changed=first_changed, reprefill_start=start, reprefill_stop=stop,
+        reprefill_slots=reprefilled, approximate=approximate,
         active=active, kv_reused=append_only)
     return new_state, telemetry
 
@@ -533,7 +633,8 @@ class RefocusEvent:
     swap_rate: share of the WC's entries this refocus created by an edit (an expansion
     creates K, a collapse 1; budget and headroom collapses included). residency: share of
     the history's tokens resident at each LOD (index 0 = raw tokens). reprefill_slots:
-    cache slots recomputed (per stream; the same K-aligned range for all). timings (s):
+    cache slots recomputed (per stream; the same K-aligned range for all, or with
+    `reprefill_approximate` the K-slot chunks recomputed). timings (s):
     ingest_s (tree appends incl. GistNet), refocus_s (view upload + the jitted refocus,
     waited for), decode_s (the decode block before a "decode" refocus).
     """
@@ -555,6 +656,7 @@ class RefocusEvent:
     kv_reused: list[bool]  # only the pending tokens were appended: their KV was copied
     reprefill_start: int
     reprefill_slots: int
+    reprefill_approximate: bool  # kv_reuse="approx" kept moved entries instead (see Session)
     nan_scores: list[bool]
     timings: dict[str, float]
 
@@ -568,8 +670,8 @@ def _event_from(index: int, trigger: str, num_new, t: dict, mc, timings: dict) -
     num_valid = t["num_valid"].astype(np.int64)
     created = (K * t["num_expand"] + t["num_collapse"] + t["append_collapses"]
                + t["headroom_collapses"])
-    start, stop = int(t["reprefill_start"]), int(t["reprefill_stop"])
-    slots = max(0, -(-stop // K) * K - start) if start < stop else 0
+    start, slots = int(t["reprefill_start"]), int(t["reprefill_slots"])
+    approximate = bool(t["approximate"])
     tokens = np.maximum(t["num_tokens"], 1)
     return RefocusEvent(
         index=index, trigger=trigger,
@@ -588,7 +690,8 @@ def _event_from(index: int, trigger: str, num_new, t: dict, mc, timings: dict) -
         residency=(t["level_tokens"] / tokens[:, None]).round(6).tolist(),
         first_changed_slot=[int(x) for x in t["first_changed"]],
         kv_reused=[bool(x) for x in t["kv_reused"]],
-        reprefill_start=start if slots else W, reprefill_slots=slots,
+        reprefill_start=start if slots and not approximate else W, reprefill_slots=slots,
+        reprefill_approximate=approximate,
         nan_scores=[bool(x) for x in t["nan_scores"]], timings=timings)
 
 
@@ -783,6 +886,18 @@ def format_focus_map(runs: Sequence[tuple[int, int, int, int]], width: int = 64)
 # --------------------------------------------------------------------------- session
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _cache_logprobs(params, cache: KVCache, tokens, positions, mask, index, *,
+                    config: LlamaConfig):
+    """log p(tokens[:, i + 1] | context, tokens[:, :i + 1]) [B, T - 1] with the tokens
+    written after `index` slots of `cache` (not donated: the caller's cache is unchanged)."""
+    hidden, _ = base.prefill_core(params, config, cache, tokens, None, positions, mask, index,
+                                  return_hidden=True)
+    logits = base.logits_from_hidden(params, config, hidden[:, :-1]).astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
+    return jnp.where(mask[:, 1:], logp, 0.0)
+
+
 def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
@@ -811,6 +926,14 @@ class Session:
     "retrieval" (training-free and query-aware, `mcjax.retrieval`: the trees also keep
     read-pass keys per block, the newest tokens' queries score them, and new input is
     followed by up to `cfg.retrieval.settle_rounds` extra refocuses while focus still moves).
+    kv_reuse: "exact" (the default) re-prefills every slot from a refocus's first change on,
+    so the cache equals a fresh prefill of the WC. "approx" keeps the cache entries of the
+    slots whose entry did not change — moved to their new slot, keys re-rotated to their new
+    position — and recomputes only the K-slot chunks holding new entries (an expansion's
+    tokens, a collapse's gist, fed tokens) plus each changed stream's newest chunk; kept
+    entries were computed over the old context, so the cache only approximates the WC's
+    (CacheBlend, arXiv 2405.16444). It falls back to exact when that recomputes no more.
+    `results/kv_reuse/` measures its cost in NLL and its speed.
     """
 
     def __init__(self, base_model, gist_params, lens_params, cfg: ExperimentConfig, *,
@@ -820,10 +943,13 @@ class Session:
                  gist_batch: int | None = None, pad_id: int = 0,
                  on_event: Callable[[RefocusEvent], None] | None = None,
                  max_events: int = 100_000, provenance: dict | None = None,
-                 focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False):
+                 focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False,
+                 kv_reuse: str = "exact"):
         if focus_policy not in FOCUS_POLICIES:
             raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
                               f"{focus_policy!r}")
+        if kv_reuse not in KV_REUSE:
+            raise ConfigError(f"kv_reuse must be one of {KV_REUSE}, got {kv_reuse!r}")
         if hasattr(base_model, "config") and hasattr(base_model, "params"):
             llama, params = base_model.config, base_model.params
             self._encode = getattr(base_model, "encode", None)
@@ -902,7 +1028,7 @@ class Session:
                            headroom=int(collapse_headroom),
                            prefill_chunk=int(prefill_chunk), focus_policy=focus_policy,
                            retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens")
-                           else None)
+                           else None, kv_reuse=kv_reuse)
         self._programs = _programs(self._plan, mesh)
         sh = self._programs.shardings
         if focus_policy == "random":  # the refocus program reads the seed in LensNet's place
@@ -1218,9 +1344,13 @@ class Session:
         WC and the pending tokens: its keys/values equal (to `atol`, relative to their
         scale) a fresh prefill of the materialized WC followed by the pending tokens, and the
         next token is that reference's greedy prediction (raises
-        `working_context.InvariantError`). Costs one prefill of every stream's WC."""
+        `working_context.InvariantError`). Costs one prefill of every stream's WC. With
+        `kv_reuse="approx"` the cache only approximates that prefill by design, so only the
+        invariants and the cache's validity are checked."""
         emb, pos, valid = self.materialized()  # syncs
         self._check()
+        if self._plan.kv_reuse == "approx":
+            return
         W, K, p = self.mc.w_max, self.mc.block_size, self._num_pending
         state = self._state
         ref = base.init_cache(self.llama, self.batch_size, W + K)
@@ -1317,6 +1447,31 @@ class Session:
         return np.concatenate(chunks, axis=1)
 
     # ------------------------------------------------------------------ inspection
+
+    def cache_logprobs(self, tokens) -> np.ndarray:
+        """Teacher-forced log-probabilities [B, T - 1] of tokens [B, T] (T <= K) continuing
+        every stream's history, computed from the session's own KV cache: token i + 1 given
+        the context and tokens 0..i (token 0 is conditioned on but not scored). The session
+        is unchanged. This measures the cache a session decodes from — under
+        `kv_reuse="approx"` its approximation — where `mcjax.eval.harness` scores a fresh
+        prefill of the working context."""
+        tokens = np.asarray(tokens)
+        K, W, B = self.mc.block_size, self.mc.w_max, self.batch_size
+        if tokens.ndim != 2 or tokens.shape[0] != B or not 2 <= tokens.shape[1] <= K:
+            raise InputError(f"cache_logprobs takes tokens [{B}, T] with 2 <= T <= K = {K}, "
+                             f"got shape {tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= self.llama.vocab_size:
+            raise InputError("cache_logprobs: token ids outside the vocabulary")
+        self.sync()
+        if self._num_pending:
+            raise InputError(f"cache_logprobs needs a refocused session; {self._num_pending} "
+                             f"decoded tokens are pending (generate a multiple of K = {K})")
+        first = np.asarray(_pending_base_position(self._plan, self._state.wc))
+        T = tokens.shape[1]
+        return np.asarray(_cache_logprobs(
+            self._params, self._state.cache, jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(first[:, None] + np.arange(T)[None], jnp.int32),
+            jnp.ones((B, T), bool), jnp.int32(W), config=self.llama))
 
     @property
     def working_context(self) -> wcm.WorkingContext:

@@ -389,3 +389,91 @@ def test_materialized_is_each_streams_wc_over_its_own_tree(tiny_llama, cfg, nets
         np.testing.assert_array_equal(pos[b], p)
         np.testing.assert_array_equal(valid[b], v)
     assert int(np.asarray(valid).sum()) == int(np.asarray(wc.num_valid).sum()) > 0
+
+
+def _layer0_reference(s):
+    """Layer-0 keys/values [B, W, ...] of a fresh prefill of each stream's materialized WC:
+    they depend only on a slot's own input and position, so a moved, re-rotated entry must
+    equal them exactly (deeper layers also see the context, which approx reuse keeps)."""
+    from mcjax.base import model as base
+
+    emb, pos, valid = s.materialized()
+    ref = base.init_cache(TINY_LLAMA, s.batch_size, W + K)
+    _, ref = base.prefill(s._params, TINY_LLAMA, ref, embeds=emb, positions=pos, mask=valid,
+                          index=0)
+    return np.asarray(ref.k[0, :, :W]), np.asarray(ref.v[0, :, :W]), np.asarray(valid)
+
+
+def test_approx_kv_reuse_moves_and_rerotates_entries_exactly_and_recomputes_fewer_slots(
+        tiny_llama, cfg, nets):
+    """kv_reuse="approx" under random focus (edits every refocus), fed and decoding: after
+    every refocus the cache's layer-0 entries equal a fresh prefill's (moves and RoPE
+    re-rotation are exact; only the context of kept entries is approximate); a twin fed the
+    same pieces exactly takes the same focus actions while approx recomputes fewer slots;
+    the refocus program compiles once."""
+    seen = []
+
+    def check_layer0(s):
+        k_ref, v_ref, valid = _layer0_reference(s)
+        m = valid[:, :, None, None]
+        np.testing.assert_allclose(np.where(m, s._state.cache.k[0, :, :W], 0),
+                                   np.where(m, k_ref, 0), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(np.where(m, s._state.cache.v[0, :, :W], 0),
+                                   np.where(m, v_ref, 0), atol=2e-5, rtol=1e-4)
+
+    def session(mode):
+        return _session(tiny_llama, cfg, nets, batch_size=2, focus_policy="random",
+                        focus_seed=3, kv_reuse=mode, debug_invariants=True)
+
+    s = session("approx")
+    s.on_event = lambda e: (check_layer0(s), seen.append(e.reprefill_approximate))
+    s.feed([_tokens(11, 7 * K + 3), _tokens(12, 4 * K)])
+    s.generate(2 * K + 1)
+    for i in range(3):
+        s.feed([_tokens(20 + i, 2 * K + i), _tokens(30 + i, K)])
+        s.generate(K + 2)
+    assert s.compiled_programs()["refocus"] == 1  # one refocus program for both paths
+    assert any(seen), "no refocus took the approximate path"
+    s.check()  # invariants and validity (the cache is approximate by design)
+
+    exact, approx = session("exact"), session("approx")
+    for t in (exact, approx):
+        t.feed([_tokens(13, 9 * K), _tokens(14, 5 * K)])
+    pieces = [(_tokens(40 + i, 5 + i), _tokens(50 + i, 3 + 2 * i)) for i in range(8)]
+    for p in pieces:
+        for t in (exact, approx):
+            t.feed(list(p))
+            t.sync()
+    ev_e, ev_a = list(exact.events), list(approx.events)
+    assert [e.actions for e in ev_e] == [e.actions for e in ev_a]
+    np.testing.assert_array_equal(exact.working_context.node, approx.working_context.node)
+    used = [(a.reprefill_slots, e.reprefill_slots) for a, e in zip(ev_a, ev_e)
+            if a.reprefill_approximate]
+    assert used and all(a < e for a, e in used)
+    assert all(a.reprefill_slots == e.reprefill_slots for a, e in zip(ev_a, ev_e)
+               if not a.reprefill_approximate)
+
+
+def test_cache_logprobs_equal_a_fresh_forward_and_leave_the_session_unchanged(
+        tiny_llama, cfg, nets):
+    from mcjax.eval.harness import _score
+
+    s, twin = (_session(tiny_llama, cfg, nets, batch_size=2) for _ in range(2))
+    for t in (s, twin):
+        t.feed(_two_streams())
+    cont = np.stack([_tokens(60, K), _tokens(61, K)])
+    got = s.cache_logprobs(cont)
+    emb, pos, valid = s.materialized()
+    wc = s.working_context
+    first = np.asarray(wc.num_valid if cfg.mc.position_scheme == "compact" else wc.num_tokens)
+    want, _ = _score(s._params, emb, pos, valid, jnp.asarray(np.asarray(wc.num_valid) - 1),
+                     jnp.asarray(cont, jnp.int32),
+                     jnp.asarray(first[:, None] + np.arange(K)[None], jnp.int32),
+                     jnp.ones(cont.shape, bool), config=TINY_LLAMA)
+    assert got.shape == (2, K - 1)
+    np.testing.assert_allclose(got, np.asarray(want)[:, 1:], atol=2e-4, rtol=2e-4)
+    np.testing.assert_array_equal(s.generate(K + 3), twin.generate(K + 3))
+    with pytest.raises(InputError, match="pending"):
+        s.cache_logprobs(cont)
+    with pytest.raises(InputError, match="2 <= T"):
+        twin.cache_logprobs(cont[:, :1])
