@@ -5,20 +5,26 @@ iterator's position and the experiment config as JSON. Orbax writes each step in
 temporary directory and renames it when complete, so a run killed mid-save resumes from
 the last complete step. Restoring into a config whose architecture differs (base model,
 GistNet, LensNet, block size) is a `CheckpointMismatchError` naming the fields.
+
+Also the params of the nets for sessions and evaluations: `load_trained_params` (GistNet or
+LensNet from a training workdir), `untrained_params`, `default_params` (shipped, else
+untrained).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mcjax.config import ExperimentConfig
+from mcjax.config import ConfigError, ExperimentConfig
 
 
 class CheckpointError(RuntimeError):
@@ -142,3 +148,137 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# --------------------------------------------------------------------------- nets' params
+# What a session or an evaluation runs with: trained params from a workdir, the untrained
+# nets the trainers start from, or (not given) the shipped ones (`mcjax.assets`).
+
+
+def _arch_without_dtype(base_config) -> Any:
+    if not isinstance(base_config, dict):
+        return base_config
+    return {k: v for k, v in base_config.items() if k != "dtype"}
+
+
+def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[str]:
+    """Fields that must agree for `part` (gist|lens) params of a checkpoint to mean the same
+    thing here: the base model, the block structure and the part's own architecture."""
+    mine = config_to_json(cfg)
+    pairs = {
+        "base": (saved.get("base"), mine.get("base")),
+        "base_config": (_arch_without_dtype(saved.get("base_config")),
+                        _arch_without_dtype(mine.get("base_config"))),
+        "mc.block_size": ((saved.get("mc") or {}).get("block_size"), cfg.mc.block_size),
+        "mc.num_levels": ((saved.get("mc") or {}).get("num_levels"), cfg.mc.num_levels),
+        part: (saved.get(part), mine.get(part)),
+    }
+    out = []
+    for name, (theirs, ours) in pairs.items():
+        if theirs == ours:
+            continue
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            for k in sorted(set(theirs) | set(ours)):
+                if theirs.get(k) != ours.get(k):
+                    out.append(f"{name}.{k}: checkpoint {theirs.get(k)!r} vs session "
+                               f"{ours.get(k)!r}")
+        else:
+            out.append(f"{name}: checkpoint {theirs!r} vs session {ours!r}")
+    return out
+
+
+def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
+                        step: int | None = None) -> tuple[Any, dict]:
+    """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
+    (`train_gist`, `train_lens` or `train_joint`), and where they came from.
+
+    `cfg.base_config` must be filled in (the base model's architecture). Raises
+    CheckpointError for a missing directory, no complete checkpoint, or a checkpoint without
+    that part; CheckpointMismatchError when it was trained for another base model, block
+    structure or architecture of the part.
+    """
+    from mcjax.assets import check_params  # deferred: mcjax.assets imports this module
+
+    if part not in ("gist", "lens"):
+        raise ValueError(f"part must be 'gist' or 'lens', got {part!r}")
+    if cfg.base_config is None:
+        raise ConfigError("load_trained_params needs cfg.base_config (the base architecture)")
+    path = Path(workdir)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    ckpt = Checkpointer(path, create=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {path}")
+        meta = ckpt.read_meta(step)
+        diffs = _config_differences(meta.get("config") or {}, cfg, part)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} (step {step}) was trained for a different setup than this "
+                f"session's {part} network:\n  " + "\n  ".join(diffs))
+        # Only the params are needed: restore the raw tree (independent of the optimizer).
+        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ckpt.close()
+    trained = (raw.get("params") or {}) if isinstance(raw, dict) else {}
+    if part not in trained:
+        raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
+                              f"has {sorted(trained)})")
+    params = jax.tree.map(jnp.asarray, trained[part])
+    check_params(params, cfg, part, f"{part} params in {path}")
+    extra = meta.get("extra") or {}
+    return params, {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
+                    "run": extra.get("run"), "gistnet": extra.get("gistnet")}
+
+
+@functools.lru_cache(maxsize=8)
+def _untrained(cfg: ExperimentConfig, part: str, output_rms: float):
+    from mcjax import lens
+    from mcjax.gist import init_gist_params
+
+    D = cfg.base_config.hidden_size
+    key = jax.random.key(cfg.train.seed)
+    if part == "gist":
+        return jax.jit(lambda k: init_gist_params(cfg.gist, D, k, block_size=cfg.mc.block_size,
+                                                  output_rms=output_rms))(key)
+    return lens.init_lens(cfg.lens, cfg.mc, D, jax.random.fold_in(key, 1))
+
+
+def untrained_params(cfg: ExperimentConfig, part: str, base_params=None):
+    """The untrained GistNet / LensNet the trainers start from (same seed and init; pass
+    the base params so an untrained GistNet's gists have the embeddings' scale, as in
+    training)."""
+    if cfg.base_config is None:
+        raise ConfigError("untrained_params needs cfg.base_config")
+    from mcjax.gist import embedding_rms
+
+    rms = 1.0 if part != "gist" or base_params is None else embedding_rms(base_params)
+    return _untrained(cfg, part, rms)
+
+
+def default_params(cfg: ExperimentConfig, gist_params, lens_params, base_params, *,
+                   untrained: bool = False, focus_policy: str = "lens"):
+    """The nets a session uses when they are not given: the shipped GistNet (and, for
+    focus "lens", the shipped LensNet) when they fit `cfg` (`mcjax.assets`), else — and
+    with `untrained=True` always — the untrained ones the trainers start from. Returns
+    (gist_params, lens_params, provenance of the parts resolved here)."""
+    from mcjax.assets import shipped_gist, shipped_lens
+
+    provenance = {}
+    if gist_params is None and not untrained:
+        shipped = shipped_gist(cfg)
+        if shipped is not None:
+            gist_params, provenance["gist"] = shipped
+    if gist_params is None:
+        gist_params = untrained_params(cfg, "gist", base_params)
+        provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
+    if lens_params is None and not untrained and focus_policy == "lens":
+        shipped = shipped_lens(cfg)
+        if shipped is not None:
+            lens_params, provenance["lens"] = shipped
+    if lens_params is None:
+        lens_params = untrained_params(cfg, "lens")
+        provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
+    return gist_params, lens_params, provenance

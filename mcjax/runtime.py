@@ -32,6 +32,10 @@ Refocus — every K decoded tokens, and once after new input:
      next token of each stream whose newest slot was recomputed. A stream whose only change
      is the append of its pending tokens re-prefills nothing: their KV entries are copied
      from the pending slots (same context, same positions).
+With `kv_reuse="approx"` the cache is instead rebuilt from the entries it already holds —
+each kept entry moved to its new slot, its key re-rotated to its new position — and only the
+K-slot chunks holding new entries plus each changed stream's newest chunk are recomputed
+(falling back to the exact range when that is not cheaper); see `Session`.
 Unchanged slots before the first change keep their cache entries. Slots a stream did not
 need re-prefilled (the range is shared by the batch) are recomputed from identical inputs,
 so they can differ from their old values only in the last bits (chunk shapes differ).
@@ -85,15 +89,14 @@ from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.assets import check_params
 from mcjax.base.model import InputError, KVCache
-from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer
+from mcjax.checkpoint import (_arch_without_dtype, default_params,  # noqa: F401 (re-exported)
+                              load_trained_params, untrained_params)
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig
-from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.tree import BlockGister, MegaContextTree, TreeView
 
 __all__ = [
     "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
-    "load_trained_params", "untrained_params", "default_params", "format_focus_map",
-    "focus_runs",
+    "load_trained_params", "untrained_params", "default_params",
     "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "recency_scores", "random_scores",
 ]
 
@@ -724,165 +727,6 @@ class CompileCounter:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _arch_without_dtype(base_config) -> Any:
-    if not isinstance(base_config, dict):
-        return base_config
-    return {k: v for k, v in base_config.items() if k != "dtype"}
-
-
-def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[str]:
-    """Fields that must agree for `part` (gist|lens) params of a checkpoint to mean the same
-    thing here: the base model, the block structure and the part's own architecture."""
-    from mcjax.checkpoint import config_to_json
-
-    mine = config_to_json(cfg)
-    pairs = {
-        "base": (saved.get("base"), mine.get("base")),
-        "base_config": (_arch_without_dtype(saved.get("base_config")),
-                        _arch_without_dtype(mine.get("base_config"))),
-        "mc.block_size": ((saved.get("mc") or {}).get("block_size"), cfg.mc.block_size),
-        "mc.num_levels": ((saved.get("mc") or {}).get("num_levels"), cfg.mc.num_levels),
-        part: (saved.get(part), mine.get(part)),
-    }
-    out = []
-    for name, (theirs, ours) in pairs.items():
-        if theirs == ours:
-            continue
-        if isinstance(theirs, dict) and isinstance(ours, dict):
-            for k in sorted(set(theirs) | set(ours)):
-                if theirs.get(k) != ours.get(k):
-                    out.append(f"{name}.{k}: checkpoint {theirs.get(k)!r} vs session "
-                               f"{ours.get(k)!r}")
-        else:
-            out.append(f"{name}: checkpoint {theirs!r} vs session {ours!r}")
-    return out
-
-
-def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
-                        step: int | None = None) -> tuple[Any, dict]:
-    """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
-    (`train_gist`, `train_lens` or `train_joint`), and where they came from.
-
-    `cfg.base_config` must be filled in (the base model's architecture). Raises
-    CheckpointError for a missing directory, no complete checkpoint, or a checkpoint without
-    that part; CheckpointMismatchError when it was trained for another base model, block
-    structure or architecture of the part.
-    """
-    import orbax.checkpoint as ocp
-
-    if part not in ("gist", "lens"):
-        raise ValueError(f"part must be 'gist' or 'lens', got {part!r}")
-    if cfg.base_config is None:
-        raise ConfigError("load_trained_params needs cfg.base_config (the base architecture)")
-    path = Path(workdir)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-    ckpt = Checkpointer(path, create=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {path}")
-        meta = ckpt.read_meta(step)
-        diffs = _config_differences(meta.get("config") or {}, cfg, part)
-        if diffs:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} (step {step}) was trained for a different setup than this "
-                f"session's {part} network:\n  " + "\n  ".join(diffs))
-        # Only the params are needed: restore the raw tree (independent of the optimizer).
-        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-    finally:
-        ckpt.close()
-    trained = (raw.get("params") or {}) if isinstance(raw, dict) else {}
-    if part not in trained:
-        raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
-                              f"has {sorted(trained)})")
-    params = jax.tree.map(jnp.asarray, trained[part])
-    check_params(params, cfg, part, f"{part} params in {path}")
-    extra = meta.get("extra") or {}
-    return params, {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
-                    "run": extra.get("run"), "gistnet": extra.get("gistnet")}
-
-
-@functools.lru_cache(maxsize=8)
-def _untrained(cfg: ExperimentConfig, part: str, output_rms: float):
-    D = cfg.base_config.hidden_size
-    key = jax.random.key(cfg.train.seed)
-    if part == "gist":
-        return jax.jit(lambda k: init_gist_params(cfg.gist, D, k, block_size=cfg.mc.block_size,
-                                                  output_rms=output_rms))(key)
-    return lens.init_lens(cfg.lens, cfg.mc, D, jax.random.fold_in(key, 1))
-
-
-def untrained_params(cfg: ExperimentConfig, part: str, base_params=None):
-    """The untrained GistNet / LensNet the trainers start from (same seed and init; pass
-    the base params so an untrained GistNet's gists have the embeddings' scale, as in
-    training)."""
-    if cfg.base_config is None:
-        raise ConfigError("untrained_params needs cfg.base_config")
-    rms = 1.0 if part != "gist" or base_params is None else embedding_rms(base_params)
-    return _untrained(cfg, part, rms)
-
-
-def default_params(cfg: ExperimentConfig, gist_params, lens_params, base_params, *,
-                   untrained: bool = False, focus_policy: str = "lens"):
-    """The nets a session uses when they are not given: the shipped GistNet (and, for
-    focus "lens", the shipped LensNet) when they fit `cfg` (`mcjax.assets`), else — and
-    with `untrained=True` always — the untrained ones the trainers start from. Returns
-    (gist_params, lens_params, provenance of the parts resolved here)."""
-    from mcjax.assets import shipped_gist, shipped_lens
-
-    provenance = {}
-    if gist_params is None and not untrained:
-        shipped = shipped_gist(cfg)
-        if shipped is not None:
-            gist_params, provenance["gist"] = shipped
-    if gist_params is None:
-        gist_params = untrained_params(cfg, "gist", base_params)
-        provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
-    if lens_params is None and not untrained and focus_policy == "lens":
-        shipped = shipped_lens(cfg)
-        if shipped is not None:
-            lens_params, provenance["lens"] = shipped
-    if lens_params is None:
-        lens_params = untrained_params(cfg, "lens")
-        provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
-    return gist_params, lens_params, provenance
-
-
-# --------------------------------------------------------------------------- focus maps
-
-
-def focus_runs(wc: wcm.WorkingContext, mc) -> list[tuple[int, int, int, int]]:
-    """Runs of consecutive entries of one level in one stream's WC (host):
-    (level, first token, end token, number of entries)."""
-    entries = wcm.to_entries(jax.device_get(wc))
-    runs: list[list[int]] = []
-    for level, node, _, _ in entries:
-        size = mc.block_size**level
-        if runs and runs[-1][0] == level:
-            runs[-1][2] = (node + 1) * size
-            runs[-1][3] += 1
-        else:
-            runs.append([level, node * size, (node + 1) * size, 1])
-    return [tuple(r) for r in runs]
-
-
-def format_focus_map(runs: Sequence[tuple[int, int, int, int]], width: int = 64) -> str:
-    """Compact focus map: one line per run (`[start, end) LODℓ × n`) plus a bar of the
-    history, each character the finest LOD covering that stretch ('0' = raw tokens)."""
-    if not runs:
-        return "(empty)"
-    total = runs[-1][2]
-    lines = [f"  [{s:>7}, {e:>7})  LOD{l} x {n}" + (" tokens" if l == 0 else " gists")
-             for l, s, e, n in runs]
-    bar = []
-    for i in range(min(width, total)):
-        lo, hi = i * total // min(width, total), (i + 1) * total // min(width, total)
-        bar.append(str(min(l for l, s, e, _ in runs if s < hi and e > lo)))
-    return "\n".join(lines + [f"  history |{''.join(bar)}| {total} tokens (oldest left)"])
-
-
 # --------------------------------------------------------------------------- session
 
 
@@ -1480,10 +1324,14 @@ class Session:
         return jax.device_get(self._state.wc)
 
     def focus_runs(self, stream: int = 0) -> list[tuple[int, int, int, int]]:
+        from mcjax.eval.focus_map import focus_runs
+
         wc = self.working_context
         return focus_runs(jax.tree.map(lambda x: x[stream], wc), self.mc)
 
     def focus_map(self, stream: int = 0, width: int = 64) -> str:
+        from mcjax.eval.focus_map import format_focus_map
+
         return format_focus_map(self.focus_runs(stream), width)
 
     def compiled_programs(self) -> dict[str, int]:

@@ -62,7 +62,8 @@ import numpy as np
 from mcjax.base import model as base
 from mcjax.base.generate import GreedySampler
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, get_config
-from mcjax.runtime import FOCUS_POLICIES, Session, default_params
+from mcjax.checkpoint import default_params
+from mcjax.runtime import FOCUS_POLICIES, Session
 
 __all__ = ["MegaContextLM", "METHODS", "DEFAULT_MAX_GEN_TOKS", "DEFAULT_HARNESS_MAX_TOKENS",
            "score_continuations"]

@@ -8,7 +8,7 @@ fits the config) the shipped LensNet are used; `untrained=True` evaluates the un
 purpose. `gist_params` is a params-only GistNet file (`mcjax.assets`: `<name>.safetensors`
 with its `<name>.json` card); the config must already carry the card's GistNet
 architecture (`mcjax.assets.apply_card`, which `pipeline.validate` applies). Loading
-goes through `mcjax.runtime.load_trained_params`, so a checkpoint of another base model
+goes through `mcjax.checkpoint.load_trained_params`, so a checkpoint of another base model
 or architecture is a `CheckpointMismatchError` naming the fields, and a missing directory
 or one without a complete checkpoint a `CheckpointError`.
 """
@@ -24,7 +24,7 @@ import jax
 
 from mcjax.checkpoint import CheckpointError, Checkpointer
 from mcjax.config import ExperimentConfig
-from mcjax.runtime import load_trained_params, untrained_params
+from mcjax.checkpoint import load_trained_params, untrained_params
 
 __all__ = ["Networks", "checkpoint_parts", "resolve_networks"]
 

@@ -38,7 +38,7 @@ from mcjax import working_context as wcm
 from mcjax.config import ConfigError, ExperimentConfig, get_config, override
 from mcjax.eval import baselines, ceiling, metrics, networks, tasks
 from mcjax.eval.tasks import EvalInputError
-from mcjax.runtime import format_focus_map
+from mcjax.eval.focus_map import format_focus_map
 from mcjax.train import data, loop
 
 __all__ = ["EvalOptions", "SECTIONS", "DEFAULT_SECTIONS", "METHODS", "run_evaluation",
