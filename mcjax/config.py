@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from typing import Any, Callable, Mapping
 
 __all__ = [
-    "ConfigError",
+    "ConfigError", "config_from_json",
     "LlamaConfig",
     "GistConfig",
     "LensConfig",
@@ -416,6 +418,39 @@ class ExperimentConfig:
                  f"lens.query_tokens ({self.lens.query_tokens}) must be <= "
                  f"retrieval.query_window ({self.retrieval.query_window}): both are read "
                  f"from one window of the newest tokens")
+
+
+def config_from_json(d: Mapping[str, Any]) -> "ExperimentConfig":
+    """The `ExperimentConfig` that `dataclasses.asdict` (then JSON) made `d` from: nested
+    configs rebuilt, lists back to tuples, absent fields at their defaults (a field added
+    later keeps the old behaviour by default), unknown fields a ConfigError."""
+    return _dataclass_from_json(ExperimentConfig, d, "config")
+
+
+def _dataclass_from_json(cls, d, where: str):
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected an object for {cls.__name__}, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: {cls.__name__} has no fields {unknown}")
+    return cls(**{k: _value_from_json(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def _value_from_json(tp, v, where: str):
+    if v is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_from_json(tp, v, where)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _value_from_json(inner[0], v, where) if len(inner) == 1 else v
+    if origin is tuple:
+        item = args[0] if args else Any
+        return tuple(_value_from_json(item, x, where) for x in v)
+    return v
 
 
 # --------------------------------------------------------------------------- registry

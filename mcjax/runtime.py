@@ -73,7 +73,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -91,13 +93,14 @@ from mcjax.assets import check_params
 from mcjax.base.model import InputError, KVCache
 from mcjax.checkpoint import (_arch_without_dtype, default_params,  # noqa: F401 (re-exported)
                               load_trained_params, untrained_params)
-from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig
-from mcjax.tree import BlockGister, MegaContextTree, TreeView
+from mcjax.checkpoint import CheckpointError, config_to_json
+from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
+from mcjax.tree import BlockGister, MegaContextTree, TreeView, copy_rows
 
 __all__ = [
     "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
     "load_trained_params", "untrained_params", "default_params",
-    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "recency_scores", "random_scores",
+    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "SAVE_VERSION", "recency_scores", "random_scores",
 ]
 
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
@@ -727,6 +730,68 @@ class CompileCounter:
 # --------------------------------------------------------------------------- checkpoints
 
 
+# --------------------------------------------------------------------------- persistence
+
+_SAVE_FORMAT = "mcjax-session"
+SAVE_VERSION = 1
+
+
+def _flat_arrays(tree) -> dict[str, np.ndarray]:
+    """{keystr path: host array} of a pytree's leaves."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _unflatten(flat: dict[str, np.ndarray]):
+    """Nested dicts back from `_flat_arrays` of nested dicts (paths like "['a']['b']")."""
+    if list(flat) == [""]:
+        return flat[""]
+    out: dict = {}
+    for path, value in flat.items():
+        keys = [k.strip("'\"") for k in path.strip("[]").split("][")]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = jnp.asarray(value)
+    return out
+
+
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> dict:
+    """Arrays as raw bytes in one .npz (bit-exact for every dtype, bfloat16 included);
+    returns the manifest (name -> dtype, shape) that `_read_arrays` needs."""
+    manifest, raw = {}, {}
+    for i, (name, a) in enumerate(arrays.items()):
+        a = np.asarray(a, order="C")  # (ascontiguousarray makes a 0-d array 1-d)
+        manifest[name] = {"key": f"a{i}", "dtype": str(a.dtype), "shape": list(a.shape)}
+        raw[f"a{i}"] = a.reshape(-1).view(np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def _read_arrays(path: Path, manifest: dict) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[m["key"]].view(jnp.dtype(m["dtype"])).reshape(tuple(m["shape"]))
+                for name, m in manifest.items()}
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- session
 
 
@@ -875,6 +940,7 @@ class Session:
                            else None, kv_reuse=kv_reuse)
         self._programs = _programs(self._plan, mesh)
         sh = self._programs.shardings
+        resolved_lens = lens_params
         if focus_policy == "random":  # the refocus program reads the seed in LensNet's place
             lens_params = np.uint32(self.focus_seed % (1 << 32))
         if sh is None:
@@ -913,6 +979,14 @@ class Session:
         self._num_pending = 0  # host mirror of state.num_pending
         self._num_refocus = 0
         self._ingest_s = 0.0  # tree ingest time since the last refocus (feed side)
+        # what `save` writes so that `load` rebuilds this session
+        self._nets = {"gist": gist_params, "lens": resolved_lens}
+        self._settings = dict(batch_size=self.batch_size, max_tokens=self.max_tokens,
+                              collapse_headroom=self._plan.headroom,
+                              prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
+                              pad_id=int(pad_id), max_events=int(max_events),
+                              focus_policy=focus_policy, focus_seed=self.focus_seed,
+                              kv_reuse=kv_reuse)
 
     # ------------------------------------------------------------------ construction
 
@@ -1244,6 +1318,118 @@ class Session:
             raise wcm.InvariantError("cache validity differs from the working context's")
         if cache_valid[:, W + p:].any():
             raise wcm.InvariantError("cache slots past the pending tokens are valid")
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Persist the session under `directory` so that `Session.load` continues it
+        bit-identically (same next tokens, same WCs): every stream's tree through the
+        on-disk store, the whole `StreamState` (WC, KV cache, pending tokens, flags), the
+        host-side counters, the config, the settings and the GistNet / LensNet params.
+        Telemetry (`events`) is not saved.
+
+        Crash-safe: a save is written into a fresh `save-N` directory, made durable, and
+        only then published by atomically replacing the `LATEST` pointer; older saves are
+        removed after. A process killed at any point (SIGKILL included) leaves the previous
+        save loadable. Returns the published save's directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        numbers = [int(p.name[5:]) for p in directory.glob("save-*") if p.name[5:].isdigit()]
+        n = max(numbers, default=0) + 1
+        tmp = directory / f".incomplete-save-{n}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for b, tree in enumerate(self._trees):
+            dst = MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
+                                         key_reader=self._key_reader,
+                                         model_name=self.cfg.base[:64])
+            try:
+                copy_rows(tree, dst)
+            finally:
+                dst.close()
+        arrays = {"state/" + k: v for k, v in _flat_arrays(jax.device_get(self._state)).items()}
+        for part, params in self._nets.items():
+            arrays.update({f"{part}/{k}": v for k, v in _flat_arrays(params).items()})
+        manifest = _write_arrays(tmp / "arrays.npz", arrays)
+        meta = {
+            "format": _SAVE_FORMAT, "format_version": SAVE_VERSION,
+            "config": config_to_json(self.cfg), "settings": self._settings,
+            "provenance": self.provenance, "arrays": manifest,
+            "host": {"unsynced": self._unsynced.tolist(), "laid_out": self._laid_out.tolist(),
+                     "num_pending": int(self._num_pending),
+                     "num_refocus": int(self._num_refocus)},
+        }
+        _write_durably(tmp / "session.json", json.dumps(meta, indent=2).encode())
+        _fsync_dir(tmp)
+        final = directory / f"save-{n}"
+        os.rename(tmp, final)
+        _fsync_dir(directory)
+        _write_durably(directory / "LATEST.tmp", final.name.encode())
+        os.replace(directory / "LATEST.tmp", directory / "LATEST")  # the publication
+        _fsync_dir(directory)
+        for old in directory.iterdir():  # earlier saves and leftovers of killed ones
+            if old.name != final.name and (old.name.startswith("save-")
+                                           or old.name.startswith(".incomplete-save-")):
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, base_model, *, mesh: Mesh | None = None,
+             debug_invariants: bool = False,
+             on_event: Callable[[RefocusEvent], None] | None = None) -> "Session":
+        """The session `save(directory)` published last, over `base_model` (the same base
+        model it ran with: its architecture is checked against the saved config)."""
+        directory = Path(directory)
+        pointer = directory / "LATEST"
+        if not pointer.exists():
+            raise CheckpointError(f"{directory} holds no saved session (no LATEST)")
+        where = directory / pointer.read_text().strip()
+        try:
+            meta = json.loads((where / "session.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{where}: unreadable session save: {e}") from e
+        if meta.get("format") != _SAVE_FORMAT or meta.get("format_version") != SAVE_VERSION:
+            raise CheckpointError(
+                f"{where}: not a session save of format {_SAVE_FORMAT!r} version "
+                f"{SAVE_VERSION} (found {meta.get('format')!r} version "
+                f"{meta.get('format_version')!r})")
+        cfg = config_from_json(meta["config"])
+        arrays = _read_arrays(where / "arrays.npz", meta["arrays"])
+        nets = {part: _unflatten({k[len(part) + 1:]: v for k, v in arrays.items()
+                                  if k.startswith(part + "/")}) for part in ("gist", "lens")}
+        settings = dict(meta["settings"])
+        lens_params = nets["lens"]
+        if settings["focus_policy"] == "random" and not lens_params:
+            lens_params = None
+        session = cls(base_model, nets["gist"], lens_params, cfg, mesh=mesh,
+                      debug_invariants=debug_invariants, on_event=on_event,
+                      provenance=meta.get("provenance"), **settings)
+        for b, tree in enumerate(session._trees):
+            src = MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
+                                       key_reader=session._key_reader)
+            try:
+                copy_rows(src, tree)
+            finally:
+                src.close()
+        template = _flat_arrays(jax.device_get(session._state))
+        saved = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
+        if set(saved) != set(template) or any(
+                saved[k].shape != template[k].shape or saved[k].dtype != template[k].dtype
+                for k in template):
+            raise CheckpointError(f"{where}: the saved state does not fit this session's "
+                                  f"state (another version or base model)")
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(session._state))
+        state = jax.tree_util.tree_unflatten(
+            treedef, [saved[jax.tree_util.keystr(path)] for path, _ in leaves])
+        session._state = session._put(state, "state")
+        host = meta["host"]
+        session._unsynced = np.asarray(host["unsynced"], np.int64)
+        session._laid_out = np.asarray(host["laid_out"], bool)
+        session._num_pending = int(host["num_pending"])
+        session._num_refocus = int(host["num_refocus"])
+        session._upload_view()  # the device view of the trees (what the WC materializes from)
+        return session
 
     # ------------------------------------------------------------------ generation
 

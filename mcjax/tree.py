@@ -1151,6 +1151,28 @@ class MegaContextTree:
             os.close(dir_fd)
 
 
+def copy_rows(src: MegaContextTree, dst: MegaContextTree) -> None:
+    """Append every stored row of `src` — tokens, gists of every level, retrieval keys — to
+    the empty tree `dst` as they are (nothing is re-gisted, so the copy is bit-identical),
+    then make `dst` durable (an on-disk `dst` also gets its metadata rewritten)."""
+    src._require_open()
+    dst._require_open()
+    if dst.num_tokens:
+        raise ValueError(f"copy_rows needs an empty destination tree, it holds "
+                         f"{dst.num_tokens} tokens")
+    if len(src.stores) != len(dst.stores) or (src.key_store is None) != (dst.key_store is None):
+        raise ValueError("copy_rows: source and destination trees keep different levels or "
+                         "keys")
+    pairs = list(zip(src.stores, dst.stores))
+    if src.key_store is not None:
+        pairs.append((src.key_store, dst.key_store))
+    for a, b in pairs:
+        if len(a):
+            b.append(a.read(0, len(a)))
+    if dst.path is not None:
+        dst.flush()
+
+
 def _input_metadata(gister: BlockGister) -> dict:
     """metadata.json fields naming what LOD1 gists are made from (all three always)."""
     cfg = gister.cfg

@@ -477,3 +477,110 @@ def test_cache_logprobs_equal_a_fresh_forward_and_leave_the_session_unchanged(
         s.cache_logprobs(cont)
     with pytest.raises(InputError, match="2 <= T"):
         twin.cache_logprobs(cont[:, :1])
+
+
+def _ops(s, seed):
+    """A fixed mix of feeds and generations (the continuation a loaded session must
+    repeat)."""
+    outs = [s.generate(2 * K + 3)]
+    s.feed([_tokens(seed, 2 * K + 1), _tokens(seed + 1, 5)])
+    outs.append(s.generate(K + 4))
+    return np.concatenate(outs, 1)
+
+
+@pytest.mark.parametrize("policy", ["random", "retrieval"])
+def test_a_saved_session_loads_and_continues_bit_identically(tiny_llama, cfg, nets, tmp_path,
+                                                             policy):
+    s = _session(tiny_llama, cfg, nets, batch_size=2, focus_policy=policy, focus_seed=5)
+    s.feed(_two_streams())
+    s.generate(K + 5)  # a refocus, then 5 pending tokens in the cache
+    first = s.save(tmp_path / "run")
+    s.feed([_tokens(70, 3), np.zeros(0, np.int64)])  # unsynced input in the trees, too
+    published = s.save(tmp_path / "run")
+    assert published != first and not first.exists()  # the older save is gone
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["LATEST", published.name]
+
+    loaded = Session.load(tmp_path / "run", tiny_llama, debug_invariants=True)
+    assert loaded.num_tokens.tolist() == s.num_tokens.tolist()
+    for b in range(2):
+        np.testing.assert_array_equal(loaded.tree(b).tokens(), s.tree(b).tokens())
+        for level in range(1, cfg.mc.num_levels + 1):
+            np.testing.assert_array_equal(loaded.tree(b).gists(level), s.tree(b).gists(level))
+        if policy == "retrieval":
+            np.testing.assert_array_equal(loaded.tree(b).keys(), s.tree(b).keys())
+    want = _ops(s, 80)
+    got = _ops(loaded, 80)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(loaded.working_context.node, s.working_context.node)
+    np.testing.assert_array_equal(loaded.working_context.level, s.working_context.level)
+    loaded.check()  # its cache equals a fresh prefill of its WC (an independent reference)
+    assert loaded.provenance["focus_policy"] == s.provenance["focus_policy"]
+
+
+def test_loading_what_is_not_a_saved_session_is_a_clear_error(tiny_llama, tmp_path):
+    with pytest.raises(CheckpointError, match="no saved session"):
+        Session.load(tmp_path, tiny_llama)
+    (tmp_path / "LATEST").write_text("save-1")
+    (tmp_path / "save-1").mkdir()
+    (tmp_path / "save-1" / "session.json").write_text('{"format": "other"}')
+    with pytest.raises(CheckpointError, match="not a session save"):
+        Session.load(tmp_path, tiny_llama)
+
+
+_SAVER = """
+import dataclasses, os, signal, sys
+import numpy as np, jax
+from mcjax.base.model import init_params
+from mcjax.config import TINY_LLAMA, get_config
+from mcjax.runtime import Session, untrained_params
+cfg = dataclasses.replace(get_config("tiny", {overrides!r}), base_config=TINY_LLAMA)
+llama = (TINY_LLAMA, init_params(TINY_LLAMA, jax.random.key(7)))
+s = Session(llama, untrained_params(cfg, "gist"), untrained_params(cfg, "lens"), cfg,
+            max_tokens={max_tokens}, collapse_headroom={headroom}, focus_policy="random")
+s.feed(np.random.default_rng(0).integers(3, TINY_LLAMA.vocab_size, 300))
+stage, done = sys.argv[2], [0]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+def hook(name, original, when):
+    def wrapped(*args, **kwargs):
+        if done[0] == 2 and when(*args):  # the third save is killed here
+            die()
+        return original(*args, **kwargs)
+    return wrapped
+if stage == "arrays":  # half-way: trees written, arrays not
+    np.savez = hook("savez", np.savez, lambda *a: True)
+else:  # everything written and renamed, the LATEST pointer not yet replaced
+    os.replace = hook("replace", os.replace, lambda src, dst: str(dst).endswith("LATEST"))
+while True:
+    s.generate(5)
+    s.save(sys.argv[1])
+    done[0] += 1
+    print(int(s.num_tokens[0]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("stage", ["arrays", "publish"])
+def test_a_session_killed_while_saving_leaves_the_previous_save_loadable(tiny_llama, tmp_path,
+                                                                         stage):
+    """SIGKILL inside the third save — while writing its arrays, or after everything but
+    the publication — leaves the second save loadable and consistent; the next save
+    removes the leftovers."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER.format(overrides=OVERRIDES, max_tokens=MAX_TOKENS,
+                                    headroom=HEADROOM))
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(script), str(run), stage], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    saved = [int(x) for x in done.stdout.split()]
+    assert len(saved) == 2
+    assert len(list(run.glob("save-*")) + list(run.glob(".incomplete-save-*"))) == 2  # torn
+    loaded = Session.load(run, tiny_llama)
+    assert int(loaded.num_tokens[0]) == saved[-1]
+    loaded.check()  # consistent: the cache equals a fresh prefill of the loaded WC
+    loaded.generate(K)
+    final = loaded.save(run)
+    assert sorted(p.name for p in run.iterdir()) == ["LATEST", final.name]
