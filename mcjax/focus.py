@@ -35,8 +35,8 @@ import numpy as np
 
 from mcjax.config import MCConfig
 from mcjax.working_context import (
-    WorkingContext, actions_from_masks, relayout, window_sum_int, group_windows,
-    legal_collapse_heads, legal_expand_mask, to_entries)
+    WorkingContext, actions_from_masks, collapse_groups, relayout, window_sum_int,
+    legal_expand_mask, to_entries)
 
 __all__ = ["FocusInfo", "NO_ACTION", "ACT_EXPAND", "ACT_COLLAPSE", "allocate",
            "reference_allocate", "candidate_scores"]
@@ -60,17 +60,15 @@ def candidate_scores(wc: WorkingContext, scores: jax.Array, cfg: MCConfig):
 
     Returns (expand_ok [W], scores [W], collapse_ok [W] at group heads, group_mean [W]).
     """
-    K = cfg.block_size
     scores = scores.astype(jnp.float32)
     fresh = wc.step - wc.edit_step < cfg.cooldown
     exp_blocked = (wc.edit_dir == -1) & fresh
     expand_ok = (legal_expand_mask(wc.level, wc.valid, cfg) & ~exp_blocked
                  & (scores > cfg.tau_expand))
-    mean = jnp.sum(group_windows(scores, K, 0.0), axis=1) / K
-    col_blocked = window_sum_int((wc.edit_dir == 1) & fresh & wc.valid, K) > 0
-    collapse_ok = (legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, cfg)
-                   & ~col_blocked & (mean < -cfg.tau_collapse))
-    return expand_ok, scores, collapse_ok, mean
+    groups = collapse_groups(wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir,
+                             wc.num_tokens, wc.step, scores, cfg)
+    collapse_ok = jnp.isfinite(groups.key("never")) & (groups.mean < -cfg.tau_collapse)
+    return expand_ok, scores, collapse_ok, groups.mean
 
 
 def _allocate_impl(wc: WorkingContext, scores: jax.Array, cfg: MCConfig):

@@ -276,9 +276,9 @@ def _collapse_ahead(plan: _Plan, wc, scores, trigger):
 
     Without it a full WC collapses one group per refocus — the oldest LOD0 group, right
     after the gists — so nearly the whole cache is re-prefilled every K tokens. Collapsing
-    ahead (same choice as `append`: lowest mean score, else oldest; never the protected tail,
-    the sink, nor a group an expansion created within the cooldown — legality is
-    `legal_collapse_heads`) lets the next headroom/K refocuses
+    ahead (the one rule, `wcm.collapse_groups`: lowest mean score, else oldest; never the
+    protected tail, the sink, nor — unlike `append`, which must meet the budget — a group an
+    expansion created within the cooldown) lets the next headroom/K refocuses
     only append, re-prefilling just the new tokens. Returns (wc, scores realigned, count).
     """
     mc = plan.mc
@@ -287,11 +287,9 @@ def _collapse_ahead(plan: _Plan, wc, scores, trigger):
     trigger = trigger & (W - wc.num_valid < K)
 
     def group_keys(wc, scores):
-        heads = wcm.legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, mc)
-        fresh = (wc.edit_dir == 1) & (wc.step - wc.edit_step < mc.cooldown) & wc.valid
-        blocked = jnp.any(wcm.group_windows(fresh, K, False), axis=1)
-        mean = jnp.mean(wcm.group_windows(scores, K, 0.0), axis=1)
-        return jnp.where(heads & ~blocked, mean, jnp.inf), mean
+        groups = wcm.collapse_groups(wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir,
+                                     wc.num_tokens, wc.step, scores, mc)
+        return groups.key("never"), groups.mean
 
     def cond(carry):
         wc, scores, _ = carry

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -390,6 +390,38 @@ def legal_collapse_heads(level, node, valid, num_tokens, cfg: MCConfig) -> jax.A
             & ~sink_mask(level, node, valid, cfg))
 
 
+class CollapseGroups(NamedTuple):
+    """The one rule for choosing sibling groups to collapse (append's budget collapses,
+    the runtime's collapse-ahead, the allocator; training draws from `heads`), per slot i:
+    heads[i]: a group starting at i may collapse (`legal_collapse_heads`); cooled[i]: one
+    of its members was created by an expansion within the last `cooldown` refocus steps;
+    mean[i]: its mean score (lower = collapse first; ties: the oldest)."""
+
+    heads: jax.Array
+    cooled: jax.Array
+    mean: jax.Array
+
+    def key(self, cooled: str) -> jax.Array:
+        """Collapse priority [N] (argmin = the group to collapse; inf = none): `cooled`
+        groups go "last" (when the budget must be met) or "never" (optional collapses)."""
+        if cooled == "never":
+            return jnp.where(self.heads & ~self.cooled, self.mean, jnp.inf)
+        if cooled == "last":  # scores are in [-1, 1]: +4 puts them after every other group
+            return jnp.where(self.heads, self.mean + 4.0 * self.cooled, jnp.inf)
+        raise ValueError(f"cooled must be 'last' or 'never', got {cooled!r}")
+
+
+def collapse_groups(level, node, valid, edit_step, edit_dir, num_tokens, step, scores,
+                    cfg: MCConfig) -> CollapseGroups:
+    """`CollapseGroups` of one WC's slot arrays (any length N) at refocus step `step`."""
+    K = cfg.block_size
+    heads = legal_collapse_heads(level, node, valid, num_tokens, cfg)
+    fresh = (edit_dir == 1) & (step - edit_step < cfg.cooldown) & valid
+    cooled = window_sum_int(fresh, K) > 0
+    mean = jnp.mean(group_windows(jnp.asarray(scores, jnp.float32), K, 0.0), axis=1)
+    return CollapseGroups(heads=heads, cooled=cooled, mean=mean)
+
+
 def legal_directions(wc: WorkingContext, cfg: MCConfig) -> tuple[jax.Array, jax.Array]:
     """([W] may expand, [W] may collapse) of one WC — the allocator's rules, per slot: a
     slot may expand iff `legal_expand_mask` (and it is outside the protected tail); it may
@@ -528,7 +560,6 @@ def _append_impl(wc: WorkingContext, num_new, scores, cfg: MCConfig):
                 edit_step=pad(wc.edit_step), edit_dir=pad(wc.edit_dir), score=pad(scores),
                 T=wc.num_tokens, remaining=num_new, overflow=jnp.bool_(False),
                 collapses=jnp.int32(0))
-    cooldown_cut = wc.step - cfg.cooldown
     j = jnp.arange(N, dtype=jnp.int32)
     max_collapses = -(-K // (K - 1))  # a chunk of ≤ K tokens needs at most this many
 
@@ -544,14 +575,12 @@ def _append_impl(wc: WorkingContext, num_new, scores, cfg: MCConfig):
                  remaining=s["remaining"] - c)
         for _ in range(max_collapses):  # static, tiny: collapses per chunk, not slots
             n_valid = jnp.sum(s["valid"], dtype=jnp.int32)
-            heads = legal_collapse_heads(s["level"], s["node"], s["valid"], s["T"], cfg)
-            mean = jnp.mean(group_windows(s["score"], K, 0.0), axis=1)
+            groups = collapse_groups(s["level"], s["node"], s["valid"], s["edit_step"],
+                                     s["edit_dir"], s["T"], wc.step, s["score"], cfg)
+            mean = groups.mean
             # a group an expand created within the cooldown goes last, but the budget wins
-            recent = (s["edit_dir"] == 1) & (s["edit_step"] > cooldown_cut)
-            blocked = window_sum_int(recent, K) > 0
-            key = jnp.where(heads, mean + 4.0 * blocked, jnp.inf)
-            best = jnp.argmin(key)  # first minimum: the oldest among equals
-            do = (n_valid > W) & heads[best]
+            best = jnp.argmin(groups.key("last"))  # first minimum: the oldest among equals
+            do = (n_valid > W) & groups.heads[best]
             action = jnp.where(do, actions_from_masks(jnp.zeros((N,), bool), j == best, K),
                                KEEP)
             (lv, nd, va, es, ed), src, _ = relayout(

@@ -109,6 +109,80 @@ def reference_append(entries, scores, T, step, num_new, cfg):
     return [tuple(e) for e in ents], T
 
 
+def reference_collapse_keys(entries, scores, T, step, cfg, cooled: str) -> list[float]:
+    """Plain-Python collapse priority per entry (inf: may not collapse): the legal sibling
+    groups (K aligned siblings below the top level, parent span before the protected tail
+    and clear of the sink) by mean score; a group holding an expansion younger than the
+    cooldown goes last (+4) or never."""
+    K, L = cfg.block_size, cfg.num_levels
+    keys = [np.inf] * cfg.w_max
+    for h in range(len(entries) - K + 1):
+        lvl, nd = entries[h][0], entries[h][1]
+        if lvl >= L or nd % K or (nd // K + 1) * K ** (lvl + 1) > T - cfg.recent_protect:
+            continue
+        if nd * K**lvl < cfg.sink_blocks * K:
+            continue
+        if not all(tuple(entries[h + j][:2]) == (lvl, nd + j) for j in range(K)):
+            continue
+        recent = any(entries[h + j][3] == 1 and step - entries[h + j][2] < cfg.cooldown
+                     for j in range(K))
+        mean = float(np.mean(np.float32(scores[h:h + K])))
+        keys[h] = np.inf if (recent and cooled == "never") else mean + 4.0 * recent
+    return keys
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_append_collapse_ahead_allocator_and_training_share_one_collapse_rule(cfg, data):
+    """On random layouts with cooldown stamps: `collapse_groups` equals a plain-Python
+    reference; the allocator's collapse candidates, the runtime's collapse-ahead (its first
+    collapse) and training's layout-bank heads follow it (append: see the append tests)."""
+    import types
+
+    from mcjax import focus
+    from mcjax.runtime import _collapse_ahead
+    from mcjax.train.losses import _collapsible_heads
+
+    wc = random_layout(data.draw, cfg, stamps=True)
+    scores = dyadic_scores(data.draw, cfg.w_max)
+    entries = wcm.to_entries(wc)
+    T, step = int(wc.num_tokens), int(wc.step)
+    groups = wcm.collapse_groups(wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir,
+                                 wc.num_tokens, wc.step, scores, cfg)
+    for cooled in ("last", "never"):  # (K = 3: a mean may differ in the last bit)
+        np.testing.assert_allclose(
+            np.asarray(groups.key(cooled)),
+            np.asarray(reference_collapse_keys(entries, scores, T, step, cfg, cooled),
+                       np.float32), rtol=1e-6)
+    never = np.asarray(reference_collapse_keys(entries, scores, T, step, cfg, "never"))
+    # allocator: a collapse candidate iff collapsible now and its mean is below -tau
+    _, _, collapse_ok, _ = focus.candidate_scores(wc, jnp.asarray(scores), cfg)
+    want = np.isfinite(never) & (np.asarray(groups.mean) < -cfg.tau_collapse)
+    np.testing.assert_array_equal(np.asarray(collapse_ok), want)
+    # training's layout bank draws its collapses from the legal heads
+    assert _collapsible_heads([e[:2] for e in entries], T, cfg) == [
+        i for i, k in enumerate(reference_collapse_keys(entries, scores, T, step, cfg,
+                                                        "last")) if np.isfinite(k)]
+    # collapse-ahead: fill the WC to K - 1 free slots (appended tokens score 0), then with
+    # headroom for exactly one collapse it collapses the "never" argmin
+    K, n = cfg.block_size, int(wc.num_valid)
+    full, info = wcm.append(wc, jnp.int32(max(0, cfg.w_max - n - (K - 1))), cfg,
+                            jnp.asarray(scores))
+    assert int(info.num_collapses) == 0
+    full_scores = np.where(np.arange(cfg.w_max) < n, scores, 0.0).astype(np.float32)
+    never = np.asarray(reference_collapse_keys(wcm.to_entries(full), full_scores,
+                                               int(full.num_tokens), step, cfg, "never"))
+    plan = types.SimpleNamespace(mc=cfg, headroom=cfg.w_max - int(full.num_valid) + 1)
+    after, _, count = _collapse_ahead(plan, full, jnp.asarray(full_scores), jnp.bool_(True))
+    if np.isfinite(never).any():
+        want, _ = wcm.collapse(full, jnp.int32(int(np.argmin(never))), cfg)
+        assert int(count) == 1
+        chex.assert_trees_all_equal(after, want)
+    else:
+        assert int(count) == 0
+
+
 # --------------------------------------------------------------------------- construction
 
 

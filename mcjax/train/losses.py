@@ -380,14 +380,13 @@ class LensTask:
         return self.prefix_len + self.horizon
 
 
-def _collapsible_head(entries, i: int, num_tokens: int, mc: MCConfig) -> bool:
-    """Host mirror of `legal_collapse_heads` on an entry list."""
-    K = mc.block_size
-    lvl, node = entries[i]
-    return (lvl < mc.num_levels and node % K == 0 and i + K - 1 < len(entries)
-            and entries[i + K - 1] == (lvl, node + K - 1)
-            and (node // K + 1) * K ** (lvl + 1) <= num_tokens - mc.recent_protect
-            and node * K ** lvl >= mc.sink_blocks * K)  # parent span clear of the sink
+def _collapsible_heads(entries, num_tokens: int, mc: MCConfig) -> list[int]:
+    """Entry indices that head a collapsible group: the allocator's rule
+    (`working_context.collapse_groups(...).heads`, i.e. `legal_collapse_heads`) on the
+    entry list laid out as a WC."""
+    wc = wcm.from_entries(entries, num_tokens, mc)
+    heads = wcm.legal_collapse_heads(wc.level, wc.node, wc.valid, wc.num_tokens, mc)
+    return [int(i) for i in np.flatnonzero(np.asarray(heads))]
 
 
 @functools.lru_cache(maxsize=16)
@@ -417,7 +416,7 @@ def _build_layout_bank(task: LensTask):
         for _ in range(int(rng.integers(0, task.max_random_edits + 1))):
             expands = ([i for i, (lv, _) in enumerate(entries) if lv >= 1]
                        if len(entries) + K - 1 <= room else [])
-            heads = [i for i in range(len(entries)) if _collapsible_head(entries, i, T, mc)]
+            heads = _collapsible_heads(entries, T, mc)
             kinds = [k for k, c in (("expand", expands), ("collapse", heads)) if c]
             if not kinds:
                 break
