@@ -216,6 +216,41 @@ def test_blocked_causal_attention_equals_full_attention(tiny_llama, monkeypatch)
     chex.assert_trees_all_close(blocked, full, atol=1e-5)
 
 
+def test_prefix_attention_skips_later_keys_and_equals_full_attention():
+    rng = np.random.default_rng(9)
+    B, T, H, KVH, hd, S = 2, 5, 6, 2, 8, 37
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+               for s in ((B, T, H, hd), (B, S, KVH, hd), (B, S, KVH, hd)))
+    for index in (0, 9, 32):
+        valid = jnp.asarray(rng.random((B, S)) < 0.8).at[:, index].set(True)
+        bias = base._causal_bias(valid, jnp.broadcast_to(index + jnp.arange(T), (B, T)))
+        want = base._attend(q, k, v, bias)
+        got = base.attention_prefix(q, k, v, bias, jnp.int32(index + T), block=4)
+        chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+        # keys past the chunk's end are never read: garbage there changes nothing
+        junk = k.at[:, index + T + 4:].set(1e6)
+        chex.assert_trees_all_close(
+            base.attention_prefix(q, junk, v, bias, jnp.int32(index + T), block=4), got)
+
+
+def test_cached_chunked_prefill_with_prefix_attention_equals_a_full_forward(tiny_llama,
+                                                                            monkeypatch):
+    config, params = tiny_llama
+    monkeypatch.setattr(base, "ATTENTION_CHUNK", 4)  # capacity 30 >= 2 blocks: prefix path
+    rng = np.random.default_rng(10)
+    T, C = 30, 6
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, T)))
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    full = base.forward_core(params, config, tokens, None, positions, jnp.ones((2, T), bool))
+    cache = base.init_cache(config, 2, T)
+    outs = []
+    for start in range(0, T, C):
+        logits, cache = base.prefill(params, config, cache, tokens=tokens[:, start:start + C],
+                                     positions=positions[:, start:start + C], index=start)
+        outs.append(logits)
+    chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-4)
+
+
 def test_layer_hidden_reads_independent_chunks_and_equals_a_truncated_stack(tiny_llama):
     """Read-pass features: each aligned chunk is read on its own (positions from 0), and a
     token's state after `layer` layers equals an independent reference — the full forward

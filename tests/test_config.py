@@ -58,3 +58,21 @@ def test_unsupported_hf_configs_are_clear_errors():
         C.LlamaConfig.from_hf_dict({k: v for k, v in d.items() if k != "hidden_size"})
     with pytest.raises(C.ConfigError, match="multiple of num_kv_heads"):
         dataclasses.replace(C.TINY_LLAMA, num_kv_heads=3)
+
+
+def test_config_from_json_inverts_asdict_with_defaults_for_absent_fields():
+    from mcjax.config import TINY_LLAMA, ConfigError, config_from_json, get_config, \
+        list_configs
+
+    for name in list_configs():
+        cfg = get_config(name)
+        assert config_from_json(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    tiny = dataclasses.replace(get_config("tiny"), base_config=TINY_LLAMA)
+    d = json.loads(json.dumps(dataclasses.asdict(tiny)))
+    back = config_from_json(d)
+    assert back == tiny and isinstance(back.retrieval.layers, tuple)
+    del d["lens"]["query_tokens"]  # written before the field existed: its default
+    assert config_from_json(d).lens.query_tokens == 0
+    d["lens"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="bogus"):
+        config_from_json(d)

@@ -115,6 +115,45 @@ def attention(q, k, v, bias, *, causal_prefix: bool):
     return jnp.concatenate(outs, axis=1)
 
 
+def attention_prefix(q, k, v, bias, stop, block: int | None = None):
+    """`_attend` over keys [0, stop) only, in key blocks of `block` with an online softmax:
+    the blocks past `stop` (a traced scalar) are not computed. For a cached prefill chunk
+    ending at slot `stop`, whose bias already masks every later key, this equals attending
+    to the whole cache (up to rounding) at a fraction of the cost early in the cache."""
+    block = block or ATTENTION_CHUNK
+    B, T, H, hd = q.shape
+    S, kvh = k.shape[1], k.shape[2]
+    pad = -(-S // block) * block - S
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad)), constant_values=_NEG)
+    qg = q.reshape(B, T, kvh, H // kvh, hd)
+
+    def body(i, carry):
+        m, l, acc = carry
+        kb = jax.lax.dynamic_slice_in_dim(k, i * block, block, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, i * block, block, axis=1)
+        bb = jax.lax.dynamic_slice_in_dim(bias, i * block, block, axis=2)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32
+                            ) * (hd ** -0.5) + bb[:, None, None]
+        m_new = jnp.maximum(m, scores.max(-1))
+        p = jnp.exp(scores - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(q.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc
+
+    g = H // kvh
+    init = (jnp.full((B, kvh, g, T), -jnp.inf, jnp.float32),
+            jnp.zeros((B, kvh, g, T), jnp.float32),
+            jnp.zeros((B, kvh, g, T, hd), jnp.float32))
+    num_blocks = jnp.clip((stop + block - 1) // block, 1, k.shape[1] // block)
+    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = acc / l[..., None]  # [B, kvh, g, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd).astype(q.dtype)
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm block. The carry is (hidden, stacked KV cache or None, layer index):
     keeping the whole [layers, ...] cache in the scan carry lets XLA update it in place
@@ -140,8 +179,12 @@ class DecoderLayer(nn.Module):
                      _write_layer_slots(cache[1], v, layer, index))
             keys = jax.lax.dynamic_index_in_dim(cache[0], layer, 0, keepdims=False)
             values = jax.lax.dynamic_index_in_dim(cache[1], layer, 0, keepdims=False)
-        attn = attention(q, keys.astype(dt), values.astype(dt), bias,
-                         causal_prefix=cache is None)
+        if cache is not None and T > 1 and keys.shape[1] >= 2 * ATTENTION_CHUNK:
+            # a cached prefill chunk sees only the slots before its end: skip the rest
+            attn = attention_prefix(q, keys.astype(dt), values.astype(dt), bias, index + T)
+        else:
+            attn = attention(q, keys.astype(dt), values.astype(dt), bias,
+                             causal_prefix=cache is None)
         h = h + _dense(c.hidden_size, "o_proj", dt)(attn.reshape(B, T, c.num_heads * c.head_dim))
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(h)
         gate = _dense(c.intermediate_size, "gate_proj", dt)(x)
