@@ -211,20 +211,21 @@ def random_scores(key: jax.Array, wc, mc) -> jax.Array:
                              wc, mc)
 
 
-def _policy_scores(plan: _Plan, lens_params, base_params, wc, view, stream, call: int,
+def _policy_scores(plan: _Plan, focus_params, base_params, wc, view, stream, call: int,
                    cond=None):
-    """Scores [W] of one stream's WC under the plan's focus policy. For "random",
-    `lens_params` is the seed ([] uint32); the key folds in the stream, the WC's refocus
-    step and which scoring of the refocus this is, so it is deterministic given the seed
-    and differs from refocus to refocus. `cond`: the stream's `_focus_conditioning`
+    """Scores [W] of one stream's WC under the plan's focus policy, from the policy's own
+    inputs: `focus_params` are LensNet's params ("lens") or the seed ([] uint32,
+    "random"; unused by "recency" and "retrieval"). For "random" the key folds in the
+    stream, the WC's refocus step and which scoring of the refocus this is, so it is
+    deterministic given the seed and differs from refocus to refocus. `cond`: the stream's `_focus_conditioning`
     (computed once per refocus) for "retrieval" and LensNet v2."""
     if plan.focus_policy == "retrieval":
         return retrieval.slot_scores(wc, cond["blocks"], plan.mc)
     if plan.focus_policy == "lens":
-        return _score_stream(plan, lens_params, base_params, wc, view, cond)
+        return _score_stream(plan, focus_params, base_params, wc, view, cond)
     if plan.focus_policy == "recency":
         return recency_scores(wc, plan.mc)
-    key = jax.random.key(lens_params)
+    key = jax.random.key(focus_params)
     for x in (stream, wc.step, call):
         key = jax.random.fold_in(key, x)
     return random_scores(key, wc, plan.mc)
@@ -379,7 +380,7 @@ def _moved_kv(plan: _Plan, cache: KVCache, src, delta) -> KVCache:
     return cache.replace(k=move(cache.k, True), v=move(cache.v, False))
 
 
-def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: TreeView,
+def _refocus(plan: _Plan, base_params, focus_params, state: StreamState, view: TreeView,
              num_new, reset, layout, revive, from_pending, settle):
     """One refocus of every stream (module docstring, step 2).
 
@@ -402,17 +403,17 @@ def _refocus(plan: _Plan, base_params, lens_params, state: StreamState, view: Tr
     streams = jnp.arange(B, dtype=jnp.int32)
     cond = _focus_conditioning(plan, base_params, view)  # the whole history, new tokens too
 
-    def score(lens_params, base_params, wc, view, call):
-        def fn(lens_params, base_params, wc, view, stream, cond):
-            return _policy_scores(plan, lens_params, base_params, wc, view, stream, call,
+    def score(focus_params, base_params, wc, view, call):
+        def fn(focus_params, base_params, wc, view, stream, cond):
+            return _policy_scores(plan, focus_params, base_params, wc, view, stream, call,
                                   cond)
 
-        return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, 0))(lens_params, base_params, wc,
+        return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, 0))(focus_params, base_params, wc,
                                                                view, streams, cond)
 
-    scores0 = score(lens_params, base_params, wc0, view, 0)
+    scores0 = score(focus_params, base_params, wc0, view, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
-    scores1 = score(lens_params, base_params, wc1, view, 1)
+    scores1 = score(focus_params, base_params, wc1, view, 1)
     # Only streams with new tokens (or a fresh layout) refocus, so a stream's focus never
     # depends on its batch neighbours (e.g. one that already emitted EOS).
     active = reset | (num_new > 0) | settle
@@ -939,14 +940,16 @@ class Session:
         self._programs = _programs(self._plan, mesh)
         sh = self._programs.shardings
         resolved_lens = lens_params
-        if focus_policy == "random":  # the refocus program reads the seed in LensNet's place
+        # What the refocus program's `focus_params` are: LensNet's params for "lens", the
+        # seed for "random" (its key), unused by "recency" and "retrieval".
+        if focus_policy == "random":
             lens_params = np.uint32(self.focus_seed % (1 << 32))
         if sh is None:
             self._params = jax.device_put(params)
-            self._lens_params = jax.device_put(lens_params)
+            self._focus_params = jax.device_put(lens_params)
         else:
             self._params = jax.device_put(params, sh["params"])
-            self._lens_params = jax.device_put(lens_params, sh["rep"])
+            self._focus_params = jax.device_put(lens_params, sh["rep"])
         self._gister = BlockGister.from_base(cfg.gist, gist_params, self._params, llama,
                                              block_size=K, gist_batch=gist_batch)
         self._key_reader = None
@@ -1209,7 +1212,7 @@ class Session:
         self._upload_view()
         settle = self._no_streams if settle is None else np.asarray(settle, bool)
         self._state, telemetry = self._programs.refocus(
-            self._params, self._lens_params, self._state, self._view,
+            self._params, self._focus_params, self._state, self._view,
             np.asarray(num_new, np.int32), np.asarray(reset, bool), layout,
             np.asarray(revive, bool), np.bool_(trigger == "decode"), settle)
         telemetry = jax.device_get(telemetry)  # waits for the refocus

@@ -316,7 +316,7 @@ def test_lensnet_v2_scores_in_the_session_see_the_question():
         cond = jax.tree.map(lambda x: x[0], _focus_conditioning(
             s._plan, s._params, jax.tree.map(lambda x: x[None], view)))
         wc = wcm.initial_layout(1520, LENS_V2.mc)
-        scores.append(np.asarray(_score_stream(s._plan, s._lens_params, s._params, wc, view,
+        scores.append(np.asarray(_score_stream(s._plan, s._focus_params, s._params, wc, view,
                                                cond)))
     assert not np.allclose(scores[0], scores[1])
 
