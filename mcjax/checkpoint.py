@@ -187,6 +187,32 @@ def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[s
     return out
 
 
+def restore_trained_params(workdir: str | os.PathLike, step: int | None = None, *,
+                           check: Any = None) -> tuple[dict, dict, int]:
+    """(trainable params by net, e.g. {"gist": ...}, checkpoint meta, step) of a training
+    workdir's checkpoint `step` (default latest), restored as a raw tree (independent of the
+    optimizer). `check(meta, step)` runs before the restore (to refuse a mismatch without
+    reading the arrays). Raises CheckpointError for a missing directory or no complete
+    checkpoint."""
+    path = Path(workdir)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    ckpt = Checkpointer(path, create=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {path}")
+        meta = ckpt.read_meta(step)
+        if check is not None:
+            check(meta, step)
+        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ckpt.close()
+    trained = (raw.get("params") or {}) if isinstance(raw, dict) else {}
+    return trained, meta, int(step)
+
+
 def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
                         step: int | None = None) -> tuple[Any, dict]:
     """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
@@ -204,25 +230,15 @@ def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part:
     if cfg.base_config is None:
         raise ConfigError("load_trained_params needs cfg.base_config (the base architecture)")
     path = Path(workdir)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-    ckpt = Checkpointer(path, create=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {path}")
-        meta = ckpt.read_meta(step)
+
+    def check(meta: dict, step: int) -> None:
         diffs = _config_differences(meta.get("config") or {}, cfg, part)
         if diffs:
             raise CheckpointMismatchError(
                 f"checkpoint {path} (step {step}) was trained for a different setup than this "
                 f"session's {part} network:\n  " + "\n  ".join(diffs))
-        # Only the params are needed: restore the raw tree (independent of the optimizer).
-        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-    finally:
-        ckpt.close()
-    trained = (raw.get("params") or {}) if isinstance(raw, dict) else {}
+
+    trained, meta, step = restore_trained_params(path, step, check=check)
     if part not in trained:
         raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
                               f"has {sorted(trained)})")

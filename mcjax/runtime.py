@@ -89,7 +89,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mcjax import focus, lens, retrieval, sharding
 from mcjax import working_context as wcm
 from mcjax.base import model as base
-from mcjax.assets import check_params
+from mcjax.assets import check_params, flatten_params, unflatten_params
 from mcjax.base.model import InputError, KVCache
 from mcjax.checkpoint import (_arch_without_dtype, default_params,  # noqa: F401 (re-exported)
                               load_trained_params, untrained_params)
@@ -100,7 +100,8 @@ from mcjax.tree import BlockGister, MegaContextTree, TreeView, copy_rows
 __all__ = [
     "Session", "StreamState", "RefocusEvent", "CompileCounter", "InputError",
     "load_trained_params", "untrained_params", "default_params",
-    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "SAVE_VERSION", "recency_scores", "random_scores",
+    "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "SAVE_VERSION", "recency_scores",
+    "random_scores",
 ]
 
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
@@ -217,8 +218,8 @@ def _policy_scores(plan: _Plan, focus_params, base_params, wc, view, stream, cal
     inputs: `focus_params` are LensNet's params ("lens") or the seed ([] uint32,
     "random"; unused by "recency" and "retrieval"). For "random" the key folds in the
     stream, the WC's refocus step and which scoring of the refocus this is, so it is
-    deterministic given the seed and differs from refocus to refocus. `cond`: the stream's `_focus_conditioning`
-    (computed once per refocus) for "retrieval" and LensNet v2."""
+    deterministic given the seed and differs from refocus to refocus. `cond`: the stream's
+    `_focus_conditioning` (computed once per refocus) for "retrieval" and LensNet v2."""
     if plan.focus_policy == "retrieval":
         return retrieval.slot_scores(wc, cond["blocks"], plan.mc)
     if plan.focus_policy == "lens":
@@ -489,9 +490,7 @@ def _refocus(plan: _Plan, base_params, focus_params, state: StreamState, view: T
         src, delta = _kv_sources(plan, state.wc, cached_valid, wc2, pos, valid, from_pending)
         changed_any = (first_changed < W) | (num_new > 0) | reset
         fresh = valid & (src < 0)  # entries not in the cache anywhere: computed
-        chunk_of = jnp.arange(W) // K
-        dirty = jnp.any(fresh[:, :, None] & (chunk_of[None, :, None]
-                                            == jnp.arange(W // K)[None, None, :]), axis=1)
+        dirty = jnp.any(fresh.reshape(B, W // K, K), axis=2)  # [B, chunks]
         # the newest chunk of every changed stream, so its next token sees the new context
         dirty = dirty | (changed_any[:, None] & (jnp.arange(W // K)[None, :]
                                                  == (jnp.maximum(newest, 0) // K)[:, None]))
@@ -513,9 +512,9 @@ def _refocus(plan: _Plan, base_params, focus_params, state: StreamState, view: T
             return cache, newest_hidden, got, num_dirty * K
 
         # exact when it recomputes no more (a fresh layout, or only pending tokens appended)
-        cache, newest_hidden, got, reprefilled = jax.lax.cond(
-            num_dirty * K < exact_slots, approx, lambda _: exact(cache), None)
         approximate = num_dirty * K < exact_slots
+        cache, newest_hidden, got, reprefilled = jax.lax.cond(
+            approximate, approx, lambda _: exact(cache), None)
     else:
         cache, newest_hidden, got, reprefilled = exact(cache)
         approximate = jnp.bool_(False)
@@ -735,24 +734,10 @@ _SAVE_FORMAT = "mcjax-session"
 SAVE_VERSION = 1
 
 
-def _flat_arrays(tree) -> dict[str, np.ndarray]:
-    """{keystr path: host array} of a pytree's leaves."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def _unflatten(flat: dict[str, np.ndarray]):
-    """Nested dicts back from `_flat_arrays` of nested dicts (paths like "['a']['b']")."""
-    if list(flat) == [""]:
-        return flat[""]
-    out: dict = {}
-    for path, value in flat.items():
-        keys = [k.strip("'\"") for k in path.strip("[]").split("][")]
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = jnp.asarray(value)
-    return out
+def _keyed_leaves(tree) -> tuple[dict[str, np.ndarray], Any]:
+    """({keystr path: host array} of a pytree's leaves, its treedef)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}, treedef
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> dict:
@@ -1342,16 +1327,16 @@ class Session:
             shutil.rmtree(tmp)
         tmp.mkdir()
         for b, tree in enumerate(self._trees):
+            # (no model_name: the header holds 32 bytes; session.json names the base)
             dst = MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
-                                         key_reader=self._key_reader,
-                                         model_name=self.cfg.base[:64])
+                                         key_reader=self._key_reader)
             try:
                 copy_rows(tree, dst)
             finally:
                 dst.close()
-        arrays = {"state/" + k: v for k, v in _flat_arrays(jax.device_get(self._state)).items()}
+        arrays = {"state/" + k: v for k, v in _keyed_leaves(self._state)[0].items()}
         for part, params in self._nets.items():
-            arrays.update({f"{part}/{k}": v for k, v in _flat_arrays(params).items()})
+            arrays.update({f"{part}/{k}": v for k, v in flatten_params(params).items()})
         manifest = _write_arrays(tmp / "arrays.npz", arrays)
         meta = {
             "format": _SAVE_FORMAT, "format_version": SAVE_VERSION,
@@ -1397,15 +1382,12 @@ class Session:
                 f"{meta.get('format_version')!r})")
         cfg = config_from_json(meta["config"])
         arrays = _read_arrays(where / "arrays.npz", meta["arrays"])
-        nets = {part: _unflatten({k[len(part) + 1:]: v for k, v in arrays.items()
-                                  if k.startswith(part + "/")}) for part in ("gist", "lens")}
-        settings = dict(meta["settings"])
-        lens_params = nets["lens"]
-        if settings["focus_policy"] == "random" and not lens_params:
-            lens_params = None
-        session = cls(base_model, nets["gist"], lens_params, cfg, mesh=mesh,
+        nets = {part: jax.tree.map(jnp.asarray, unflatten_params(
+            {k[len(part) + 1:]: v for k, v in arrays.items() if k.startswith(part + "/")},
+            str(where))) for part in ("gist", "lens")}
+        session = cls(base_model, nets["gist"], nets["lens"], cfg, mesh=mesh,
                       debug_invariants=debug_invariants, on_event=on_event,
-                      provenance=meta.get("provenance"), **settings)
+                      provenance=meta.get("provenance"), **meta["settings"])
         for b, tree in enumerate(session._trees):
             src = MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
                                        key_reader=session._key_reader)
@@ -1413,16 +1395,14 @@ class Session:
                 copy_rows(src, tree)
             finally:
                 src.close()
-        template = _flat_arrays(jax.device_get(session._state))
+        template, treedef = _keyed_leaves(session._state)
         saved = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
         if set(saved) != set(template) or any(
                 saved[k].shape != template[k].shape or saved[k].dtype != template[k].dtype
                 for k in template):
             raise CheckpointError(f"{where}: the saved state does not fit this session's "
                                   f"state (another version or base model)")
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(session._state))
-        state = jax.tree_util.tree_unflatten(
-            treedef, [saved[jax.tree_util.keystr(path)] for path, _ in leaves])
+        state = jax.tree_util.tree_unflatten(treedef, [saved[k] for k in template])
         session._state = session._put(state, "state")
         host = meta["host"]
         session._unsynced = np.asarray(host["unsynced"], np.int64)

@@ -37,8 +37,9 @@ import numpy as np
 from mcjax.checkpoint import CheckpointError, CheckpointMismatchError, config_to_json
 from mcjax.config import ExperimentConfig, GistConfig, LensConfig
 
-__all__ = ["AssetError", "FORMAT", "ASSET_DIR", "save_params_safetensors",
-           "load_params_safetensors", "card_path", "read_card", "write_card",
+__all__ = ["flatten_params", "unflatten_params", "AssetError", "FORMAT", "ASSET_DIR",
+           "save_params_safetensors", "load_params_safetensors", "card_path", "read_card",
+           "write_card",
            "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
            "check_gist_params", "SHIPPED_GIST", "shipped_gist", "SHIPPED_LENS",
            "lens_config_from_card", "check_lens_params", "shipped_lens", "expected_params",
@@ -56,7 +57,8 @@ class AssetError(CheckpointError):
 # --------------------------------------------------------------------------- arrays
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten_params(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"a/b/c": host array} of a nested dict of arrays (`unflatten_params` inverts it)."""
     if hasattr(tree, "items"):  # dict / FrozenDict
         out: dict[str, np.ndarray] = {}
         for k, v in tree.items():
@@ -64,11 +66,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
             if not k or _SEP in k:
                 raise AssetError(f"param name {k!r} under {prefix or '/'!r} is empty or holds "
                                  f"{_SEP!r}; cannot flatten it")
-            out.update(_flatten(v, f"{prefix}{k}{_SEP}"))
+            out.update(flatten_params(v, f"{prefix}{k}{_SEP}"))
         return out
     if not prefix:
         raise AssetError("params must be a (nested) dict of arrays")
-    return {prefix[:-1]: np.ascontiguousarray(np.asarray(tree))}
+    return {prefix[:-1]: np.asarray(tree, order="C")}  # (ascontiguousarray makes 0-d 1-d)
 
 
 def save_params_safetensors(params: Any, path: str | os.PathLike,
@@ -79,7 +81,7 @@ def save_params_safetensors(params: Any, path: str | os.PathLike,
     from safetensors.numpy import save_file
 
     path = Path(path)
-    flat = _flatten(params)
+    flat = flatten_params(params)
     if dtype is not None:
         flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v
                 for k, v in flat.items()}
@@ -105,6 +107,13 @@ def load_params_safetensors(path: str | os.PathLike) -> dict:
         flat = load_file(os.fspath(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise AssetError(f"cannot read params file {path}: {e}") from e
+    return unflatten_params(
+        {k: a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a
+         for k, a in flat.items()}, str(path))
+
+
+def unflatten_params(flat: dict[str, Any], where: str = "params") -> dict:
+    """The nested dict `flatten_params` made "a/b/c" keys from."""
     tree: dict = {}
     for key in sorted(flat):
         node = tree
@@ -112,9 +121,8 @@ def load_params_safetensors(path: str | os.PathLike) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise AssetError(f"{path}: key {key!r} nests under an array")
-        arr = flat[key]
-        node[leaf] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
+                raise AssetError(f"{where}: key {key!r} nests under an array")
+        node[leaf] = flat[key]
     return tree
 
 
@@ -248,24 +256,11 @@ def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
                        **card_entries: Any) -> tuple[Path, Path]:
     """A training workdir's GistNet (latest or `step`) as a params-only file + card (the
     checkpoint's config; source, step and run in the card)."""
-    import orbax.checkpoint as ocp
-
-    from mcjax.checkpoint import Checkpointer
+    from mcjax.checkpoint import restore_trained_params
 
     workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(workdir)!r} does not exist")
-    ckpt = Checkpointer(workdir, create=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {workdir}")
-        meta = ckpt.read_meta(step)
-        raw = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-    finally:
-        ckpt.close()
-    gist = ((raw.get("params") or {}) if isinstance(raw, dict) else {}).get("gist")
+    trained, meta, step = restore_trained_params(workdir, step)
+    gist = trained.get("gist")
     if gist is None:
         raise CheckpointError(f"checkpoint {workdir} (step {step}) holds no gist params")
     out = save_params_safetensors(gist, path, {"part": "gist"}, dtype=dtype)
