@@ -36,3 +36,21 @@ def smollm2():
     from mcjax.base.loading import load_base_model
 
     return load_base_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_after_each_module():
+    """Drop every jitted program a test module compiled once it is done.
+
+    The whole suite compiles thousands of XLA:CPU executables in one process; kept alive,
+    their code mappings approach the kernel's vm.max_map_count (65,530) and the next
+    compile segfaults inside LLVM (seen in CI at ~95 % of the suite). Modules share no
+    compiled programs, so clearing costs nothing but re-traces of session fixtures' users.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
