@@ -22,6 +22,7 @@ under every `--kv-reuse` mode (default: exact and approx), each with its own rat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -45,10 +46,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="Session collapse_headroom in slots (default: w_max/8; 0 = off)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="Session prefill_chunk (default: largest K*2^i <= 256 dividing w_max)")
-    p.add_argument("--focus", choices=["untrained", "quiet", "retrieval"], default="untrained",
+    p.add_argument("--focus", choices=["untrained", "quiet", "retrieval", "shipped"],
+                   default="untrained",
                    help="LensNet: untrained (acts arbitrarily), or quiet (head zeroed: never "
                         "asks for edits, so only appends and budget collapses happen); or "
-                        "retrieval focus (training-free, query-aware; keys read per block)")
+                        "retrieval focus (training-free, query-aware; keys read per block); or "
+                        "shipped: the shipped GistNet and LensNet v2 (mcjax/assets/) under "
+                        "their own config (needs --model smollm2-135m)")
+    p.add_argument("--text", choices=["random", "held-out"], default="random",
+                   help="history tokens: uniform random ids, or the held-out corpus "
+                        "(documents in a row; what a trained focus policy is meant for)")
     p.add_argument("--kv-reuse", nargs="+", choices=["exact", "approx"],
                    default=["exact", "approx"],
                    help="Session kv_reuse modes, each timed side by side with the base "
@@ -56,6 +63,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+
+
+def _held_out_tokens(cfg, n: int, vocab_size: int):
+    """The first `n` tokens of the held-out corpus (documents in a row), tokenized as the
+    trainers and evaluation do; the base model must have their tokenizer."""
+    import numpy as np
+
+    from mcjax.eval import pipeline
+    from mcjax.train import data
+
+    frozen, _ = pipeline.load_base(cfg)
+    corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
+                                   separator=frozen.separator, progress=False)
+    tokens = np.asarray(corpus.tokens if hasattr(corpus, "tokens") else corpus)[:n]
+    if len(tokens) < n or tokens.max() >= vocab_size:
+        raise SystemExit(f"the held-out corpus has {len(tokens)} tokens (< {n}) or ids "
+                         f"outside the model's vocabulary")
+    return tokens
 
 
 def run(args) -> dict:
@@ -89,16 +114,30 @@ def run(args) -> dict:
 
         loaded = load_base_model(args.model, with_tokenizer=False)
         llama, params = loaded.config, loaded.params
-    cfg = ExperimentConfig(
-        name="e2e", base=args.model, base_config=llama,
-        mc=MCConfig(block_size=K, w_max=W, recent_protect=2 * K, gist_dtype=args.dtype),
-        gist=GistConfig(dtype=args.dtype), lens=LensConfig(dtype=args.dtype))
+    if args.focus == "shipped":
+        from mcjax.config import get_config
+
+        if args.model != "smollm2-135m" or K != 32:
+            raise SystemExit("--focus shipped needs --model smollm2-135m and --block-size 32 "
+                             "(what the shipped nets were trained for)")
+        cfg = dataclasses.replace(get_config("smollm2_135m_cpu", [f"mc.w_max={W}"]),
+                                  base_config=llama)
+    else:
+        cfg = ExperimentConfig(
+            name="e2e", base=args.model, base_config=llama,
+            mc=MCConfig(block_size=K, w_max=W, recent_protect=2 * K, gist_dtype=args.dtype),
+            gist=GistConfig(dtype=args.dtype), lens=LensConfig(dtype=args.dtype))
     if args.overrides:
         cfg = override(cfg, args.overrides)
-    lens_params = untrained_params(cfg, "lens")
+    gist_params = lens_params = None
+    if args.focus != "shipped":
+        gist_params, lens_params = untrained_params(cfg, "gist"), untrained_params(cfg, "lens")
     if args.focus == "quiet":
         lens_params = dict(lens_params, head=jax.tree.map(jnp.zeros_like, lens_params["head"]))
     rng = np.random.default_rng(args.seed)
+    text = None
+    if args.text == "held-out":
+        text = _held_out_tokens(cfg, max(args.histories), llama.vocab_size)
     # One view capacity for every history: the programs compile once for the whole run.
     max_tokens = max(args.histories) + (iters + 2) * N + K
 
@@ -123,18 +162,22 @@ def run(args) -> dict:
         "max_tokens": max_tokens, "focus": args.focus,
         "gistnet_lensnet": {"untrained": "untrained (cost only)",
                             "quiet": "untrained GistNet, LensNet head zeroed (no focus actions)",
-                            "retrieval": "untrained GistNet, retrieval focus (no LensNet)"
-                            }[args.focus],
+                            "retrieval": "untrained GistNet, retrieval focus (no LensNet)",
+                            "shipped": "the shipped GistNet and LensNet v2 (mcjax/assets/)"
+                            }[args.focus], "text": args.text,
         "collapse_headroom": None, "prefill_chunk": None,
         "kv_reuse": list(args.kv_reuse), "histories": {},
     }
     for H, mode in [(H, m) for H in args.histories for m in args.kv_reuse]:
-        session = Session((llama, params), None, lens_params, cfg, max_tokens=max_tokens,
+        session = Session((llama, params), gist_params, lens_params, cfg, max_tokens=max_tokens,
                           collapse_headroom=args.headroom, prefill_chunk=args.prefill_chunk,
                           kv_reuse=mode,
                           focus_policy="retrieval" if args.focus == "retrieval" else "lens")
+        if args.focus == "shipped" and any(session.provenance[p]["source"] != "shipped"
+                                           for p in ("gist", "lens")):
+            raise SystemExit(f"the shipped nets do not fit this setup: {session.provenance}")
         t0 = time.perf_counter()
-        session.feed(rng.integers(0, llama.vocab_size, H))
+        session.feed(rng.integers(0, llama.vocab_size, H) if text is None else text[:H])
         t_ingest = time.perf_counter() - t0
         session.sync()  # initial layout, refocus, prefill
         t_layout = time.perf_counter() - t0 - t_ingest

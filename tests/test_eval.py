@@ -25,7 +25,7 @@ from mcjax.checkpoint import Checkpointer
 from mcjax.config import get_config, override
 from mcjax import assets
 from mcjax.eval import baselines, metrics, tasks
-from mcjax.runtime import Session, _policy_scores, recency_scores, untrained_params
+from mcjax.runtime import Session, policy_scores, recency_scores, untrained_params
 from mcjax.train import data, steps
 from mcjax.train.loop import load_frozen
 
@@ -344,15 +344,15 @@ def test_params_safetensors_round_trip_card_and_export(tmp_path, frozen, cfg, gi
 
 def test_random_focus_is_deterministic_for_a_seed_and_differs_across_seeds_and_refocuses(
         frozen, cfg):
-    from mcjax.runtime import _Plan
+    from mcjax.runtime import Plan
 
-    plan = _Plan(llama=cfg.base_config, mc=cfg.mc, lens=cfg.lens, batch_size=1,
+    plan = Plan(llama=cfg.base_config, mc=cfg.mc, lens=cfg.lens, batch_size=1,
                  max_tokens=MAX_TOKENS, pad_id=0, headroom=0, prefill_chunk=cfg.mc.block_size,
                  focus_policy="random")
     wc = wcm.initial_layout(3000, cfg.mc)
 
     def scores(seed, step, stream=0, call=1):
-        return np.asarray(_policy_scores(plan, jnp.uint32(seed), None, wc.replace(
+        return np.asarray(policy_scores(plan, jnp.uint32(seed), None, wc.replace(
             step=jnp.int32(step)), None, stream, call))
 
     np.testing.assert_array_equal(scores(3, 5), scores(3, 5))

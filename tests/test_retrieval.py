@@ -19,7 +19,7 @@ from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.config import ConfigError, RetrievalConfig, get_config, override
 from mcjax.gist import init_gist_params
-from mcjax.runtime import CompileCounter, Session, _focus_conditioning, _score_stream
+from mcjax.runtime import CompileCounter, Session, focus_conditioning, lens_stream_scores
 from mcjax.tree import BlockGister, MegaContextTree, MetadataError
 
 CFG = get_config("tiny")
@@ -313,10 +313,10 @@ def test_lensnet_v2_scores_in_the_session_see_the_question():
                     focus_policy="lens")
         s.feed([np.concatenate([hist, history(20, last)])])
         view = s.tree(0).view()
-        cond = jax.tree.map(lambda x: x[0], _focus_conditioning(
+        cond = jax.tree.map(lambda x: x[0], focus_conditioning(
             s._plan, s._params, jax.tree.map(lambda x: x[None], view)))
         wc = wcm.initial_layout(1520, LENS_V2.mc)
-        scores.append(np.asarray(_score_stream(s._plan, s._focus_params, s._params, wc, view,
+        scores.append(np.asarray(lens_stream_scores(s._plan, s._focus_params, s._params, wc, view,
                                                cond)))
     assert not np.allclose(scores[0], scores[1])
 

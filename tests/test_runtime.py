@@ -584,3 +584,79 @@ def test_a_session_killed_while_saving_leaves_the_previous_save_loadable(tiny_ll
     loaded.generate(K)
     final = loaded.save(run)
     assert sorted(p.name for p in run.iterdir()) == ["LATEST", final.name]
+
+
+def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, cfg, nets):
+    """Everything a session does is the public pure programs over `StreamState` + the tree
+    view: a hand-written loop (feed, first layout, K-token decode blocks each followed by a
+    refocus of the decoded tokens, more input, decode again) gives the session's tokens, WC
+    and cache bit for bit."""
+    from mcjax import runtime as rt
+    from mcjax.tree import BlockGister, MegaContextTree
+
+    llama, params = tiny_llama
+    B, L = 2, cfg.mc.num_levels
+    first = [_tokens(11, 5 * K + 3), _tokens(12, 9 * K)]
+    second = [_tokens(13, 2 * K + 5), _tokens(14, 7)]
+    session = _session(tiny_llama, cfg, nets, batch_size=B)
+    session.feed(first)
+    want = [session.generate(3 * K)]
+    session.feed(second)
+    want.append(session.generate(2 * K))
+
+    plan = rt.Plan(llama=llama, mc=cfg.mc, lens=cfg.lens, batch_size=B, max_tokens=MAX_TOKENS,
+                   pad_id=0, headroom=HEADROOM, prefill_chunk=2 * K, focus_policy="lens",
+                   retrieval=cfg.retrieval)
+    assert not plan.query_aware  # (a query-aware plan also runs settle refocuses after input)
+    jitted = rt.programs(plan)
+    gister = BlockGister.from_base(cfg.gist, nets[0], params, llama, block_size=K)
+    trees = [MegaContextTree.in_memory(cfg.mc, gister, view_capacity_tokens=MAX_TOKENS)
+             for _ in range(B)]
+    state, view = jax.device_put(rt.initial_state(plan)), jax.device_put(rt.empty_view(plan))
+    synced = np.zeros((B, L + 1), np.int64)
+    no = np.zeros(B, bool)
+    empty_layout = jax.device_put(rt.initial_layouts(plan, [0] * B, no))
+
+    def refocus(state, view, synced, num_new, reset, layout, revive, from_pending):
+        update = rt.view_update(plan, trees, synced)
+        if update is not None:
+            view, synced = jitted.write_view(view, *update), update[4]
+        state, telemetry = jitted.refocus(params, nets[1], state, view,
+                                          np.asarray(num_new, np.int32), reset, layout,
+                                          revive, np.bool_(from_pending), no)
+        assert not np.asarray(telemetry["append_overflow"]).any()
+        return state, view, synced
+
+    def generate(state, view, synced, n):
+        out = []
+        state = state.replace(done=jnp.zeros_like(state.done))
+        for _ in range(n // K):
+            state, tokens, ran = jitted.decode(params, state, np.int32(K), np.int32(-1))
+            assert int(ran) == K
+            out.append(np.asarray(tokens))
+            for tree, t in zip(trees, out[-1]):
+                tree.append(t)
+            state, view, synced = refocus(state, view, synced, [K] * B, no, empty_layout,
+                                          no, True)
+        return state, view, synced, np.concatenate(out, 1)
+
+    for tree, x in zip(trees, first):
+        tree.append(x)
+    reset = np.ones(B, bool)
+    state, view, synced = refocus(state, view, synced, [0] * B, reset, jax.device_put(
+        rt.initial_layouts(plan, [t.num_tokens for t in trees], reset)), reset, False)
+    state, view, synced, got = generate(state, view, synced, 3 * K)
+    np.testing.assert_array_equal(got, want[0])
+    for tree, x in zip(trees, second):
+        tree.append(x)
+    num_new = np.asarray([len(x) for x in second])
+    state, view, synced = refocus(state, view, synced, num_new, no, empty_layout, num_new > 0,
+                                  False)
+    state, view, synced, got = generate(state, view, synced, 2 * K)
+    np.testing.assert_array_equal(got, want[1])
+
+    assert plan == session._plan  # the same compiled programs
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state),
+                 jax.device_get(session._state))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(view),
+                 jax.device_get(session._view))

@@ -141,7 +141,7 @@ def test_append_collapse_ahead_allocator_and_training_share_one_collapse_rule(cf
     import types
 
     from mcjax import focus
-    from mcjax.runtime import _collapse_ahead
+    from mcjax.runtime import collapse_ahead
     from mcjax.train.losses import _collapsible_heads
 
     wc = random_layout(data.draw, cfg, stamps=True)
@@ -174,7 +174,7 @@ def test_append_collapse_ahead_allocator_and_training_share_one_collapse_rule(cf
     never = np.asarray(reference_collapse_keys(wcm.to_entries(full), full_scores,
                                                int(full.num_tokens), step, cfg, "never"))
     plan = types.SimpleNamespace(mc=cfg, headroom=cfg.w_max - int(full.num_valid) + 1)
-    after, _, count = _collapse_ahead(plan, full, jnp.asarray(full_scores), jnp.bool_(True))
+    after, _, count = collapse_ahead(plan, full, jnp.asarray(full_scores), jnp.bool_(True))
     if np.isfinite(never).any():
         want, _ = wcm.collapse(full, jnp.int32(int(np.argmin(never))), cfg)
         assert int(count) == 1

@@ -1,0 +1,433 @@
+"""The runtime's pure programs (SPEC §2.7): `refocus` and `decode_block` over a `StreamState`,
+`write_view` of new tree rows, and `programs(plan, mesh)`, their jitted forms (state donated,
+`NamedSharding`s with a mesh) compiled once per `Plan` and shared by every caller.
+
+Drive them from your own loop (what `Session` does, less the bookkeeping):
+
+    plan = Plan(...); jitted = programs(plan)
+    state, view = initial_state(plan), empty_view(plan)
+    trees gain tokens -> view = jitted.write_view(view, *view_update(plan, trees, synced))
+    state, telemetry = jitted.refocus(base_params, focus_params, state, view, num_new, reset,
+                                      initial_layouts(plan, lengths, reset), revive,
+                                      from_pending, settle)
+    state, tokens, ran = jitted.decode(base_params, state, steps, eos_id)   # <= K - pending
+    (K decoded: append them to the trees, upload, refocus with from_pending=True)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mcjax import focus, sharding
+from mcjax import working_context as wcm
+from mcjax.base import model as base
+from mcjax.base.model import KVCache
+from mcjax.config import LlamaConfig
+from mcjax.runtime.policies import focus_conditioning, policy_scores
+from mcjax.runtime.state import Plan, StreamState, pending_base_position
+from mcjax.tree import TreeView
+
+__all__ = ["decode_block", "refocus", "collapse_ahead", "write_view", "Programs", "programs"]
+
+
+def decode_block(plan: Plan, base_params, state: StreamState, num_steps, eos_id):
+    """Up to `num_steps` (≤ K − num_pending) greedy steps: emit `next_token`, write it at the
+    next pending slot, predict the next one. Stops early once every stream is done.
+    Returns (state, tokens [B, K] emitted (pad beyond the steps run), steps run)."""
+    W, K, B = plan.mc.w_max, plan.mc.block_size, plan.batch_size
+    first_position = pending_base_position(plan, state.wc)
+
+    def cond(carry):
+        s, i, _ = carry
+        return (i < num_steps) & ~jnp.all(s.done)
+
+    def body(carry):
+        s, i, out = carry
+        p = s.num_pending
+        live = ~s.done
+        token = s.next_token
+        hidden, cache = base.prefill_core(
+            base_params, plan.llama, s.cache, token[:, None], None,
+            (first_position + p)[:, None], live[:, None], W + p, return_hidden=True)
+        logits = base.logits_from_hidden(base_params, plan.llama, hidden[:, 0])
+        emitted = jnp.where(live, token, plan.pad_id).astype(jnp.int32)
+        out = jax.lax.dynamic_update_slice(out, emitted[:, None], (0, i))
+        pending = jax.lax.dynamic_update_slice(s.pending, emitted[:, None], (0, p))
+        s = s.replace(cache=cache, next_token=jnp.argmax(logits, -1).astype(jnp.int32),
+                      pending=pending, num_pending=p + 1,
+                      done=s.done | (live & (token == eos_id)))
+        return s, i + 1, out
+
+    out0 = jnp.full((B, K), plan.pad_id, jnp.int32)
+    state, steps_run, out = jax.lax.while_loop(cond, body, (state, jnp.int32(0), out0))
+    return state, out, steps_run
+
+
+def collapse_ahead(plan: Plan, wc, scores, trigger):
+    """Free `plan.headroom` slots at once when fewer than K are free (and `trigger`).
+
+    Without it a full WC collapses one group per refocus — the oldest LOD0 group, right
+    after the gists — so nearly the whole cache is re-prefilled every K tokens. Collapsing
+    ahead (the one rule, `wcm.collapse_groups`: lowest mean score, else oldest; never the
+    protected tail, the sink, nor — unlike `append`, which must meet the budget — a group an
+    expansion created within the cooldown) lets the next headroom/K refocuses
+    only append, re-prefilling just the new tokens. Returns (wc, scores realigned, count).
+    """
+    mc = plan.mc
+    K, W = mc.block_size, mc.w_max
+    slots = jnp.arange(W)
+    trigger = trigger & (W - wc.num_valid < K)
+
+    def group_keys(wc, scores):
+        groups = wcm.collapse_groups(wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir,
+                                     wc.num_tokens, wc.step, scores, mc)
+        return groups.key("never"), groups.mean
+
+    def cond(carry):
+        wc, scores, _ = carry
+        key, _ = group_keys(wc, scores)
+        return trigger & (wc.num_valid > W - plan.headroom) & jnp.any(jnp.isfinite(key))
+
+    def body(carry):
+        wc, scores, count = carry
+        key, mean = group_keys(wc, scores)
+        head = jnp.argmin(key).astype(jnp.int32)  # first minimum: the oldest among equals
+        wc, _ = wcm.collapse(wc, head, mc)
+        later = scores[jnp.minimum(slots + K - 1, W - 1)]
+        scores = jnp.where(slots < head, scores, jnp.where(slots == head, mean[head], later))
+        return wc, jnp.where(wc.valid, scores, 0.0), count + 1
+
+    if plan.headroom == 0:
+        return wc, scores, jnp.int32(0)
+    return jax.lax.while_loop(cond, body, (wc, scores, jnp.int32(0)))
+
+
+def _copy_pending_kv(plan: Plan, cache: KVCache, copy, dest, count) -> KVCache:
+    """For streams with `copy`: cache slots [dest, dest + count) ← pending slots
+    [W, W + count). One in-place K-slot update per stream (a scalar offset each)."""
+    W, K = plan.mc.w_max, plan.mc.block_size
+    first_k = jnp.arange(K)[None, None, :, None, None]
+
+    def one(b, kv):
+        def move(buf):
+            block = jax.lax.dynamic_slice_in_dim(
+                jax.lax.dynamic_slice_in_dim(buf, b, 1, axis=1), W, K, axis=2)
+            here = jax.lax.dynamic_slice(buf, (0, b, dest[b], 0, 0), block.shape)
+            new = jnp.where(copy[b] & (first_k < count[b]), block, here)
+            return jax.lax.dynamic_update_slice(buf, new, (0, b, dest[b], 0, 0))
+
+        return tuple(move(buf) for buf in kv)
+
+    k, v = jax.lax.fori_loop(0, plan.batch_size, one, (cache.k, cache.v))
+    return cache.replace(k=k, v=v)
+
+
+def _kv_sources(plan: Plan, old_wc, cached_valid, new_wc, new_pos, new_valid,
+                from_pending):
+    """Where each new WC slot's KV entry already is in the cache, per stream (approximate
+    reuse). src [B, W]: an old WC slot holding the same entry (same level and span: entries
+    are immutable, so the same inputs), a pending slot W + p holding the same appended
+    token when the new tokens are the decoded ones, or -1 (the slot must be computed).
+    delta [B, W]: the slot's new position minus the one its entry was computed at."""
+    mc = plan.mc
+    W, K = mc.w_max, mc.block_size
+    big = jnp.iinfo(jnp.int32).max
+    old_pos = jax.vmap(lambda wc: wcm.slot_positions(wc, mc))(old_wc)
+    pending_pos = pending_base_position(plan, old_wc)  # [B] position of pending slot 0
+
+    def one(old_level, old_node, cached, new_level, new_node, valid, npos, opos, ppos,
+            old_tokens):
+        old_start = jnp.where(cached, wcm.span_start(old_level, old_node, mc), big)
+        new_start = wcm.span_start(new_level, new_node, mc)
+        # valid slots are packed at the front in span order, so old_start is sorted
+        i = jnp.clip(jnp.searchsorted(old_start, new_start), 0, W - 1)
+        same = valid & cached[i] & (old_start[i] == new_start) & (old_level[i] == new_level)
+        p = new_node - old_tokens
+        pend = from_pending & valid & ~same & (new_level == 0) & (p >= 0) & (p < K)
+        src = jnp.where(same, i, jnp.where(pend, W + p, -1))
+        src_pos = jnp.where(same, opos[i], ppos + p)
+        return src.astype(jnp.int32), jnp.where(src >= 0, npos - src_pos, 0)
+
+    return jax.vmap(one)(old_wc.level, old_wc.node, cached_valid, new_wc.level, new_wc.node,
+                         new_valid, new_pos, old_pos, pending_pos, old_wc.num_tokens)
+
+
+def _moved_kv(plan: Plan, cache: KVCache, src, delta) -> KVCache:
+    """cache slots [0, W) ← their entries' old slots `src` (where >= 0), keys re-rotated by
+    `delta` positions (RoPE rotations compose, so a moved key equals one computed at the new
+    position from the same input); other slots are left as they are."""
+    llama, W = plan.llama, plan.mc.w_max
+    idx = jnp.clip(src, 0, cache.k.shape[2] - 1)[None, :, :, None, None]
+    keep = (src >= 0)[None, :, :, None, None]
+    cos, sin = base.rope_cos_sin(delta, llama.head_dim, llama.rope_theta)
+
+    def move(buf, rotate: bool):
+        moved = jnp.take_along_axis(buf, idx, axis=2)
+        if rotate:
+            moved = jax.vmap(lambda x: base.apply_rope(x, cos, sin))(moved)
+        head = jnp.where(keep, moved.astype(buf.dtype), buf[:, :, :W])
+        return jax.lax.dynamic_update_slice_in_dim(buf, head, 0, axis=2)
+
+    return cache.replace(k=move(cache.k, True), v=move(cache.v, False))
+
+
+def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: TreeView,
+             num_new, reset, layout, revive, from_pending, settle):
+    """One refocus of every stream (module docstring, step 2).
+
+    num_new [B]: tokens the trees gained since the WC was last updated; reset [B]: the
+    stream starts from `layout` (its initial layout; its cache holds nothing yet); revive
+    [B]: clear the stream's EOS flag (it got new input); from_pending []: the new tokens are
+    the decoded ones in the pending slots (their KV entries can be reused); settle [B]: the
+    stream refocuses without new tokens (the rounds after input that let focus reach
+    raw tokens, e.g. two expansions for a block inside an LOD2 gist).
+    """
+    mc, llama = plan.mc, plan.llama
+    W, K, B, L = mc.w_max, mc.block_size, plan.batch_size, mc.num_levels
+
+    def pick(new, old):
+        return jnp.where(reset.reshape(reset.shape + (1,) * (new.ndim - 1)), new, old)
+
+    wc0 = jax.tree.map(pick, layout, state.wc)
+    cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
+
+    streams = jnp.arange(B, dtype=jnp.int32)
+    cond = focus_conditioning(plan, base_params, view)  # the whole history, new tokens too
+
+    def score(focus_params, base_params, wc, view, call):
+        def fn(focus_params, base_params, wc, view, stream, cond):
+            return policy_scores(plan, focus_params, base_params, wc, view, stream, call,
+                                  cond)
+
+        return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, 0))(focus_params, base_params, wc,
+                                                               view, streams, cond)
+
+    # The scores before the append only choose budget collapses: scored (one LensNet call)
+    # only when some stream's new tokens overflow the budget, else never read.
+    must_collapse = jnp.any(wc0.num_valid + num_new > W)
+    scores0 = jax.lax.cond(
+        must_collapse,
+        lambda fp, bp, wc, v: score(fp, bp, wc, v, 0).astype(jnp.float32),
+        lambda *_: jnp.zeros((B, W), jnp.float32), focus_params, base_params, wc0, view)
+    wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
+    scores1 = score(focus_params, base_params, wc1, view, 1)
+    # Only streams with new tokens (or a fresh layout) refocus, so a stream's focus never
+    # depends on its batch neighbours (e.g. one that already emitted EOS).
+    active = reset | (num_new > 0) | settle
+    wc1, scores1, ahead = jax.vmap(functools.partial(collapse_ahead, plan))(wc1, scores1,
+                                                                          active)
+    wc2, focus_info = jax.vmap(lambda wc, s: focus.allocate(wc, s, mc))(wc1, scores1)
+    wc2 = jax.tree.map(lambda new, old: jnp.where(
+        active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old), wc2, wc1)
+    focus_info = jax.tree.map(lambda x: jnp.where(
+        active.reshape(active.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), focus_info)
+    emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, base_params, mc))(wc2, view)
+
+    both = valid & cached_valid
+    changed = (valid != cached_valid) | (both & ((wc2.level != state.wc.level)
+                                                 | (wc2.node != state.wc.node)))
+    first_changed = jnp.where(jnp.any(changed, -1), jnp.argmax(changed, -1), W).astype(jnp.int32)
+    num_valid = wc2.num_valid
+    # A stream whose only change is the append of its pending tokens (no collapse, no edit
+    # before them) needs no re-prefill: their KV entries, computed over the same context at
+    # the same positions, are copied from the pending slots to their WC slots.
+    old_valid = state.wc.num_valid
+    slots = jnp.arange(W)[None, :]
+    appended = (slots >= old_valid[:, None]) & (slots < num_valid[:, None])
+    as_tokens = (wc2.level == 0) & (wc2.node == state.wc.num_tokens[:, None]
+                                    + slots - old_valid[:, None])
+    append_only = (from_pending & ~reset & (num_new > 0) & (first_changed >= old_valid)
+                   & (num_valid == old_valid + num_new)
+                   & jnp.all(~appended | as_tokens, axis=1))
+    cache = jax.lax.cond(jnp.any(append_only), functools.partial(_copy_pending_kv, plan),
+                         lambda c, *_: c, state.cache, append_only, old_valid, num_new)
+    needs = (first_changed < W) & ~append_only
+    start = (jnp.min(jnp.where(needs, first_changed, W)) // K) * K  # shared by the batch
+    stop = jnp.max(jnp.where(needs, num_valid, 0))
+    newest = num_valid - 1
+
+    full_valid = jnp.concatenate([valid, jnp.zeros((B, K), bool)], 1)
+
+    def prefill_chunk(cache, s, size: int, newest_hidden, got):
+        """Re-prefill slots [s, s + size), keeping the hidden state of each stream's newest
+        slot when it lies there."""
+        chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, s, size, axis=1)  # noqa: E731
+        hidden, cache = base.prefill_core(base_params, llama, cache, None, chunk(emb),
+                                          chunk(pos), chunk(valid), s, return_hidden=True)
+        inside = (newest >= s) & (newest < s + size)
+        row = jnp.clip(newest - s, 0, size - 1)
+        h = jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]
+        return cache, jnp.where(inside[:, None], h, newest_hidden), got | inside
+
+    no_hidden = (jnp.zeros((B, llama.hidden_size), jnp.dtype(llama.dtype)),
+                 jnp.zeros((B,), bool))
+    exact_slots = jnp.where(start < stop, -(-stop // K) * K - start, 0).astype(jnp.int32)
+
+    def exact(cache):
+        """Every slot from `start` (the first change, K-aligned) through `stop`."""
+        def prefill_chunks(carry, size: int, more):
+            def body(carry):
+                cache, s, newest_hidden, got = carry
+                cache, newest_hidden, got = prefill_chunk(cache, s, size, newest_hidden, got)
+                return cache, s + size, newest_hidden, got
+
+            return jax.lax.while_loop(lambda c: more(c[1]), body, carry)
+
+        carry = (cache.replace(valid=full_valid), start.astype(jnp.int32)) + no_hidden
+        C = plan.prefill_chunk
+        if C > K:  # K-slot chunks up to a multiple of C, C-slot chunks, then a K-slot tail
+            stop_k = -(-stop // K) * K
+            carry = prefill_chunks(carry, K, lambda s: (s < stop) & (s % C != 0))
+            carry = prefill_chunks(carry, C, lambda s: s + C <= stop_k)
+        cache, _, newest_hidden, got = prefill_chunks(carry, K, lambda s: s < stop)
+        return cache, newest_hidden, got, exact_slots
+
+    if plan.kv_reuse == "approx":
+        src, delta = _kv_sources(plan, state.wc, cached_valid, wc2, pos, valid, from_pending)
+        changed_any = (first_changed < W) | (num_new > 0) | reset
+        fresh = valid & (src < 0)  # entries not in the cache anywhere: computed
+        dirty = jnp.any(fresh.reshape(B, W // K, K), axis=2)  # [B, chunks]
+        # the newest chunk of every changed stream, so its next token sees the new context
+        dirty = dirty | (changed_any[:, None] & (jnp.arange(W // K)[None, :]
+                                                 == (jnp.maximum(newest, 0) // K)[:, None]))
+        dirty = jnp.any(dirty, axis=0)  # the chunk index is shared by the batch
+        num_dirty = jnp.sum(dirty, dtype=jnp.int32)
+        order = jnp.argsort(~dirty, stable=True).astype(jnp.int32)  # dirty chunks, in order
+
+        def approx(_):
+            moved = _moved_kv(plan, state.cache, src, delta).replace(valid=full_valid)
+
+            def body(carry):
+                cache, i, newest_hidden, got = carry
+                cache, newest_hidden, got = prefill_chunk(cache, order[i] * K, K,
+                                                          newest_hidden, got)
+                return cache, i + 1, newest_hidden, got
+
+            cache, _, newest_hidden, got = jax.lax.while_loop(
+                lambda c: c[1] < num_dirty, body, (moved, jnp.int32(0)) + no_hidden)
+            return cache, newest_hidden, got, num_dirty * K
+
+        # exact when it recomputes no more (a fresh layout, or only pending tokens appended)
+        approximate = num_dirty * K < exact_slots
+        cache, newest_hidden, got, reprefilled = jax.lax.cond(
+            approximate, approx, lambda _: exact(cache), None)
+    else:
+        cache, newest_hidden, got, reprefilled = exact(cache)
+        approximate = jnp.bool_(False)
+    logits = base.logits_from_hidden(base_params, llama, newest_hidden)
+    next_token = jnp.where(got, jnp.argmax(logits, -1).astype(jnp.int32), state.next_token)
+    new_state = StreamState(wc=wc2, cache=cache, next_token=next_token, pending=state.pending,
+                            num_pending=jnp.int32(0), done=state.done & ~revive)
+    # A stream that could not absorb its new tokens: the host raises CapacityError, and the
+    # state it keeps (the input was donated) must be the one before this refocus.
+    new_state = jax.lax.cond(jnp.any(append_info.overflow), lambda: state, lambda: new_state)
+
+    levels = jnp.arange(L + 1)
+    in_level = (wc2.level[..., None] == levels) & valid[..., None]  # [B, W, L+1]
+    span = wcm.span_size(wc2.level, mc)
+    slot = jnp.clip(focus_info.action_slot, 0, W - 1)
+    telemetry = dict(
+        num_tokens=wc2.num_tokens, num_valid=num_valid,
+        level_hist=jnp.sum(in_level, axis=1, dtype=jnp.int32),
+        level_tokens=jnp.sum(in_level * span[..., None], axis=1, dtype=jnp.int32),
+        action_kind=focus_info.action_kind, action_slot=focus_info.action_slot,
+        action_level=jnp.take_along_axis(wc1.level, slot, axis=1),
+        num_expand=focus_info.num_expand, num_collapse=focus_info.num_collapse,
+        append_collapses=append_info.num_collapses, append_overflow=append_info.overflow,
+        headroom_collapses=ahead,
+        nan_scores=focus_info.nan_scores | append_info.nan_scores,
+        first_changed=first_changed, reprefill_start=start, reprefill_stop=stop,
+        reprefill_slots=reprefilled, approximate=approximate,
+        active=active, kv_reused=append_only)
+    return new_state, telemetry
+
+
+
+def _scatter_rows(buf, rows, start, count):
+    """buf[b, start[b] + i] = rows[b, i] for i < count[b] (other rows dropped)."""
+    B, R = rows.shape[:2]
+    i = jnp.arange(R)[None, :]
+    idx = jnp.where(i < count[:, None], start[:, None] + i, buf.shape[1])  # out of range: dropped
+    return buf.at[jnp.arange(B)[:, None], idx].set(rows.astype(buf.dtype), mode="drop")
+
+
+def write_view(view: TreeView, token_rows, gist_rows, start, count, counts, key_rows=None
+                ) -> TreeView:
+    """Write each stream's new tree rows into the batched fixed-capacity view (retrieval
+    keys, when kept, share LOD1's rows)."""
+    tokens = _scatter_rows(view.tokens, token_rows, start[:, 0], count[:, 0])
+    gists = tuple(_scatter_rows(g, r, start[:, l + 1], count[:, l + 1])
+                  for l, (g, r) in enumerate(zip(view.gists, gist_rows)))
+    keys = view.keys
+    if key_rows is not None:
+        keys = _scatter_rows(view.keys, key_rows, start[:, 1], count[:, 1])
+    return TreeView(tokens=tokens, gists=gists, counts=counts, keys=keys)
+
+
+
+class Programs(NamedTuple):
+    decode: Callable
+    refocus: Callable
+    write_view: Callable
+    shardings: dict | None
+
+
+def _abstract_base_params(llama: LlamaConfig):
+    return jax.eval_shape(lambda k: base.init_params(llama, k), jax.random.key(0))
+
+
+def _shardings(plan: Plan, mesh: Mesh) -> dict:
+    """NamedShardings of every program argument: streams on `data` (when B divides), base
+    weights by `mcjax.sharding` rules, small nets and scalars replicated."""
+    data = "data" if plan.batch_size % mesh.shape["data"] == 0 else None
+    rep = NamedSharding(mesh, P())
+
+    def lead(ndim):
+        return NamedSharding(mesh, P(data, *([None] * (ndim - 1))))
+
+    wc = wcm.WorkingContext(level=lead(2), node=lead(2), valid=lead(2), edit_step=lead(2),
+                            edit_dir=lead(2), num_tokens=lead(1), step=lead(1))
+    kv = NamedSharding(mesh, P(None, data))
+    state = StreamState(wc=wc, cache=KVCache(k=kv, v=kv, valid=lead(2)), next_token=lead(1),
+                        pending=lead(2), num_pending=rep, done=lead(1))
+    view = TreeView(tokens=lead(2), gists=tuple(lead(3) for _ in range(plan.mc.num_levels)),
+                    counts=lead(2), keys=lead(3) if plan.keeps_keys else None)
+    return dict(rep=rep, lead=lead, wc=wc, state=state, view=view,
+                params=sharding.param_shardings(_abstract_base_params(plan.llama), mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def programs(plan: Plan, mesh: Mesh | None = None) -> Programs:
+    """The jitted programs of a plan (shared by every caller with that plan): `decode(
+    base_params, state, num_steps, eos_id)`, `refocus(base_params, focus_params, state, view,
+    num_new, reset, layout, revive, from_pending, settle)` (both donate the state) and
+    `write_view(view, *view_update(...))` (donates the view)."""
+    decode = functools.partial(decode_block, plan)
+    refocus_ = functools.partial(refocus, plan)
+    # A fresh wrapper per plan: jit shares its compilation cache among jits of the same
+    # function object, so `compiled_programs()` would count other plans' compilations.
+    write_view_ = functools.partial(write_view)
+    if mesh is None:
+        return Programs(jax.jit(decode, donate_argnums=1), jax.jit(refocus_, donate_argnums=2),
+                        jax.jit(write_view_, donate_argnums=0), None)
+    sh = _shardings(plan, mesh)
+    rep, lead = sh["rep"], sh["lead"]
+    return Programs(
+        decode=jax.jit(decode, donate_argnums=1,
+                       in_shardings=(sh["params"], sh["state"], rep, rep),
+                       out_shardings=(sh["state"], lead(2), rep)),
+        refocus=jax.jit(refocus_, donate_argnums=2,
+                        in_shardings=(sh["params"], rep, sh["state"], sh["view"], lead(1),
+                                      lead(1), sh["wc"], lead(1), rep, lead(1)),
+                        out_shardings=(sh["state"], rep)),
+        write_view=jax.jit(write_view_, donate_argnums=0,
+                           in_shardings=(sh["view"], lead(2), tuple(
+                               lead(3) for _ in range(plan.mc.num_levels)), lead(2), lead(2),
+                               lead(2), lead(3) if plan.keeps_keys else None),
+                           out_shardings=sh["view"]),
+        shardings=sh)

@@ -1,0 +1,715 @@
+"""`Session`: the host wrapper over the runtime's pure programs (package docstring) — text and
+token input, the trees, view uploads, when to refocus, telemetry, save and load."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mcjax import working_context as wcm
+from mcjax.assets import check_params, flatten_params, unflatten_params
+from mcjax.base import model as base
+from mcjax.base.model import InputError, KVCache
+from mcjax.checkpoint import (CheckpointError, _arch_without_dtype, config_to_json,
+                              default_params, load_trained_params, untrained_params)
+from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
+from mcjax.runtime import persist
+from mcjax.runtime.programs import programs
+from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE, Plan,
+                                 empty_view, initial_layouts, initial_state,
+                                 pending_base_position, view_update)
+from mcjax.runtime.telemetry import RefocusEvent, event_from
+from mcjax.tree import BlockGister, MegaContextTree, copy_rows
+
+__all__ = ["Session"]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _cache_logprobs(params, cache: KVCache, tokens, positions, mask, index, *,
+                    config: LlamaConfig):
+    """log p(tokens[:, i + 1] | context, tokens[:, :i + 1]) [B, T - 1] with the tokens
+    written after `index` slots of `cache` (not donated: the caller's cache is unchanged)."""
+    hidden, _ = base.prefill_core(params, config, cache, tokens, None, positions, mask, index,
+                                  return_hidden=True)
+    logits = base.logits_from_hidden(params, config, hidden[:, :-1]).astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
+    return jnp.where(mask[:, 1:], logp, 0.0)
+
+
+
+
+
+class Session:
+    """A batch of MegaContext streams over one frozen base model (module docstring).
+
+    base: a `BaseModel` (gives text encoding) or `(LlamaConfig, params)`. gist_params /
+    lens_params: trained params, or None: the shipped params when they fit `cfg`
+    (`mcjax.assets.shipped_gist` / `shipped_lens`, provenance "shipped"), else — and with
+    `untrained=True` always — the untrained networks the trainers start from
+    (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
+    max_tokens: per-stream history capacity (fixes the device view's shapes).
+    collapse_headroom: slots freed at once when the next block would not fit (default
+    w_max/8 in whole blocks; 0 = collapse only as needed): trades up to that much budget
+    for re-prefilling only the new tokens on most refocuses (see `_collapse_ahead`).
+    prefill_chunk: slots per bulk re-prefill chunk (default: the largest K·2^i <= 256 that
+    divides w_max); bigger chunks use the hardware better, K-slot chunks trim the ends.
+    focus_policy: where refocus scores come from — "lens" (LensNet, the default; LensNet v2,
+    `cfg.lens.query_tokens` / `retrieval_features`, also reads the newest tokens and, with
+    retrieval features, makes the trees keep read-pass keys, and settles like
+    "retrieval"), or the
+    baselines "random" (uniform scores, deterministic given `focus_seed`, new ones every
+    refocus) and "recency" (newer spans toward expand, older toward collapse); both are
+    legality-masked like LensNet's and go through the same allocator and budget logic; or
+    "retrieval" (training-free and query-aware, `mcjax.retrieval`: the trees also keep
+    read-pass keys per block, the newest tokens' queries score them, and new input is
+    followed by up to `cfg.retrieval.settle_rounds` extra refocuses while focus still moves).
+    kv_reuse: "exact" (the default) re-prefills every slot from a refocus's first change on,
+    so the cache equals a fresh prefill of the WC. "approx" keeps the cache entries of the
+    slots whose entry did not change — moved to their new slot, keys re-rotated to their new
+    position — and recomputes only the K-slot chunks holding new entries (an expansion's
+    tokens, a collapse's gist, fed tokens) plus each changed stream's newest chunk; kept
+    entries were computed over the old context, so the cache only approximates the WC's
+    (CacheBlend, arXiv 2405.16444). It falls back to exact when that recomputes no more.
+    `results/kv_reuse/` measures its cost in NLL and its speed.
+    """
+
+    def __init__(self, base_model, gist_params, lens_params, cfg: ExperimentConfig, *,
+                 batch_size: int = 1, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 mesh: Mesh | None = None, debug_invariants: bool = False,
+                 collapse_headroom: int | None = None, prefill_chunk: int | None = None,
+                 gist_batch: int | None = None, pad_id: int = 0,
+                 on_event: Callable[[RefocusEvent], None] | None = None,
+                 max_events: int = 100_000, provenance: dict | None = None,
+                 focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False,
+                 kv_reuse: str = "exact"):
+        if focus_policy not in FOCUS_POLICIES:
+            raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
+                              f"{focus_policy!r}")
+        if kv_reuse not in KV_REUSE:
+            raise ConfigError(f"kv_reuse must be one of {KV_REUSE}, got {kv_reuse!r}")
+        if hasattr(base_model, "config") and hasattr(base_model, "params"):
+            llama, params = base_model.config, base_model.params
+            self._encode = getattr(base_model, "encode", None)
+            self.decode_text = getattr(base_model, "decode", None)
+        else:
+            try:
+                llama, params = base_model
+            except (TypeError, ValueError):
+                raise TypeError("base must be a BaseModel or a (LlamaConfig, params) pair"
+                                ) from None
+            self._encode, self.decode_text = None, None
+        if not isinstance(llama, LlamaConfig):
+            raise TypeError(f"base config must be a LlamaConfig, got {type(llama).__name__}")
+        if not isinstance(cfg, ExperimentConfig):
+            raise TypeError(f"cfg must be an ExperimentConfig, got {type(cfg).__name__}")
+        if cfg.base_config is None:
+            cfg = dataclasses.replace(cfg, base_config=llama)
+        elif _arch_without_dtype(dataclasses.asdict(cfg.base_config)) != \
+                _arch_without_dtype(dataclasses.asdict(llama)):
+            raise ConfigError(f"config {cfg.name!r} describes a different base model "
+                              f"({cfg.base_config}) than the one given ({llama})")
+        mc = cfg.mc
+        K = mc.block_size
+        if mc.w_max % K:
+            raise ConfigError(f"w_max ({mc.w_max}) must be a multiple of the block size K "
+                              f"({K}): the working context is re-prefilled in chunks of K "
+                              f"slots and K tokens are decoded between refocuses")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if int(max_tokens) < mc.w_max:
+            raise ConfigError(f"max_tokens ({max_tokens}) must be >= w_max ({mc.w_max})")
+        if not 0 <= pad_id < llama.vocab_size:
+            raise ConfigError(f"pad_id {pad_id} is outside the vocabulary")
+        wcm.check_config(mc)  # w_max holds the sink, the protected tail and a gist
+        if collapse_headroom is None:  # default: an eighth of the budget, whole blocks
+            collapse_headroom = (mc.w_max // 8) // K * K
+        most = mc.w_max - mc.recent_protect - K - wcm.sink_tokens(mc)
+        if not 0 <= collapse_headroom <= most:
+            raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K - "
+                              f"sink_blocks*K] = [0, {most}], got {collapse_headroom}")
+        if prefill_chunk is None:  # default: the largest K·2^i <= 256 that divides w_max
+            prefill_chunk = K
+            while prefill_chunk * 2 <= max(256, K) and mc.w_max % (prefill_chunk * 2) == 0:
+                prefill_chunk *= 2
+        if prefill_chunk % K or mc.w_max % prefill_chunk or prefill_chunk <= 0:
+            raise ConfigError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of "
+                              f"K ({K}) that divides w_max ({mc.w_max})")
+        self.cfg, self.mc, self.llama = cfg, mc, llama
+        self.batch_size, self.max_tokens = int(batch_size), int(max_tokens)
+        self.debug_invariants = debug_invariants
+        self.mesh = mesh
+        self.on_event = on_event
+        self.events: collections.deque[RefocusEvent] = collections.deque(maxlen=max_events)
+        self.provenance = dict(provenance or {})
+
+        gist_params, lens_params, resolved = default_params(
+            cfg, gist_params, lens_params, params, untrained=untrained,
+            focus_policy=focus_policy)
+        self.provenance.update(resolved)
+        for part in ("gist", "lens"):
+            self.provenance.setdefault(part, {"source": "given"})
+        self.focus_policy, self.focus_seed = focus_policy, int(focus_seed)
+        self.provenance["focus_policy"] = (
+            {"policy": focus_policy} if focus_policy == "lens"
+            else {"policy": focus_policy, "seed": self.focus_seed, "lens": "not used"})
+        # Which networks are untrained (their gists / focus decisions mean nothing yet); an
+        # untrained LensNet does not count when a baseline policy replaces its scores.
+        self.untrained: tuple[str, ...] = tuple(
+            p for p in ("gist", "lens") if self.provenance[p]["source"] == "untrained"
+            and (p == "gist" or focus_policy == "lens"))
+        check_params(gist_params, cfg, "gist", exc=ValueError)
+        check_params(lens_params, cfg, "lens", exc=ValueError)
+
+        self._plan = Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=self.batch_size,
+                           max_tokens=self.max_tokens, pad_id=int(pad_id),
+                           headroom=int(collapse_headroom),
+                           prefill_chunk=int(prefill_chunk), focus_policy=focus_policy,
+                           retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens")
+                           else None, kv_reuse=kv_reuse)
+        self._programs = programs(self._plan, mesh)
+        sh = self._programs.shardings
+        resolved_lens = lens_params
+        # What the refocus program's `focus_params` are: LensNet's params for "lens", the
+        # seed for "random" (its key), unused by "recency" and "retrieval".
+        if focus_policy == "random":
+            lens_params = np.uint32(self.focus_seed % (1 << 32))
+        if sh is None:
+            self._params = jax.device_put(params)
+            self._focus_params = jax.device_put(lens_params)
+        else:
+            self._params = jax.device_put(params, sh["params"])
+            self._focus_params = jax.device_put(lens_params, sh["rep"])
+        self._gister = BlockGister.from_base(cfg.gist, gist_params, self._params, llama,
+                                             block_size=K, gist_batch=gist_batch)
+        self._key_reader = None
+        if self._plan.keeps_keys:
+            from mcjax.retrieval import BlockKeyReader
+
+            if max(cfg.retrieval.layers) >= llama.num_layers:
+                raise ConfigError(f"retrieval.layers {cfg.retrieval.layers} exceed the base "
+                                  f"model's {llama.num_layers} layers")
+            self._key_reader = BlockKeyReader.from_base(cfg.retrieval, self._params, llama, K)
+        if focus_policy == "lens" and cfg.lens.query_tokens \
+                and cfg.lens.query_layer > llama.num_layers:
+            raise ConfigError(f"lens.query_layer {cfg.lens.query_layer} exceeds the base "
+                              f"model's {llama.num_layers} layers")
+        self._trees = [MegaContextTree.in_memory(mc, self._gister,
+                                                 view_capacity_tokens=self.max_tokens,
+                                                 key_reader=self._key_reader)
+                       for _ in range(self.batch_size)]
+        self._key_width = None if self._key_reader is None else (self._key_reader.width,
+                                                                 self._key_reader.dtype)
+        self._state = self._put(initial_state(self._plan), "state")
+        self._view = self._put(empty_view(self._plan, *(self._key_width or ())), "view")
+        self._empty_layout = self._put(self._layouts(np.zeros(self.batch_size, bool)), "wc")
+        self._no_streams = np.zeros(self.batch_size, bool)
+        L = mc.num_levels
+        self._view_synced = np.zeros((self.batch_size, L + 1), np.int64)
+        self._unsynced = np.zeros(self.batch_size, np.int64)  # tree tokens not yet in the WC
+        self._laid_out = np.zeros(self.batch_size, bool)
+        self._num_pending = 0  # host mirror of state.num_pending
+        self._num_refocus = 0
+        self._ingest_s = 0.0  # tree ingest time since the last refocus (feed side)
+        # what `save` writes so that `load` rebuilds this session
+        self._nets = {"gist": gist_params, "lens": resolved_lens}
+        self._settings = dict(batch_size=self.batch_size, max_tokens=self.max_tokens,
+                              collapse_headroom=self._plan.headroom,
+                              prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
+                              pad_id=int(pad_id), max_events=int(max_events),
+                              focus_policy=focus_policy, focus_seed=self.focus_seed,
+                              kv_reuse=kv_reuse)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoints(cls, base_model, cfg: ExperimentConfig, *,
+                         gist_checkpoint: str | os.PathLike | None = None,
+                         lens_checkpoint: str | os.PathLike | None = None, **kwargs
+                         ) -> "Session":
+        """A session with GistNet / LensNet from training workdirs (None: the shipped
+        GistNet when it fits `cfg`, else untrained; `untrained=True`: untrained).
+
+        Without `gist_checkpoint`, a LensNet checkpoint's own GistNet is used when it has
+        one (a `train_joint` run) or names one that exists (a `train_lens` run trained on a
+        GistNet checkpoint), so that LensNet sees the gists it was trained on.
+        """
+        llama = base_model.config if hasattr(base_model, "config") else base_model[0]
+        if cfg.base_config is None:
+            cfg = dataclasses.replace(cfg, base_config=llama)
+        provenance: dict = {}
+        gist = lens_params = None
+        if lens_checkpoint is not None:
+            lens_params, provenance["lens"] = load_trained_params(lens_checkpoint, cfg, "lens")
+        if gist_checkpoint is not None:
+            gist, provenance["gist"] = load_trained_params(gist_checkpoint, cfg, "gist")
+        elif lens_checkpoint is not None:
+            source = provenance["lens"].get("gistnet") or {}
+            if provenance["lens"].get("run") == "train_joint":
+                gist, provenance["gist"] = load_trained_params(lens_checkpoint, cfg, "gist")
+            elif source.get("source") == "checkpoint" and Path(source.get("path", "")).is_dir():
+                gist, provenance["gist"] = load_trained_params(source["path"], cfg, "gist")
+                provenance["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
+            elif source.get("source") == "untrained" and "seed" in source:
+                # LensNet was trained on the untrained GistNet of that seed: use the same one
+                seeded = dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, seed=int(source["seed"])))
+                gist = untrained_params(seeded, "gist", (
+                    base_model.params if hasattr(base_model, "params") else base_model[1]))
+                provenance["gist"] = {"source": "untrained", "seed": int(source["seed"]),
+                                      "chosen_by": "the LensNet checkpoint's GistNet"}
+        return cls(base_model, gist, lens_params, cfg, provenance=provenance, **kwargs)
+
+    def _put(self, tree, kind: str):
+        sh = self._programs.shardings
+        return jax.device_put(tree) if sh is None else jax.device_put(tree, sh[kind])
+
+    def _layouts(self, reset: np.ndarray) -> wcm.WorkingContext:
+        """Batched host WC: the initial layout of each reset stream's history, else empty."""
+        return initial_layouts(self._plan, [t.num_tokens for t in self._trees], reset)
+
+    # ------------------------------------------------------------------ input
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        """[B] history length of each stream (fed and generated tokens)."""
+        pending = self._pending_tokens() if self._num_pending else [[]] * self.batch_size
+        return np.asarray([t.num_tokens + len(p) for t, p in zip(self._trees, pending)])
+
+    def tree(self, stream: int = 0) -> MegaContextTree:
+        return self._trees[stream]
+
+    def _token_lists(self, inputs) -> list[np.ndarray]:
+        B, V = self.batch_size, self.llama.vocab_size
+
+        def one(x) -> np.ndarray:
+            if isinstance(x, str):
+                if self._encode is None:
+                    raise InputError("text input needs a tokenizer: build the Session from a "
+                                     "BaseModel, or feed token ids")
+                x = self._encode(x)
+            arr = np.asarray(x)
+            if arr.size == 0:
+                return np.zeros((0,), np.int64)
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"a stream's input must be text or a 1-D sequence of integer "
+                                 f"token ids, got shape {arr.shape} dtype {arr.dtype}")
+            if arr.min() < 0 or arr.max() >= V:
+                bad = int(arr.max()) if arr.max() >= V else int(arr.min())
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
+            return arr.astype(np.int64)
+
+        per_stream = (isinstance(inputs, (list, tuple)) and len(inputs) > 0
+                      and all(isinstance(x, str) or np.ndim(x) >= 1 for x in inputs))
+        if not per_stream and not isinstance(inputs, str) and np.ndim(inputs) == 2:
+            inputs, per_stream = list(np.asarray(inputs)), True
+        if per_stream:
+            if len(inputs) != B:
+                raise InputError(f"got inputs for {len(inputs)} streams, this session has {B}")
+            return [one(x) for x in inputs]
+        if B != 1:
+            raise InputError(f"this session has {B} streams: pass one input per stream (a "
+                             f"list of {B} texts or token sequences)")
+        return [one(inputs)]
+
+    def _pending_tokens(self) -> list[np.ndarray]:
+        """Per stream: the decoded tokens in pending slots (not yet in the trees)."""
+        p, W = self._num_pending, self.mc.w_max
+        tokens = np.asarray(self._state.pending)[:, :p]
+        valid = np.asarray(self._state.cache.valid)[:, W:W + p]
+        return [tokens[b][valid[b]].astype(np.int64) for b in range(self.batch_size)]
+
+    def _check_room(self, extra: Sequence[int]) -> None:
+        for b, (tree, n) in enumerate(zip(self._trees, extra)):
+            total = tree.num_tokens + int(n)
+            if total > self.max_tokens:
+                raise wcm.CapacityError(
+                    f"stream {b}: history would reach {total} tokens, more than this "
+                    f"session's max_tokens={self.max_tokens} (the fixed capacity of its device "
+                    f"tree view); create the Session with a larger max_tokens")
+            wcm.check_capacity(total, self.mc)
+
+    def feed(self, inputs) -> None:
+        """Append input to the streams: text or token ids (one stream), or a list of B of
+        them (an empty entry leaves that stream unchanged). Any length works — far beyond
+        w_max too. The trees ingest it now; the WC and cache follow at the next
+        `generate`/`sync`. Tokens decoded since the last refocus are kept in the history —
+        for every stream, as the pending slots are shared: a feed to some streams also
+        refocuses the others if they have pending tokens."""
+        ids = self._token_lists(inputs)
+        if sum(len(x) for x in ids) == 0:
+            raise InputError("feed: empty input (no tokens for any stream)")
+        self._ingest(ids)
+
+    def _ingest(self, ids: list[np.ndarray]) -> None:
+        """Append the pending decoded tokens, then `ids`, to each stream's tree."""
+        t0 = time.perf_counter()
+        pending = self._pending_tokens() if self._num_pending else \
+            [np.zeros((0,), np.int64)] * self.batch_size
+        new = [np.concatenate([p, x]) for p, x in zip(pending, ids)]
+        self._check_room([len(x) for x in new])
+        for tree, tokens in zip(self._trees, new):
+            if len(tokens):
+                tree.append(tokens)
+        self._unsynced += np.asarray([len(x) for x in new])
+        self._num_pending = 0  # now in the trees; the next refocus clears the slots
+        self._ingest_s += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Bring the WC up to date with the whole history, including the tokens decoded
+        since the last refocus (one refocus). Unlike `sync`, this changes when later
+        refocuses happen, so call it between turns, not between pieces of one generation."""
+        if self._num_pending:
+            self._ingest([np.zeros((0,), np.int64)] * self.batch_size)
+        self.sync()
+
+    def sync(self) -> None:
+        """Bring every WC and the cache up to date with the trees (one refocus)."""
+        if not self._unsynced.any():
+            return
+        counts = np.asarray([t.num_tokens for t in self._trees])
+        reset = ~self._laid_out & (counts > 0)
+        num_new = np.where(reset, 0, self._unsynced)
+        layout = self._put(self._layouts(reset), "wc") if reset.any() else self._empty_layout
+        self._laid_out |= reset
+        self._unsynced[:] = 0
+        timings, self._ingest_s = {"ingest_s": self._ingest_s}, 0.0
+        event = self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset,
+                              trigger="input", timings=timings)
+        self._settle((num_new > 0) | reset, event)
+
+    # ------------------------------------------------------------------ refocus
+
+    def _upload_view(self) -> None:
+        update = view_update(self._plan, self._trees, self._view_synced,
+                             *(self._key_width or ()))
+        if update is None:
+            return
+        self._view = self._programs.write_view(self._view, *update)
+        self._view_synced = update[4].astype(np.int64)
+
+    def _refocus(self, num_new, reset, layout, *, revive, trigger: str, timings: dict,
+                 settle=None) -> RefocusEvent:
+        t0 = time.perf_counter()
+        self._upload_view()
+        settle = self._no_streams if settle is None else np.asarray(settle, bool)
+        self._state, telemetry = self._programs.refocus(
+            self._params, self._focus_params, self._state, self._view,
+            np.asarray(num_new, np.int32), np.asarray(reset, bool), layout,
+            np.asarray(revive, bool), np.bool_(trigger == "decode"), settle)
+        telemetry = jax.device_get(telemetry)  # waits for the refocus
+        timings = dict(timings, refocus_s=time.perf_counter() - t0)
+        if telemetry["append_overflow"].any():
+            b = int(np.argmax(telemetry["append_overflow"]))
+            raise wcm.CapacityError(f"stream {b}: the working context could not absorb "
+                                    f"{int(num_new[b])} new tokens: "
+                                    + wcm.capacity_message(self._trees[b].num_tokens, self.mc))
+        event = event_from(self._num_refocus, trigger, num_new, telemetry, self.mc, timings)
+        self._num_refocus += 1
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        if self.debug_invariants:
+            self._check()
+        return event
+
+    def _settle(self, streams: np.ndarray, event: RefocusEvent) -> None:
+        """After new input: refocus `streams` again without new tokens while the last round
+        acted, at most `retrieval.settle_rounds` times (retrieval focus; SPEC §2.6), so a
+        block inside an LOD2 gist can reach raw tokens before the answer starts."""
+        rounds = self.cfg.retrieval.settle_rounds if self._plan.query_aware else 0
+        zeros = np.zeros(self.batch_size, np.int32)
+        for _ in range(rounds):
+            acted = np.asarray([e + c > 0 for e, c in zip(event.num_expand, event.num_collapse)])
+            streams = streams & acted
+            if not streams.any():
+                return
+            event = self._refocus(zeros, self._no_streams, self._empty_layout,
+                                  revive=self._no_streams, trigger="settle", timings={},
+                                  settle=streams)
+
+    def _refocus_pending(self, timings: dict) -> None:
+        """K tokens decoded: ingest them into the trees and refocus."""
+        t0 = time.perf_counter()
+        new = self._pending_tokens()
+        for tree, tokens in zip(self._trees, new):
+            if len(tokens):
+                tree.append(tokens)
+        timings = dict(timings, ingest_s=time.perf_counter() - t0)
+        self._num_pending = 0
+        self._refocus(np.asarray([len(x) for x in new]), self._no_streams, self._empty_layout,
+                      revive=self._no_streams, trigger="decode", timings=timings)
+
+    def check(self, atol: float = 2e-3) -> None:
+        """Check every WC invariant against the trees, and that the cache holds exactly the
+        WC and the pending tokens: its keys/values equal (to `atol`, relative to their
+        scale) a fresh prefill of the materialized WC followed by the pending tokens, and the
+        next token is that reference's greedy prediction (raises
+        `working_context.InvariantError`). Costs one prefill of every stream's WC. With
+        `kv_reuse="approx"` the cache only approximates that prefill by design, so only the
+        invariants and the cache's validity are checked."""
+        emb, pos, valid = self.materialized()  # syncs
+        self._check()
+        if self._plan.kv_reuse == "approx":
+            return
+        W, K, p = self.mc.w_max, self.mc.block_size, self._num_pending
+        state = self._state
+        ref = base.init_cache(self.llama, self.batch_size, W + K)
+        hidden, ref = base.prefill(self._params, self.llama, ref, embeds=emb, positions=pos,
+                                   mask=valid, index=0, return_hidden=True)
+        newest = np.asarray(state.wc.num_valid) - 1
+        last = np.asarray(hidden)[np.arange(self.batch_size), np.maximum(newest, 0)]
+        if p:
+            live = np.asarray(state.cache.valid)[:, W:W + p]
+            first = np.asarray(pending_base_position(self._plan, state.wc))
+            hidden, ref = base.prefill(
+                self._params, self.llama, ref, tokens=np.asarray(state.pending)[:, :p],
+                positions=first[:, None] + np.arange(p)[None], mask=live, index=W,
+                return_hidden=True)
+            last = np.where(live[:, -1:], np.asarray(hidden)[:, -1], last)
+        slots = np.concatenate([np.asarray(valid), np.asarray(state.cache.valid)[:, W:]], 1)
+        for name, got, want in (("keys", state.cache.k, ref.k), ("values", state.cache.v, ref.v)):
+            got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+            m = slots[None, :, :, None, None]
+            err = np.max(np.abs(np.where(m, got - want, 0.0)))
+            scale = max(1.0, float(np.max(np.abs(np.where(m, want, 0.0)))))
+            if err > atol * scale:
+                raise wcm.InvariantError(f"cached {name} differ from a fresh prefill of the "
+                                         f"working context by {err:.3g} (scale {scale:.3g})")
+        logits = base.logits_from_hidden(self._params, self.llama, jnp.asarray(last))
+        want_next = np.asarray(jnp.argmax(logits, -1))
+        has = (newest >= 0) & ~np.asarray(state.done)
+        if (np.asarray(state.next_token)[has] != want_next[has]).any():
+            raise wcm.InvariantError("next_token is not the greedy prediction of a fresh "
+                                     "prefill of the working context")
+
+    def materialized(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(slot embeddings [B, W, D], positions [B, W], validity [B, W]) of every stream's
+        working context, from the session's own device view of the trees, after bringing
+        the WCs up to date (`sync`): what the cache's first W slots were prefilled from."""
+        self.sync()
+        return jax.vmap(lambda wc, v: wcm.materialize(wc, v, self._params, self.mc))(
+            self._state.wc, self._view)
+
+    def _check(self) -> None:
+        wc = jax.device_get(self._state.wc)
+        counts = np.asarray([t.counts for t in self._trees])
+        wcm.check_invariants(wc, counts, self.mc)
+        W, p = self.mc.w_max, self._num_pending
+        cache_valid = np.asarray(self._state.cache.valid)
+        if not (cache_valid[:, :W] == wc.valid).all():
+            raise wcm.InvariantError("cache validity differs from the working context's")
+        if cache_valid[:, W + p:].any():
+            raise wcm.InvariantError("cache slots past the pending tokens are valid")
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Persist the session under `directory` so that `Session.load` continues it
+        bit-identically (same next tokens, same WCs): every stream's tree through the
+        on-disk store, the whole `StreamState` (WC, KV cache, pending tokens, flags), the
+        host-side counters, the config, the settings and the GistNet / LensNet params.
+        Telemetry (`events`) is not saved.
+
+        Crash-safe: a save is written into a fresh `save-N` directory, made durable, and
+        only then published by atomically replacing the `LATEST` pointer; older saves are
+        removed after. A process killed at any point (SIGKILL included) leaves the previous
+        save loadable. Returns the published save's directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        numbers = [int(p.name[5:]) for p in directory.glob("save-*") if p.name[5:].isdigit()]
+        n = max(numbers, default=0) + 1
+        tmp = directory / f".incomplete-save-{n}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for b, tree in enumerate(self._trees):
+            # (no model_name: the header holds 32 bytes; session.json names the base)
+            dst = MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
+                                         key_reader=self._key_reader)
+            try:
+                copy_rows(tree, dst)
+            finally:
+                dst.close()
+        arrays = {"state/" + k: v for k, v in persist.keyed_leaves(self._state)[0].items()}
+        for part, params in self._nets.items():
+            arrays.update({f"{part}/{k}": v for k, v in flatten_params(params).items()})
+        manifest = persist.write_arrays(tmp / "arrays.npz", arrays)
+        meta = {
+            "format": persist.SAVE_FORMAT, "format_version": persist.SAVE_VERSION,
+            "config": config_to_json(self.cfg), "settings": self._settings,
+            "provenance": self.provenance, "arrays": manifest,
+            "host": {"unsynced": self._unsynced.tolist(), "laid_out": self._laid_out.tolist(),
+                     "num_pending": int(self._num_pending),
+                     "num_refocus": int(self._num_refocus)},
+        }
+        persist.write_durably(tmp / "session.json", json.dumps(meta, indent=2).encode())
+        persist.fsync_dir(tmp)
+        final = directory / f"save-{n}"
+        os.rename(tmp, final)
+        persist.fsync_dir(directory)
+        persist.write_durably(directory / "LATEST.tmp", final.name.encode())
+        os.replace(directory / "LATEST.tmp", directory / "LATEST")  # the publication
+        persist.fsync_dir(directory)
+        for old in directory.iterdir():  # earlier saves and leftovers of killed ones
+            if old.name != final.name and (old.name.startswith("save-")
+                                           or old.name.startswith(".incomplete-save-")):
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, base_model, *, mesh: Mesh | None = None,
+             debug_invariants: bool = False,
+             on_event: Callable[[RefocusEvent], None] | None = None) -> "Session":
+        """The session `save(directory)` published last, over `base_model` (the same base
+        model it ran with: its architecture is checked against the saved config)."""
+        directory = Path(directory)
+        pointer = directory / "LATEST"
+        if not pointer.exists():
+            raise CheckpointError(f"{directory} holds no saved session (no LATEST)")
+        where = directory / pointer.read_text().strip()
+        try:
+            meta = json.loads((where / "session.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{where}: unreadable session save: {e}") from e
+        if meta.get("format") != persist.SAVE_FORMAT or meta.get("format_version") != persist.SAVE_VERSION:
+            raise CheckpointError(
+                f"{where}: not a session save of format {persist.SAVE_FORMAT!r} version "
+                f"{persist.SAVE_VERSION} (found {meta.get('format')!r} version "
+                f"{meta.get('format_version')!r})")
+        cfg = config_from_json(meta["config"])
+        arrays = persist.read_arrays(where / "arrays.npz", meta["arrays"])
+        nets = {part: jax.tree.map(jnp.asarray, unflatten_params(
+            {k[len(part) + 1:]: v for k, v in arrays.items() if k.startswith(part + "/")},
+            str(where))) for part in ("gist", "lens")}
+        session = cls(base_model, nets["gist"], nets["lens"], cfg, mesh=mesh,
+                      debug_invariants=debug_invariants, on_event=on_event,
+                      provenance=meta.get("provenance"), **meta["settings"])
+        for b, tree in enumerate(session._trees):
+            src = MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
+                                       key_reader=session._key_reader)
+            try:
+                copy_rows(src, tree)
+            finally:
+                src.close()
+        template, treedef = persist.keyed_leaves(session._state)
+        saved = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
+        if set(saved) != set(template) or any(
+                saved[k].shape != template[k].shape or saved[k].dtype != template[k].dtype
+                for k in template):
+            raise CheckpointError(f"{where}: the saved state does not fit this session's "
+                                  f"state (another version or base model)")
+        state = jax.tree_util.tree_unflatten(treedef, [saved[k] for k in template])
+        session._state = session._put(state, "state")
+        host = meta["host"]
+        session._unsynced = np.asarray(host["unsynced"], np.int64)
+        session._laid_out = np.asarray(host["laid_out"], bool)
+        session._num_pending = int(host["num_pending"])
+        session._num_refocus = int(host["num_refocus"])
+        session._upload_view()  # the device view of the trees (what the WC materializes from)
+        return session
+
+    # ------------------------------------------------------------------ generation
+
+    def stream(self, max_new_tokens: int, *, eos_id: int | None = None
+               ) -> Iterator[np.ndarray]:
+        """Greedy tokens, yielded block by block ([B, ≤ K] int32): each stream emits its
+        next tokens (pad after it emitted `eos_id`); a refocus follows every K tokens. Stops
+        after `max_new_tokens` or when every stream is done."""
+        n = int(max_new_tokens)
+        if n <= 0:
+            raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        self.sync()
+        empty = [b for b, t in enumerate(self._trees) if t.num_tokens == 0]
+        if empty:
+            raise InputError(f"stream(s) {empty} have no history: feed them before generating")
+        self._check_room([self._num_pending + n] * self.batch_size)
+        # `done` means "emitted EOS in this generation": a new call starts every stream anew
+        self._state = self._state.replace(done=jnp.zeros_like(self._state.done))
+        return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
+
+    def _stream(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
+        K, produced = self.mc.block_size, 0
+        while produced < n:
+            steps = min(n - produced, K - self._num_pending)
+            t0 = time.perf_counter()
+            self._state, out, ran = self._programs.decode(self._params, self._state,
+                                                          np.int32(steps), eos)
+            ran = int(ran)
+            tokens = np.asarray(out)[:, :ran]
+            decode_s = time.perf_counter() - t0
+            self._num_pending += ran
+            produced += ran
+            if ran:
+                yield tokens
+            if self._num_pending == K:
+                self._refocus_pending({"decode_s": decode_s, "decoded": K})
+            if ran < steps:
+                return  # every stream emitted EOS
+
+    def generate(self, max_new_tokens: int, *, eos_id: int | None = None) -> np.ndarray:
+        """Greedy generation: tokens [B, n] (n ≤ max_new_tokens; pad after a stream's EOS)."""
+        chunks = list(self.stream(max_new_tokens, eos_id=eos_id))
+        if not chunks:
+            return np.zeros((self.batch_size, 0), np.int32)
+        return np.concatenate(chunks, axis=1)
+
+    # ------------------------------------------------------------------ inspection
+
+    def cache_logprobs(self, tokens) -> np.ndarray:
+        """Teacher-forced log-probabilities [B, T - 1] of tokens [B, T] (T <= K) continuing
+        every stream's history, computed from the session's own KV cache: token i + 1 given
+        the context and tokens 0..i (token 0 is conditioned on but not scored). The session
+        is unchanged. This measures the cache a session decodes from — under
+        `kv_reuse="approx"` its approximation — where `mcjax.eval.harness` scores a fresh
+        prefill of the working context."""
+        tokens = np.asarray(tokens)
+        K, W, B = self.mc.block_size, self.mc.w_max, self.batch_size
+        if tokens.ndim != 2 or tokens.shape[0] != B or not 2 <= tokens.shape[1] <= K:
+            raise InputError(f"cache_logprobs takes tokens [{B}, T] with 2 <= T <= K = {K}, "
+                             f"got shape {tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= self.llama.vocab_size:
+            raise InputError("cache_logprobs: token ids outside the vocabulary")
+        self.sync()
+        if self._num_pending:
+            raise InputError(f"cache_logprobs needs a refocused session; {self._num_pending} "
+                             f"decoded tokens are pending (generate a multiple of K = {K})")
+        first = np.asarray(pending_base_position(self._plan, self._state.wc))
+        T = tokens.shape[1]
+        return np.asarray(_cache_logprobs(
+            self._params, self._state.cache, jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(first[:, None] + np.arange(T)[None], jnp.int32),
+            jnp.ones((B, T), bool), jnp.int32(W), config=self.llama))
+
+    @property
+    def working_context(self) -> wcm.WorkingContext:
+        """Host copy of the batched WC (after bringing it up to date)."""
+        self.sync()
+        return jax.device_get(self._state.wc)
+
+    def focus_runs(self, stream: int = 0) -> list[tuple[int, int, int, int]]:
+        from mcjax.eval.focus_map import focus_runs
+
+        wc = self.working_context
+        return focus_runs(jax.tree.map(lambda x: x[stream], wc), self.mc)
+
+    def focus_map(self, stream: int = 0, width: int = 64) -> str:
+        from mcjax.eval.focus_map import format_focus_map
+
+        return format_focus_map(self.focus_runs(stream), width)
+
+    def compiled_programs(self) -> dict[str, int]:
+        """Compiled variants of each program (1 each after warm-up)."""
+        return {name: getattr(self._programs, name)._cache_size()
+                for name in ("decode", "refocus", "write_view")}

@@ -1,0 +1,173 @@
+"""The runtime's state and plan (SPEC §2.7): what the pure programs carry and are keyed by.
+
+`StreamState` (device) and the batched `TreeView` (device) are everything the jitted
+`refocus` / `decode_block` programs read and write; the trees (host, `mcjax.tree`) are the
+durable history the view is uploaded from. `Plan` is the static, hashable description that
+keys the programs' compilation (gemma-sampler style). The host builders here
+(`initial_state`, `empty_view`, `initial_layouts`, `view_update`) are what a caller needs to
+drive the programs from a plain loop; `Session` is one such caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcjax import working_context as wcm
+from mcjax.base.model import KVCache
+from mcjax.config import LlamaConfig
+from mcjax.tree import MegaContextTree, TreeView
+
+__all__ = ["StreamState", "Plan", "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE",
+           "initial_state", "empty_view", "initial_layouts", "view_update",
+           "pending_base_position"]
+
+DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
+# Where refocus scores come from: LensNet (the design), or a baseline policy that replaces
+# its scores inside the same session machinery (see `recency_scores`, `random_scores`).
+FOCUS_POLICIES = ("lens", "random", "recency", "retrieval")
+# How a refocus rebuilds the cache after edits: "exact" re-prefills every slot from the first
+# change on; "approx" keeps the entries of unchanged slots (moved and re-rotated) and
+# recomputes only the chunks with new entries and the newest one (CacheBlend-style).
+KV_REUSE = ("exact", "approx")
+_MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
+
+
+@flax.struct.dataclass
+class StreamState:
+    """Everything the jitted programs carry between calls; leading axis B = streams."""
+
+    wc: wcm.WorkingContext  # [B, W] working contexts (what cache slots [0, W) hold)
+    cache: KVCache  # k/v [layers, B, W + K, kv_heads, head_dim]; valid [B, W + K]
+    next_token: jax.Array  # [B] int32 greedy prediction after the newest history token
+    pending: jax.Array  # [B, K] int32 tokens decoded since the last refocus (pad if done)
+    num_pending: jax.Array  # [] int32 pending slots used (shared by all streams)
+    done: jax.Array  # [B] bool stream emitted EOS in the current generation
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static, hashable description of a session's programs (the jit cache key)."""
+
+    llama: LlamaConfig
+    mc: Any  # MCConfig
+    lens: Any  # LensConfig
+    batch_size: int
+    max_tokens: int
+    pad_id: int
+    headroom: int  # slots to free ahead when the next block would not fit (0: off)
+    prefill_chunk: int  # C: slots per bulk re-prefill chunk (a multiple of K dividing w_max)
+    focus_policy: str = "lens"  # one of FOCUS_POLICIES
+    retrieval: Any = None  # RetrievalConfig (focus_policy "retrieval", or LensNet v2)
+    kv_reuse: str = "exact"  # one of KV_REUSE (see `_kv_sources`, `_moved_kv`)
+
+    @property
+    def keeps_keys(self) -> bool:
+        """The trees keep read-pass keys: retrieval focus, or LensNet v2's relevance."""
+        return self.focus_policy == "retrieval" or (self.focus_policy == "lens"
+                                                    and self.lens.retrieval_features)
+
+    @property
+    def query_aware(self) -> bool:
+        """Scores depend on the newest tokens' read (so focus can settle after input)."""
+        return self.focus_policy == "retrieval" or (self.focus_policy == "lens"
+                                                    and self.lens.conditioned)
+
+    @property
+    def num_slots(self) -> int:
+        return self.mc.w_max + self.mc.block_size
+
+    def view_rows(self, level: int) -> int:
+        return max(1, -(-self.max_tokens // self.mc.block_size**level))
+
+
+def pending_base_position(plan: Plan, wc) -> jax.Array:
+    """[B] position of the first pending slot: the next token index, or (compact) the next
+    running index after the WC."""
+    if plan.mc.position_scheme == "compact":
+        return wc.num_valid
+    return wc.num_tokens
+
+
+def initial_state(plan: Plan) -> StreamState:
+    """The state of B streams with no history (host arrays): empty WCs, an empty cache."""
+    B, W, K, c = plan.batch_size, plan.mc.w_max, plan.mc.block_size, plan.llama
+    kv_shape = (c.num_layers, B, W + K, c.num_kv_heads, c.head_dim)
+    dt = np.dtype(jnp.dtype(c.dtype))
+    return StreamState(
+        wc=initial_layouts(plan, np.zeros(B, np.int64), np.zeros(B, bool)),
+        cache=KVCache(k=np.zeros(kv_shape, dt), v=np.zeros(kv_shape, dt),
+                      valid=np.zeros((B, W + K), bool)),
+        next_token=np.full((B,), plan.pad_id, np.int32),
+        pending=np.full((B, K), plan.pad_id, np.int32),
+        num_pending=np.int32(0), done=np.zeros((B,), bool))
+
+
+def empty_view(plan: Plan, key_width: int | None = None, key_dtype=None) -> TreeView:
+    """An empty batched tree view of the plan's capacity (host arrays); `key_width` /
+    `key_dtype`: the read-pass keys' row width and dtype when the trees keep them
+    (`plan.keeps_keys`, `BlockKeyReader.width` / `.dtype`)."""
+    B, D, L = plan.batch_size, plan.llama.hidden_size, plan.mc.num_levels
+    if plan.keeps_keys != (key_width is not None):
+        raise ValueError(f"plan.keeps_keys is {plan.keeps_keys}: key_width must be "
+                         f"{'given' if plan.keeps_keys else 'None'}")
+    gist_dtype = np.dtype(jnp.dtype(plan.mc.gist_dtype))
+    return TreeView(
+        tokens=np.zeros((B, plan.view_rows(0)), np.int32),
+        gists=tuple(np.zeros((B, plan.view_rows(l), D), gist_dtype) for l in range(1, L + 1)),
+        counts=np.zeros((B, L + 1), np.int32),
+        keys=None if key_width is None else np.zeros((B, plan.view_rows(1), key_width),
+                                                     key_dtype))
+
+
+def initial_layouts(plan: Plan, num_tokens: Sequence[int], reset) -> wcm.WorkingContext:
+    """Batched host WC: `wcm.initial_layout` of `num_tokens[b]` history tokens for each
+    stream with `reset[b]`, else an empty WC."""
+    B, W = plan.batch_size, plan.mc.w_max
+    arrays = {k: np.zeros((B, W), np.int32) for k in ("level", "node", "edit_step",
+                                                      "edit_dir")}
+    valid = np.zeros((B, W), bool)
+    tokens, step = np.zeros((B,), np.int32), np.zeros((B,), np.int32)
+    for b in np.flatnonzero(np.asarray(reset, bool)):
+        wc = jax.device_get(wcm.initial_layout(int(num_tokens[b]), plan.mc))
+        for k in arrays:
+            arrays[k][b] = getattr(wc, k)
+        valid[b], tokens[b], step[b] = wc.valid, wc.num_tokens, wc.step
+    return wcm.WorkingContext(valid=valid, num_tokens=tokens, step=step, **arrays)
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def view_update(plan: Plan, trees: Sequence[MegaContextTree], synced: np.ndarray,
+                key_width: int | None = None, key_dtype=None) -> tuple | None:
+    """The arguments of `write_view` that bring a view holding `synced` [B, L+1] rows per
+    stream and level up to the trees' (host arrays; row counts bucketed to powers of two so
+    few shapes compile), or None when nothing is new."""
+    counts = np.asarray([t.counts for t in trees], np.int64)
+    new = counts - np.asarray(synced, np.int64)
+    if not new.any():
+        return None
+    B, D, K, L = plan.batch_size, plan.llama.hidden_size, plan.mc.block_size, plan.mc.num_levels
+    gist_dtype = np.dtype(jnp.dtype(plan.mc.gist_dtype))
+    token_rows = np.zeros((B, _bucket(new[:, 0].max(), K)), np.int32)
+    gist_rows = [np.zeros((B, _bucket(new[:, l].max(), _MIN_GIST_ROWS), D), gist_dtype)
+                 for l in range(1, L + 1)]
+    key_rows = None
+    if key_width is not None:
+        key_rows = np.zeros((B, gist_rows[0].shape[1], key_width), key_dtype)
+    for b, tree in enumerate(trees):
+        lo, hi = synced[b], counts[b]
+        token_rows[b, :new[b, 0]] = tree.tokens(lo[0], hi[0])
+        for l in range(1, L + 1):
+            gist_rows[l - 1][b, :new[b, l]] = tree.gists(l, lo[l], hi[l])
+        if key_rows is not None:
+            key_rows[b, :new[b, 1]] = tree.keys(lo[1], hi[1])
+    return (token_rows, tuple(gist_rows), np.asarray(synced, np.int32), new.astype(np.int32),
+            counts.astype(np.int32), key_rows)
