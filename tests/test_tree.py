@@ -32,7 +32,7 @@ from mcjax.tree import (
     DtypeMismatchError, EmbeddingDimMismatchError, InconsistentLevelsError, LevelMismatchError,
     MegaContextTree, MetadataError, MissingStoreFileError, ModelMismatchError,
     StoreExistsError, StoreLockedError, TreeCapacityError, TreeInputError, TruncatedFileError,
-    UnsupportedVersionError, copy_rows, level_filename, read_header)
+    UnsupportedVersionError, level_filename, read_header)
 
 CFG = get_config("tiny")
 MC = CFG.mc  # K = 32, num_levels = 2
@@ -669,25 +669,12 @@ def test_read_pass_gives_identical_features_fed_whole_or_in_pieces(read_chunk):
                                   whole.gists(1)[first_chunk_blocks:])
 
 
-def test_read_pass_reads_each_token_once_in_bulk_and_streaming():
-    """One cached step per block whether the history arrives at once or a block at a time
-    (the old read re-read a chunk's whole prefix for every new block); a tree opened from
-    disk replays its open chunk's prefix once, then streams again."""
+def test_read_pass_reads_each_chunk_once_when_ingesting_in_bulk():
     gister = BlockGister.from_base(hidden_gist_cfg(64), gist_params(), base_params(),
-                                   CFG.base_config, block_size=K, gist_batch=4)
+                                   CFG.base_config, block_size=K, gist_batch=4, read_batch=3)
     t = MegaContextTree.in_memory(MC, gister)
-    t.append(stream()[:1100])  # 34 complete blocks: 34 steps, 9 + 1 gist calls
-    assert gister.read_calls == 34 and t.stats.gist_calls == 9 + 1
-    for i in range(5):  # streaming: one step per new block
-        t.append(stream()[1100 + 32 * i:1132 + 32 * i])
-        assert gister.read_calls == 35 + i
-    copy = MegaContextTree.in_memory(MC, gister)
-    copy_rows(t, copy)
-    calls = gister.read_calls
-    copy.append(stream()[1260:1292])  # the open chunk (64 tokens) holds 1 block: replayed
-    t.append(stream()[1260:1292])
-    assert gister.read_calls == calls + 2 + 1
-    assert_trees_identical(copy, t)
+    t.append(stream()[:1100])  # 34 blocks in 17 chunks of 64 tokens: 6 calls of 3 windows
+    assert gister.read_calls == 6 and t.stats.gist_calls == 9 + 1  # 34 LOD1, 1 LOD2 block
 
 
 def test_store_records_the_gist_input_and_refuses_another(tmp_path):
@@ -720,7 +707,7 @@ def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_stor
     for f in pristine_store.iterdir():
         (store / f.name).write_bytes(f.read_bytes())
     meta = json.loads((store / "metadata.json").read_text())
-    for key in ("gist_input", "input_layer", "read_chunk", "read"):
+    for key in ("gist_input", "input_layer", "read_chunk", "read_batch"):
         meta.pop(key)
     (store / "metadata.json").write_text(json.dumps(meta))
     open_tree(store).close()
@@ -728,8 +715,8 @@ def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_stor
         MegaContextTree.open(store, MC, hidden_gister(64), model_name=MODEL)
 
 
-def test_hidden_input_needs_a_reader_and_a_layer_the_base_model_has():
-    with pytest.raises(ValueError, match="pass reader"):
+def test_hidden_input_needs_a_read_fn_and_a_layer_the_base_model_has():
+    with pytest.raises(ValueError, match="pass read_fn"):
         BlockGister(hidden_gist_cfg(), gist_params(), lambda ids: ids, embed_dim=D,
                     block_size=K)
     with pytest.raises(ValueError, match="input_layer=4, but the base model has only 3"):
