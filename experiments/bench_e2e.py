@@ -76,7 +76,7 @@ def _held_out_tokens(cfg, n: int, vocab_size: int):
     frozen, _ = pipeline.load_base(cfg)
     corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
                                    separator=frozen.separator, progress=False)
-    tokens = np.asarray(corpus.tokens if hasattr(corpus, "tokens") else corpus)[:n]
+    tokens = np.asarray(corpus.tokens)[:n]
     if len(tokens) < n or tokens.max() >= vocab_size:
         raise SystemExit(f"the held-out corpus has {len(tokens)} tokens (< {n}) or ids "
                          f"outside the model's vocabulary")

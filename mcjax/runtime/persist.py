@@ -1,5 +1,6 @@
 """On-disk pieces of a saved session (`Session.save` / `Session.load`): arrays as raw bytes
-(bit-exact for every dtype) with a manifest, durable writes and directory fsyncs."""
+(bit-exact for every dtype) with a manifest, and durable file writes (durable directory
+entries: `mcjax.base.convert.fsync_dir`, shared with the model conversion)."""
 
 from __future__ import annotations
 
@@ -47,11 +48,3 @@ def write_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

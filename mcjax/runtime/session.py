@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from mcjax import working_context as wcm
 from mcjax.assets import check_params, flatten_params, unflatten_params
 from mcjax.base import model as base
+from mcjax.base.convert import fsync_dir
 from mcjax.base.model import InputError, KVCache
 from mcjax.checkpoint import (CheckpointError, _arch_without_dtype, config_to_json,
                               default_params, load_trained_params, untrained_params)
@@ -209,10 +210,11 @@ class Session:
                                                  view_capacity_tokens=self.max_tokens,
                                                  key_reader=self._key_reader)
                        for _ in range(self.batch_size)]
-        self._key_width = None if self._key_reader is None else (self._key_reader.width,
-                                                                 self._key_reader.dtype)
+        # (width, dtype) of the read-pass key rows the view holds, when the trees keep keys
+        self._key_rows = () if self._key_reader is None else (self._key_reader.width,
+                                                              self._key_reader.dtype)
         self._state = self._put(initial_state(self._plan), "state")
-        self._view = self._put(empty_view(self._plan, *(self._key_width or ())), "view")
+        self._view = self._put(empty_view(self._plan, *self._key_rows), "view")
         self._empty_layout = self._put(self._layouts(np.zeros(self.batch_size, bool)), "wc")
         self._no_streams = np.zeros(self.batch_size, bool)
         L = mc.num_levels
@@ -393,7 +395,7 @@ class Session:
 
     def _upload_view(self) -> None:
         update = view_update(self._plan, self._trees, self._view_synced,
-                             *(self._key_width or ()))
+                             *self._key_rows)
         if update is None:
             return
         self._view = self._programs.write_view(self._view, *update)
@@ -536,12 +538,9 @@ class Session:
         tmp.mkdir()
         for b, tree in enumerate(self._trees):
             # (no model_name: the header holds 32 bytes; session.json names the base)
-            dst = MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
-                                         key_reader=self._key_reader)
-            try:
+            with MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
+                                        key_reader=self._key_reader) as dst:
                 copy_rows(tree, dst)
-            finally:
-                dst.close()
         arrays = {"state/" + k: v for k, v in persist.keyed_leaves(self._state)[0].items()}
         for part, params in self._nets.items():
             arrays.update({f"{part}/{k}": v for k, v in flatten_params(params).items()})
@@ -555,13 +554,13 @@ class Session:
                      "num_refocus": int(self._num_refocus)},
         }
         persist.write_durably(tmp / "session.json", json.dumps(meta, indent=2).encode())
-        persist.fsync_dir(tmp)
+        fsync_dir(tmp)
         final = directory / f"save-{n}"
         os.rename(tmp, final)
-        persist.fsync_dir(directory)
+        fsync_dir(directory)
         persist.write_durably(directory / "LATEST.tmp", final.name.encode())
         os.replace(directory / "LATEST.tmp", directory / "LATEST")  # the publication
-        persist.fsync_dir(directory)
+        fsync_dir(directory)
         for old in directory.iterdir():  # earlier saves and leftovers of killed ones
             if old.name != final.name and (old.name.startswith("save-")
                                            or old.name.startswith(".incomplete-save-")):
@@ -583,7 +582,8 @@ class Session:
             meta = json.loads((where / "session.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{where}: unreadable session save: {e}") from e
-        if meta.get("format") != persist.SAVE_FORMAT or meta.get("format_version") != persist.SAVE_VERSION:
+        if (meta.get("format"), meta.get("format_version")) != (persist.SAVE_FORMAT,
+                                                                persist.SAVE_VERSION):
             raise CheckpointError(
                 f"{where}: not a session save of format {persist.SAVE_FORMAT!r} version "
                 f"{persist.SAVE_VERSION} (found {meta.get('format')!r} version "
@@ -597,12 +597,9 @@ class Session:
                       debug_invariants=debug_invariants, on_event=on_event,
                       provenance=meta.get("provenance"), **meta["settings"])
         for b, tree in enumerate(session._trees):
-            src = MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
-                                       key_reader=session._key_reader)
-            try:
+            with MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
+                                      key_reader=session._key_reader) as src:
                 copy_rows(src, tree)
-            finally:
-                src.close()
         template, treedef = persist.keyed_leaves(session._state)
         saved = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
         if set(saved) != set(template) or any(
