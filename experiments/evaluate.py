@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw tail sizes in blocks of the ΔNLL layouts, e.g. 17,4,1 "
                         "(default: about half, an eighth and one block of the prefix); each "
                         "also with LOD2 where a complete 1,024-token group exists")
+    g.add_argument("--variants", default=None,
+                   help="comma-separated ΔNLL variants, e.g. gistnet (default: all of gistnet, "
+                        "gistnet_untrained, mean_pool, mean_pool_hidden; full and truncation "
+                        "always run)")
     g = p.add_argument_group("passkey retrieval")
     g.add_argument("--lengths", default=None,
                    help="history lengths in tokens, comma-separated; each must exceed "
@@ -121,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "lod1+lod2_keep1 (default: %(default)s)")
     g.add_argument("--ceiling-batch-size", type=int, default=None,
                    help="windows optimised per jitted step (default: min(windows, 8))")
+    g.add_argument("--ceiling-init", choices=["mean_pool", "gistnet"], default="mean_pool",
+                   help="start vectors: mean-pooled token embeddings, or the evaluated "
+                        "GistNet's gists (never worse than the net; fewer steps needed) "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="passkey keys / random focus / candidate draws (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -165,6 +173,8 @@ def main(argv=None) -> int:
             focus_candidates=args.focus_candidates,
             keep_raw=(None if args.keep_raw is None
                       else parse_int_list(args.keep_raw, "--keep-raw")),
+            nll_variants=(None if args.variants is None else
+                          tuple(v.strip() for v in args.variants.split(",") if v.strip())),
             lengths=(None if args.lengths is None
                      else parse_int_list(args.lengths, "--lengths")), w_max=args.w_max,
             cases=args.cases, refocus_steps=args.refocus_steps,
@@ -175,7 +185,8 @@ def main(argv=None) -> int:
             ceiling_steps=args.ceiling_steps, ceiling_lr=args.ceiling_lr,
             ceiling_layouts=tuple(n.strip() for n in args.ceiling_layouts.split(",")
                                   if n.strip()),
-            ceiling_batch_size=args.ceiling_batch_size, seed=args.seed,
+            ceiling_batch_size=args.ceiling_batch_size, ceiling_init=args.ceiling_init,
+            seed=args.seed,
             progress=not args.no_progress, command=command)
         results = pipeline.run_evaluation(opts)
     except (EvalInputError, CheckpointError) as e:

@@ -71,3 +71,28 @@ def test_ceiling_rejects_bad_settings(frozen):
     with pytest.raises(ValueError, match="windows must be"):
         ceiling.optimize_ceiling(frozen.params, cfg.base_config, np.zeros((2, 100), np.int32),
                                  spec)
+
+
+def test_ceiling_started_from_a_gistnet_begins_at_that_nets_gists(frozen):
+    """init="gistnet": the step-0 NLL is the GistNet variant's (an independent forward of
+    the same net), and the optimised vectors never end worse in KL than that start."""
+    from mcjax.checkpoint import untrained_params
+
+    cfg = frozen.cfg
+    spec = tasks.layouts_by_name(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, ["lod1_keep1"])[0]
+    windows = np.random.default_rng(1).integers(3, 256, (2, cfg.train.seq_len)).astype(np.int32)
+    gist = untrained_params(cfg, "gist", frozen.params)
+    res = ceiling.optimize_ceiling(frozen.params, cfg.base_config, windows, spec,
+                                   ceiling.CeilingConfig(steps=8, log_every=4, init="gistnet"),
+                                   batch_size=2, gist_params=gist, gist_cfg=cfg.gist)
+    got = baselines.window_variant_nll(frozen, gist, None, windows, spec.layout,
+                                       ("gistnet", "mean_pool"))
+    np.testing.assert_allclose(res.nll_init, got["gistnet"].mean(1), atol=1e-5)
+    assert not np.allclose(res.nll_init, got["mean_pool"].mean(1), atol=1e-3)
+    assert (res.kl_ceiling < res.kl_init).all()
+    assert ceiling.ceiling_section([res])["layouts"][0]["init"] == "gistnet"
+    with pytest.raises(ValueError, match="needs gist_params"):
+        ceiling.optimize_ceiling(frozen.params, cfg.base_config, windows, spec,
+                                 ceiling.CeilingConfig(steps=2, init="gistnet"))
+    with pytest.raises(ValueError, match="init must be one of"):
+        ceiling.CeilingConfig(init="zeros")

@@ -579,14 +579,36 @@ def test_evaluate_only_dnll_writes_paired_rows_and_per_window_nlls(dnll_run):
     assert "Only 3 windows" in report and "per_window_nll.npz" in report
 
 
+def test_evaluate_dnll_with_chosen_variants_scores_only_those_on_the_same_windows(
+        tmp_path, dnll_run):
+    """--variants gistnet: full and truncation still run (the pairing needs them), nothing
+    else does, and the numbers equal the all-variant run's on the same windows."""
+    out_all, _ = dnll_run
+    out = tmp_path / "out"
+    argv = ["--config", "tiny", "--gist-params", str(out_all.parent / "gist.safetensors"),
+            "--out", str(out), "--only", "dnll", "--windows", "3", "--nll-batch-size", "2",
+            "--keep-raw", "1", "--variants", "gistnet", "--no-progress"]
+    assert evaluate.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {(r["layout"], r["variant"]) for r in res["dnll_paired"]} == {
+        (n, v) for n in ("lod1_keep1", "lod1+lod2_keep1") for v in ("gistnet", "truncation")}
+    with np.load(out / "per_window_nll.npz") as z, np.load(out_all / "per_window_nll.npz") as w:
+        assert not any("mean_pool" in k or "untrained" in k for k in z.files)
+        np.testing.assert_array_equal(z["window/offset"], w["window/offset"])
+        for v in ("full", "gistnet", "truncation"):
+            np.testing.assert_allclose(z[f"nll/lod1_keep1/{v}"], w[f"nll/lod1_keep1/{v}"],
+                                       atol=1e-6)
+    assert "gistnet" in (out / "report.md").read_text()
+
+
 def test_evaluate_only_ceiling_pairs_free_vectors_with_truncation(dnll_run):
     out, res = dnll_run
     c = res["ceiling"]
     assert c["windows"] == 2 and [r["layout"] for r in c["layouts"]] == ["lod1_keep1"]
     row = c["layouts"][0]
     assert row["n"] == 2 and row["steps"] == 12 and row["lod1_gists"] == 32
-    assert row["kl_ceiling"]["mean"] < row["kl_init"]["mean"]
-    for k in ("ceiling", "mean_pool_init", "gistnet"):
+    assert row["kl_ceiling"]["mean"] < row["kl_start"]["mean"]
+    for k in ("ceiling", "start", "gistnet"):
         assert {"mean_diff_vs_truncation", "se", "gap_recovered", "delta_nll"} <= set(row[k])
     with np.load(out / "ceiling_per_window.npz") as z, \
             np.load(out / "per_window_nll.npz") as w:
@@ -640,6 +662,8 @@ def test_bad_input_gives_clear_errors(capsys, tmp_path, gist_workdir):
     _fails(capsys, ck + out + ["--only", "passkey", "--methods", "megacontext_lens,oracle"],
            "--methods must name distinct methods")
     _fails(capsys, ck + out + ["--only", "dnll", "--windows", "0"], "--windows must be >= 1")
+    _fails(capsys, ck + out + ["--only", "dnll", "--variants", "gistnet,oracle"],
+           "unknown --variants ['oracle']")
     _fails(capsys, ck + out + ["--only", "ceiling", "--ceiling-layouts", "lod2_keep1"],
            "not of the form")
     _fails(capsys, ck + out + ["--only", "ceiling", "--ceiling-steps", "0"], "steps must be")

@@ -78,7 +78,7 @@ def test_session_fed_20x_w_max_keeps_invariants_never_recompiles_and_repeats(
     assert last.num_tokens == [history] and history > 20 * W
     assert last.lod_histogram[0][2] > 0  # LOD2 gists: the history really is compressed
     assert all(0 < e.budget_use[0] <= 1.0 for e in events)
-    assert all(e.reprefill_slots % K == 0 for e in events)
+    assert all(n % K == 0 for e in events for n in e.reprefill_slots)
     assert abs(sum(last.residency[0]) - 1.0) < 1e-4
     assert any(e.headroom_collapses[0] for e in events)  # collapsing ahead of need happens
 
@@ -105,7 +105,7 @@ def test_all_lod0_session_equals_plain_greedy_generation(tiny_llama, cfg, nets):
     assert all(e.lod_histogram[0][1:] == [0, 0] and e.actions == [[]] for e in session.events)
     # appending decoded tokens reuses their KV entries: nothing is re-prefilled
     decoded = [e for e in session.events if e.trigger == "decode"]
-    assert all(e.kv_reused == [True] and e.reprefill_slots == 0 for e in decoded)
+    assert all(e.kv_reused == [True] and e.reprefill_slots == [0] for e in decoded)
 
 
 def test_feeding_a_text_in_pieces_equals_feeding_it_at_once(tiny_llama, cfg, nets):
@@ -351,7 +351,22 @@ def test_random_op_fuzz_keeps_the_cache_equal_to_a_fresh_prefill_after_every_ref
     checked = []
     s = _session(tiny_llama, cfg, nets, batch_size=2, focus_policy="random", focus_seed=seed,
                  debug_invariants=True)
-    s.on_event = lambda e: (s.check(), checked.append(e.trigger))
+    starts = []
+
+    def on_event(e):
+        s.check()
+        checked.append(e.trigger)
+        # each stream re-prefills its own range: from its first change (K-aligned) through
+        # its last valid slot, whatever its neighbour needed
+        for b in range(2):
+            if e.reprefill_slots[b] and not e.kv_reused[b]:
+                first = e.first_changed_slot[b] // K * K
+                num_valid = round(e.budget_use[b] * W)
+                assert e.reprefill_start[b] == first
+                assert e.reprefill_slots[b] == -(-num_valid // K) * K - first
+        starts.append(tuple(e.reprefill_start))
+
+    s.on_event = on_event
     s.feed([_tokens(seed, int(rng.integers(K, 6 * K))), _tokens(seed + 7, 9 * K + 5)])
     for _ in range(8):
         op = rng.choice(["feed", "generate", "eos", "sync"])
@@ -369,6 +384,7 @@ def test_random_op_fuzz_keeps_the_cache_equal_to_a_fresh_prefill_after_every_ref
     edits = sum(sum(e.num_expand) + sum(e.num_collapse) for e in s.events)
     assert checked, "no refocus happened"
     assert edits > 0, "the fuzz never exercised an edit path"
+    assert any(a != b for a, b in starts), "the streams never re-prefilled different ranges"
 
 
 def test_materialized_is_each_streams_wc_over_its_own_tree(tiny_llama, cfg, nets):
@@ -426,7 +442,7 @@ def test_approx_kv_reuse_moves_and_rerotates_entries_exactly_and_recomputes_fewe
                         focus_seed=3, kv_reuse=mode, debug_invariants=True)
 
     s = session("approx")
-    s.on_event = lambda e: (check_layer0(s), seen.append(e.reprefill_approximate))
+    s.on_event = lambda e: (check_layer0(s), seen.append(any(e.reprefill_approximate)))
     s.feed([_tokens(11, 7 * K + 3), _tokens(12, 4 * K)])
     s.generate(2 * K + 1)
     for i in range(3):
@@ -447,11 +463,12 @@ def test_approx_kv_reuse_moves_and_rerotates_entries_exactly_and_recomputes_fewe
     ev_e, ev_a = list(exact.events), list(approx.events)
     assert [e.actions for e in ev_e] == [e.actions for e in ev_a]
     np.testing.assert_array_equal(exact.working_context.node, approx.working_context.node)
-    used = [(a.reprefill_slots, e.reprefill_slots) for a, e in zip(ev_a, ev_e)
-            if a.reprefill_approximate]
+    pairs = [(a, e, b) for a, e in zip(ev_a, ev_e) for b in range(2)]
+    used = [(a.reprefill_slots[b], e.reprefill_slots[b]) for a, e, b in pairs
+            if a.reprefill_approximate[b]]
     assert used and all(a < e for a, e in used)
-    assert all(a.reprefill_slots == e.reprefill_slots for a, e in zip(ev_a, ev_e)
-               if not a.reprefill_approximate)
+    assert all(a.reprefill_slots[b] == e.reprefill_slots[b] for a, e, b in pairs
+               if not a.reprefill_approximate[b])
 
 
 def test_cache_logprobs_equal_a_fresh_forward_and_leave_the_session_unchanged(

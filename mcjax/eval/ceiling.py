@@ -9,7 +9,8 @@ continuation distribution match the uncompressed one:
 
 with Adam (optax; cosine decay to `final_lr_fraction`), starting from the mean-pooled token
 embeddings of each gisted block (LOD2 slots: the mean of their LOD1 means), the
-`mean_pool` baseline. The vectors are the only trainable leaves; one jitted step updates a
+`mean_pool` baseline, or (`init="gistnet"`) from a GistNet's own gists of the window, so
+the optimum found is never worse than that net and few steps refine it. The vectors are the only trainable leaves; one jitted step updates a
 whole batch of windows (each window's loss depends only on its own vectors, so the batch
 is B independent problems). The ΔNLL@H the vectors reach bounds what any gist in the
 input-embedding space can do for this frozen base at this layout: a GistNet that maps
@@ -30,20 +31,23 @@ import numpy as np
 import optax
 
 from mcjax.base import model as base
-from mcjax.config import LlamaConfig
+from mcjax.config import GistConfig, LlamaConfig
 from mcjax.eval import metrics
 from mcjax.eval.tasks import LayoutSpec, batches_of
 from mcjax.gist import embedding_rms
 from mcjax.train import losses
 
-__all__ = ["CeilingConfig", "CeilingResult", "init_vectors", "optimize_ceiling",
+__all__ = ["INITS", "CeilingConfig", "CeilingResult", "init_vectors", "optimize_ceiling",
            "ceiling_section", "CEILING_NOTE"]
 
 CEILING_NOTE = ("free vectors in the gist slots, optimised per window (Adam on KL(full ‖ "
                 "compressed) over the H continuation targets, init: mean-pooled token "
-                "embeddings of each block); ΔNLL@H of the optimised vectors on the same "
+                "embeddings of each block, or the GistNet's gists); ΔNLL@H of the optimised vectors on the same "
                 "targets; bounds what any embedding-space gist can reach with this frozen "
                 "base at this layout")
+
+
+INITS = ("mean_pool", "gistnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class CeilingConfig:
     learning_rate: float = 0.1
     final_lr_fraction: float = 0.1  # cosine decay from learning_rate to this fraction
     log_every: int = 10  # KL / NLL curve points (mean over windows)
+    init: str = "mean_pool"  # start vectors: "mean_pool" | "gistnet" (needs gist params)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -64,6 +69,8 @@ class CeilingConfig:
             raise ValueError("final_lr_fraction must lie in [0, 1]")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if self.init not in INITS:
+            raise ValueError(f"ceiling init must be one of {INITS}, got {self.init!r}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,22 +78,33 @@ def _optimizer(lr: float, steps: int, final_fraction: float) -> optax.GradientTr
     return optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=final_fraction))
 
 
-def init_vectors(base_params, tokens: jax.Array, layout: losses.GistLayout) -> jax.Array:
-    """[B, G, D] start: the mean-pool baseline's gists (mean token embedding per block)."""
-    children = base.embed_tokens(base_params, tokens[:, : layout.raw_start])
-    return losses.make_gists(losses.mean_pool_gist_fn, children, layout).astype(jnp.float32)
+def init_vectors(base_params, tokens: jax.Array, layout: losses.GistLayout, *,
+                 base_cfg: LlamaConfig | None = None, gist_params=None,
+                 gist_cfg: GistConfig | None = None) -> jax.Array:
+    """[B, G, D] start: the mean-pool baseline's gists (mean token embedding per block), or
+    with `gist_params` the GistNet's gists of the window (its inputs as in training)."""
+    if gist_params is None:
+        children = base.embed_tokens(base_params, tokens[:, : layout.raw_start])
+        fn = losses.mean_pool_gist_fn
+    else:
+        children = losses.lod1_children(base_params, base_cfg, gist_cfg,
+                                        tokens[:, : layout.raw_start])
+        fn = losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
+    return losses.make_gists(fn, children, layout).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("base_cfg", "layout"))
-def _reference(base_params, tokens, *, base_cfg: LlamaConfig, layout: losses.GistLayout):
+@functools.partial(jax.jit, static_argnames=("base_cfg", "layout", "gist_cfg"))
+def _reference(base_params, tokens, gist_params=None, *, base_cfg: LlamaConfig,
+               layout: losses.GistLayout, gist_cfg: GistConfig | None = None):
     """Teacher log-probs [B, H, V], per-window NLL [B] of full context and truncation,
-    truncation's KL to the teacher [B], and the mean-pool start vectors."""
+    truncation's KL to the teacher [B], and the start vectors."""
     full_nll, full_logp = losses.full_context_nll(base_params, base_cfg, tokens, layout)
     trunc_nll, trunc_logp = losses.substitution_nll_from_gists(base_params, base_cfg, tokens,
                                                                layout, None)
     trunc_kl = losses.kl_to_teacher(full_logp, trunc_logp).mean(-1)
     return (full_logp, full_nll.mean(-1), trunc_nll.mean(-1), trunc_kl,
-            init_vectors(base_params, tokens, layout))
+            init_vectors(base_params, tokens, layout, base_cfg=base_cfg,
+                         gist_params=gist_params, gist_cfg=gist_cfg))
 
 
 def _kl_and_nll(vectors, base_params, tokens, teacher_logp, base_cfg, layout):
@@ -125,7 +143,7 @@ class CeilingResult:
     learning_rate_abs: float  # the Adam step size used (learning_rate x embedding RMS)
     nll_full: np.ndarray
     nll_truncation: np.ndarray
-    nll_init: np.ndarray  # mean-pool start vectors (the mean_pool baseline)
+    nll_init: np.ndarray  # start vectors (mean_pool baseline, or the GistNet's gists)
     nll_ceiling: np.ndarray  # the optimised vectors
     kl_init: np.ndarray
     kl_ceiling: np.ndarray
@@ -144,9 +162,11 @@ class CeilingResult:
 
 def optimize_ceiling(base_params, base_cfg: LlamaConfig, windows: np.ndarray,
                      spec: LayoutSpec, config: CeilingConfig = CeilingConfig(), *,
-                     batch_size: int = 8, progress: bool = False) -> CeilingResult:
+                     batch_size: int = 8, progress: bool = False, gist_params=None,
+                     gist_cfg: GistConfig | None = None) -> CeilingResult:
     """Optimise free gist-slot vectors for every window [N, S] at one layout (batches of
-    `batch_size`; the last one padded with copies, dropped after)."""
+    `batch_size`; the last one padded with copies, dropped after). `config.init="gistnet"`
+    starts from the gists of `gist_params` (with `gist_cfg`)."""
     from tqdm.auto import tqdm
 
     layout = spec.layout
@@ -155,6 +175,10 @@ def optimize_ceiling(base_params, base_cfg: LlamaConfig, windows: np.ndarray,
         raise ValueError(f"windows must be [N, >= {layout.window_len}], got {windows.shape}")
     if layout.num_gists == 0:
         raise ValueError(f"layout {spec.name} has no gist slots to optimise")
+    if config.init == "gistnet" and (gist_params is None or gist_cfg is None):
+        raise ValueError('ceiling init "gistnet" needs gist_params and gist_cfg')
+    start_params = gist_params if config.init == "gistnet" else None
+    start_cfg = gist_cfg if config.init == "gistnet" else None
     lr = float(config.learning_rate * embedding_rms(base_params))
     opt = (lr, config.steps, config.final_lr_fraction)
     optimizer = _optimizer(*opt)
@@ -167,7 +191,8 @@ def optimize_ceiling(base_params, base_cfg: LlamaConfig, windows: np.ndarray,
     for batch, real in batches:
         tokens = jnp.asarray(batch)
         teacher, nll_full, nll_trunc, kl_trunc, vectors = _reference(
-            base_params, tokens, base_cfg=base_cfg, layout=layout)
+            base_params, tokens, start_params, base_cfg=base_cfg, layout=layout,
+            gist_cfg=start_cfg)
         opt_state = optimizer.init(vectors)
         kl_c, nll_c = [], []
         for step in range(config.steps):
@@ -213,13 +238,14 @@ def ceiling_section(results: Sequence[CeilingResult], *, embedding_rms_value: fl
         init = metrics.paired_vs_truncation(r.nll_init, r.nll_truncation, r.nll_full)
         rows.append({
             **spec.describe(), "layout": spec.name, "n": int(r.nll_full.size),
-            "steps": r.config.steps, "learning_rate": r.config.learning_rate,
+            "steps": r.config.steps, "init": r.config.init,
+            "learning_rate": r.config.learning_rate,
             "learning_rate_abs": r.learning_rate_abs,
             "final_lr_fraction": r.config.final_lr_fraction,
             "nll_full": float(r.nll_full.mean()),
-            "ceiling": ceil, "mean_pool_init": init,
-            "ceiling_minus_init": metrics.mean_stderr(r.nll_ceiling - r.nll_init),
-            "kl_init": metrics.mean_stderr(r.kl_init),
+            "ceiling": ceil, "start": init,
+            "ceiling_minus_start": metrics.mean_stderr(r.nll_ceiling - r.nll_init),
+            "kl_start": metrics.mean_stderr(r.kl_init),
             "kl_ceiling": metrics.mean_stderr(r.kl_ceiling),
             "kl_truncation": metrics.mean_stderr(r.kl_truncation),
             "windows_improved": int(np.sum(r.nll_ceiling < r.nll_init)),

@@ -53,7 +53,8 @@ def _run(make_session, windows: np.ndarray, history: int, rounds: int, K: int,
         provenance = session.provenance
         events = list(session.events)
         actions.append([e.actions for e in events])
-        slots += [e.reprefill_slots for e in events[1:]]  # after the initial prefill
+        # per stream and refocus, after the initial prefill
+        slots += [n for e in events[1:] for n in e.reprefill_slots]
         if progress is not None:
             progress.update(min(batch_size, n - lo))
     return dict(nll=nll, actions=actions, reprefill_slots=float(np.mean(slots)),

@@ -69,6 +69,8 @@ class EvalOptions:
     focus_batches: int = 4  # held-out batches for focus quality
     focus_candidates: int = 8  # candidate actions per window (half expansions)
     keep_raw: tuple[int, ...] | None = None  # raw tail blocks per layout (default: a sweep)
+    # ΔNLL variants (default: all this config can run); truncation and full are always in
+    nll_variants: tuple[str, ...] | None = None
     # passkey
     lengths: tuple[int, ...] | None = None  # default: the config's eval.history_lengths
     w_max: int | None = None  # default: the config's mc.w_max
@@ -84,6 +86,7 @@ class EvalOptions:
     ceiling_lr: float = 0.1  # Adam step in units of the token-embedding RMS
     ceiling_layouts: tuple[str, ...] = ("lod1_keep1",)
     ceiling_batch_size: int | None = None  # default: min(ceiling_windows, 8)
+    ceiling_init: str = "mean_pool"  # "mean_pool" | "gistnet" (the evaluated GistNet's gists)
     seed: int = 0
     progress: bool = True
     command: str = ""
@@ -150,7 +153,8 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
         if opts.ceiling_batch_size is not None and opts.ceiling_batch_size < 1:
             raise EvalInputError("--ceiling-batch-size must be >= 1")
         try:
-            ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr)
+            ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr,
+                                  init=opts.ceiling_init)
         except ValueError as e:
             raise EvalInputError(f"ceiling: {e}") from e
         tasks.layouts_by_name(cfg.mc, _prefix_len(cfg), opts.ceiling_layouts)
@@ -174,6 +178,11 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
             raise EvalInputError("--max-new-tokens must be >= 1")
     if "nll" in sections:
         tasks.nll_layouts(cfg.mc, _prefix_len(cfg), opts.keep_raw)
+        if opts.nll_variants is not None:
+            unknown = [v for v in opts.nll_variants if v not in baselines.NLL_VARIANTS]
+            if unknown:
+                raise EvalInputError(f"unknown --variants {unknown}; known: "
+                                     f"{', '.join(baselines.NLL_VARIANTS)}")
     # fail fast on a missing / empty checkpoint directory (before loading the base model)
     for d in (opts.checkpoint, opts.gist_checkpoint, opts.lens_checkpoint):
         if d is not None:
@@ -358,8 +367,11 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
         n, bs = nll_windows(opts, cfg)
         windows, ids = held_out_windows(frozen, n, seq_len)
         layouts = tasks.nll_layouts(cfg.mc, _prefix_len(cfg), opts.keep_raw)
+        variants = None if opts.nll_variants is None else tuple(dict.fromkeys(
+            ("full", *opts.nll_variants, "truncation")))
         pw = baselines.per_window_nll(frozen, nets.gist, nets.untrained_gist, windows, layouts,
-                                      batch_size=bs, window_ids=ids, progress=opts.progress)
+                                      batch_size=bs, window_ids=ids, progress=opts.progress,
+                                      variants=variants)
         results["delta_nll"] = {**baselines.summarize_delta_nll(pw), "batch_size": bs,
                                 "paired_note": metrics.PAIRED_NOTE,
                                 "per_window_file": "per_window_nll.npz"}
@@ -400,10 +412,12 @@ def _ceiling(opts: EvalOptions, frozen: loop.Frozen, nets: networks.Networks
     cfg = frozen.cfg
     specs = tasks.layouts_by_name(cfg.mc, _prefix_len(cfg), opts.ceiling_layouts)
     windows, ids = held_out_windows(frozen, opts.ceiling_windows, cfg.train.seq_len)
-    ccfg = ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr)
+    ccfg = ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr,
+                                 init=opts.ceiling_init)
     bs = opts.ceiling_batch_size or min(opts.ceiling_windows, 8)
     results = [ceiling.optimize_ceiling(frozen.params, cfg.base_config, windows, spec, ccfg,
-                                        batch_size=bs, progress=opts.progress)
+                                        batch_size=bs, progress=opts.progress,
+                                        gist_params=nets.gist, gist_cfg=cfg.gist)
                for spec in specs]
     section = ceiling.ceiling_section(results, embedding_rms_value=embedding_rms(frozen.params))
     section.update({"windows": int(len(windows)), "batch_size": bs,

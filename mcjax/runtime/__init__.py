@@ -37,9 +37,10 @@ With `kv_reuse="approx"` the cache is instead rebuilt from the entries it alread
 each kept entry moved to its new slot, its key re-rotated to its new position — and only the
 K-slot chunks holding new entries plus each changed stream's newest chunk are recomputed
 (falling back to the exact range when that is not cheaper); see `Session`.
-Unchanged slots before the first change keep their cache entries. Slots a stream did not
-need re-prefilled (the range is shared by the batch) are recomputed from identical inputs,
-so they can differ from their old values only in the last bits (chunk shapes differ).
+Unchanged slots before the first change keep their cache entries. Every stream has its own
+range (and its own chunks under approximate reuse): one stream's early edit recomputes
+nothing of its batch neighbours' (the per-stream loops run under `vmap`, as long as the
+busiest stream needs).
 
 Decoding (`generate` / `stream`): one jitted `lax.while_loop` runs up to K greedy steps over
 a fixed-shape `StreamState`; the host reads the block's tokens, then refocuses when K are

@@ -246,46 +246,57 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
                    & jnp.all(~appended | as_tokens, axis=1))
     cache = jax.lax.cond(jnp.any(append_only), functools.partial(_copy_pending_kv, plan),
                          lambda c, *_: c, state.cache, append_only, old_valid, num_new)
+    # Each stream re-prefills its own range (or, approximately, its own chunks): one
+    # stream's early edit recomputes nothing of its batch neighbours'. The loops below are
+    # per stream under vmap, so they run as long as the busiest stream needs; the others'
+    # carries are held.
     needs = (first_changed < W) & ~append_only
-    start = (jnp.min(jnp.where(needs, first_changed, W)) // K) * K  # shared by the batch
-    stop = jnp.max(jnp.where(needs, num_valid, 0))
+    start = jnp.where(needs, (first_changed // K) * K, W).astype(jnp.int32)
+    stop = jnp.where(needs, num_valid, 0).astype(jnp.int32)
     newest = num_valid - 1
-
-    full_valid = jnp.concatenate([valid, jnp.zeros((B, K), bool)], 1)
-
-    def prefill_chunk(cache, s, size: int, newest_hidden, got):
-        """Re-prefill slots [s, s + size), keeping the hidden state of each stream's newest
-        slot when it lies there."""
-        chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, s, size, axis=1)  # noqa: E731
-        hidden, cache = base.prefill_core(base_params, llama, cache, None, chunk(emb),
-                                          chunk(pos), chunk(valid), s, return_hidden=True)
-        inside = (newest >= s) & (newest < s + size)
-        row = jnp.clip(newest - s, 0, size - 1)
-        h = jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]
-        return cache, jnp.where(inside[:, None], h, newest_hidden), got | inside
-
-    no_hidden = (jnp.zeros((B, llama.hidden_size), jnp.dtype(llama.dtype)),
-                 jnp.zeros((B,), bool))
     exact_slots = jnp.where(start < stop, -(-stop // K) * K - start, 0).astype(jnp.int32)
+    full_valid = jnp.concatenate([valid, jnp.zeros((B, K), bool)], 1)
+    cache = cache.replace(valid=full_valid)
+    rows = (emb, pos, valid, newest)
 
-    def exact(cache):
-        """Every slot from `start` (the first change, K-aligned) through `stop`."""
+    def prefill_chunk(cache, s, size: int, row, newest_hidden, got):
+        """One stream's slots [s, s + size) re-prefilled (cache without its batch axis),
+        keeping the hidden state of its newest slot when that lies there."""
+        emb_b, pos_b, valid_b, newest_b = row
+        chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, s, size, axis=0)[None]  # noqa: E731
+        one = KVCache(k=cache.k[:, None], v=cache.v[:, None], valid=cache.valid[None])
+        hidden, one = base.prefill_core(base_params, llama, one, None, chunk(emb_b),
+                                        chunk(pos_b), chunk(valid_b), s, return_hidden=True)
+        cache = KVCache(k=one.k[:, 0], v=one.v[:, 0], valid=one.valid[0])
+        inside = (newest_b >= s) & (newest_b < s + size)
+        h = hidden[0, jnp.clip(newest_b - s, 0, size - 1)]
+        return cache, jnp.where(inside, h, newest_hidden), got | inside
+
+    no_hidden = (jnp.zeros((llama.hidden_size,), jnp.dtype(llama.dtype)), jnp.bool_(False))
+    per_stream = functools.partial(jax.vmap, in_axes=(KVCache(k=1, v=1, valid=0), 0, 0, 0),
+                                   out_axes=(KVCache(k=1, v=1, valid=0), 0, 0))
+
+    @per_stream
+    def exact(cache, start, stop, row):
+        """Every slot of one stream from `start` (its first change, K-aligned) through
+        `stop`: K-slot chunks up to a multiple of C, C-slot chunks, then a K-slot tail."""
         def prefill_chunks(carry, size: int, more):
             def body(carry):
                 cache, s, newest_hidden, got = carry
-                cache, newest_hidden, got = prefill_chunk(cache, s, size, newest_hidden, got)
+                cache, newest_hidden, got = prefill_chunk(cache, s, size, row, newest_hidden,
+                                                          got)
                 return cache, s + size, newest_hidden, got
 
             return jax.lax.while_loop(lambda c: more(c[1]), body, carry)
 
-        carry = (cache.replace(valid=full_valid), start.astype(jnp.int32)) + no_hidden
+        carry = (cache, start) + no_hidden
         C = plan.prefill_chunk
-        if C > K:  # K-slot chunks up to a multiple of C, C-slot chunks, then a K-slot tail
+        if C > K:
             stop_k = -(-stop // K) * K
             carry = prefill_chunks(carry, K, lambda s: (s < stop) & (s % C != 0))
             carry = prefill_chunks(carry, C, lambda s: s + C <= stop_k)
         cache, _, newest_hidden, got = prefill_chunks(carry, K, lambda s: s < stop)
-        return cache, newest_hidden, got, exact_slots
+        return cache, newest_hidden, got
 
     if plan.kv_reuse == "approx":
         src, delta = _kv_sources(plan, state.wc, cached_valid, wc2, pos, valid, from_pending)
@@ -295,30 +306,43 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
         # the newest chunk of every changed stream, so its next token sees the new context
         dirty = dirty | (changed_any[:, None] & (jnp.arange(W // K)[None, :]
                                                  == (jnp.maximum(newest, 0) // K)[:, None]))
-        dirty = jnp.any(dirty, axis=0)  # the chunk index is shared by the batch
-        num_dirty = jnp.sum(dirty, dtype=jnp.int32)
-        order = jnp.argsort(~dirty, stable=True).astype(jnp.int32)  # dirty chunks, in order
+        num_dirty = jnp.sum(dirty, axis=1, dtype=jnp.int32)
+        # per stream: exact when it recomputes no more (a fresh layout, or only pending
+        # tokens appended)
+        approximate = (num_dirty * K < exact_slots) & needs
+        num_dirty = jnp.where(approximate, num_dirty, 0)
+        order = jnp.argsort(~dirty, axis=1, stable=True).astype(jnp.int32)  # dirty first
 
-        def approx(_):
-            moved = _moved_kv(plan, state.cache, src, delta).replace(valid=full_valid)
+        def move(cache):
+            moved = _moved_kv(plan, cache, src, delta)
+            sel = approximate[None, :, None, None, None]
+            return cache.replace(k=jnp.where(sel, moved.k, cache.k),
+                                 v=jnp.where(sel, moved.v, cache.v))
 
+        cache = jax.lax.cond(jnp.any(approximate), move, lambda c: c, cache)
+
+        @per_stream
+        def approx(cache, order, num_dirty, row):
             def body(carry):
                 cache, i, newest_hidden, got = carry
-                cache, newest_hidden, got = prefill_chunk(cache, order[i] * K, K,
+                cache, newest_hidden, got = prefill_chunk(cache, order[i] * K, K, row,
                                                           newest_hidden, got)
                 return cache, i + 1, newest_hidden, got
 
             cache, _, newest_hidden, got = jax.lax.while_loop(
-                lambda c: c[1] < num_dirty, body, (moved, jnp.int32(0)) + no_hidden)
-            return cache, newest_hidden, got, num_dirty * K
+                lambda c: c[1] < num_dirty, body, (cache, jnp.int32(0)) + no_hidden)
+            return cache, newest_hidden, got
 
-        # exact when it recomputes no more (a fresh layout, or only pending tokens appended)
-        approximate = num_dirty * K < exact_slots
-        cache, newest_hidden, got, reprefilled = jax.lax.cond(
-            approximate, approx, lambda _: exact(cache), None)
+        cache, h_approx, got_approx = approx(cache, order, num_dirty, rows)
+        cache, h_exact, got_exact = exact(cache, jnp.where(approximate, W, start),
+                                          jnp.where(approximate, 0, stop), rows)
+        newest_hidden = jnp.where(approximate[:, None], h_approx, h_exact)
+        got = jnp.where(approximate, got_approx, got_exact)
+        reprefilled = jnp.where(approximate, num_dirty * K, exact_slots)
     else:
-        cache, newest_hidden, got, reprefilled = exact(cache)
-        approximate = jnp.bool_(False)
+        cache, newest_hidden, got = exact(cache, start, stop, rows)
+        reprefilled = exact_slots
+        approximate = jnp.zeros((B,), bool)
     logits = base.logits_from_hidden(base_params, llama, newest_hidden)
     next_token = jnp.where(got, jnp.argmax(logits, -1).astype(jnp.int32), state.next_token)
     new_state = StreamState(wc=wc2, cache=cache, next_token=next_token, pending=state.pending,

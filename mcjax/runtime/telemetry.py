@@ -20,8 +20,9 @@ class RefocusEvent:
     swap_rate: share of the WC's entries this refocus created by an edit (an expansion
     creates K, a collapse 1; budget and headroom collapses included). residency: share of
     the history's tokens resident at each LOD (index 0 = raw tokens). reprefill_slots:
-    cache slots recomputed (per stream; the same K-aligned range for all, or with
-    `reprefill_approximate` the K-slot chunks recomputed). timings (s):
+    cache slots each stream recomputed (its own K-aligned range from its first change, or
+    with `reprefill_approximate` its K-slot chunks); reprefill_start: the first of them (W
+    when none, or approximate). timings (s):
     ingest_s (tree appends incl. GistNet), refocus_s (view upload + the jitted refocus,
     waited for), decode_s (the decode block before a "decode" refocus).
     """
@@ -41,9 +42,9 @@ class RefocusEvent:
     residency: list[list[float]]
     first_changed_slot: list[int]
     kv_reused: list[bool]  # only the pending tokens were appended: their KV was copied
-    reprefill_start: int
-    reprefill_slots: int
-    reprefill_approximate: bool  # kv_reuse="approx" kept moved entries instead (see Session)
+    reprefill_start: list[int]
+    reprefill_slots: list[int]
+    reprefill_approximate: list[bool]  # kv_reuse="approx" kept moved entries instead
     nan_scores: list[bool]
     timings: dict[str, float]
 
@@ -57,8 +58,10 @@ def event_from(index: int, trigger: str, num_new, t: dict, mc, timings: dict) ->
     num_valid = t["num_valid"].astype(np.int64)
     created = (K * t["num_expand"] + t["num_collapse"] + t["append_collapses"]
                + t["headroom_collapses"])
-    start, slots = int(t["reprefill_start"]), int(t["reprefill_slots"])
-    approximate = bool(t["approximate"])
+    slots = [int(x) for x in t["reprefill_slots"]]
+    approximate = [bool(x) for x in t["approximate"]]
+    start = [int(x) if n and not a else W
+             for x, n, a in zip(t["reprefill_start"], slots, approximate)]
     tokens = np.maximum(t["num_tokens"], 1)
     return RefocusEvent(
         index=index, trigger=trigger,
@@ -77,7 +80,7 @@ def event_from(index: int, trigger: str, num_new, t: dict, mc, timings: dict) ->
         residency=(t["level_tokens"] / tokens[:, None]).round(6).tolist(),
         first_changed_slot=[int(x) for x in t["first_changed"]],
         kv_reused=[bool(x) for x in t["kv_reused"]],
-        reprefill_start=start if slots and not approximate else W, reprefill_slots=slots,
+        reprefill_start=start, reprefill_slots=slots,
         reprefill_approximate=approximate,
         nan_scores=[bool(x) for x in t["nan_scores"]], timings=timings)
 

@@ -66,7 +66,7 @@ class GistLayout:
     keep_raw_blocks: int  # newest prefix blocks kept as raw tokens
     lod2_groups: int  # LOD2 gists (each 32 blocks)
     lod1_blocks: int  # LOD1 gists after the LOD2 groups
-    position_scheme: str = "absolute"
+    position_scheme: str = "compact"  # MCConfig's default
     sink_blocks: int = 0  # oldest prefix blocks kept raw (the attention sink)
 
     @classmethod
