@@ -26,7 +26,7 @@ Pure jittable functions over fixed shapes; all measured choices are recorded in
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import numpy as np
 from mcjax import lens
 from mcjax import working_context as wcm
 from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
-from mcjax.tree import chunk_windows
+from mcjax.tree import ChunkReader, ReadState
 
 __all__ = ["key_width", "key_shape", "BlockKeyReader", "tail_read", "query_vectors",
            "block_relevance", "block_scores", "span_max", "slot_retrieval_features",
@@ -64,39 +64,39 @@ def key_dtype(rc: RetrievalConfig) -> np.dtype:
 class BlockKeyReader:
     """Reads the retrieval keys of complete blocks for a tree (SPEC §2.3a).
 
-    `read_fn(windows [Gr, R] int32) -> [Gr, R, layers, kv_heads, head_dim]` reads each row
-    as one independent chunk of R = `rc.chunk` tokens (`base.model.read_pass_core` with
-    `qk_layers`). Chunks are aligned to the history start, and a call for new blocks passes
-    the tokens from their first chunk's start as `context`, so keys are bit-identical
-    however the stream was chunked (as `tree.BlockGister`'s hidden read). Cost: one R-token
-    forward through max(layers)+1 layers per chunk an append touches (up to R/K x the bulk
-    read pass when blocks arrive one by one)."""
+    A `tree.ChunkReader` of the base model's pre-RoPE keys at `rc.layers` in chunks of
+    R = `rc.chunk` tokens aligned to the history start; a call for new blocks passes the
+    tokens from their first chunk's start as `context` and the tree's `ReadState`, so each
+    token is read once — complete chunks whole, the open chunk by cached steps
+    (`base.model.read_step_core`) — and keys agree to rounding however the stream was
+    chunked (as `tree.BlockGister`'s hidden read). Cost when streaming: one step through
+    max(layers) layers per block."""
 
     def __init__(self, rc: RetrievalConfig, llama: LlamaConfig, block_size: int,
-                 read_fn: Callable[[jax.Array], jax.Array], *, read_batch: int = 1):
+                 reader: ChunkReader):
         if max(rc.layers) >= llama.num_layers:
             raise ValueError(f"retrieval.layers {rc.layers} exceed the base model's "
                              f"{llama.num_layers} layers")
-        if read_batch < 1:
-            raise ValueError(f"read_batch must be >= 1, got {read_batch}")
-        self.rc, self.block_size, self.read_fn, self.read_batch = rc, block_size, read_fn, \
-            read_batch
+        if reader.chunk != rc.chunk or reader.block_size != block_size:
+            raise ValueError(f"the reader reads chunks of {reader.chunk} in blocks of "
+                             f"{reader.block_size}; retrieval wants chunk {rc.chunk}, blocks "
+                             f"of {block_size}")
+        self.rc, self.block_size, self.reader = rc, block_size, reader
         self.shape = key_shape(rc, llama, block_size)
         self.width = key_width(rc, llama, block_size)
         self.dtype = key_dtype(rc)
-        self.read_calls = 0
+
+    @property
+    def read_calls(self) -> int:
+        return self.reader.calls
 
     @classmethod
     def from_base(cls, rc: RetrievalConfig, base_params: Any, llama: LlamaConfig,
-                  block_size: int, *, read_batch: int = 1) -> "BlockKeyReader":
-        from mcjax.base.model import read_pass_core
-
-        read = jax.jit(read_pass_core,
-                       static_argnames=("config", "chunk", "hidden_layer", "qk_layers"))
-        layers, chunk = tuple(rc.layers), rc.chunk
-        return cls(rc, llama, block_size,
-                   lambda w: read(base_params, llama, w, chunk=chunk, hidden_layer=None,
-                                  qk_layers=layers)["keys"], read_batch=read_batch)
+                  block_size: int) -> "BlockKeyReader":
+        reader = ChunkReader.from_base(base_params, llama, chunk=rc.chunk,
+                                       block_size=block_size, qk_layers=tuple(rc.layers),
+                                       output="keys")
+        return cls(rc, llama, block_size, reader)
 
     def signature(self) -> dict:
         """What the stored keys are (recorded in an on-disk store's metadata.json)."""
@@ -106,24 +106,23 @@ class BlockKeyReader:
     def context_start(self, offset: int) -> int:
         return (offset // self.rc.chunk) * self.rc.chunk
 
-    def __call__(self, ids: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, context: np.ndarray | None = None, *,
+                 context_at: int = 0, state: ReadState | None = None) -> np.ndarray:
         """ids: [m*K] token ids of new complete blocks; context: the < chunk ids from the
-        start of the first block's chunk → [m, width] keys in the storage dtype."""
-        K, R, Gr = self.block_size, self.rc.chunk, self.read_batch
+        start of the first block's chunk, at history position `context_at`; state: the
+        tree's `ReadState` (None: rebuilt from the context) → [m, width] keys in the
+        storage dtype."""
+        K, R = self.block_size, self.rc.chunk
         m = len(ids) // K
         if m == 0:
             return np.zeros((0, self.width), self.dtype)
         ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
-        if ctx.ndim != 1 or len(ctx) >= R:
+        if ctx.ndim != 1 or len(ctx) >= R or context_at % R:
             raise ValueError(f"context must be the < chunk={R} token ids from the start of "
-                             f"the first block's chunk, got shape {ctx.shape}")
+                             f"the first block's chunk, got shape {ctx.shape} at history "
+                             f"position {context_at}")
         full = np.concatenate([ctx, np.asarray(ids[: m * K], np.int32)])
-        out = []
-        for windows, n, _ in chunk_windows(full, R, Gr):
-            keys = self.read_fn(jnp.asarray(windows))
-            self.read_calls += 1
-            out.append(np.asarray(keys).reshape(Gr * R, -1)[:n])
-        keys = np.concatenate(out)[len(ctx):]
+        keys = self.reader.read(full, context_at, context_at + len(ctx), state)
         return keys.reshape(m, self.width).astype(self.dtype)
 
 

@@ -23,6 +23,10 @@ kernels (hence summation orders) for different row counts, so the same block gis
 batch of 1 and of 64 differs by ~1e-6, while inside one fixed batch shape a block's
 result does not depend on its row. An append of m new blocks at a level costs
 ceil(m / gist_batch) calls, dispatched back to back (asynchronously) and gathered once.
+With the read pass the features themselves come from whole-chunk reads (chunks complete
+when read) or cached steps (the open chunk; see `ChunkReader`), so a tree with
+`GistConfig.input="hidden"` or retrieval keys is bit-identical for the same feeding and
+equal to fp32 rounding however fed.
 
 Backends, one interface (`LevelStore`): `MemoryLevelStore` (numpy, capacity doubling) and
 `DiskLevelStore` (one `LOD{l}.ctx` file per level, format below, read through a memory
@@ -490,16 +494,126 @@ class DiskLevelStore(LevelStore):
 # --------------------------------------------------------------------------- gisting
 
 
-def chunk_windows(ids: np.ndarray, chunk: int, batch: int):
-    """Yield (windows [batch, chunk] int32, real ids in them, is_last) covering `ids` in
-    aligned chunks, `batch` chunks per call, zero-padded after the last id (the read pass's
-    fixed-shape calls; causal, so padding never reaches earlier positions)."""
-    n_win = -(-len(ids) // chunk)
-    for w in range(0, n_win, batch):
-        part = ids[w * chunk:(w + batch) * chunk]
-        windows = np.zeros((batch * chunk,), np.int32)
-        windows[:len(part)] = part
-        yield windows.reshape(batch, chunk), len(part), w + batch >= n_win
+READ_MODE = "chunks+kv-steps"  # how the read pass runs (metadata.json "read"; ChunkReader)
+
+
+@dataclasses.dataclass
+class ReadState:
+    """One tree's read of its open chunk (`ChunkReader`): `cache` holds the first `filled`
+    tokens of chunk `chunk` (-1: nothing yet)."""
+
+    chunk: int = -1
+    filled: int = 0
+    cache: Any = None
+
+
+class ChunkReader:
+    """The read pass of new tokens (SPEC §2.3a): chunks of R = `chunk` tokens aligned to the
+    history start, each read independently (causal, positions 0..R-1), as
+    `base.model.read_pass_core` reads them.
+
+    * A chunk that is complete when read is read whole: one R-token forward (`whole`), as
+      fast as bulk reading gets.
+    * The open chunk (the history ends inside it) is read a segment at a time — segments
+      cut at every block (K) and chunk (R) boundary of the history — each one `step`
+      (`read_step_core`) over a KV cache of the chunk's earlier tokens kept in the tree's
+      `ReadState`. So streaming reads each new token once (re-reading the chunk's prefix
+      per block cost R/K x the work).
+
+    The open chunk is always read by steps from its start, so its cache — and every
+    output read over it — depends only on history positions: a state that does not hold
+    the chunk's earlier tokens (a tree reopened from disk, a copy, no state given) is
+    rebuilt by replaying them through the same steps, to the same bits. A token's features
+    therefore depend on whether its chunk was complete when it was read: whole or in
+    pieces, trees agree to fp32 rounding (the two paths are the same arithmetic in other
+    shapes), and bit for bit for the same feeding. `calls` counts forwards (steps and
+    whole chunks)."""
+
+    def __init__(self, step: Callable, new_cache: Callable[[], Any], *, chunk: int,
+                 block_size: int, output: str, whole: Callable | None = None):
+        if chunk < 1 or block_size < 1:
+            raise ValueError(f"chunk and block_size must be >= 1, got {chunk}, {block_size}")
+        self.step, self.new_cache, self.whole = step, new_cache, whole
+        self.chunk, self.block_size, self.output = int(chunk), int(block_size), output
+        self.calls = 0
+
+    @classmethod
+    def from_base(cls, base_params: Any, base_config: LlamaConfig, *, chunk: int,
+                  block_size: int, hidden_layer: int | None = None,
+                  qk_layers: Sequence[int] = (), output: str) -> "ChunkReader":
+        """A reader of the frozen base model's `output` ("hidden" after `hidden_layer`
+        layers, or "keys" / "queries" at `qk_layers`)."""
+        from mcjax.base.model import init_read_cache, read_pass_core, read_step_core
+
+        qk = tuple(int(x) for x in qk_layers)
+
+        def step(params, cache, ids, index):
+            return read_step_core(params, base_config, cache, ids, index,
+                                  hidden_layer=hidden_layer, qk_layers=qk)
+
+        def whole(params, ids):
+            return read_pass_core(params, base_config, ids, chunk=chunk,
+                                  hidden_layer=hidden_layer, qk_layers=qk)[output]
+
+        step, whole = jax.jit(step, donate_argnums=1), jax.jit(whole)
+        return cls(lambda cache, ids, index: step(base_params, cache, ids, index),
+                   lambda: init_read_cache(base_config, chunk, hidden_layer, qk),
+                   chunk=chunk, block_size=block_size, output=output,
+                   whole=lambda ids: whole(base_params, ids))
+
+    def segments(self, start: int, stop: int):
+        """(a, b) pieces of history positions [start, stop), cut at multiples of K and R."""
+        K, R = self.block_size, self.chunk
+        a = start
+        while a < stop:
+            b = min(stop, (a // K + 1) * K, (a // R + 1) * R)
+            yield a, b
+            a = b
+
+    def chunk_start(self, offset: int) -> int:
+        return (offset // self.chunk) * self.chunk
+
+    def read(self, ids: np.ndarray, first: int, new: int, state: ReadState | None = None
+             ) -> np.ndarray:
+        """Outputs [len(ids) - (new - first), ...] float32 of history tokens [new, first +
+        len(ids)); `ids` are the history's tokens from position `first` =
+        `chunk_start(new)` on (what the cache of `new`'s chunk must hold before them)."""
+        ids = np.asarray(ids, np.int32)
+        R = self.chunk
+        stop = first + len(ids)
+        if first != self.chunk_start(new) or not first <= new <= stop:
+            raise ValueError(f"ids must start at the chunk start {self.chunk_start(new)} of "
+                             f"position {new}, got start {first} for positions up to {stop}")
+        state = ReadState() if state is None else state
+        outs = []
+        for cs in range(first, stop, R):
+            ce, a = min(cs + R, stop), max(new, cs)
+            piece = ids[cs - first:ce - first]
+            if ce - cs == R and self.whole is not None:  # complete: one whole-chunk read
+                out = self.whole(jnp.asarray(piece[None]))
+                self.calls += 1
+                outs.append(np.asarray(out, np.float32)[0, a - cs:])
+                if state.chunk == cs // R:
+                    state.chunk, state.filled, state.cache = -1, 0, None
+                continue
+            if (state.chunk, state.filled) != (cs // R, a - cs) or state.cache is None:
+                state.chunk, state.filled, state.cache = cs // R, 0, None  # replay the prefix
+                for x, y in self.segments(cs, a):
+                    self._step(state, piece[x - cs:y - cs], x)
+            outs += [np.asarray(self._step(state, piece[x - cs:y - cs], x), np.float32)[0]
+                     for x, y in self.segments(a, ce)]
+        if not outs:
+            return np.zeros((0,), np.float32)
+        return np.concatenate(outs)
+
+    def _step(self, state: ReadState, ids: np.ndarray, position: int):
+        index = position % self.chunk
+        if index == 0 or state.cache is None:
+            state.chunk, state.filled, state.cache = position // self.chunk, 0, self.new_cache()
+        out, state.cache = self.step(state.cache, jnp.asarray(ids[None]), jnp.int32(index))
+        state.filled = index + len(ids)
+        self.calls += 1
+        return out[self.output]
 
 
 def default_gist_batch() -> int:
@@ -517,21 +631,15 @@ class BlockGister:
     LOD1 children (`GistConfig.input`):
     * "embeddings": `embed_fn(ids[G, K] int32) -> [G, K, D]` maps LOD0 ids to the base
       model's token embeddings.
-    * "hidden": the read pass (SPEC §2.3a). `read_fn(windows[Gr, R] int32) -> [Gr, R, D]`
-      reads each row as one independent chunk of R = `read_chunk` tokens (causal, positions
-      0..R-1) and returns the frozen base model's hidden states after `input_layer` layers
-      (`mcjax.base.model.layer_hidden_core`). Chunks are aligned to the history start, so
-      token t's features are row t // R, position t % R of its chunk — exactly what
-      `layer_hidden(..., chunk=R)` of the whole history gives. To gist new blocks the tree
-      passes the tokens from the start of the first new block's chunk as `context`; every
-      chunk the new blocks touch is re-read whole, zero-padded after its last known token
-      (causal: padding never reaches earlier positions, and masked keys contribute exact
-      zeros), in calls of a fixed `read_batch` windows (`Gr`). Features are therefore
-      bit-identical however the stream was chunked. Cost: one R-token forward through
-      `input_layer` layers per chunk touched by an append, i.e. 1x the read pass for bulk
-      ingestion and up to R/K x when blocks arrive one by one (each completed block
-      re-reads its chunk prefix, padded to R). Hidden states are transient: only gists are
-      stored.
+    * "hidden": the read pass (SPEC §2.3a): a `ChunkReader` of the frozen base model's
+      hidden states after `input_layer` layers, in chunks of R = `read_chunk` tokens
+      aligned to the history start — token t's features are those of position t % R of
+      chunk t // R, what `layer_hidden(..., chunk=R)` of the whole history gives (up to
+      rounding). The tree passes its `ReadState` (the open chunk's KV cache) and the
+      tokens from the chunk's start, so each token is read once: complete chunks whole,
+      the open chunk by cached steps (features equal to rounding however the stream was
+      chunked, bit-identical for the same chunking). Hidden states are transient: only
+      gists are stored.
 
     Use `BlockGister.from_base` to build both from the frozen base model.
     """
@@ -539,9 +647,7 @@ class BlockGister:
     def __init__(self, gist_cfg: GistConfig, gist_params: Any,
                  embed_fn: Callable[[jax.Array], jax.Array] | None, *, embed_dim: int,
                  block_size: int, vocab_size: int | None = None,
-                 gist_batch: int | None = None,
-                 read_fn: Callable[[jax.Array], jax.Array] | None = None,
-                 read_batch: int | None = None):
+                 gist_batch: int | None = None, reader: ChunkReader | None = None):
         gist_batch = default_gist_batch() if gist_batch is None else gist_batch
         if gist_batch < 1:
             raise ValueError(f"gist_batch must be >= 1, got {gist_batch}")
@@ -550,49 +656,50 @@ class BlockGister:
             raise ValueError(f"GistNet params output width {d_params}, but embed_dim is "
                              f"{embed_dim}")
         if gist_cfg.input == "hidden":
-            if read_fn is None:
+            if reader is None:
                 raise ValueError("GistConfig.input='hidden' gists the base model's read-pass "
-                                 "hidden states: pass read_fn (or use BlockGister.from_base)")
-            if read_batch is None:  # a read call covers about as many tokens as a gist call
-                read_batch = max(1, gist_batch * block_size // gist_cfg.read_chunk)
-            if read_batch < 1:
-                raise ValueError(f"read_batch must be >= 1, got {read_batch}")
+                                 "hidden states: pass reader (or use BlockGister.from_base)")
+            if reader.chunk != gist_cfg.read_chunk or reader.block_size != block_size:
+                raise ValueError(f"the reader reads chunks of {reader.chunk} in blocks of "
+                                 f"{reader.block_size}; this GistNet wants read_chunk "
+                                 f"{gist_cfg.read_chunk}, blocks of {block_size}")
         elif embed_fn is None:
             raise ValueError("GistConfig.input='embeddings' needs embed_fn")
         else:
-            read_batch = None
-        self.cfg, self.params, self.embed_fn = gist_cfg, gist_params, embed_fn
-        self.read_fn, self.read_batch = read_fn, read_batch
+            reader = None
+        self.cfg, self.params, self.embed_fn, self.reader = gist_cfg, gist_params, embed_fn, \
+            reader
         self.embed_dim, self.block_size = embed_dim, block_size
         self.vocab_size, self.gist_batch = vocab_size, gist_batch
-        self.read_calls = 0  # read_fn calls so far (the read pass's cost in R-token windows)
         self._embed_checked = False
         self._read_checked = False
+
+    @property
+    def read_calls(self) -> int:
+        """Read-pass steps so far (its cost in segments of at most K tokens)."""
+        return 0 if self.reader is None else self.reader.calls
 
     @classmethod
     def from_base(cls, gist_cfg: GistConfig, gist_params: Any, base_params: Any,
                   base_config: LlamaConfig, *, block_size: int,
-                  gist_batch: int | None = None, read_batch: int | None = None
-                  ) -> "BlockGister":
+                  gist_batch: int | None = None) -> "BlockGister":
         """LOD1 children from the frozen base model: its token embeddings
         (`embed_tokens`) or, for `gist_cfg.input == "hidden"`, its read-pass hidden states
-        after `gist_cfg.input_layer` layers (`layer_hidden_core`, chunk `read_chunk`)."""
-        from mcjax.base.model import embed_tokens, layer_hidden_core
+        after `gist_cfg.input_layer` layers (a `ChunkReader`, chunk `read_chunk`)."""
+        from mcjax.base.model import embed_tokens
 
         embed = jax.jit(embed_tokens)  # params are an argument, not baked-in constants
-        read_fn = None
+        reader = None
         if gist_cfg.input == "hidden":
             if gist_cfg.input_layer > base_config.num_layers:
                 raise ValueError(f"GistConfig.input_layer={gist_cfg.input_layer}, but the base "
                                  f"model has only {base_config.num_layers} decoder layers")
-            read = jax.jit(layer_hidden_core, static_argnames=("config", "layer", "chunk"))
-            layer, chunk = gist_cfg.input_layer, gist_cfg.read_chunk
-            read_fn = lambda windows: read(base_params, base_config, windows,  # noqa: E731
-                                           layer=layer, chunk=chunk)
+            reader = ChunkReader.from_base(base_params, base_config, chunk=gist_cfg.read_chunk,
+                                           block_size=block_size,
+                                           hidden_layer=gist_cfg.input_layer, output="hidden")
         return cls(gist_cfg, gist_params, lambda ids: embed(base_params, ids),
                    embed_dim=base_config.hidden_size, block_size=block_size,
-                   vocab_size=base_config.vocab_size, gist_batch=gist_batch,
-                   read_fn=read_fn, read_batch=read_batch)
+                   vocab_size=base_config.vocab_size, gist_batch=gist_batch, reader=reader)
 
     @property
     def input(self) -> str:
@@ -613,12 +720,14 @@ class BlockGister:
         return offset
 
     def __call__(self, level: int, children: np.ndarray, out_dtype: np.dtype, *,
-                 context: np.ndarray | None = None) -> np.ndarray:
+                 context: np.ndarray | None = None, read_state: ReadState | None = None,
+                 context_at: int = 0) -> np.ndarray:
         """children: [m*K] token ids (level 1) or [m*K, D] gists of level-1 -> [m, D].
 
         Level 1 with input "hidden": `context` holds the token ids from the start of the
         first block's read chunk up to that block (`context_start`; fewer than read_chunk
-        ids); ignored for "embeddings"."""
+        ids) starting at history position `context_at`, and `read_state` the tree's
+        `ReadState` (None: rebuilt from `context`); all ignored for "embeddings"."""
         K, G = self.block_size, self.gist_batch
         m = len(children) // K
         if m == 0:
@@ -626,7 +735,8 @@ class BlockGister:
         jdtype = jnp.dtype(out_dtype)
         if level == 1 and self.cfg.input == "hidden":
             outs = [gist_blocks(self.params, self.cfg, jnp.asarray(b), 1).astype(jdtype)
-                    for b in self._read_blocks(np.asarray(children)[: m * K], context)]
+                    for b in self._read_blocks(np.asarray(children)[: m * K], context,
+                                               read_state, context_at)]
             return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype,
                                                                             copy=False)
         if level == 1:
@@ -645,41 +755,28 @@ class BlockGister:
             outs.append(gist_blocks(self.params, self.cfg, chunk, level).astype(jdtype))
         return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype, copy=False)
 
-    def _read_blocks(self, ids: np.ndarray, context: np.ndarray | None):
+    def _read_blocks(self, ids: np.ndarray, context: np.ndarray | None,
+                     state: ReadState | None, start: int):
         """Yield the read-pass features of the new blocks in `ids` as whole gist batches
-        [G, K, D] float32 (the last one zero-padded), reading `read_batch` chunk windows per
-        call. Memory stays O((read_batch·R + G·K)·D) however long the append."""
-        K, G, R, Gr, D = (self.block_size, self.gist_batch, self.cfg.read_chunk,
-                          self.read_batch, self.embed_dim)
+        [G, K, D] float32 (the last one zero-padded)."""
+        K, G, R, D = self.block_size, self.gist_batch, self.cfg.read_chunk, self.embed_dim
         ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
-        if ctx.ndim != 1 or len(ctx) >= R:
+        if ctx.ndim != 1 or len(ctx) >= R or start % R:
             raise ValueError(f"context must be the < read_chunk={R} token ids from the start "
-                             f"of the first block's read chunk, got shape {ctx.shape}")
+                             f"of the first block's read chunk, got shape {ctx.shape} at "
+                             f"history position {start}")
         full = np.concatenate([ctx, ids.astype(np.int32)])
-        skip, pending, buffered = len(ctx), [], 0
-        for windows, n, last in chunk_windows(full, R, Gr):
-            hidden = self._read(windows).reshape(Gr * R, D)[:n]
-            pending.append(hidden[skip:])
-            buffered += n - skip
-            skip = 0
-            while buffered >= G * K or (last and buffered > 0):
-                feats = np.concatenate(pending)
-                take = feats[:G * K]
-                pending, buffered = [feats[G * K:]], len(feats) - len(take)
-                if len(take) < G * K:
-                    take = np.concatenate([take, np.zeros((G * K - len(take), D), np.float32)])
-                yield take.reshape(G, K, D)
-
-    def _read(self, windows: np.ndarray) -> np.ndarray:
-        out = self.read_fn(jnp.asarray(windows))
-        self.read_calls += 1
+        feats = self.reader.read(full, start, start + len(ctx), state)
         if not self._read_checked:
-            want = windows.shape + (self.embed_dim,)
-            if tuple(out.shape) != want or not jnp.issubdtype(out.dtype, jnp.floating):
-                raise ValueError(f"read_fn returned {out.shape} {out.dtype} for windows "
-                                 f"{windows.shape}; expected floating {want}")
+            if feats.shape != (len(ids), D):
+                raise ValueError(f"the reader returned features {feats.shape} for {len(ids)} "
+                                 f"tokens; expected {(len(ids), D)}")
             self._read_checked = True
-        return np.asarray(out, np.float32)
+        for i in range(0, len(feats), G * K):
+            take = feats[i:i + G * K]
+            if len(take) < G * K:
+                take = np.concatenate([take, np.zeros((G * K - len(take), D), np.float32)])
+            yield take.reshape(G, K, D)
 
     def _embed(self, ids: np.ndarray) -> jax.Array:
         emb = self.embed_fn(jnp.asarray(ids))
@@ -752,6 +849,9 @@ class MegaContextTree:
         self._view_arrays: list[jax.Array | None] = [None] * (mc.num_levels + 1)
         self._view_synced = [0] * (mc.num_levels + 1)
         self._closed = False
+        # the read pass's KV caches of the open chunk (GistNet's hidden input, retrieval
+        # keys): rebuilt on the first append when the tree was opened or copied
+        self._gist_read, self._key_read = ReadState(), ReadState()
         for l in range(1, mc.num_levels + 1):
             if len(self.stores[l]) > len(self.stores[l - 1]) // mc.block_size:
                 where = f" in {path}" if path else ""
@@ -824,7 +924,7 @@ class MegaContextTree:
             "model_name": model_name, "block_size": mc.block_size,
             "num_levels": mc.num_levels, "embedding_dim": gister.embed_dim,
             "gist_dtype": mc.gist_dtype, "gist_checkpoint_id": gist_checkpoint_id,
-            "gist_batch": gister.gist_batch, "read_batch": gister.read_batch,
+            "gist_batch": gister.gist_batch, "read": READ_MODE,
             **_input_metadata(gister),
             "mc_config": dataclasses.asdict(mc), "gist_config": dataclasses.asdict(gister.cfg),
             "retrieval_keys": None if key_reader is None else key_reader.signature(),
@@ -882,10 +982,11 @@ class MegaContextTree:
                 f"{_describe_input(gister.input_signature())}; the stored gists would not "
                 f"match new ones: open it with the GistNet config it was written with, or "
                 f"build a new store")
-        if metadata.get("read_batch", gister.read_batch) != gister.read_batch:
-            warnings.warn(f"{path} was written with read_batch={metadata.get('read_batch')}, "
-                          f"now {gister.read_batch}: new gists may differ from an "
-                          f"uninterrupted run in the last bits", stacklevel=2)
+        if gister.reader is not None and metadata.get("read", "windows") != READ_MODE:
+            warnings.warn(f"{path} was written by another read pass "
+                          f"({metadata.get('read', 'windows')!r}, now {READ_MODE!r}): new "
+                          f"gists may differ from an uninterrupted run in the last bits",
+                          stacklevel=2)
         if metadata.get("gist_batch") != gister.gist_batch:
             warnings.warn(f"{path} was written with gist_batch={metadata.get('gist_batch')}, "
                           f"now {gister.gist_batch}: new gists may differ from an "
@@ -963,7 +1064,8 @@ class MegaContextTree:
                 lo = self.gister.context_start(done * K)
                 ids = child.read(lo, complete * K)[:, 0]
                 gists = self.gister(1, ids[done * K - lo:], parent.dtype,
-                                    context=ids[:done * K - lo])
+                                    context=ids[:done * K - lo], context_at=lo,
+                                    read_state=self._gist_read)
             else:
                 gists = self.gister(l, child.read(done * K, complete * K), parent.dtype)
             parent.append(gists)
@@ -975,7 +1077,8 @@ class MegaContextTree:
                 lo = self.key_reader.context_start(done * K)
                 ids = self.stores[0].read(lo, complete * K)[:, 0]
                 self.key_store.append(self.key_reader(ids[done * K - lo:],
-                                                      context=ids[:done * K - lo]))
+                                                      context=ids[:done * K - lo],
+                                                      context_at=lo, state=self._key_read))
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)

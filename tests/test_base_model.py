@@ -251,6 +251,30 @@ def test_cached_chunked_prefill_with_prefix_attention_equals_a_full_forward(tiny
     chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-4)
 
 
+def test_read_steps_over_a_chunk_cache_equal_the_whole_chunk_read(tiny_llama):
+    """`read_step_core` continuing a chunk's KV cache segment by segment gives the read
+    pass of the whole chunk (`read_pass_core`: hidden states, pre-RoPE queries and keys),
+    for segments of any sizes, and a fresh cache starts the next chunk."""
+    config, params = tiny_llama
+    chunk, T = 11, 19  # a full chunk and a partial one
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (1, T)))
+    layers = dict(hidden_layer=2, qk_layers=(0, 1))
+    want = base.read_pass(params, config, tokens, chunk=chunk, **layers)
+    step = jax.jit(lambda c, t, i: base.read_step_core(params, config, c, t, i, **layers))
+    for cuts in ((0, 3, 4, 11, 16, 19), (0, 11, 19), (0, 1, 2, 11, 12, 19)):
+        got = {k: [] for k in want}
+        cache = None
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if a % chunk == 0:
+                cache = base.init_read_cache(config, chunk, **layers)
+            out, cache = step(cache, tokens[:, a:b], jnp.int32(a % chunk))
+            for k in got:
+                got[k].append(out[k])
+        chex.assert_trees_all_close({k: jnp.concatenate(v, 1) for k, v in got.items()}, want,
+                                    atol=1e-5, rtol=1e-5)
+    assert base.read_depth(2, (0, 1)) == 2 and base.read_depth(None, (5,)) == 5
+
+
 def test_layer_hidden_reads_independent_chunks_and_equals_a_truncated_stack(tiny_llama):
     """Read-pass features: each aligned chunk is read on its own (positions from 0), and a
     token's state after `layer` layers equals an independent reference — the full forward

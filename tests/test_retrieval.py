@@ -86,16 +86,22 @@ def test_read_pass_rejects_bad_layers():
 # --------------------------------------------------------------------------- tree keys
 
 
-def test_tree_keys_whole_equal_pieces_equal_read_pass():
+def test_tree_keys_whole_agree_with_pieces_and_the_read_pass():
     toks = history(700)
     whole = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
     whole.append(toks)
-    pieces = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
-    for a in range(0, 700, 45):
-        pieces.append(toks[a:a + 45])
+    pieces, again = (MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+                     for _ in range(2))
+    for t in (pieces, again):
+        for a in range(0, 700, 45):
+            t.append(toks[a:a + 45])
     nb = 700 // K
     assert whole.keys().shape == (nb, retrieval.key_width(RC, LLAMA, K))
-    np.testing.assert_array_equal(whole.keys(), pieces.keys())
+    # complete chunks read whole, the open chunk by cached steps: equal to rounding (fp16
+    # keys), and bit for bit for the same feeding
+    np.testing.assert_array_equal(pieces.keys(), again.keys())
+    np.testing.assert_allclose(whole.keys().astype(np.float32),
+                               pieces.keys().astype(np.float32), atol=2e-3, rtol=2e-3)
     ref = base.read_pass(params(), LLAMA, jnp.asarray(toks[None]), chunk=RC.chunk,
                          qk_layers=RC.layers)["keys"][0, :nb * K]
     np.testing.assert_allclose(whole.keys().astype(np.float32),

@@ -32,7 +32,7 @@ from mcjax.tree import (
     DtypeMismatchError, EmbeddingDimMismatchError, InconsistentLevelsError, LevelMismatchError,
     MegaContextTree, MetadataError, MissingStoreFileError, ModelMismatchError,
     StoreExistsError, StoreLockedError, TreeCapacityError, TreeInputError, TruncatedFileError,
-    UnsupportedVersionError, level_filename, read_header)
+    UnsupportedVersionError, copy_rows, level_filename, read_header)
 
 CFG = get_config("tiny")
 MC = CFG.mc  # K = 32, num_levels = 2
@@ -644,14 +644,21 @@ def gists_from_layer_hidden(tokens: np.ndarray, gcfg) -> tuple[np.ndarray, np.nd
 
 # R = 64: two blocks per chunk; R = 80: blocks straddle chunk boundaries (R % K != 0).
 @pytest.mark.parametrize("read_chunk", [64, 80])
-def test_read_pass_gives_identical_features_fed_whole_or_in_pieces(read_chunk):
+def test_read_pass_features_agree_fed_whole_or_in_pieces_and_repeat_bit_for_bit(read_chunk):
+    """Complete chunks are read whole, the open chunk by cached steps: trees fed whole or
+    in pieces agree to fp32 rounding (and to the bit for the same pieces)."""
     gister = hidden_gister(read_chunk)
     tokens = stream()[:1100]  # counts (1100, 34, 1)
     whole = memory_tree(tokens, gister=gister)
     for sizes in ((1, 7, 31, 33, 100), (32,), (5, 1000)):
-        pieces = MegaContextTree.in_memory(MC, gister)
+        pieces, again = (MegaContextTree.in_memory(MC, gister) for _ in range(2))
         append_in_chunks(pieces, tokens, sizes)
-        assert_trees_identical(whole, pieces)  # bit for bit, however it was chunked
+        append_in_chunks(again, tokens, sizes)
+        assert_trees_identical(pieces, again)  # the same feeding: bit for bit
+        assert pieces.counts == whole.counts
+        for level in (1, 2):
+            np.testing.assert_allclose(pieces.gists(level), whole.gists(level),
+                                       rtol=1e-5, atol=1e-5)
     # ... and equal to the gists of `layer_hidden` over the whole history (the same
     # numbers, computed in other batch shapes: equal to fp32 rounding)
     lod1, lod2 = gists_from_layer_hidden(tokens, gister.cfg)
@@ -669,12 +676,28 @@ def test_read_pass_gives_identical_features_fed_whole_or_in_pieces(read_chunk):
                                   whole.gists(1)[first_chunk_blocks:])
 
 
-def test_read_pass_reads_each_chunk_once_when_ingesting_in_bulk():
-    gister = BlockGister.from_base(hidden_gist_cfg(64), gist_params(), base_params(),
-                                   CFG.base_config, block_size=K, gist_batch=4, read_batch=3)
+def test_read_pass_reads_each_token_once_in_bulk_and_streaming():
+    """Bulk: one whole read per complete chunk and one cached step per block of the open
+    chunk; streaming: one call per new block (a step inside the open chunk, a whole read
+    when the block completes it) — the old read re-read a chunk's prefix for every block.
+    A copy (no read state) replays its open chunk's prefix by the same steps and stays
+    bit-identical to the original."""
+    gister = BlockGister.from_base(hidden_gist_cfg(128), gist_params(), base_params(),
+                                   CFG.base_config, block_size=K, gist_batch=4)
     t = MegaContextTree.in_memory(MC, gister)
-    t.append(stream()[:1100])  # 34 blocks in 17 chunks of 64 tokens: 6 calls of 3 windows
-    assert gister.read_calls == 6 and t.stats.gist_calls == 9 + 1  # 34 LOD1, 1 LOD2 block
+    t.append(stream()[:1100])  # 34 blocks: 8 whole chunks of 128 + 2 steps; 9 + 1 gist calls
+    assert gister.read_calls == 8 + 2 and t.stats.gist_calls == 9 + 1
+    for i in range(4):  # streaming: one call per new block
+        t.append(stream()[1100 + 32 * i:1132 + 32 * i])
+        assert gister.read_calls == 11 + i
+    assert t.counts[1] == 38  # the open chunk [1152, 1280) holds 2 blocks
+    copy = MegaContextTree.in_memory(MC, gister)
+    copy_rows(t, copy)
+    calls = gister.read_calls
+    copy.append(stream()[1228:1260])  # replays the open chunk's 2 blocks, then 1 step
+    t.append(stream()[1228:1260])
+    assert gister.read_calls == calls + 3 + 1
+    assert_trees_identical(copy, t)
 
 
 def test_store_records_the_gist_input_and_refuses_another(tmp_path):
@@ -693,11 +716,14 @@ def test_store_records_the_gist_input_and_refuses_another(tmp_path):
         MegaContextTree.open(tmp_path, MC, hidden_gister(64, input_layer=1), model_name=MODEL)
     with pytest.raises(MetadataError, match=r"reads 'hidden' \(layer 2, read_chunk 80\)"):
         MegaContextTree.open(tmp_path, MC, hidden_gister(80), model_name=MODEL)
-    # reopened with the same input, appends continue exactly (the chunk's earlier tokens
-    # are read back from LOD0)
+    # reopened with the same input, appends continue exactly as an uninterrupted tree fed
+    # the same pieces (the open chunk's earlier tokens are read back from LOD0 and replayed)
+    uninterrupted = MegaContextTree.in_memory(MC, gister)
+    uninterrupted.append(tokens[:700])
+    uninterrupted.append(tokens[700:])
     with MegaContextTree.open(tmp_path, MC, gister, model_name=MODEL) as r:
         r.append(tokens[700:])
-        assert_trees_identical(r, memory_tree(tokens, gister=gister))
+        assert_trees_identical(r, uninterrupted)
 
 
 def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_store, tmp_path):
@@ -707,7 +733,7 @@ def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_stor
     for f in pristine_store.iterdir():
         (store / f.name).write_bytes(f.read_bytes())
     meta = json.loads((store / "metadata.json").read_text())
-    for key in ("gist_input", "input_layer", "read_chunk", "read_batch"):
+    for key in ("gist_input", "input_layer", "read_chunk", "read"):
         meta.pop(key)
     (store / "metadata.json").write_text(json.dumps(meta))
     open_tree(store).close()
@@ -715,8 +741,8 @@ def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_stor
         MegaContextTree.open(store, MC, hidden_gister(64), model_name=MODEL)
 
 
-def test_hidden_input_needs_a_read_fn_and_a_layer_the_base_model_has():
-    with pytest.raises(ValueError, match="pass read_fn"):
+def test_hidden_input_needs_a_reader_and_a_layer_the_base_model_has():
+    with pytest.raises(ValueError, match="pass reader"):
         BlockGister(hidden_gist_cfg(), gist_params(), lambda ids: ids, embed_dim=D,
                     block_size=K)
     with pytest.raises(ValueError, match="input_layer=4, but the base model has only 3"):

@@ -227,6 +227,14 @@ class Llama(nn.Module):
                                    cos, sin, bias, None)
         return h
 
+    def run_layers_cached(self, h, positions, bias, cache, index):
+        """`run_layers` continuing a KV cache (k, v) [layers, B, S, ...] at slot `index`:
+        returns (residual stream out, updated cache)."""
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        (h, kv, _), _ = self.layers((h.astype(_dtype(self.config)), cache, jnp.int32(0)),
+                                    cos, sin, bias, index)
+        return h, kv
+
     def logits(self, hidden):
         if self.config.tie_word_embeddings:
             return self.embed.attend(hidden).astype(jnp.float32)
@@ -455,6 +463,64 @@ def read_pass_core(params, config: LlamaConfig, tokens: jax.Array, *, chunk: int
 
 _read_pass = jax.jit(read_pass_core,
                      static_argnames=("config", "chunk", "hidden_layer", "qk_layers"))
+
+
+def read_depth(hidden_layer: int | None, qk_layers: Sequence[int]) -> int:
+    """Decoder layers a read needs: through `hidden_layer`, and up to the deepest qk layer
+    (its pre-RoPE q/k read the residual stream entering it)."""
+    return max([hidden_layer or 0, *qk_layers])
+
+
+def init_read_cache(config: LlamaConfig, chunk: int, hidden_layer: int | None,
+                    qk_layers: Sequence[int], dtype=None) -> KVCache:
+    """An empty cache for `read_step_core`: one chunk of `chunk` slots, as deep as the read."""
+    depth = read_depth(hidden_layer, qk_layers)
+    shape = (max(depth, 1), 1, chunk, config.num_kv_heads, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+                   valid=jnp.zeros((1, chunk), bool))
+
+
+def read_step_core(params, config: LlamaConfig, cache: KVCache, tokens: jax.Array, index, *,
+                   hidden_layer: int | None, qk_layers: tuple[int, ...]) -> tuple[dict, KVCache]:
+    """The read pass (`read_pass_core`) continued by T tokens [1, T] at position `index` of
+    their chunk, over a cache (`init_read_cache`) holding the chunk's earlier tokens
+    (index 0: a new chunk; the caller passes an empty cache). Outputs as `read_pass_core`
+    for the T tokens — equal to it up to rounding — at the cost of T tokens instead of the
+    chunk: streaming appends read each token once. Unjitted."""
+    qk_layers = tuple(int(x) for x in qk_layers)
+    B, T = tokens.shape
+    index = jnp.asarray(index, jnp.int32)
+    positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((B, T), bool), (0, index))
+    bias = _causal_bias(valid, positions)
+    h = embed_tokens(params, tokens)
+    stops = sorted(set(qk_layers) | ({hidden_layer} if hidden_layer is not None else set()))
+    done, qs, ks, new_k, new_v = 0, [], [], [], []
+    out: dict = {}
+    for stop in stops:
+        if stop > done:
+            sub_cfg = dataclasses.replace(config, num_layers=stop - done)
+            h, (k, v) = Llama(sub_cfg).apply(
+                {"params": _layer_slice(params, done, stop)}, h, positions, bias,
+                (cache.k[done:stop], cache.v[done:stop]), index,
+                method=Llama.run_layers_cached)
+            new_k.append(k)
+            new_v.append(v)
+            done = stop
+        if hidden_layer == stop:
+            out["hidden"] = RMSNorm(config.rms_norm_eps, _dtype(config)).apply(
+                {"params": params["final_norm"]}, h)
+        if stop in qk_layers:
+            q, k = _pre_rope_qk(params, config, h, stop)
+            qs.append(q)
+            ks.append(k)
+    if qk_layers:
+        out["queries"] = jnp.stack(qs, axis=2)
+        out["keys"] = jnp.stack(ks, axis=2)
+    k = jnp.concatenate(new_k) if new_k else cache.k
+    v = jnp.concatenate(new_v) if new_v else cache.v
+    return out, KVCache(k=k, v=v, valid=valid)
 
 
 def read_pass(params: Params, config: LlamaConfig, tokens, *, chunk: int,
