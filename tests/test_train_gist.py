@@ -41,14 +41,15 @@ def test_layout_keeps_the_sink_compresses_aligned_blocks_and_keeps_the_newest_ra
     # 34 prefix blocks: the sink block, one LOD2 group of blocks 1..32, one raw block
     assert (layout.sink_blocks, layout.lod2_groups, layout.lod1_blocks,
             layout.keep_raw_blocks) == (1, 1, 0, 1)
-    pos = layout.positions()
+    assert layout.position_scheme == "compact"  # the default (MCConfig's)
+    absolute = dataclasses.replace(layout, position_scheme="absolute")
+    pos = absolute.positions()
     np.testing.assert_array_equal(pos[:32], np.arange(32))  # the sink: real tokens first
     assert pos[32] == 32 + 512  # centre of [32, 1056)
     np.testing.assert_array_equal(pos[33:], np.arange(1056, layout.window_len - 1))
-    np.testing.assert_array_equal(layout.positions(truncated=True),
+    np.testing.assert_array_equal(absolute.positions(truncated=True),
                                   np.r_[np.arange(32), np.arange(1056, layout.window_len - 1)])
-    compact = dataclasses.replace(layout, position_scheme="compact")
-    np.testing.assert_array_equal(compact.positions(), np.arange(layout.num_slots))
+    np.testing.assert_array_equal(layout.positions(), np.arange(layout.num_slots))
     with pytest.raises(ValueError, match="multiple of block_size"):
         losses.GistLayout.build(cfg.mc, prefix_len=1000)
     with pytest.raises(ValueError, match="nothing to compress"):
@@ -66,7 +67,8 @@ def _manual_nll(frozen, cfg, tokens, embeds, positions, first_target):
 
 
 def test_targets_are_the_next_tokens_and_identical_for_every_variant(tiny):
-    cfg, frozen, layout, tokens = tiny
+    cfg, frozen, compact, tokens = tiny
+    layout = dataclasses.replace(compact, position_scheme="absolute")  # positions = token ids
     P, H = layout.prefix_len, layout.horizon
     targets = losses.continuation_targets(tokens, layout)
     for i in range(H):  # target i is the token after the slot that predicts it
@@ -80,6 +82,9 @@ def test_targets_are_the_next_tokens_and_identical_for_every_variant(tiny):
     keep = np.r_[np.arange(32), np.arange(layout.raw_start, P + H - 1)]  # sink + raw tail
     chex.assert_trees_all_close(trunc, _manual_nll(frozen, cfg, tokens, emb[:, keep], keep, P),
                                 atol=1e-5)
+    trunc_c = losses.substitution_nll(bp, bc, tokens, compact, None)[0]  # compact: packed
+    chex.assert_trees_all_close(trunc_c, _manual_nll(frozen, cfg, tokens, emb[:, keep],
+                                                     np.arange(len(keep)), P), atol=1e-5)
     lod1 = emb[:, 32:1056].reshape(2, 32, 32, -1).mean(2)
     gists = lod1.mean(1, keepdims=True)  # the LOD2 gist of the 32 LOD1 means
     mean = losses.substitution_nll(bp, bc, tokens, layout, losses.mean_pool_gist_fn)[0]
