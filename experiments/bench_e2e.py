@@ -176,8 +176,8 @@ def run(args) -> dict:
     }
     for H, mode in [(H, m) for H in args.histories for m in args.kv_reuse]:
         session = Session((llama, params), gist_params, lens_params, cfg, max_tokens=max_tokens,
-                          batch_size=B, collapse_headroom=args.headroom, prefill_chunk=args.prefill_chunk,
-                          kv_reuse=mode,
+                          batch_size=B, collapse_headroom=args.headroom,
+                          prefill_chunk=args.prefill_chunk, kv_reuse=mode,
                           focus_policy="retrieval" if args.focus == "retrieval" else "lens")
         if args.focus == "shipped" and any(session.provenance[p]["source"] != "shipped"
                                            for p in ("gist", "lens")):

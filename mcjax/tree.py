@@ -529,8 +529,8 @@ class ChunkReader:
     shapes), and bit for bit for the same feeding. `calls` counts forwards (steps and
     whole chunks)."""
 
-    def __init__(self, step: Callable, new_cache: Callable[[], Any], *, chunk: int,
-                 block_size: int, output: str, whole: Callable | None = None):
+    def __init__(self, step: Callable, new_cache: Callable[[], Any], whole: Callable, *,
+                 chunk: int, block_size: int, output: str):
         if chunk < 1 or block_size < 1:
             raise ValueError(f"chunk and block_size must be >= 1, got {chunk}, {block_size}")
         self.step, self.new_cache, self.whole = step, new_cache, whole
@@ -558,8 +558,8 @@ class ChunkReader:
         step, whole = jax.jit(step, donate_argnums=1), jax.jit(whole)
         return cls(lambda cache, ids, index: step(base_params, cache, ids, index),
                    lambda: init_read_cache(base_config, chunk, hidden_layer, qk),
-                   chunk=chunk, block_size=block_size, output=output,
-                   whole=lambda ids: whole(base_params, ids))
+                   lambda ids: whole(base_params, ids),
+                   chunk=chunk, block_size=block_size, output=output)
 
     def segments(self, start: int, stop: int):
         """(a, b) pieces of history positions [start, stop), cut at multiples of K and R."""
@@ -589,7 +589,7 @@ class ChunkReader:
         for cs in range(first, stop, R):
             ce, a = min(cs + R, stop), max(new, cs)
             piece = ids[cs - first:ce - first]
-            if ce - cs == R and self.whole is not None:  # complete: one whole-chunk read
+            if ce - cs == R:  # complete: one whole-chunk read
                 out = self.whole(jnp.asarray(piece[None]))
                 self.calls += 1
                 outs.append(np.asarray(out, np.float32)[0, a - cs:])

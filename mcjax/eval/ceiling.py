@@ -10,8 +10,8 @@ continuation distribution match the uncompressed one:
 with Adam (optax; cosine decay to `final_lr_fraction`), starting from the mean-pooled token
 embeddings of each gisted block (LOD2 slots: the mean of their LOD1 means), the
 `mean_pool` baseline, or (`init="gistnet"`) from a GistNet's own gists of the window, so
-the optimum found is never worse than that net and few steps refine it. The vectors are the only trainable leaves; one jitted step updates a
-whole batch of windows (each window's loss depends only on its own vectors, so the batch
+the optimum found is never worse than that net and few steps refine it. The vectors are
+the only trainable leaves; one jitted step updates a whole batch of windows (each window's loss depends only on its own vectors, so the batch
 is B independent problems). The ΔNLL@H the vectors reach bounds what any gist in the
 input-embedding space can do for this frozen base at this layout: a GistNet that maps
 blocks to embeddings can match it at best (up to the optimiser's reach).
@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcjax.base import model as base
 from mcjax.config import GistConfig, LlamaConfig
 from mcjax.eval import metrics
 from mcjax.eval.tasks import LayoutSpec, batches_of
@@ -42,8 +41,8 @@ __all__ = ["INITS", "CeilingConfig", "CeilingResult", "init_vectors", "optimize_
 
 CEILING_NOTE = ("free vectors in the gist slots, optimised per window (Adam on KL(full ‖ "
                 "compressed) over the H continuation targets, init: mean-pooled token "
-                "embeddings of each block, or the GistNet's gists); ΔNLL@H of the optimised vectors on the same "
-                "targets; bounds what any embedding-space gist can reach with this frozen "
+                "embeddings of each block, or the GistNet's gists); ΔNLL@H of the "
+                "optimised vectors on the same targets; bounds what any embedding-space gist can reach with this frozen "
                 "base at this layout")
 
 
@@ -83,13 +82,9 @@ def init_vectors(base_params, tokens: jax.Array, layout: losses.GistLayout, *,
                  gist_cfg: GistConfig | None = None) -> jax.Array:
     """[B, G, D] start: the mean-pool baseline's gists (mean token embedding per block), or
     with `gist_params` the GistNet's gists of the window (its inputs as in training)."""
-    if gist_params is None:
-        children = base.embed_tokens(base_params, tokens[:, : layout.raw_start])
-        fn = losses.mean_pool_gist_fn
-    else:
-        children = losses.lod1_children(base_params, base_cfg, gist_cfg,
-                                        tokens[:, : layout.raw_start])
-        fn = losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
+    fn, children = losses.gist_inputs("mean_pool" if gist_params is None else "gistnet",
+                                      base_params, base_cfg, gist_params, gist_cfg,
+                                      tokens[:, : layout.raw_start])
     return losses.make_gists(fn, children, layout).astype(jnp.float32)
 
 

@@ -30,7 +30,6 @@ from mcjax.checkpoint import CheckpointError, Checkpointer
 from mcjax.config import ConfigError, ExperimentConfig, LensConfig
 from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
-from mcjax.base import model as base
 from mcjax.train import data, losses, steps
 
 
@@ -121,20 +120,11 @@ def variant_nll(base_params, gist_params, tokens, *, base_cfg, gist_cfg, layout,
     gisted span dropped (the sink stays)."""
     if variant == "full":
         return losses.full_context_nll(base_params, base_cfg, tokens, layout)[0]
-    prefix = tokens[:, : layout.raw_start]
-    if variant == "gistnet":
-        fn = losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
-        children = losses.lod1_children(base_params, base_cfg, gist_cfg, prefix)
-    elif variant == "mean_pool":
-        fn, children = losses.mean_pool_gist_fn, base.embed_tokens(base_params, prefix)
-    elif variant == "mean_pool_hidden":
-        rms = jnp.sqrt(jnp.mean(jnp.square(base_params["embed"]["embedding"].astype(
-            jnp.float32))))
-        fn = losses.rescaled_mean_pool_fn(rms)
-        children = losses.lod1_children(base_params, base_cfg,
-                                        dataclasses.replace(gist_cfg, input="hidden"), prefix)
-    elif variant == "truncation":
+    if variant == "truncation":
         fn, children = None, None
+    elif variant in VARIANTS:
+        fn, children = losses.gist_inputs(variant, base_params, base_cfg, gist_params, gist_cfg,
+                                          tokens[:, : layout.raw_start])
     else:
         raise ValueError(f"unknown variant {variant!r}; known: full, {', '.join(VARIANTS)}")
     return losses.substitution_nll(base_params, base_cfg, tokens, layout, fn,

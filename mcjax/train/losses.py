@@ -174,6 +174,26 @@ def lod1_children(base_params, base_cfg: LlamaConfig, gist_cfg: GistConfig,
     return base.embed_tokens(base_params, tokens)
 
 
+def gist_inputs(variant: str, base_params, base_cfg: LlamaConfig, gist_params,
+                gist_cfg: GistConfig, prefix: jax.Array) -> tuple[Callable, jax.Array]:
+    """(gist_fn, LOD1 children) with which a context variant gists a window's prefix
+    [B, P]: gistnet — GistNet on its configured children; mean_pool — the mean of the
+    token embeddings; mean_pool_hidden — the mean of the read-pass hidden states after
+    `gist_cfg.input_layer` layers, rescaled to the embeddings' RMS."""
+    if variant == "gistnet":
+        return (gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size),
+                lod1_children(base_params, base_cfg, gist_cfg, prefix))
+    if variant == "mean_pool":
+        return mean_pool_gist_fn, base.embed_tokens(base_params, prefix)
+    if variant == "mean_pool_hidden":
+        rms = jnp.sqrt(jnp.mean(jnp.square(base_params["embed"]["embedding"].astype(
+            jnp.float32))))
+        return rescaled_mean_pool_fn(rms), lod1_children(
+            base_params, base_cfg, dataclasses.replace(gist_cfg, input="hidden"), prefix)
+    raise ValueError(f"unknown gist variant {variant!r}; known: gistnet, mean_pool, "
+                     f"mean_pool_hidden")
+
+
 def make_gists(gist_fn: Callable, children: jax.Array, layout: GistLayout) -> jax.Array:
     """[B, num_gists, D] gists of the compressed span: LOD2 groups, then LOD1 blocks.
 
@@ -277,8 +297,8 @@ def gist_loss(gist_params, base_params, tokens: jax.Array, *, base_cfg: LlamaCon
     base_params = jax.lax.stop_gradient(base_params)
     full_nll, full_logp = full_context_nll(base_params, base_cfg, tokens, layout, dense)
     full_nll, full_logp = jax.lax.stop_gradient((full_nll, full_logp))
-    fn = gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
-    children = lod1_children(base_params, base_cfg, gist_cfg, tokens[:, : layout.raw_start])
+    fn, children = gist_inputs("gistnet", base_params, base_cfg, gist_params, gist_cfg,
+                               tokens[:, : layout.raw_start])
     nll, logp = substitution_nll(base_params, base_cfg, tokens, layout, fn, children=children,
                                  dense=dense)
     kl = kl_to_teacher(full_logp, logp)
