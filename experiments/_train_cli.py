@@ -24,6 +24,13 @@ def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
         parser.add_argument("--gist-workdir", default=None,
                             help="train_gist/train_joint workdir to load GistNet from "
                                  "(default: an untrained GistNet)")
+        parser.add_argument("--gist-params", default=None, metavar="PARAMS.safetensors",
+                            help="params-only GistNet file instead (e.g. "
+                                 "mcjax/assets/gistnet_smollm2_135m.safetensors)")
+        parser.add_argument("--init-lens", default=None, metavar="PARAMS.safetensors",
+                            help="fine-tune a params-only LensNet file (e.g. the shipped "
+                                 "v2) instead of the random init: fresh optimizer and "
+                                 "schedule")
     if lens:
         parser.add_argument("--candidates", type=int, default=4,
                             help="counterfactual candidate actions per window (half expansions)")
@@ -75,8 +82,9 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
         kwargs["candidates"] = args.candidates
     if getattr(args, "init_gist", None) is not None:
         kwargs["init_gist"] = args.init_gist
-    if getattr(args, "gist_workdir", None) is not None:
-        kwargs["gist_workdir"] = args.gist_workdir
+    for name in ("gist_workdir", "gist_params", "init_lens"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     try:
         result = getattr(loop, train_fn_name)(cfg, args.workdir, **kwargs)
     except (ValueError, loop.CheckpointError) as e:

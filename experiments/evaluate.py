@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start vectors: mean-pooled token embeddings, or the evaluated "
                         "GistNet's gists (never worse than the net; fewer steps needed) "
                         "(default: %(default)s)")
+    g.add_argument("--ceiling-fit", choices=["continuation", "tail"], default="continuation",
+                   help="targets the vectors are fitted on: the scored continuation itself "
+                        "(an oracle that may overfit it), or the raw tail before it only "
+                        "(the continuation held out) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="passkey keys / random focus / candidate draws (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -186,6 +190,7 @@ def main(argv=None) -> int:
             ceiling_layouts=tuple(n.strip() for n in args.ceiling_layouts.split(",")
                                   if n.strip()),
             ceiling_batch_size=args.ceiling_batch_size, ceiling_init=args.ceiling_init,
+            ceiling_fit=args.ceiling_fit,
             seed=args.seed,
             progress=not args.no_progress, command=command)
         results = pipeline.run_evaluation(opts)

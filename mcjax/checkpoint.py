@@ -188,12 +188,13 @@ def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[s
 
 
 def restore_trained_params(workdir: str | os.PathLike, step: int | None = None, *,
-                           check: Any = None) -> tuple[dict, dict, int]:
+                           check: Any = None, ema: bool = False) -> tuple[dict, dict, int]:
     """(trainable params by net, e.g. {"gist": ...}, checkpoint meta, step) of a training
     workdir's checkpoint `step` (default latest), restored as a raw tree (independent of the
-    optimizer). `check(meta, step)` runs before the restore (to refuse a mismatch without
-    reading the arrays). Raises CheckpointError for a missing directory or no complete
-    checkpoint."""
+    optimizer). `ema`: their moving average instead (a run with train.ema_decay > 0).
+    `check(meta, step)` runs before the restore (to refuse a mismatch without reading the
+    arrays). Raises CheckpointError for a missing directory, no complete checkpoint, or
+    `ema` on a checkpoint that keeps no average."""
     path = Path(workdir)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
@@ -205,23 +206,28 @@ def restore_trained_params(workdir: str | os.PathLike, step: int | None = None, 
         meta = ckpt.read_meta(step)
         if check is not None:
             check(meta, step)
+        if ema and not float((meta.get("extra") or {}).get("ema_decay") or 0.0) > 0:
+            raise CheckpointError(f"checkpoint {path} (step {step}) keeps no EMA of its params "
+                                  f"(trained with train.ema_decay=0); drop the EMA option")
         raw = ckpt.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore()))["state"]
     finally:
         ckpt.close()
-    trained = (raw.get("params") or {}) if isinstance(raw, dict) else {}
+    key = "ema_params" if ema else "params"
+    trained = (raw.get(key) or {}) if isinstance(raw, dict) else {}
     return trained, meta, int(step)
 
 
 def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
-                        step: int | None = None) -> tuple[Any, dict]:
+                        step: int | None = None, ema: bool = False) -> tuple[Any, dict]:
     """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
     (`train_gist`, `train_lens` or `train_joint`), and where they came from.
 
     `cfg.base_config` must be filled in (the base model's architecture). Raises
     CheckpointError for a missing directory, no complete checkpoint, or a checkpoint without
     that part; CheckpointMismatchError when it was trained for another base model, block
-    structure or architecture of the part.
+    structure or architecture of the part. `ema`: the params' moving average
+    (`restore_trained_params`).
     """
     from mcjax.assets import check_params  # deferred: mcjax.assets imports this module
 
@@ -238,15 +244,18 @@ def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part:
                 f"checkpoint {path} (step {step}) was trained for a different setup than this "
                 f"session's {part} network:\n  " + "\n  ".join(diffs))
 
-    trained, meta, step = restore_trained_params(path, step, check=check)
+    trained, meta, step = restore_trained_params(path, step, check=check, ema=ema)
     if part not in trained:
         raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
                               f"has {sorted(trained)})")
     params = jax.tree.map(jnp.asarray, trained[part])
     check_params(params, cfg, part, f"{part} params in {path}")
     extra = meta.get("extra") or {}
-    return params, {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
-                    "run": extra.get("run"), "gistnet": extra.get("gistnet")}
+    source = {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
+              "run": extra.get("run"), "gistnet": extra.get("gistnet")}
+    if ema:
+        source["weights"] = f"ema (decay {extra.get('ema_decay')})"
+    return params, source
 
 
 @functools.lru_cache(maxsize=8)

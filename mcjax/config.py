@@ -383,6 +383,11 @@ class TrainConfig:
     gist_dense: bool = False
     gist_nll_weight: float = 1.0
     gist_kl_weight: float = 1.0
+    # Exponential moving average of the trainable params (0 = off): checkpoints then also
+    # hold `ema_params`, held-out evaluations score both, and `--ema` / `ema=True` loads
+    # them. The decay warms up as min(ema_decay, (1+t)/(10+t)) so early averages are not
+    # dominated by the init.
+    ema_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

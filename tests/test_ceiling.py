@@ -96,3 +96,32 @@ def test_ceiling_started_from_a_gistnet_begins_at_that_nets_gists(frozen):
                                  ceiling.CeilingConfig(steps=2, init="gistnet"))
     with pytest.raises(ValueError, match="init must be one of"):
         ceiling.CeilingConfig(init="zeros")
+
+
+def test_ceiling_fitted_on_the_tail_never_sees_the_continuation_it_is_scored_on(frozen):
+    """fit="tail": the vectors depend on the window's past only — windows that differ only
+    in their continuation end with the same vectors (equal RMS) but score differently —
+    while fit="continuation" fits the scored targets themselves (its vectors differ)."""
+    cfg = frozen.cfg
+    P = cfg.train.seq_len - cfg.mc.horizon
+    spec = tasks.layouts_by_name(cfg.mc, P, ["lod1_keep1"])[0]
+    rng = np.random.default_rng(2)
+    a = rng.integers(3, 256, (1, cfg.train.seq_len)).astype(np.int32)
+    b = a.copy()
+    b[:, P:] = rng.integers(3, 256, (1, cfg.train.seq_len - P))
+    windows = np.concatenate([a, b])
+    out = {}
+    for fit in ceiling.FITS:
+        out[fit] = ceiling.optimize_ceiling(
+            frozen.params, cfg.base_config, windows, spec,
+            ceiling.CeilingConfig(steps=6, log_every=3, fit=fit), batch_size=2)
+    tail, cont = out["tail"], out["continuation"]
+    np.testing.assert_allclose(tail.vector_rms[0], tail.vector_rms[1], rtol=1e-6)
+    assert not np.isclose(cont.vector_rms[0], cont.vector_rms[1], rtol=1e-6)
+    assert abs(tail.nll_ceiling[0] - tail.nll_ceiling[1]) > 1e-3  # scored on each's own
+    # the start and the references are the same whatever the fit
+    np.testing.assert_allclose(tail.nll_init, cont.nll_init, atol=1e-5)
+    np.testing.assert_allclose(tail.kl_truncation, cont.kl_truncation, atol=1e-5)
+    assert ceiling.ceiling_section([tail])["layouts"][0]["fit"] == "tail"
+    with pytest.raises(ValueError, match="fit must be one of"):
+        ceiling.CeilingConfig(fit="everything")

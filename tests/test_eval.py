@@ -508,7 +508,7 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
     assert "whole number" in pk["scoring"]
 
     fq = res["focus_quality"]
-    assert set(fq["scorers"]) == {"lens", "recency", "random"}
+    assert set(fq["scorers"]) == {"lens", "retrieval", "recency", "random"}
     assert fq["candidates"] > 2 and fq["candidates"] == fq["scorers"]["lens"]["vs_value"]["n"]
 
     fm = res["focus_map"]
@@ -727,3 +727,39 @@ def test_paired_accuracy_counts_discordant_cases_and_gives_the_exact_sign_test()
     assert r["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(10))
     with pytest.raises(ValueError):
         paired_accuracy([True], [True, False])
+
+
+def test_focus_quality_scores_lensnet_v2_and_retrieval_on_the_same_candidates(frozen, cfg):
+    from mcjax import retrieval
+    from mcjax.train import losses
+    from mcjax.train.loop import lens_task
+
+    v2 = override(cfg, {"lens.query_tokens": 3, "lens.query_layer": 2,
+                        "lens.retrieval_features": True})
+    fz = dataclasses.replace(frozen, cfg=v2)
+    task = lens_task(v2, 3)
+    gist = untrained_params(v2, "gist", frozen.params)
+    lens = untrained_params(v2, "lens")
+    batch = np.random.default_rng(3).integers(3, 256, (2, task.window_len)).astype(np.int32)
+    res = baselines.focus_quality(fz, gist, lens, [batch], task)
+    assert set(res["scorers"]) == {"lens", "retrieval", "recency", "random"}
+    n = {s: r["vs_value"]["n"] for s, r in res["scorers"].items()}
+    assert len(set(n.values())) == 1 and res["candidates"] == n["lens"] > 2
+    # the retrieval scorer reads the allocator's candidate scores of retrieval.slot_scores
+    cf = baselines._counterfactuals(gist, frozen.params, jnp.asarray(batch),
+                                    jax.random.fold_in(jax.random.key(0), 0),
+                                    base_cfg=v2.base_config, gist_cfg=v2.gist, task=task)
+    got = baselines._candidate_predictions(lens, cf, jax.random.key(1), lens_cfg=v2.lens,
+                                           task=task, scorer="retrieval")
+    want = [losses.candidate_scores(retrieval.slot_scores(
+        jax.tree.map(lambda x: x[b], cf.wc), cf.retrieval_blocks[b], v2.mc),
+        jax.tree.map(lambda x: x[b], cf.candidates), v2.mc.block_size) for b in range(2)]
+    np.testing.assert_allclose(np.asarray(got), np.stack(want), atol=1e-6)
+    # a task without the retrieval read has no retrieval scorer, and asking for it is clear
+    v1_task = lens_task(cfg, 3)
+    v1 = baselines.focus_quality(frozen, gist, untrained_params(cfg, "lens"), [batch], v1_task)
+    assert "retrieval" not in v1["scorers"]
+    with pytest.raises(ValueError, match="retrieval read"):
+        baselines.focus_quality(frozen, gist, None, [batch], v1_task, scorers=["retrieval"])
+    with pytest.raises(ValueError, match="unknown focus scorers"):
+        baselines.focus_quality(frozen, gist, None, [batch], v1_task, scorers=["oracle"])

@@ -333,3 +333,76 @@ def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
+
+
+def test_ema_params_are_the_moving_average_of_the_trained_params_and_survive_a_resume(
+        tmp_path, tiny):
+    from mcjax.assets import load_params_safetensors, read_card
+    from mcjax.checkpoint import CheckpointError, restore_trained_params
+
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import export_gist
+
+    cfg, frozen, _, _ = tiny
+    plain = override(_small(cfg, 4), {"train.keep_checkpoints": 8})
+    decay = 0.5
+    ema_cfg = override(plain, {"train.ema_decay": decay})
+    ref = train_gist(plain, tmp_path / "plain", progress=False, eval_batches=0)
+    # interrupted after 2 steps and resumed: the average is part of the checkpointed state
+    train_gist(ema_cfg, tmp_path / "ema", progress=False, eval_batches=0, stop_after=2)
+    run = train_gist(ema_cfg, tmp_path / "ema", progress=False, eval_batches=0)
+    assert run["start_step"] == 2
+    # the average does not change training
+    chex.assert_trees_all_close(jax.device_get(run["state"].params),
+                                jax.device_get(ref["state"].params), atol=1e-6)
+
+    # independent reference: the per-step params of the plain run averaged by hand
+    expected = jax.device_get(_init_gist(frozen.cfg, frozen.params))
+    for t in range(1, 5):
+        p_t = restore_trained_params(tmp_path / "plain", t)[0]["gist"]
+        d = min(decay, (1 + t) / (10 + t))
+        expected = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), expected, p_t)
+    ema = restore_trained_params(tmp_path / "ema", ema=True)[0]["gist"]
+    chex.assert_trees_all_close(ema, expected, atol=1e-5)
+    final = jax.device_get(ref["state"].params["gist"])
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(ema),
+                                                      jax.tree.leaves(final)))
+
+    # exported as a params-only file whose card says which weights it holds
+    out = tmp_path / "g.safetensors"
+    assert export_gist.main(["--workdir", str(tmp_path / "ema"), "--out", str(out),
+                             "--ema", "--card-json", '{"note": "test"}']) == 0
+    chex.assert_trees_all_close(load_params_safetensors(out), ema, atol=0)
+    card = read_card(out)
+    assert card["weights"] == "ema (decay 0.5)" and card["note"] == "test"
+    assert card["step"] == 4
+    # a checkpoint without an average says so; a resume that changes the decay is refused
+    with pytest.raises(CheckpointError, match="no EMA"):
+        restore_trained_params(tmp_path / "plain", ema=True)
+    assert export_gist.main(["--workdir", str(tmp_path / "plain"), "--out", str(out),
+                             "--ema"]) == 2
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_gist(override(ema_cfg, {"train.steps": 6}), tmp_path / "plain", progress=False,
+                   eval_batches=0)
+
+
+def test_train_gist_and_train_joint_warm_start_from_a_params_file(tmp_path, tiny):
+    from mcjax.assets import save_params_safetensors
+    from mcjax.train.loop import train_joint
+
+    cfg, frozen, _, _ = tiny
+    cfg = override(_small(frozen.cfg, 1), {"train.learning_rate": 1e-9})
+    start = jax.device_get(init_gist_params(cfg.gist, cfg.base_config.hidden_size,
+                                            jax.random.key(21), block_size=cfg.mc.block_size))
+    path = save_params_safetensors(start, tmp_path / "g.safetensors", {"part": "gist"})
+    # lr 1e-9: one step leaves the warm start in place (far from the seed's own init)
+    for name, run in (("gist", lambda: train_gist(cfg, tmp_path / "g", init_gist=path,
+                                                  progress=False, eval_batches=0)),
+                      ("joint", lambda: train_joint(cfg, tmp_path / "j", init_gist=path,
+                                                    progress=False, eval_batches=0,
+                                                    candidates=3))):
+        got = jax.device_get(run()["state"].params["gist"])
+        chex.assert_trees_all_close(got, start, atol=1e-6)
+    other = override(cfg, {"gist.width": 48})
+    with pytest.raises(CheckpointMismatchError, match="--init-gist .* do not match"):
+        train_gist(other, tmp_path / "bad", init_gist=path, progress=False, eval_batches=0)

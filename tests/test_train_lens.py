@@ -139,8 +139,8 @@ def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one
     cfg, frozen, task, gist, _, tokens, _ = tiny
     mc, bp, bc = cfg.mc, frozen.params, cfg.base_config
     P, H = task.prefix_len, task.horizon
-    fn = jax.jit(lambda gp, bp, t, r: losses.counterfactuals(
-        losses.gistnet_fn(gp, cfg.gist, bc.hidden_size), bp, bc, t, r, task))
+    fn = jax.jit(lambda gp, bp, t, r: losses.gistnet_counterfactuals(
+        gp, cfg.gist, bp, bc, t, r, task))
     cf = jax.device_get(fn(gist, bp, tokens, jax.random.key(11)))
     # every variant of every example is scored on tokens[P : P+H], each target predicted from
     # the slot holding the token right before it
@@ -184,6 +184,108 @@ def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one
             np.testing.assert_allclose(cf.value[b, v - 1], sign * (nll.mean() - means[0]),
                                        atol=2e-4)
     assert len(means) >= 2
+
+
+@pytest.mark.parametrize("gist_input", ["embeddings", "hidden"])
+def test_counterfactual_prefix_tree_holds_the_runtime_trees_gists_for_either_gist_input(
+        tiny, gist_input):
+    # the lens task's gists must be the ones a session's tree holds: a GistNet that reads
+    # hidden states was once fed token embeddings here
+    cfg, frozen, task, _, _, tokens, _ = tiny
+    cfg = override(cfg, {"gist.input": gist_input, "gist.input_layer": 1})
+    bp, bc, mc, P = frozen.params, cfg.base_config, cfg.mc, task.prefix_len
+    gist = init_gist_params(cfg.gist, bc.hidden_size, jax.random.key(5),
+                            block_size=mc.block_size)
+    fn, children = losses.gist_inputs("gistnet", bp, bc, gist, cfg.gist, tokens[:, :P])
+    view = losses.prefix_tree(fn, children, tokens, task)
+    for b in (0, tokens.shape[0] - 1):
+        tree = MegaContextTree.in_memory(mc, BlockGister.from_base(
+            cfg.gist, gist, bp, bc, block_size=mc.block_size))
+        tree.append(np.asarray(tokens[b, :P]))
+        ref = tree.view()
+        for lvl in range(mc.num_levels):
+            n = int(ref.counts[lvl + 1])
+            assert n == int(view.counts[b, lvl + 1]) and n > 0
+            np.testing.assert_allclose(np.asarray(view.gists[lvl][b, :n]),
+                                       np.asarray(ref.gists[lvl][:n]), atol=2e-4, rtol=2e-3,
+                                       err_msg=f"{gist_input} LOD{lvl + 1}, window {b}")
+
+
+LENS_V2 = {"lens.query_tokens": 3, "lens.query_layer": 2, "lens.retrieval_features": True}
+
+
+def test_v2_counterfactuals_read_the_question_as_the_runtime_and_train_every_v2_param(tiny):
+    from mcjax import retrieval
+
+    cfg, frozen, _, gist, _, tokens, _ = tiny
+    cfg = override(cfg, LENS_V2)
+    bp, bc, mc = frozen.params, cfg.base_config, cfg.mc
+    K, rc = mc.block_size, cfg.retrieval
+    task = lens_task(cfg, CANDIDATES)
+    assert task.retrieval == rc and task.lens == cfg.lens
+    P = task.prefix_len
+    cf = jax.device_get(jax.jit(lambda gp, b, t, r: losses.gistnet_counterfactuals(
+        gp, cfg.gist, b, bc, t, r, task))(gist, bp, tokens, jax.random.key(11)))
+    assert cf.query.hidden.shape == (tokens.shape[0], 3, bc.hidden_size)
+    assert cf.slot_retrieval.shape == (tokens.shape[0], mc.w_max, 2)
+    # independent reference per window: the runtime's tree (GistNet, key reader) and the
+    # refocus's read of its newest tokens
+    for b in (0, tokens.shape[0] - 1):
+        tree = MegaContextTree.in_memory(
+            mc, BlockGister.from_base(cfg.gist, gist, bp, bc, block_size=K),
+            key_reader=retrieval.BlockKeyReader.from_base(rc, bp, bc, K))
+        tree.append(np.asarray(tokens[b, :P]))
+        view = tree.view()
+        read = retrieval.tail_read(bp, bc, rc, view.tokens, view.counts[0], hidden_layer=2,
+                                   hidden_tokens=3)
+        rel, ok = retrieval.block_relevance(view.keys, view.counts[0], read["queries"],
+                                            read["query_valid"], rc, mc, bc)
+        blocks = retrieval.block_scores(rel, ok, rc)
+        n = P // K
+        np.testing.assert_allclose(cf.retrieval_blocks[b][:n], np.asarray(blocks)[:n],
+                                   atol=1e-3)
+        assert np.asarray(blocks)[:n].max() > 0  # some block is relevant: not a 0 == 0 check
+        np.testing.assert_allclose(cf.query.hidden[b], read["hidden"], atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(cf.query.valid[b], read["hidden_valid"])
+        wc = jax.tree.map(lambda x: jnp.asarray(x[b]), cf.wc)
+        np.testing.assert_allclose(cf.slot_retrieval[b], retrieval.slot_retrieval_features(
+            wc, rel, blocks, mc), atol=1e-3)
+
+    # one v2 lens step reaches every LensNet param, the question's and retrieval's too
+    lens = init_lens(cfg.lens, mc, bc.hidden_size, jax.random.key(4))
+    assert {"query_proj", "query_pos", "retrieval_mlp"} <= set(lens)
+    opt = steps.make_optimizer(cfg.train)
+    step = steps.LensStep(cfg, task)
+    state = steps.init_state({"lens": lens}, opt)
+    new, metrics = jax.jit(lambda st, fz, t, r: step.update(opt, st, fz, t, r))(
+        state, step.frozen_inputs(bp, gist), tokens, jax.random.key(5))
+    assert np.isfinite(float(metrics["loss"]))
+    for path, m in jax.tree_util.tree_leaves_with_path(_first_moments(new)):
+        assert float(jnp.abs(m).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+    # a v2 task without the retrieval read is refused, not silently unconditioned
+    with pytest.raises(ValueError, match="retrieval read"):
+        losses.LensTask.build(mc, P, lens=cfg.lens)
+
+
+def test_train_lens_fine_tunes_a_params_file_lensnet_on_a_params_file_gistnet(tmp_path, tiny):
+    from mcjax.assets import save_gist_params, save_params_safetensors
+
+    cfg, frozen, _, gist, _, _, _ = tiny
+    cfg = override(cfg, {**LENS_V2, "train.steps": 1, "train.learning_rate": 1e-9,
+                         "train.warmup_steps": 1, "train.checkpoint_every": 1,
+                         "train.log_every": 1})
+    gist_file, _ = save_gist_params(gist, cfg, tmp_path / "g.safetensors", step=7)
+    start = init_lens(cfg.lens, cfg.mc, cfg.base_config.hidden_size, jax.random.key(9))
+    lens_file = save_params_safetensors(start, tmp_path / "l.safetensors", {"part": "lens"})
+    out = train_lens(cfg, tmp_path / "run", gist_params=gist_file, init_lens=lens_file,
+                     progress=False, eval_batches=0, candidates=CANDIDATES)
+    # lr 1e-9: one step leaves the warm start in place (and far from a random init)
+    chex.assert_trees_all_close(jax.device_get(out["state"].params["lens"]), start,
+                                atol=1e-6)
+    meta = Checkpointer(tmp_path / "run", create=False).read_meta()["extra"]
+    assert meta["gistnet"]["source"] == "params_file" and meta["gistnet"]["step"] == 7
+    with pytest.raises(ValueError, match="not both"):
+        train_lens(cfg, tmp_path / "x", gist_params=gist_file, gist_workdir=tmp_path / "run")
 
 
 def _first_moments(state):

@@ -252,14 +252,15 @@ def save_gist_params(params: Any, cfg: ExperimentConfig, path: str | os.PathLike
 
 
 def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
-                       step: int | None = None, dtype: str | None = None,
+                       step: int | None = None, dtype: str | None = None, ema: bool = False,
                        **card_entries: Any) -> tuple[Path, Path]:
-    """A training workdir's GistNet (latest or `step`) as a params-only file + card (the
-    checkpoint's config; source, step and run in the card)."""
+    """A training workdir's GistNet (latest or `step`; `ema`: its params' moving average)
+    as a params-only file + card (the checkpoint's config; source, step, run and which
+    weights in the card)."""
     from mcjax.checkpoint import restore_trained_params
 
     workdir = Path(workdir)
-    trained, meta, step = restore_trained_params(workdir, step)
+    trained, meta, step = restore_trained_params(workdir, step, ema=ema)
     gist = trained.get("gist")
     if gist is None:
         raise CheckpointError(f"checkpoint {workdir} (step {step}) holds no gist params")
@@ -267,7 +268,9 @@ def export_gist_params(workdir: str | os.PathLike, path: str | os.PathLike, *,
     card = {"format": FORMAT, "part": "gist", "config": meta.get("config") or {},
             "source": {"workdir": str(workdir.absolute()), "step": int(step),
                        "run": (meta.get("extra") or {}).get("run") or "train_gist"},
-            "step": int(step), "stored_dtype": dtype or "as trained", **card_entries}
+            "step": int(step), "stored_dtype": dtype or "as trained",
+            "weights": (f"ema (decay {(meta.get('extra') or {}).get('ema_decay')})" if ema
+                        else "params"), **card_entries}
     return out, write_card(out, card)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcjax import lens as lens_lib
+from mcjax import retrieval
 from mcjax.base.generate import GreedySampler
 from mcjax.config import ExperimentConfig, LlamaConfig
 from mcjax.eval import metrics
@@ -335,13 +336,13 @@ def full_context_generate(llama: LlamaConfig, params, histories: Sequence[np.nda
 
 # --------------------------------------------------------------------------- focus quality
 
-FOCUS_SCORERS = ("lens", "recency", "random")
+FOCUS_SCORERS = ("lens", "retrieval", "recency", "random")
 
 
 @functools.partial(jax.jit, static_argnames=("base_cfg", "gist_cfg", "task"))
 def _counterfactuals(gist_params, base_params, tokens, rng, *, base_cfg, gist_cfg, task):
-    fn = losses.gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size)
-    return losses.counterfactuals(fn, base_params, base_cfg, tokens, rng, task)
+    return losses.gistnet_counterfactuals(gist_params, gist_cfg, base_params, base_cfg, tokens,
+                                          rng, task)
 
 
 @functools.partial(jax.jit, static_argnames=("lens_cfg", "task", "scorer"))
@@ -349,7 +350,10 @@ def _candidate_predictions(lens_params, cf, key, *, lens_cfg, task, scorer):
     mc = task.mc
     if scorer == "lens":
         scores = lens_lib.LensNet(lens_cfg, mc).apply({"params": lens_params}, cf.slot_embeds,
-                                                      cf.wc, cf.tail)
+                                                      cf.wc, cf.tail, *cf.lens_inputs())
+    elif scorer == "retrieval":
+        scores = jax.vmap(lambda wc, b: retrieval.slot_scores(wc, b, mc))(
+            cf.wc, cf.retrieval_blocks)
     elif scorer == "recency":
         scores = recency_scores(cf.wc, mc)
     else:
@@ -361,7 +365,7 @@ def _candidate_predictions(lens_params, cf, key, *, lens_cfg, task, scorer):
 
 def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np.ndarray],
                   task: losses.LensTask, *, seed: int = 0,
-                  scorers: Sequence[str] = FOCUS_SCORERS, progress: bool = False
+                  scorers: Sequence[str] | None = None, progress: bool = False
                   ) -> dict[str, Any]:
     """Scores against measured counterfactual utility on held-out windows.
 
@@ -373,10 +377,20 @@ def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np
     ranks candidates by value: Pearson / Spearman of (score, value); sign agreement of the
     score with the normalised utility (value relative to the window's mean value, the
     zero-sum budget price, as the lens is trained), over the pairs where both are nonzero.
+    `scorers`: default every one of FOCUS_SCORERS the task supports ("retrieval" needs its
+    retrieval read; LensNet v2 too).
     """
     from tqdm.auto import tqdm
 
     cfg = frozen.cfg
+    if scorers is None:
+        scorers = [s for s in FOCUS_SCORERS if s != "retrieval" or task.retrieval is not None]
+    unknown = [s for s in scorers if s not in FOCUS_SCORERS]
+    if unknown:
+        raise ValueError(f"unknown focus scorers {unknown}; known: {', '.join(FOCUS_SCORERS)}")
+    if "retrieval" in scorers and task.retrieval is None:
+        raise ValueError("the retrieval scorer needs a lens task with the retrieval read "
+                         "(loop.lens_task(cfg, retrieval=True))")
     eps = losses.LensLossConfig().utility_eps
     pred: dict[str, list] = {s: [] for s in scorers}
     values, targets, kinds = [], [], []

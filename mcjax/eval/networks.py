@@ -165,6 +165,9 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
             gist, sources["gist"] = load_trained_params(origin["path"], cfg, "gist")
             sources["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
             seed = _seed_of(origin["path"], seed)
+        elif origin.get("source") == "params_file" and Path(origin.get("path", "")).is_file():
+            gist, sources["gist"], seed = _load_gist_file(origin["path"], cfg)
+            sources["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
         elif origin.get("source") == "untrained" and "seed" in origin:
             seed = int(origin["seed"])
     untrained_gist = untrained_params(_with_seed(cfg, seed), "gist", base_params)

@@ -87,6 +87,7 @@ class EvalOptions:
     ceiling_layouts: tuple[str, ...] = ("lod1_keep1",)
     ceiling_batch_size: int | None = None  # default: min(ceiling_windows, 8)
     ceiling_init: str = "mean_pool"  # "mean_pool" | "gistnet" (the evaluated GistNet's gists)
+    ceiling_fit: str = "continuation"  # "continuation" | "tail" (the continuation held out)
     seed: int = 0
     progress: bool = True
     command: str = ""
@@ -153,8 +154,7 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
         if opts.ceiling_batch_size is not None and opts.ceiling_batch_size < 1:
             raise EvalInputError("--ceiling-batch-size must be >= 1")
         try:
-            ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr,
-                                  init=opts.ceiling_init)
+            _ceiling_config(opts)
         except ValueError as e:
             raise EvalInputError(f"ceiling: {e}") from e
         tasks.layouts_by_name(cfg.mc, _prefix_len(cfg), opts.ceiling_layouts)
@@ -382,7 +382,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         bs = cfg.train.batch_size
         try:
-            task = loop.lens_task(cfg, opts.focus_candidates)
+            task = loop.lens_task(cfg, opts.focus_candidates, retrieval=True)
         except ValueError as e:
             results["focus_quality"] = {"skipped": f"skipped: {e}"}
         else:
@@ -403,6 +403,11 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
     return results
 
 
+def _ceiling_config(opts) -> "ceiling.CeilingConfig":
+    return ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr,
+                                 init=opts.ceiling_init, fit=opts.ceiling_fit)
+
+
 def _ceiling(opts: EvalOptions, frozen: loop.Frozen, nets: networks.Networks
              ) -> tuple[dict, dict[str, np.ndarray]]:
     """The ceiling section at each asked layout on the first held-out windows (a subset of
@@ -412,8 +417,7 @@ def _ceiling(opts: EvalOptions, frozen: loop.Frozen, nets: networks.Networks
     cfg = frozen.cfg
     specs = tasks.layouts_by_name(cfg.mc, _prefix_len(cfg), opts.ceiling_layouts)
     windows, ids = held_out_windows(frozen, opts.ceiling_windows, cfg.train.seq_len)
-    ccfg = ceiling.CeilingConfig(steps=opts.ceiling_steps, learning_rate=opts.ceiling_lr,
-                                 init=opts.ceiling_init)
+    ccfg = _ceiling_config(opts)
     bs = opts.ceiling_batch_size or min(opts.ceiling_windows, 8)
     results = [ceiling.optimize_ceiling(frozen.params, cfg.base_config, windows, spec, ccfg,
                                         batch_size=bs, progress=opts.progress,

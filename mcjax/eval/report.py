@@ -270,15 +270,18 @@ def _ceiling_lines(section: dict | None) -> list[str]:
                                                       "ceiling)"), ""]
     out += [f"{section['windows']} held-out windows (the first of the ΔNLL sample); "
             f"{section['note']}.", "",
-            "| layout | gists | start | steps | lr (× emb. RMS) | KL start → end (truncation) | "
+            "| layout | gists | start | fitted on | steps | lr (× emb. RMS) | "
+            "KL start → end (truncation) | "
             "ΔNLL start "
             "| ΔNLL ceiling | ceiling − truncation ± se | gap recovered ± se | ΔNLL GistNet "
             "(same windows) | GistNet gap recovered |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: |"]
     for r in section["layouts"]:
         c, i, g = r["ceiling"], r["start"], r.get("gistnet") or {}
         out.append(f"| {r['layout']} | {r['lod2_gists'] + r['lod1_gists']} | "
-                   f"{r.get('init', 'mean_pool')} | {r['steps']} | "
+                   f"{r.get('init', 'mean_pool')} | {r.get('fit', 'continuation')} | "
+                   f"{r['steps']} | "
                    f"{r['learning_rate']:g} | {r['kl_start']['mean']:.4f} → "
                    f"{r['kl_ceiling']['mean']:.4f} ({r['kl_truncation']['mean']:.4f}) | "
                    f"{_stat_cell(i, 'delta_nll', 'delta_nll_se')}"

@@ -263,6 +263,12 @@ class Session:
             elif source.get("source") == "checkpoint" and Path(source.get("path", "")).is_dir():
                 gist, provenance["gist"] = load_trained_params(source["path"], cfg, "gist")
                 provenance["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
+            elif source.get("source") == "params_file" and Path(source.get("path", "")).is_file():
+                from mcjax.assets import check_gist_params, load_params_safetensors
+
+                gist = jax.tree.map(jnp.asarray, load_params_safetensors(source["path"]))
+                check_gist_params(gist, cfg, f"the LensNet checkpoint's GistNet {source['path']}")
+                provenance["gist"] = dict(source, chosen_by="the LensNet checkpoint's GistNet")
             elif source.get("source") == "untrained" and "seed" in source:
                 # LensNet was trained on the untrained GistNet of that seed: use the same one
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(

@@ -246,9 +246,13 @@ class Job:
     notes: dict | None = None  # written to the log (and stderr) when the run starts
 
 
+# What a run-settings key means in checkpoints saved before the key was recorded.
+_RESUME_DEFAULTS = {"ema_decay": 0.0}
+
+
 def _check_resume(saved: dict, expected: dict | None, where: Path) -> None:
     for key, want in (expected or {}).items():
-        have = saved.get(key)
+        have = saved.get(key, _RESUME_DEFAULTS.get(key))
         if have != want:
             raise ValueError(
                 f"cannot resume {where}: its checkpoints were made with {key}={have!r} but this "
@@ -277,10 +281,15 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     from tqdm.auto import tqdm
 
     tc = cfg.train
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")
+    use_ema = tc.ema_decay > 0
+    # the EMA changes the checkpointed state's structure: a resume must agree on it
+    run_meta = {**(job.meta or {}), "ema_decay": tc.ema_decay}
     mesh = sharding.make_mesh(cfg.mesh)
-    state = steps.init_state(job.params, job.optimizer)
+    state = steps.init_state(job.params, job.optimizer, ema=use_ema)
     sharded = steps.jit_step(job.step, job.optimizer, mesh, state, job.frozen_inputs,
-                             tc.batch_size)
+                             tc.batch_size, ema_decay=tc.ema_decay)
     corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "train",
                                    separator=frozen.separator, progress=progress)
     batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
@@ -291,8 +300,8 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
 
     start = 0
     if resume and ckpt.latest_step() is not None:
+        _check_resume(ckpt.read_meta().get("extra") or {}, run_meta, workdir)
         state, meta = ckpt.restore(state, cfg)
-        _check_resume(meta.get("extra") or {}, job.meta, workdir)
         batches.restore(meta["data_position"])
         start = int(state.step)
     frozen_placed = sharded.place_base(job.frozen_inputs)
@@ -305,10 +314,17 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     def evaluate(params):
         return job.evaluate(params, sharded, frozen_placed, eval_set)
 
+    def evaluate_and_log(step, state) -> dict:
+        """Held-out metrics of the params (kind "eval") and of their EMA ("eval_ema")."""
+        out = evaluate(state.params)
+        log.write(step, "eval", out)
+        if use_ema and step > 0:
+            log.write(step, "eval_ema", evaluate(state.ema_params))
+        return out
+
     result: dict[str, Any] = {"start_step": start}
     if start == 0 and eval_set:
-        result["eval_before"] = evaluate(state.params)
-        log.write(0, "eval", result["eval_before"])
+        result["eval_before"] = evaluate_and_log(0, state)
 
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -334,14 +350,13 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
             pending = []
             bar.set_postfix(**job.postfix(metrics))
         if eval_set and done % tc.eval_every == 0 and done != end:
-            log.write(done, "eval", evaluate(state.params))
+            evaluate_and_log(done, state)
         if done % tc.checkpoint_every == 0 or done == end:
-            ckpt.save(done, state, batches.state(), cfg, job.meta)
+            ckpt.save(done, state, batches.state(), cfg, run_meta)
     ckpt.wait()
     ckpt.close()
     if end == tc.steps and eval_set:
-        result["eval_after"] = evaluate(state.params)
-        log.write(end, "eval", result["eval_after"])
+        result["eval_after"] = evaluate_and_log(end, state)
     log.close()
     result.update(end_step=end, last_train_metrics=_to_py(jax.device_get(metrics)),
                   workdir=str(workdir))
@@ -369,6 +384,15 @@ def _init_gist(cfg: ExperimentConfig, base_params=None):
     return init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(cfg.train.seed),
                             block_size=cfg.mc.block_size,
                             output_rms=1.0 if base_params is None else embedding_rms(base_params))
+
+
+def _start_gist(cfg: ExperimentConfig, frozen: Frozen, init_gist, notes: dict):
+    """GistNet params a run starts from: the random init, or the params-only file
+    `init_gist` (a warm start; recorded in `notes`)."""
+    if init_gist is None:
+        return _init_gist(cfg, frozen.params)
+    notes["init_gist"] = str(init_gist)
+    return _load_params_file(init_gist, cfg, "gist", "--init-gist")
 
 
 def _init_lens(cfg: ExperimentConfig):
@@ -399,13 +423,7 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     tc = cfg.train
     layouts = gist_train_layouts(cfg)
     notes = {"layouts": list(layouts)}
-    if init_gist is None:
-        gist_params = _init_gist(cfg, frozen.params)
-    else:
-        from mcjax.assets import check_gist_params, load_params_safetensors
-        gist_params = jax.tree_util.tree_map(jnp.asarray, load_params_safetensors(init_gist))
-        check_gist_params(gist_params, cfg, f"--init-gist {init_gist}")
-        notes["init_gist"] = str(init_gist)
+    gist_params = _start_gist(cfg, frozen, init_gist, notes)
     job = Job(
         name="train_gist",
         step=steps.GistStep(cfg, tuple(layouts.values()), nll_weight=tc.gist_nll_weight,
@@ -424,18 +442,22 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
 # --------------------------------------------------------------------------- LensNet
 
 
-def lens_task(cfg: ExperimentConfig, candidates: int = 4) -> losses.LensTask:
+def lens_task(cfg: ExperimentConfig, candidates: int = 4, *,
+              retrieval: bool | None = None) -> losses.LensTask:
     """The counterfactual task of a config: the WC covers the window's prefix
-    (seq_len − H tokens), scored on the H continuation tokens. LensNet v1 only: the
-    counterfactual objective feeds LensNet no question read and no retrieval features."""
-    if cfg.lens.conditioned:
-        raise ConfigError(
-            f"config {cfg.name!r} has LensNet v2 (lens.query_tokens={cfg.lens.query_tokens}, "
-            f"retrieval_features={cfg.lens.retrieval_features}); the counterfactual trainers "
-            f"(train_lens, train_joint) train v1: pass --set lens.query_tokens=0 --set "
-            f"lens.retrieval_features=false, or train v2 with experiments/distill_lens.py")
+    (seq_len − H tokens), scored on the H continuation tokens. `retrieval` (default: when
+    LensNet is v2, which needs it) adds the query-aware read — the question's hidden
+    states and the blocks' retrieval scores, as the runtime's refocus computes them."""
+    if retrieval is None:
+        retrieval = cfg.lens.conditioned
+    if cfg.lens.conditioned and not retrieval:
+        raise ConfigError(f"config {cfg.name!r} has LensNet v2 (lens.query_tokens="
+                          f"{cfg.lens.query_tokens}, retrieval_features="
+                          f"{cfg.lens.retrieval_features}): its task needs the retrieval read")
     return losses.LensTask.build(cfg.mc, window_prefix_len(cfg), candidates=candidates,
-                                 layout_seed=cfg.train.seed)
+                                 layout_seed=cfg.train.seed,
+                                 retrieval=cfg.retrieval if retrieval else None,
+                                 lens=cfg.lens)
 
 
 def _task_meta(task: losses.LensTask) -> dict:
@@ -468,7 +490,8 @@ def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | No
         if (meta.get("extra") or {}).get("run") == "train_joint":
             params["lens"] = _init_lens(check_cfg)
             optimizer = steps.make_joint_optimizer(cfg.train)
-        state, _ = ckpt.restore(steps.init_state(params, optimizer), check_cfg, step)
+        ema = float((meta.get("extra") or {}).get("ema_decay") or 0.0) > 0
+        state, _ = ckpt.restore(steps.init_state(params, optimizer, ema=ema), check_cfg, step)
     finally:
         ckpt.close()
     return state.params["gist"], source
@@ -503,40 +526,75 @@ def evaluate_lens(sharded: steps.ShardedStep, params, frozen_placed, batches: li
     return {k: v / len(batches) for k, v in sums.items()}
 
 
+def _params_file_source(path: str | os.PathLike) -> dict:
+    from mcjax.assets import read_card
+
+    card = read_card(path)
+    return {"source": "params_file", "path": str(Path(path).absolute()),
+            "step": card.get("step")}
+
+
+def _load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str, flag: str):
+    from mcjax.assets import check_params, load_params_safetensors
+
+    params = jax.tree_util.tree_map(jnp.asarray, load_params_safetensors(path))
+    check_params(params, cfg, part, f"{flag} {path}")
+    return params
+
+
 def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
-               gist_workdir: str | os.PathLike | None = None, resume: bool = True,
+               gist_workdir: str | os.PathLike | None = None,
+               gist_params: str | os.PathLike | None = None,
+               init_lens: str | os.PathLike | None = None, resume: bool = True,
                progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
                candidates: int = 4) -> dict[str, Any]:
     """Train LensNet on counterfactual focus utilities with the base model and GistNet
-    frozen (GistNet from `gist_workdir`'s latest checkpoint, else untrained — logged).
+    frozen (GistNet from `gist_workdir`'s latest checkpoint or the params-only file
+    `gist_params`, e.g. the shipped one; else untrained — logged). LensNet v2 configs get
+    the query-aware conditioning the runtime gives them (`lens_task`).
+
+    `init_lens`: a params-only LensNet file (e.g. the shipped, distilled v2) to fine-tune
+    instead of the random init (fresh optimizer and schedule; a checkpoint in `workdir`
+    still takes precedence when resuming).
 
     Held-out evaluation: the lens loss and its terms, pair accuracy and score/utility
     correlations on a fixed set of candidates, and ΔNLL@H of the compressed WCs.
     """
+    if gist_workdir is not None and gist_params is not None:
+        raise ValueError("give a GistNet workdir or a GistNet params file, not both")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     task = lens_task(cfg, candidates)
-    meta = {"run": "train_lens", "gistnet": gist_source(cfg, gist_workdir),
-            "lens_task": _task_meta(task)}
+    source = (_params_file_source(gist_params) if gist_params is not None
+              else gist_source(cfg, gist_workdir))
+    meta = {"run": "train_lens", "gistnet": source, "lens_task": _task_meta(task)}
     check_resumable(workdir, meta, resume)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
-    gist_params, source = load_gist_params(cfg, gist_workdir, frozen.params)
+    if gist_params is not None:
+        gist = _load_params_file(gist_params, cfg, "gist", "--gist-params")
+    else:
+        gist, source = load_gist_params(cfg, gist_workdir, frozen.params)
     step = steps.LensStep(cfg, task)
     if source["source"] == "untrained":
         note = (f"untrained GistNet (random init, seed {cfg.train.seed}): no gist workdir was "
                 f"given; pass --gist-workdir to use trained gists")
     else:
         note = f"GistNet from {source['path']} (step {source['step']})"
+    notes = {"gistnet": note}
+    lens = _init_lens(cfg)
+    if init_lens is not None:
+        lens = _load_params_file(init_lens, cfg, "lens", "--init-lens")
+        notes["init_lens"] = str(init_lens)
     job = Job(
         name="train_lens", step=step, optimizer=steps.make_optimizer(cfg.train),
-        params={"lens": _init_lens(cfg)},
-        frozen_inputs=step.frozen_inputs(frozen.params, gist_params),
+        params={"lens": lens},
+        frozen_inputs=step.frozen_inputs(frozen.params, gist),
         evaluate=lambda params, sh, fz, batches: {"lens": evaluate_lens(sh, params, fz,
                                                                         batches)},
         postfix=lambda m: {"loss": f"{float(m['loss']):.4f}",
                            "corr": f"{float(m['score_target_corr']):+.3f}"},
-        meta=meta, notes={"gistnet": note})
+        meta=meta, notes=notes)
     result = run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                           eval_batches=eval_batches, stop_after=stop_after)
     result["gistnet"] = source
@@ -545,12 +603,13 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
 
 def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
                 progress: bool = True, eval_batches: int = 4, stop_after: int | None = None,
-                candidates: int = 4, lens_weight: float = 1.0) -> dict[str, Any]:
+                candidates: int = 4, lens_weight: float = 1.0,
+                init_gist: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train GistNet and LensNet together on the same batches (summed objectives, see
     `steps.JointStep`). The GistNet term is `train_gist`'s: steps cycle over
-    `gist_train_layouts(cfg)` with its weights and `train.gist_dense`. Held-out evaluation:
-    substitution ΔNLL@H beside the baselines on every training layout (as `train_gist`) and
-    the lens metrics (as `train_lens`)."""
+    `gist_train_layouts(cfg)` with its weights and `train.gist_dense`; `init_gist` warm
+    starts GistNet as there. Held-out evaluation: substitution ΔNLL@H beside the baselines
+    on every training layout (as `train_gist`) and the lens metrics (as `train_lens`)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     task = lens_task(cfg, candidates)
@@ -560,6 +619,7 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
     cfg = frozen.cfg
     tc = cfg.train
     layouts = gist_train_layouts(cfg)
+    notes = {"layouts": list(layouts)}
 
     def evaluate(params, sh, fz, batches):
         return {"substitution": evaluate_substitution(params["gist"], frozen, batches, layouts),
@@ -571,10 +631,10 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
                              nll_weight=tc.gist_nll_weight, kl_weight=tc.gist_kl_weight,
                              dense=tc.gist_dense),
         optimizer=steps.make_joint_optimizer(cfg.train),
-        params={"gist": _init_gist(cfg, frozen.params), "lens": _init_lens(cfg)},
+        params={"gist": _start_gist(cfg, frozen, init_gist, notes), "lens": _init_lens(cfg)},
         frozen_inputs=frozen.params, evaluate=evaluate,
         postfix=lambda m: {"gist": f"{float(m['gist/loss']):.4f}",
                            "lens": f"{float(m['lens/loss']):.4f}"},
-        meta=meta, notes={"layouts": list(layouts)})
+        meta=meta, notes=notes)
     return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                         eval_batches=eval_batches, stop_after=stop_after)

@@ -47,9 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcjax import lens as lens_lib
+from mcjax import retrieval as retrieval_lib
 from mcjax import working_context as wcm
 from mcjax.base import model as base
-from mcjax.config import GistConfig, LensConfig, LlamaConfig, MCConfig
+from mcjax.config import GistConfig, LensConfig, LlamaConfig, MCConfig, RetrievalConfig
 from mcjax.gist import GistNet
 from mcjax.tree import TreeView
 
@@ -334,6 +335,13 @@ def gist_loss(gist_params, base_params, tokens: jax.Array, *, base_cfg: LlamaCon
 #    normalised: target = tanh((value − mean) / (std + utility_eps)); utility_eps (0.01
 #    nats/token) is the resolution below which utility differences give small targets.
 #
+# Query-aware conditioning (`LensTask.retrieval` set; LensNet v2 needs it): the prefix's
+# tree also keeps the read-pass retrieval keys of every block, and per window the newest
+# prefix tokens are read once as the runtime's refocus reads a stream's history
+# (`retrieval.stream_conditioning`): the question's hidden states, the blocks' relevance
+# and retrieval scores. LensNet v2 scores the WC with them; the retrieval policy's slot
+# scores come from the same read (what `focus_quality` compares).
+#
 # Loss on LensNet's scores (gradients reach LensNet only; the utilities are constants):
 #   regression · mean (ŝ − target)²   ŝ = the slot's score (expand) or the group's mean
 #                                       score (collapse), exactly what the allocator reads
@@ -362,11 +370,16 @@ class LensTask:
     num_layouts: int = 16  # compressed layouts in the bank
     max_random_edits: int = 3  # random legal edits applied to a bank layout
     layout_seed: int = 0
+    # query-aware conditioning (see the section comment): the retrieval read's settings,
+    # None for none; `lens` says what LensNet v2 reads of it (question tokens and layer)
+    retrieval: RetrievalConfig | None = None
+    lens: LensConfig | None = None
 
     @classmethod
     def build(cls, mc: MCConfig, prefix_len: int, *, horizon: int | None = None,
               candidates: int = 4, num_layouts: int = 16, max_random_edits: int = 3,
-              layout_seed: int = 0) -> "LensTask":
+              layout_seed: int = 0, retrieval: RetrievalConfig | None = None,
+              lens: LensConfig | None = None) -> "LensTask":
         K, H = mc.block_size, horizon or mc.horizon
         if prefix_len <= 0 or prefix_len % K:
             raise ValueError(f"prefix_len ({prefix_len}) must be a positive multiple of "
@@ -382,10 +395,14 @@ class LensTask:
                 f"w_max={mc.w_max} cannot hold a compressed working context of "
                 f"{prefix_len} tokens ({lo} slots) plus one expansion ({K - 1} more): "
                 f"need w_max >= {lo + K - 1}")
+        if lens is not None and lens.conditioned and retrieval is None:
+            raise ValueError("LensNet v2 (lens.query_tokens > 0 or lens.retrieval_features) "
+                             "needs the task's retrieval read: pass retrieval=")
         num_expand = (candidates + 1) // 2
         return cls(mc=mc, prefix_len=prefix_len, horizon=H, num_expand=num_expand,
                    num_collapse=candidates - num_expand, num_layouts=num_layouts,
-                   max_random_edits=max_random_edits, layout_seed=layout_seed)
+                   max_random_edits=max_random_edits, layout_seed=layout_seed,
+                   retrieval=retrieval, lens=lens)
 
     @property
     def num_candidates(self) -> int:
@@ -455,15 +472,32 @@ def _build_layout_bank(task: LensTask):
     return jax.tree.map(lambda *xs: np.stack(xs), *layouts)
 
 
-def prefix_tree(gist_fn: Callable, base_params, tokens: jax.Array, task: LensTask):
+def prefix_keys(base_params, base_cfg: LlamaConfig, rc: RetrievalConfig, prefix: jax.Array,
+                block_size: int) -> jax.Array:
+    """Retrieval keys [B, P/K, width] of every block of token ids [B, P], in the storage
+    dtype: what a tree's `retrieval.BlockKeyReader` keeps for a history that starts at the
+    window (chunks of `rc.chunk` aligned to it)."""
+    B, P = prefix.shape
+    keys = base.read_pass_core(base_params, base_cfg, prefix, chunk=rc.chunk,
+                               hidden_layer=None, qk_layers=tuple(rc.layers))["keys"]
+    width = retrieval_lib.key_width(rc, base_cfg, block_size)
+    return keys.reshape(B, P // block_size, width).astype(retrieval_lib.key_dtype(rc))
+
+
+def prefix_tree(gist_fn: Callable, children: jax.Array, tokens: jax.Array, task: LensTask,
+                keys: jax.Array | None = None):
     """Batched TreeView of each window's prefix: token ids [B, P], LOD1 gists of every block
-    and, level by level, gists of every complete group of K lower gists ([B, max(n, 1), D];
-    a level with no complete group keeps one zero row and count 0)."""
+    (from `children` [B, ≥P, D], the LOD1 children `gist_inputs` gives: embeddings or
+    read-pass hidden states) and, level by level, gists of every complete group of K lower
+    gists ([B, max(n, 1), D]; a level with no complete group keeps one zero row and count
+    0); `keys` [B, P/K, width] (`prefix_keys`) are kept as the view's retrieval keys."""
     mc, P = task.mc, task.prefix_len
     K = mc.block_size
     B = tokens.shape[0]
     prefix = tokens[:, :P]
-    lower = base.embed_tokens(base_params, prefix)
+    if children.shape[0] != B or children.shape[1] < P:
+        raise ValueError(f"children {children.shape} do not cover the [{B}, {P}] prefix")
+    lower = children[:, :P]
     D = lower.shape[-1]
     gists, counts = [], [P]
     for lvl in range(1, mc.num_levels + 1):
@@ -476,7 +510,8 @@ def prefix_tree(gist_fn: Callable, base_params, tokens: jax.Array, task: LensTas
         counts.append(n)
         lower = rows
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (B, mc.num_levels + 1))
-    return TreeView(tokens=prefix.astype(jnp.int32), gists=tuple(gists), counts=counts)
+    return TreeView(tokens=prefix.astype(jnp.int32), gists=tuple(gists), counts=counts,
+                    keys=keys)
 
 
 @flax.struct.dataclass
@@ -567,21 +602,48 @@ class Counterfactuals:
     source_token: jax.Array  # [B, V, H] last token held by the slot predicting each target
     value: jax.Array  # [B, C] value of detail of each candidate's span (nats/token)
     nll_full: jax.Array | None = None  # [B, H] NLL given the whole raw window, if computed
+    # with the task's retrieval read (LensTask.retrieval): the retrieval policy's block
+    # scores [B, C1], and what LensNet v2 reads — the question [B, Q, D] (lens.query_tokens
+    # > 0) and the slots' retrieval features [B, W, 2] (lens.retrieval_features)
+    retrieval_blocks: jax.Array | None = None
+    query: Any = None  # lens.QueryTokens
+    slot_retrieval: jax.Array | None = None
+
+    def lens_inputs(self) -> tuple:
+        """LensNet's arguments after (slot_embeds, wc, tail): (query, slot_retrieval)."""
+        return self.query, self.slot_retrieval
+
+
+def gistnet_counterfactuals(gist_params, gist_cfg: GistConfig, base_params,
+                            base_cfg: LlamaConfig, tokens: jax.Array, rng: jax.Array,
+                            task: LensTask, *, with_full_context: bool = False
+                            ) -> Counterfactuals:
+    """`counterfactuals` with GistNet's gists of its configured LOD1 children (the
+    `gist_inputs` rule: the same gists the runtime's tree holds)."""
+    fn, children = gist_inputs("gistnet", base_params, base_cfg,
+                               jax.lax.stop_gradient(gist_params), gist_cfg,
+                               tokens[:, : task.prefix_len])
+    return counterfactuals(fn, base_params, base_cfg, tokens, rng, task, children=children,
+                           with_full_context=with_full_context)
 
 
 def counterfactuals(gist_fn: Callable, base_params, base_cfg: LlamaConfig, tokens: jax.Array,
-                    rng: jax.Array, task: LensTask, *, with_full_context: bool = False
-                    ) -> Counterfactuals:
+                    rng: jax.Array, task: LensTask, *, children: jax.Array,
+                    with_full_context: bool = False) -> Counterfactuals:
     """Compressed WCs, candidate actions and their counterfactual NLLs for a batch of windows
-    [B, ≥ P + H]: one batched forward over B · (C + 1) variants. Constant w.r.t. every
-    parameter (stop_gradient): utilities are targets, not paths for gradients."""
+    [B, ≥ P + H]: one batched forward over B · (C + 1) variants. `gist_fn` gists the
+    prefix's LOD1 `children` [B, P, D] (see `prefix_tree`). Constant w.r.t. every parameter
+    (stop_gradient): utilities are targets, not paths for gradients."""
     base_params = jax.lax.stop_gradient(base_params)
     mc, P, H = task.mc, task.prefix_len, task.horizon
     if tokens.shape[1] < task.window_len:
         raise ValueError(f"windows of {tokens.shape[1]} tokens are shorter than prefix "
                          f"{P} + horizon {H}")
     B, V = tokens.shape[0], task.num_variants
-    views = jax.lax.stop_gradient(prefix_tree(gist_fn, base_params, tokens, task))
+    rc, lc = task.retrieval, task.lens or LensConfig()
+    block_keys = (None if rc is None else
+                  prefix_keys(base_params, base_cfg, rc, tokens[:, :P], mc.block_size))
+    views = jax.lax.stop_gradient(prefix_tree(gist_fn, children, tokens, task, block_keys))
     bank = jax.tree.map(jnp.asarray, lens_layout_bank(task))
     keys = jax.random.split(rng, B)
 
@@ -593,9 +655,23 @@ def counterfactuals(gist_fn: Callable, base_params, base_cfg: LlamaConfig, token
         variants, ok = candidate_variants(wc, cands, task)
         inputs = _variant_inputs(variants, view, base_params, toks, task)
         tail = lens_lib.tail_gists(view, mc)
-        return wc, inputs[0][0, : mc.w_max], tail, cands, ok, inputs
+        slot_embeds = inputs[0][0, : mc.w_max]
+        cond = {}
+        if rc is not None:  # one read of the newest tokens, as the runtime's refocus
+            read = retrieval_lib.stream_conditioning(
+                base_params, base_cfg, rc, mc, view.tokens, view.keys, view.counts,
+                hidden_layer=lc.query_layer if lc.query_tokens else None,
+                hidden_tokens=lc.query_tokens)
+            cond["retrieval_blocks"] = read["blocks"]
+            if lc.query_tokens:
+                cond["query"] = lens_lib.QueryTokens(
+                    hidden=read["hidden"].astype(slot_embeds.dtype), valid=read["hidden_valid"])
+            if lc.retrieval_features:
+                cond["slot_retrieval"] = retrieval_lib.slot_retrieval_features(
+                    wc, read["rel"], read["blocks"], mc)
+        return wc, slot_embeds, tail, cands, ok, inputs, cond
 
-    wc, slot_embeds, tail, cands, ok, inputs = jax.vmap(per_example)(keys, views, tokens)
+    wc, slot_embeds, tail, cands, ok, inputs, cond = jax.vmap(per_example)(keys, views, tokens)
     embeds, positions, mask, predict_slot, source_token = inputs
     flat = lambda x: x.reshape((B * V,) + x.shape[2:])  # noqa: E731
     hidden = base.forward_core(base_params, base_cfg, None, flat(embeds), flat(positions),
@@ -618,7 +694,7 @@ def counterfactuals(gist_fn: Callable, base_params, base_cfg: LlamaConfig, token
         nll_full = None
     return jax.lax.stop_gradient(Counterfactuals(
         wc=wc, slot_embeds=slot_embeds, tail=tail, candidates=cands, valid=ok, nll=nll,
-        targets=targets, source_token=source_token, value=value, nll_full=nll_full))
+        targets=targets, source_token=source_token, value=value, nll_full=nll_full, **cond))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -653,11 +729,11 @@ def candidate_scores(scores: jax.Array, cands: Candidates, block_size: int) -> j
 
 
 def lens_scores_and_raw(lens_params, lens_cfg: LensConfig, mc: MCConfig, slot_embeds, wc,
-                        tail) -> tuple[jax.Array, jax.Array]:
+                        tail, query=None, slot_retrieval=None) -> tuple[jax.Array, jax.Array]:
     """LensNet's legality-masked scores and its unmasked tanh scores (the `head` output,
-    captured), both [..., W]."""
+    captured), both [..., W]; v2 also reads `query` and `slot_retrieval`."""
     scores, state = lens_lib.LensNet(lens_cfg, mc).apply(
-        {"params": lens_params}, slot_embeds, wc, tail,
+        {"params": lens_params}, slot_embeds, wc, tail, query, slot_retrieval,
         capture_intermediates=lambda module, method: module.name == "head")
     raw = jnp.tanh(state["intermediates"]["head"]["__call__"][0][..., 0].astype(jnp.float32))
     return scores, raw
@@ -670,7 +746,8 @@ def lens_objective(lens_params, cf: Counterfactuals, *, lens_cfg: LensConfig, mc
     counterfactuals."""
     K, L = mc.block_size, mc.num_levels
     wc, cands, valid = cf.wc, cf.candidates, cf.valid
-    scores, raw = lens_scores_and_raw(lens_params, lens_cfg, mc, cf.slot_embeds, wc, cf.tail)
+    scores, raw = lens_scores_and_raw(lens_params, lens_cfg, mc, cf.slot_embeds, wc, cf.tail,
+                                      *cf.lens_inputs())
     pred = jax.vmap(lambda s, c: candidate_scores(s, c, K))(scores, cands)  # [B, C]
     target = normalized_utility(cf.value, valid, weights.utility_eps)
     validf = valid.astype(jnp.float32)
@@ -732,7 +809,6 @@ def lens_loss(lens_params, gist_params, base_params, tokens: jax.Array, rng: jax
               with_full_context: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Counterfactual focus loss of LensNet for a batch of windows. GistNet and the base
     model are frozen here (their params only produce constants)."""
-    gist_params = jax.lax.stop_gradient(gist_params)
-    cf = counterfactuals(gistnet_fn(gist_params, gist_cfg, base_cfg.hidden_size), base_params,
-                         base_cfg, tokens, rng, task, with_full_context=with_full_context)
+    cf = gistnet_counterfactuals(gist_params, gist_cfg, base_params, base_cfg, tokens, rng,
+                                 task, with_full_context=with_full_context)
     return lens_objective(lens_params, cf, lens_cfg=lens_cfg, mc=task.mc, weights=weights)

@@ -35,6 +35,8 @@ class TrainState:
     step: jax.Array
     params: Params  # trainable only, e.g. {"gist": ...} or {"gist": ..., "lens": ...}
     opt_state: Any
+    # EMA of `params` when train.ema_decay > 0 (see `with_ema`), else None
+    ema_params: Params = None
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
@@ -49,9 +51,30 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, weight_decay=train.weight_decay))
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+def init_state(params: Params, optimizer: optax.GradientTransformation, *,
+               ema: bool = False) -> TrainState:
+    """Step 0 of `params`; `ema` starts their moving average at the params themselves."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The EMA decay used after `step` updates: min(decay, (1+t)/(10+t)), a warm-up so
+    the average is not dominated by the init in a short run."""
+    t = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def with_ema(before: TrainState, after: TrainState, decay: float) -> TrainState:
+    """`after` carrying the moving average of `before` updated with `after.params`
+    (unchanged when `before` keeps no average). Steps build their new state without it."""
+    if before.ema_params is None:
+        return after
+    d = ema_decay_at(decay, after.step)
+    ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype),
+                       before.ema_params, after.params)
+    return after.replace(ema_params=ema)
 
 
 def _replicated(mesh: Mesh, tree: Any) -> Any:
@@ -119,10 +142,7 @@ class GistStep:
         grads, metrics = grads_cycling_layouts(
             lambda params, layout: self._grads(params, base_params, tokens, layout),
             self.layouts, state.step, state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return _apply_grads(optimizer, state, grads, metrics)
 
     def evaluate(self, trainable, base_params, tokens):
         return self.loss(trainable, base_params, tokens)[1]
@@ -164,17 +184,24 @@ def frozen_shardings(step, frozen, mesh: Mesh) -> Any:
 
 
 def jit_step(step: "Step", optimizer, mesh: Mesh, state: TrainState, base_params,
-             batch_size: int) -> ShardedStep:
+             batch_size: int, *, ema_decay: float = 0.0) -> ShardedStep:
     """Jit `step` with explicit in/out shardings over `mesh`; train donates the state.
 
     `step` is a GistStep, LensStep or JointStep; `base_params` is whatever the step takes
-    as its frozen input (the base params, or for LensStep `{"base", "gist"}`)."""
+    as its frozen input (the base params, or for LensStep `{"base", "gist"}`). When `state`
+    keeps `ema_params`, every train step also updates them with `ema_decay`."""
+    if state.ema_params is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"a state with ema_params needs 0 < ema_decay < 1, got {ema_decay}")
+
+    def update(state, frozen, tokens, rng):
+        new, metrics = step.update(optimizer, state, frozen, tokens, rng)
+        return with_ema(state, new, ema_decay), metrics
+
     state_sh = _replicated(mesh, state)
     base_sh = frozen_shardings(step, base_params, mesh)
     batch_sh = sharding.batch_sharding(mesh, 2, batch_size)
     replicated = NamedSharding(mesh, P())
-    train = jax.jit(functools.partial(step.update, optimizer),
-                    in_shardings=(state_sh, base_sh, batch_sh, replicated),
+    train = jax.jit(update, in_shardings=(state_sh, base_sh, batch_sh, replicated),
                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
     evaluate = jax.jit(step.evaluate, in_shardings=(state_sh.params, base_sh, batch_sh),
                        out_shardings=replicated)
@@ -182,10 +209,12 @@ def jit_step(step: "Step", optimizer, mesh: Mesh, state: TrainState, base_params
 
 
 def _apply_grads(optimizer, state: TrainState, grads, metrics):
+    """One optimizer step; the EMA (if any) is `jit_step`'s to update."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      ema_params=state.ema_params), metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,10 +247,9 @@ class LensStep:
         return self.cfg.base_config
 
     def counterfactuals(self, gist_params, base_params, tokens, rng, with_full_context=False):
-        fn = losses.gistnet_fn(jax.lax.stop_gradient(gist_params), self.cfg.gist,
-                               self.base_cfg.hidden_size)
-        return losses.counterfactuals(fn, base_params, self.base_cfg, tokens, rng, self.task,
-                                      with_full_context=with_full_context)
+        return losses.gistnet_counterfactuals(gist_params, self.cfg.gist, base_params,
+                                              self.base_cfg, tokens, rng, self.task,
+                                              with_full_context=with_full_context)
 
     def objective(self, lens_params, cf):
         return losses.lens_objective(lens_params, cf, lens_cfg=self.cfg.lens, mc=self.task.mc,
