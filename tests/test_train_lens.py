@@ -284,6 +284,17 @@ def test_train_lens_fine_tunes_a_params_file_lensnet_on_a_params_file_gistnet(tm
                                 atol=1e-6)
     meta = Checkpointer(tmp_path / "run", create=False).read_meta()["extra"]
     assert meta["gistnet"]["source"] == "params_file" and meta["gistnet"]["step"] == 7
+    # the evaluation and a session find that GistNet again from the LensNet checkpoint
+    from mcjax.eval.networks import resolve_networks
+    from mcjax.runtime import Session
+
+    nets = resolve_networks(cfg, frozen.params, lens_checkpoint=tmp_path / "run")
+    assert nets.sources["gist"]["source"] == "params_file"
+    chex.assert_trees_all_close(jax.device_get(nets.gist), jax.device_get(gist), atol=0)
+    session = Session.from_checkpoints((cfg.base_config, frozen.params), cfg,
+                                       lens_checkpoint=tmp_path / "run", batch_size=1,
+                                       max_tokens=1024)
+    assert session.provenance["gist"]["source"] == "params_file"
     with pytest.raises(ValueError, match="not both"):
         train_lens(cfg, tmp_path / "x", gist_params=gist_file, gist_workdir=tmp_path / "run")
 
