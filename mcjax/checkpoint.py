@@ -7,8 +7,8 @@ the last complete step. Restoring into a config whose architecture differs (base
 GistNet, LensNet, block size) is a `CheckpointMismatchError` naming the fields.
 
 Also the params of the nets for sessions and evaluations: `load_trained_params` (GistNet or
-LensNet from a training workdir), `untrained_params`, `default_params` (shipped, else
-untrained).
+LensNet from a training workdir), `lens_gistnet` (the GistNet a LensNet was trained with),
+`untrained_params`, `default_params` (shipped, else untrained).
 """
 
 from __future__ import annotations
@@ -253,9 +253,43 @@ def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part:
     extra = meta.get("extra") or {}
     source = {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
               "run": extra.get("run"), "gistnet": extra.get("gistnet")}
+    seed = ((meta.get("config") or {}).get("train") or {}).get("seed")
+    if seed is not None:  # the training seed: its init is the untrained baseline
+        source["seed"] = int(seed)
     if ema:
         source["weights"] = f"ema (decay {extra.get('ema_decay')})"
     return params, source
+
+
+LENS_GISTNET = "the LensNet checkpoint's GistNet"
+
+
+def lens_gistnet(lens_source: dict, cfg: ExperimentConfig, base_params=None
+                 ) -> tuple[Any, dict] | None:
+    """The GistNet a LensNet was trained with, so that it sees the gists it learned on:
+    `lens_source` is the LensNet's provenance (`load_trained_params`). A `train_joint`
+    run's own GistNet; else the GistNet checkpoint or params file a `train_lens` run
+    names, while it still exists; else the untrained GistNet of the seed it names (pass
+    the base params: its init scale). Returns (params, provenance with `chosen_by`), or
+    None when the LensNet names no GistNet that can be found."""
+    from mcjax.assets import load_params_file  # deferred: mcjax.assets imports this module
+
+    origin = lens_source.get("gistnet") or {}
+    path = Path(origin.get("path") or "")
+    if lens_source.get("run") == "train_joint":
+        params, src = load_trained_params(lens_source["path"], cfg, "gist")
+    elif origin.get("source") == "checkpoint" and path.is_dir():
+        params, src = load_trained_params(path, cfg, "gist")
+    elif origin.get("source") == "params_file" and path.is_file():
+        params, src = load_params_file(path, cfg, "gist", f"{LENS_GISTNET} {path}")
+    elif origin.get("source") == "untrained" and "seed" in origin:
+        seed = int(origin["seed"])
+        seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+        params, src = untrained_params(seeded, "gist", base_params), {"source": "untrained",
+                                                                      "seed": seed}
+    else:
+        return None
+    return params, dict(src, chosen_by=LENS_GISTNET)
 
 
 @functools.lru_cache(maxsize=8)

@@ -712,6 +712,58 @@ def test_checkpoint_kind_decides_which_nets_are_trained(tmp_path, frozen, cfg, g
                                   jax.tree.leaves(nets.untrained_gist)[0])
 
 
+def test_evaluation_and_session_find_the_same_gistnet_for_every_kind_of_lens_checkpoint(
+        tmp_path, frozen, cfg, gist_workdir):
+    """`resolve_networks` and `Session.from_checkpoints` share one rule
+    (`checkpoint.lens_gistnet`): given only a LensNet workdir, both pick the GistNet it was
+    trained with — a train_joint run's own, a named checkpoint, a named params file, the
+    untrained net of a named seed — and the untrained default when the named one is gone."""
+    from mcjax.eval.networks import resolve_networks
+
+    lens = jax.tree.map(lambda x: x + 0.5, untrained_params(cfg, "lens"))
+    ckpt_gist = gist_workdir[1]
+    file_gist = jax.tree.map(lambda x: x * 0.5 - 0.02, ckpt_gist)
+    gist_file, _ = assets.save_gist_params(file_gist, cfg, tmp_path / "g.safetensors", step=9)
+    seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=5))
+    default = untrained_params(cfg, "gist", frozen.params)
+    cases = {  # name: (run meta, GistNet expected, its source)
+        "joint": ({"run": "train_joint"}, ckpt_gist, "checkpoint"),
+        "checkpoint": ({"run": "train_lens", "gistnet": {
+            "source": "checkpoint", "path": str(gist_workdir[0]), "step": 2}},
+            ckpt_gist, "checkpoint"),
+        "params_file": ({"run": "train_lens", "gistnet": {
+            "source": "params_file", "path": str(gist_file), "step": 9}},
+            file_gist, "params_file"),
+        "untrained_seed": ({"run": "train_lens", "gistnet": {"source": "untrained",
+                                                             "seed": 5}},
+                           untrained_params(seeded, "gist", frozen.params), "untrained"),
+        "gone": ({"run": "train_lens", "gistnet": {
+            "source": "checkpoint", "path": str(tmp_path / "deleted"), "step": 2}},
+            default, "untrained"),
+    }
+    for name, (meta, want, source) in cases.items():
+        run = tmp_path / name
+        nets = {"lens": lens, "gist": ckpt_gist} if name == "joint" else {"lens": lens}
+        _write_workdir(run, cfg, nets, meta)
+        got = resolve_networks(cfg, frozen.params, lens_checkpoint=run)
+        session = Session.from_checkpoints((cfg.base_config, frozen.params), cfg,
+                                           lens_checkpoint=run, batch_size=1)
+        assert got.sources["gist"]["source"] == source, name
+        assert session.provenance["gist"]["source"] == source, name
+        if name != "gone":
+            assert got.sources["gist"]["chosen_by"] == "the LensNet checkpoint's GistNet"
+            assert session.provenance["gist"]["chosen_by"] == got.sources["gist"]["chosen_by"]
+        for leaf_got, leaf_session, leaf_want in zip(
+                jax.tree.leaves(got.gist), jax.tree.leaves(session.network_params["gist"]),
+                jax.tree.leaves(want)):
+            np.testing.assert_array_equal(leaf_got, leaf_want, err_msg=name)
+            np.testing.assert_array_equal(leaf_session, leaf_want, err_msg=name)
+    # the params file's card step and training seed travel with its provenance
+    nets = resolve_networks(cfg, frozen.params, lens_checkpoint=tmp_path / "params_file")
+    assert nets.sources["gist"]["step"] == 9
+    assert nets.sources["gist"]["seed"] == cfg.train.seed
+
+
 def test_paired_accuracy_counts_discordant_cases_and_gives_the_exact_sign_test():
     from mcjax.eval.metrics import paired_accuracy
 

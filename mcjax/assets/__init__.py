@@ -20,6 +20,8 @@ other path works the same way.
 - `apply_card(cfg, card)`: the experiment config with the card's GistNet architecture
   (checked: same base model, block size and number of levels).
 - `check_gist_params(params, cfg)`: the param tree matches that architecture.
+- `load_params_file(path, cfg, part)`: a file's params checked against `cfg`, with their
+  provenance (`params_file_source`) — the one loader of every `--*-params FILE` option.
 
 Errors are `AssetError` (a `CheckpointError`: the CLIs report both the same way).
 """
@@ -43,7 +45,7 @@ __all__ = ["flatten_params", "unflatten_params", "AssetError", "FORMAT", "ASSET_
            "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
            "check_gist_params", "SHIPPED_GIST", "shipped_gist", "SHIPPED_LENS",
            "lens_config_from_card", "check_lens_params", "shipped_lens", "expected_params",
-           "check_params"]
+           "check_params", "params_file_source", "load_params_file"]
 
 FORMAT = "mcjax-params-v1"
 ASSET_DIR = Path(__file__).resolve().parent  # shipped params + cards
@@ -241,6 +243,39 @@ def check_gist_params(params: Any, cfg: ExperimentConfig, what: str = "gist para
 
 def _key(path) -> str:
     return _SEP.join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def params_file_source(path: str | os.PathLike) -> dict:
+    """Provenance of a params-only file: its path and card, the step and training seed
+    the card records, and the card's own source, command and data. A file without a card
+    (a bare warm start) has `"card": None` and no step."""
+    src = {"source": "params_file", "path": str(Path(path).absolute()), "card": None,
+           "step": None}
+    if not card_path(path).is_file():
+        return src
+    card = read_card(path)
+    src.update(card=str(card_path(path).absolute()), step=card.get("step"))
+    seed = ((card.get("config") or {}).get("train") or {}).get("seed")
+    if seed is not None:
+        src["seed"] = int(seed)
+    for k in ("source", "command", "data"):
+        if k in card:
+            src[f"card_{k}"] = card[k]
+    return src
+
+
+def load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str,
+                     what: str | None = None) -> tuple[Any, dict]:
+    """(params, provenance) of `part` ("gist" | "lens") from a params-only file, checked
+    against `cfg`'s architecture of that part (`check_params`; `what` names the file in
+    the error). `cfg.base_config` must be set."""
+    import jax
+    import jax.numpy as jnp
+
+    params = jax.tree.map(jnp.asarray, load_params_safetensors(path))  # AssetError if absent
+    source = params_file_source(path)
+    check_params(params, cfg, part, what or f"{part} params in {path}")
+    return params, source
 
 
 def save_gist_params(params: Any, cfg: ExperimentConfig, path: str | os.PathLike,

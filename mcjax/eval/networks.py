@@ -20,11 +20,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 
-from mcjax.checkpoint import CheckpointError, Checkpointer
+from mcjax.checkpoint import (CheckpointError, Checkpointer, lens_gistnet, load_trained_params,
+                              untrained_params)
 from mcjax.config import ExperimentConfig
-from mcjax.checkpoint import load_trained_params, untrained_params
 
 __all__ = ["Networks", "checkpoint_parts", "resolve_networks"]
 
@@ -42,16 +41,6 @@ class Networks:
     def untrained(self) -> tuple[str, ...]:
         """Nets the methods use untrained ("gist", "lens")."""
         return tuple(p for p in ("gist", "lens") if self.sources[p]["source"] == "untrained")
-
-
-def _seed_of(workdir, default: int) -> int:
-    """The training seed a checkpoint was made with (its init is the untrained baseline)."""
-    ckpt = Checkpointer(workdir, create=False)
-    try:
-        meta = ckpt.read_meta()
-    finally:
-        ckpt.close()
-    return int(((meta.get("config") or {}).get("train") or {}).get("seed", default))
 
 
 def checkpoint_parts(workdir: str | os.PathLike) -> tuple[str, tuple[str, ...]]:
@@ -75,25 +64,15 @@ def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
 
 
-def _load_gist_file(path, cfg: ExperimentConfig) -> tuple[Any, dict, int]:
-    """(params, provenance, training seed) of a params-only GistNet file."""
-    import jax.numpy as jnp
-
+def _load_gist_file(path, cfg: ExperimentConfig) -> tuple[Any, dict]:
+    """(params, provenance) of an explicit params-only GistNet file; the config must
+    already carry its card's GistNet (an evaluation applies the card first)."""
     from mcjax import assets
 
-    card = assets.read_card(path)
-    if assets.gist_config_from_card(card) != cfg.gist:
+    if assets.gist_config_from_card(assets.read_card(path)) != cfg.gist:
         raise ValueError(f"the config's GistNet differs from the card of {path}: apply the "
                          f"card first (mcjax.assets.apply_card)")
-    params = jax.tree.map(jnp.asarray, assets.load_params_safetensors(path))
-    assets.check_gist_params(params, cfg, f"GistNet params in {path}")
-    seed = int(((card["config"].get("train") or {}).get("seed", cfg.train.seed)))
-    src = {"source": "params_file", "path": str(Path(path).absolute()),
-           "card": str(assets.card_path(path).absolute())}
-    for k in ("source", "step", "command", "data"):
-        if k in card:
-            src[f"card_{k}"] = card[k]
-    return params, src, seed
+    return assets.load_params_file(path, cfg, "gist", f"GistNet params in {path}")
 
 
 def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
@@ -155,21 +134,15 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
     if shipped is not None:
         gist, sources["gist"] = shipped
     elif gist_params is not None:
-        gist, sources["gist"], seed = _load_gist_file(gist_params, cfg)
+        gist, sources["gist"] = _load_gist_file(gist_params, cfg)
     elif gist_dir is not None:
         gist, sources["gist"] = load_trained_params(gist_dir, cfg, "gist")
-        seed = _seed_of(gist_dir, seed)
     elif lens_dir is not None:  # the GistNet LensNet was trained with, if it can be found
-        origin = sources["lens"].get("gistnet") or {}
-        if origin.get("source") == "checkpoint" and Path(origin.get("path", "")).is_dir():
-            gist, sources["gist"] = load_trained_params(origin["path"], cfg, "gist")
-            sources["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
-            seed = _seed_of(origin["path"], seed)
-        elif origin.get("source") == "params_file" and Path(origin.get("path", "")).is_file():
-            gist, sources["gist"], seed = _load_gist_file(origin["path"], cfg)
-            sources["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
-        elif origin.get("source") == "untrained" and "seed" in origin:
-            seed = int(origin["seed"])
+        found = lens_gistnet(sources["lens"], cfg, base_params)
+        if found is not None:
+            gist, sources["gist"] = found
+    if gist is not None:
+        seed = sources["gist"].get("seed", seed)
     untrained_gist = untrained_params(_with_seed(cfg, seed), "gist", base_params)
     if gist is None:
         gist = untrained_gist

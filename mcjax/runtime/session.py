@@ -24,7 +24,7 @@ from mcjax.base import model as base
 from mcjax.base.convert import fsync_dir
 from mcjax.base.model import InputError, KVCache
 from mcjax.checkpoint import (CheckpointError, _arch_without_dtype, config_to_json,
-                              default_params, load_trained_params, untrained_params)
+                              default_params, lens_gistnet, load_trained_params)
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
 from mcjax.runtime import persist
 from mcjax.runtime.programs import programs
@@ -245,7 +245,8 @@ class Session:
 
         Without `gist_checkpoint`, a LensNet checkpoint's own GistNet is used when it has
         one (a `train_joint` run) or names one that exists (a `train_lens` run trained on a
-        GistNet checkpoint), so that LensNet sees the gists it was trained on.
+        GistNet checkpoint or params file, or on an untrained one):
+        `mcjax.checkpoint.lens_gistnet`, so that LensNet sees the gists it was trained on.
         """
         llama = base_model.config if hasattr(base_model, "config") else base_model[0]
         if cfg.base_config is None:
@@ -257,26 +258,10 @@ class Session:
         if gist_checkpoint is not None:
             gist, provenance["gist"] = load_trained_params(gist_checkpoint, cfg, "gist")
         elif lens_checkpoint is not None:
-            source = provenance["lens"].get("gistnet") or {}
-            if provenance["lens"].get("run") == "train_joint":
-                gist, provenance["gist"] = load_trained_params(lens_checkpoint, cfg, "gist")
-            elif source.get("source") == "checkpoint" and Path(source.get("path", "")).is_dir():
-                gist, provenance["gist"] = load_trained_params(source["path"], cfg, "gist")
-                provenance["gist"]["chosen_by"] = "the LensNet checkpoint's GistNet"
-            elif source.get("source") == "params_file" and Path(source.get("path", "")).is_file():
-                from mcjax.assets import check_gist_params, load_params_safetensors
-
-                gist = jax.tree.map(jnp.asarray, load_params_safetensors(source["path"]))
-                check_gist_params(gist, cfg, f"the LensNet checkpoint's GistNet {source['path']}")
-                provenance["gist"] = dict(source, chosen_by="the LensNet checkpoint's GistNet")
-            elif source.get("source") == "untrained" and "seed" in source:
-                # LensNet was trained on the untrained GistNet of that seed: use the same one
-                seeded = dataclasses.replace(cfg, train=dataclasses.replace(
-                    cfg.train, seed=int(source["seed"])))
-                gist = untrained_params(seeded, "gist", (
-                    base_model.params if hasattr(base_model, "params") else base_model[1]))
-                provenance["gist"] = {"source": "untrained", "seed": int(source["seed"]),
-                                      "chosen_by": "the LensNet checkpoint's GistNet"}
+            found = lens_gistnet(provenance["lens"], cfg, (
+                base_model.params if hasattr(base_model, "params") else base_model[1]))
+            if found is not None:
+                gist, provenance["gist"] = found
         return cls(base_model, gist, lens_params, cfg, provenance=provenance, **kwargs)
 
     def _put(self, tree, kind: str):
@@ -288,6 +273,12 @@ class Session:
         return initial_layouts(self._plan, [t.num_tokens for t in self._trees], reset)
 
     # ------------------------------------------------------------------ input
+
+    @property
+    def network_params(self) -> dict:
+        """The params this session uses: {"gist": GistNet, "lens": LensNet (None when the
+        focus policy needs none)}; `provenance` says where they came from."""
+        return dict(self._nets)
 
     @property
     def num_tokens(self) -> np.ndarray:

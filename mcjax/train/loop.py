@@ -523,20 +523,18 @@ def evaluate_lens(sharded: steps.ShardedStep, params, frozen_placed, batches: li
     return {k: v / len(batches) for k, v in sums.items()}
 
 
-def _params_file_source(path: str | os.PathLike) -> dict:
-    from mcjax.assets import read_card
+def _params_file_identity(path: str | os.PathLike) -> dict:
+    """What a run's meta records of a params-file GistNet (what a resume must agree on)."""
+    from mcjax.assets import params_file_source
 
-    card = read_card(path)
-    return {"source": "params_file", "path": str(Path(path).absolute()),
-            "step": card.get("step")}
+    src = params_file_source(path)
+    return {k: src[k] for k in ("source", "path", "step")}
 
 
 def _load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str, flag: str):
-    from mcjax.assets import check_params, load_params_safetensors
+    from mcjax.assets import load_params_file
 
-    params = jax.tree_util.tree_map(jnp.asarray, load_params_safetensors(path))
-    check_params(params, cfg, part, f"{flag} {path}")
-    return params
+    return load_params_file(path, cfg, part, f"{flag} {path}")[0]
 
 
 def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
@@ -562,7 +560,7 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     task = lens_task(cfg, candidates)
-    source = (_params_file_source(gist_params) if gist_params is not None
+    source = (_params_file_identity(gist_params) if gist_params is not None
               else gist_source(cfg, gist_workdir))
     meta = {"run": "train_lens", "gistnet": source, "lens_task": _task_meta(task)}
     check_resumable(workdir, meta, resume)
