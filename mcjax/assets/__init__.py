@@ -245,13 +245,13 @@ def _key(path) -> str:
     return _SEP.join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
-def params_file_source(path: str | os.PathLike) -> dict:
+def params_file_source(path: str | os.PathLike, card_required: bool = True) -> dict:
     """Provenance of a params-only file: its path and card, the step and training seed
-    the card records, and the card's own source, command and data. A file without a card
-    (a bare warm start) has `"card": None` and no step."""
+    the card records, and the card's own source, command and data. A missing card is an
+    AssetError unless `card_required=False` (a bare warm start: `"card": None`, no step)."""
     src = {"source": "params_file", "path": str(Path(path).absolute()), "card": None,
            "step": None}
-    if not card_path(path).is_file():
+    if not card_required and not card_path(path).is_file():
         return src
     card = read_card(path)
     src.update(card=str(card_path(path).absolute()), step=card.get("step"))
@@ -265,15 +265,17 @@ def params_file_source(path: str | os.PathLike) -> dict:
 
 
 def load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str,
-                     what: str | None = None) -> tuple[Any, dict]:
+                     what: str | None = None, *, card_required: bool = True
+                     ) -> tuple[Any, dict]:
     """(params, provenance) of `part` ("gist" | "lens") from a params-only file, checked
     against `cfg`'s architecture of that part (`check_params`; `what` names the file in
-    the error). `cfg.base_config` must be set."""
+    the error; `card_required` as in `params_file_source`). `cfg.base_config` must be
+    set."""
     import jax
     import jax.numpy as jnp
 
     params = jax.tree.map(jnp.asarray, load_params_safetensors(path))  # AssetError if absent
-    source = params_file_source(path)
+    source = params_file_source(path, card_required)
     check_params(params, cfg, part, what or f"{part} params in {path}")
     return params, source
 

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from mcjax.checkpoint import (CheckpointError, Checkpointer, lens_gistnet, load_trained_params,
                               untrained_params)
 from mcjax.config import ExperimentConfig

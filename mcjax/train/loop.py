@@ -392,7 +392,7 @@ def _start_gist(cfg: ExperimentConfig, frozen: Frozen, init_gist, notes: dict):
     if init_gist is None:
         return _init_gist(cfg, frozen.params)
     notes["init_gist"] = str(init_gist)
-    return _load_params_file(init_gist, cfg, "gist", "--init-gist")
+    return _load_params_file(init_gist, cfg, "gist", "--init-gist", card_required=False)
 
 
 def _init_lens(cfg: ExperimentConfig):
@@ -531,10 +531,11 @@ def _params_file_identity(path: str | os.PathLike) -> dict:
     return {k: src[k] for k in ("source", "path", "step")}
 
 
-def _load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str, flag: str):
+def _load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str, flag: str,
+                      card_required: bool = True):
     from mcjax.assets import load_params_file
 
-    return load_params_file(path, cfg, part, f"{flag} {path}")[0]
+    return load_params_file(path, cfg, part, f"{flag} {path}", card_required=card_required)[0]
 
 
 def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
@@ -579,7 +580,7 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     notes = {"gistnet": note}
     lens = _init_lens(cfg)
     if init_lens is not None:
-        lens = _load_params_file(init_lens, cfg, "lens", "--init-lens")
+        lens = _load_params_file(init_lens, cfg, "lens", "--init-lens", card_required=False)
         notes["init_lens"] = str(init_lens)
     job = Job(
         name="train_lens", step=step, optimizer=steps.make_optimizer(cfg.train),
