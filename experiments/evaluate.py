@@ -11,8 +11,9 @@ All in one run, into --out:
      utility (Pearson, Spearman, sign agreement, counts);
   4. only when asked (--only ceiling): the embedding-space ceiling, free vectors optimised
      per window in the gist slots;
-writing results.json, report.md and accuracy_vs_length.png, dnll_vs_ratio.png,
-focus_map.png, plus per_window_nll.npz / ceiling_per_window.npz.
+writing results.json, report.md and the plots of the sections run (dnll_vs_ratio.png,
+accuracy_vs_length.png, focus_map.png; none is written for a section not run), plus
+per_window_nll.npz / ceiling_per_window.npz.
 
 Section 1 ("nll", alias "dnll") also writes results.json "dnll_paired": for every layout
 and variant the paired difference to truncation on the same windows (± SE), ΔNLL ± SE,

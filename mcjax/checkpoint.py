@@ -284,37 +284,37 @@ def lens_gistnet(lens_source: dict, cfg: ExperimentConfig, base_params=None
         params, src = load_params_file(path, cfg, "gist", f"{LENS_GISTNET} {path}")
     elif origin.get("source") == "untrained" and "seed" in origin:
         seed = int(origin["seed"])
-        seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-        params, src = untrained_params(seeded, "gist", base_params), {"source": "untrained",
-                                                                      "seed": seed}
+        params, src = (untrained_params(cfg, "gist", base_params, seed=seed),
+                       {"source": "untrained", "seed": seed})
     else:
         return None
     return params, dict(src, chosen_by=LENS_GISTNET)
 
 
 @functools.lru_cache(maxsize=8)
-def _untrained(cfg: ExperimentConfig, part: str, output_rms: float):
+def _untrained(cfg: ExperimentConfig, part: str, output_rms: float, seed: int):
     from mcjax import lens
     from mcjax.gist import init_gist_params
 
     D = cfg.base_config.hidden_size
-    key = jax.random.key(cfg.train.seed)
+    key = jax.random.key(seed)
     if part == "gist":
         return jax.jit(lambda k: init_gist_params(cfg.gist, D, k, block_size=cfg.mc.block_size,
                                                   output_rms=output_rms))(key)
     return lens.init_lens(cfg.lens, cfg.mc, D, jax.random.fold_in(key, 1))
 
 
-def untrained_params(cfg: ExperimentConfig, part: str, base_params=None):
-    """The untrained GistNet / LensNet the trainers start from (same seed and init; pass
-    the base params so an untrained GistNet's gists have the embeddings' scale, as in
-    training)."""
+def untrained_params(cfg: ExperimentConfig, part: str, base_params=None, *,
+                     seed: int | None = None):
+    """The untrained GistNet / LensNet the trainers start from (same init; the seed is
+    `cfg.train.seed` unless `seed` names another run's; pass the base params so an
+    untrained GistNet's gists have the embeddings' scale, as in training)."""
     if cfg.base_config is None:
         raise ConfigError("untrained_params needs cfg.base_config")
     from mcjax.gist import embedding_rms
 
     rms = 1.0 if part != "gist" or base_params is None else embedding_rms(base_params)
-    return _untrained(cfg, part, rms)
+    return _untrained(cfg, part, rms, cfg.train.seed if seed is None else int(seed))
 
 
 def default_params(cfg: ExperimentConfig, gist_params, lens_params, base_params, *,

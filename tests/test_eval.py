@@ -24,7 +24,7 @@ from mcjax.base.generate import GreedySampler
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import get_config, override
 from mcjax import assets
-from mcjax.eval import baselines, metrics, tasks
+from mcjax.eval import baselines, metrics, report, tasks
 from mcjax.runtime import Session, policy_scores, recency_scores, untrained_params
 from mcjax.train import data, steps
 from mcjax.train.loop import load_frozen
@@ -577,6 +577,21 @@ def test_evaluate_only_dnll_writes_paired_rows_and_per_window_nlls(dnll_run):
     report = (out / "report.md").read_text()
     assert "Paired against truncation" in report and "GistNet: trained" in report
     assert "Only 3 windows" in report and "per_window_nll.npz" in report
+    # only the measured section's plot is written, and listed
+    assert (out / "dnll_vs_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("accuracy_vs_length.png", "focus_map.png"):
+        assert not (out / name).exists() and name not in res["files"] and name not in report
+
+
+def test_a_report_rewritten_into_a_directory_removes_plots_of_sections_it_did_not_measure(
+        dnll_run, tmp_path):
+    out, res = dnll_run
+    stale = tmp_path / "focus_map.png"
+    stale.write_bytes(b"from an earlier run")
+    res = json.loads((out / "results.json").read_text())
+    paths = report.write_outputs(res, tmp_path)
+    assert not stale.exists() and "focus_map" not in paths
+    assert (tmp_path / "dnll_vs_ratio.png").exists() and "dnll_vs_ratio" in paths
 
 
 def test_evaluate_dnll_with_chosen_variants_scores_only_those_on_the_same_windows(

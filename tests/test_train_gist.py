@@ -352,6 +352,7 @@ def test_ema_params_are_the_moving_average_of_the_trained_params_and_survive_a_r
     train_gist(ema_cfg, tmp_path / "ema", progress=False, eval_batches=0, stop_after=2)
     run = train_gist(ema_cfg, tmp_path / "ema", progress=False, eval_batches=0)
     assert run["start_step"] == 2
+    assert "resumed_with_changed" not in (tmp_path / "ema" / "metrics.jsonl").read_text()
     # the average does not change training
     chex.assert_trees_all_close(jax.device_get(run["state"].params),
                                 jax.device_get(ref["state"].params), atol=1e-6)
@@ -406,3 +407,23 @@ def test_train_gist_and_train_joint_warm_start_from_a_params_file(tmp_path, tiny
     other = override(cfg, {"gist.width": 48})
     with pytest.raises(CheckpointMismatchError, match="--init-gist .* do not match"):
         train_gist(other, tmp_path / "bad", init_gist=path, progress=False, eval_batches=0)
+
+
+def test_a_resume_with_changed_train_settings_is_recorded_in_the_log(tmp_path, tiny, capsys):
+    import json
+
+    cfg, frozen, _, _ = tiny
+    cfg = _small(frozen.cfg, 3)
+    work = tmp_path / "run"
+    train_gist(cfg, work, progress=False, eval_batches=0, stop_after=1)
+    longer = override(cfg, {"train.steps": 4, "train.learning_rate": 2e-3})
+    run = train_gist(longer, work, progress=False, eval_batches=0, stop_after=1)
+    assert run["start_step"] == 1 and run["end_step"] == 2
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    changes = [r for r in rows if "resumed_with_changed_train_settings" in r]
+    assert [r["step"] for r in changes] == [1]
+    assert changes[0]["resumed_with_changed_train_settings"] == {
+        "train.steps": {"was": 3, "now": 4},
+        "train.learning_rate": {"was": cfg.train.learning_rate, "now": 2e-3}}
+    assert "train.steps 3 -> 4" in capsys.readouterr().err
+    # (an unchanged resume logs no such row: the EMA test's resume checks it)

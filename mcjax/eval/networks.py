@@ -59,10 +59,6 @@ def checkpoint_parts(workdir: str | os.PathLike) -> tuple[str, tuple[str, ...]]:
     return run, _RUN_PARTS[run]
 
 
-def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
-
-
 def _load_gist_file(path, cfg: ExperimentConfig) -> tuple[Any, dict]:
     """(params, provenance) of an explicit params-only GistNet file; the config must
     already carry its card's GistNet (an evaluation applies the card first)."""
@@ -142,7 +138,7 @@ def resolve_networks(cfg: ExperimentConfig, base_params, *, checkpoint=None,
             gist, sources["gist"] = found
     if gist is not None:
         seed = sources["gist"].get("seed", seed)
-    untrained_gist = untrained_params(_with_seed(cfg, seed), "gist", base_params)
+    untrained_gist = untrained_params(cfg, "gist", base_params, seed=seed)
     if gist is None:
         gist = untrained_gist
         sources["gist"] = {"source": "untrained", "seed": seed,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 __all__ = ["focus_grid", "plot_dnll_vs_ratio", "plot_accuracy_vs_length", "plot_focus_map",
-           "render_markdown", "write_outputs", "PLOTS", "NET_NAMES"]
+           "render_markdown", "write_outputs", "plots_with_data", "PLOTS", "NET_NAMES"]
 
 PLOTS = ("accuracy_vs_length.png", "dnll_vs_ratio.png", "focus_map.png")
 NET_NAMES = {"gist": "GistNet", "lens": "LensNet"}
@@ -41,24 +41,12 @@ def _plt():
     return plt
 
 
-def _placeholder(path: Path, title: str, text: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 2.5))
-    ax.axis("off")
-    ax.set_title(title)
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- plots
 
 
 def plot_dnll_vs_ratio(section: dict | None, path: Path, ceiling: dict | None = None) -> None:
     """ΔNLL@H (± standard error over windows) of each variant against the whole-prefix
     compression ratio (and the ceiling's points, when measured)."""
-    if not section or not section.get("layouts"):
-        return _placeholder(path, "ΔNLL@H vs compression ratio", "not measured in this run")
     plt = _plt()
     rows = section["layouts"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -95,8 +83,6 @@ def plot_dnll_vs_ratio(section: dict | None, path: Path, ceiling: dict | None = 
 def plot_accuracy_vs_length(section: dict | None, path: Path) -> None:
     """Passkey accuracy of each method against history length (skipped points omitted and
     named in the legend)."""
-    if not section or not section.get("methods"):
-        return _placeholder(path, "passkey accuracy vs history length", "not measured")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n = len(section["methods"])
@@ -144,8 +130,6 @@ def focus_grid(snapshots: Sequence[dict], total_tokens: int, buckets: int) -> np
 def plot_focus_map(section: dict | None, path: Path, num_levels: int) -> None:
     """The LOD of every span of one stream across refocus steps (x: history position,
     y: refocus step, colour: LOD; white: not yet in the history)."""
-    if not section or not section.get("snapshots"):
-        return _placeholder(path, "focus map", "no focus snapshots recorded")
     plt = _plt()
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
@@ -402,23 +386,41 @@ def _json_default(x: Any):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def plots_with_data(results: dict) -> dict[str, Callable[[Path], None]]:
+    """{file name: writer} of the plots whose section this run measured (a plot of a
+    section that was not run is not written, rather than written empty)."""
+    nll, passkey, fmap = (results.get(k) for k in ("delta_nll", "passkey", "focus_map"))
+    plots = {}
+    if nll and nll.get("layouts"):
+        plots["dnll_vs_ratio.png"] = lambda p: plot_dnll_vs_ratio(nll, p, results.get("ceiling"))
+    if passkey and passkey.get("methods"):
+        plots["accuracy_vs_length.png"] = lambda p: plot_accuracy_vs_length(passkey, p)
+    if fmap and fmap.get("snapshots"):
+        plots["focus_map.png"] = lambda p: plot_focus_map(fmap, p, results["meta"]["num_levels"])
+    return plots
+
+
 def write_outputs(results: dict, out_dir: str | Path) -> dict[str, str]:
-    """Write results.json, the three PNGs, report.md and the "arrays" entry's .npz files
-    into `out_dir`; returns the paths."""
+    """Write results.json, report.md, the PNGs of the sections measured (a PNG of this
+    name left from an earlier run into `out_dir` is removed, so none is stale) and the
+    "arrays" entry's .npz files into `out_dir`; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = results.get("arrays") or {}
     results = {k: v for k, v in results.items() if k != "arrays"}
+    plots = plots_with_data(results)
     paths = {"results": out / "results.json", "report": out / "report.md",
-             **{p.removesuffix(".png"): out / p for p in PLOTS}}
+             **{p.removesuffix(".png"): out / p for p in plots}}
     for name, arrs in arrays.items():
         if arrs:
             paths[name.removesuffix(".npz")] = out / name
             np.savez(out / name, **arrs)
     results["files"] = sorted(p.name for p in paths.values())
     paths["results"].write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    plot_dnll_vs_ratio(results.get("delta_nll"), paths["dnll_vs_ratio"], results.get("ceiling"))
-    plot_accuracy_vs_length(results.get("passkey"), paths["accuracy_vs_length"])
-    plot_focus_map(results.get("focus_map"), paths["focus_map"], results["meta"]["num_levels"])
+    for name in PLOTS:
+        if name in plots:
+            plots[name](out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
     paths["report"].write_text(render_markdown(results))
     return {k: str(v) for k, v in paths.items()}

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcjax import sharding
-from mcjax.checkpoint import CheckpointError, Checkpointer
+from mcjax.checkpoint import CheckpointError, Checkpointer, config_to_json
 from mcjax.config import ConfigError, ExperimentConfig, LensConfig
 from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
@@ -273,6 +273,16 @@ def check_resumable(workdir: Path, expected: dict | None, resume: bool) -> None:
         ckpt.close()
 
 
+def resumed_train_changes(saved_cfg_json: dict, cfg: ExperimentConfig) -> dict[str, dict]:
+    """{train.key: {"was", "now"}} for every train setting of `cfg` that differs from the
+    checkpoint's (`saved_cfg_json`): a resume may change them (a longer cosine, a lower
+    rate), and the run's log then records it."""
+    saved = saved_cfg_json.get("train") or {}
+    now = json.loads(json.dumps(config_to_json(cfg)["train"]))  # tuples as saved: lists
+    return {f"train.{k}": {"was": saved.get(k), "now": v} for k, v in now.items()
+            if k in saved and saved[k] != v}
+
+
 def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job, *,
                  resume: bool, progress: bool, eval_batches: int, stop_after: int | None
                  ) -> dict[str, Any]:
@@ -304,6 +314,13 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
         state, meta = ckpt.restore(state, cfg)
         batches.restore(meta["data_position"])
         start = int(state.step)
+        changed = resumed_train_changes(meta["config"], cfg)
+        if changed:  # allowed (e.g. a longer cosine), but never silent
+            log.write(start, "info", {"resumed_with_changed_train_settings": changed})
+            print(f"{job.name}: resuming step {start} with changed train settings (the "
+                  f"schedule may jump): " + ", ".join(
+                      f"{k} {v['was']!r} -> {v['now']!r}" for k, v in changed.items()),
+                  file=sys.stderr)
     frozen_placed = sharded.place_base(job.frozen_inputs)
     state = sharded.place_state(state)
     if job.notes:
