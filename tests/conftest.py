@@ -9,6 +9,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# JAX's persistent compilation cache: tests (and the training subprocesses they start)
+# build the same programs many times over — every train_gist / Session call jits anew —
+# and a compile whose HLO was seen before is then loaded, not recompiled (a tiny
+# train_gist's second run: 59 s -> 16 s). Keys cover the HLO, options, devices and JAX
+# version, so a kept cache is safe; it lives beside the converted base model.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("MCJAX_CACHE") or os.path.expanduser("~/.cache/mcjax"), "jax-compile-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -473,7 +473,7 @@ def test_approx_kv_reuse_moves_and_rerotates_entries_exactly_and_recomputes_fewe
 
 def test_cache_logprobs_equal_a_fresh_forward_and_leave_the_session_unchanged(
         tiny_llama, cfg, nets):
-    from mcjax.eval.harness import _score
+    from mcjax.base import model as base
 
     s, twin = (_session(tiny_llama, cfg, nets, batch_size=2) for _ in range(2))
     for t in (s, twin):
@@ -483,12 +483,19 @@ def test_cache_logprobs_equal_a_fresh_forward_and_leave_the_session_unchanged(
     emb, pos, valid = s.materialized()
     wc = s.working_context
     first = np.asarray(wc.num_valid if cfg.mc.position_scheme == "compact" else wc.num_tokens)
-    want, _ = _score(s._params, emb, pos, valid, jnp.asarray(np.asarray(wc.num_valid) - 1),
-                     jnp.asarray(cont, jnp.int32),
-                     jnp.asarray(first[:, None] + np.arange(K)[None], jnp.int32),
-                     jnp.ones(cont.shape, bool), config=TINY_LLAMA)
+    # independent reference: one plain forward over [materialized WC ‖ continuation];
+    # continuation token i is predicted from continuation slot i - 1
+    params, W = s._params, valid.shape[1]
+    hidden = base.forward_core(
+        params, TINY_LLAMA, None,
+        jnp.concatenate([emb, base.embed_tokens(params, jnp.asarray(cont)).astype(emb.dtype)], 1),
+        jnp.concatenate([pos, first[:, None] + np.arange(K)[None]], 1).astype(jnp.int32),
+        jnp.concatenate([valid, np.ones(cont.shape, bool)], 1), return_hidden=True)
+    logp = jax.nn.log_softmax(base.logits_from_hidden(
+        params, TINY_LLAMA, hidden[:, W:W + K - 1]).astype(jnp.float32), -1)
+    want = np.take_along_axis(np.asarray(logp), cont[:, 1:, None], -1)[..., 0]
     assert got.shape == (2, K - 1)
-    np.testing.assert_allclose(got, np.asarray(want)[:, 1:], atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
     np.testing.assert_array_equal(s.generate(K + 3), twin.generate(K + 3))
     with pytest.raises(InputError, match="pending"):
         s.cache_logprobs(cont)
