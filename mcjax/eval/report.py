@@ -44,7 +44,7 @@ def _plt():
 # --------------------------------------------------------------------------- plots
 
 
-def plot_dnll_vs_ratio(section: dict | None, path: Path, ceiling: dict | None = None) -> None:
+def plot_dnll_vs_ratio(section: dict, path: Path, ceiling: dict | None = None) -> None:
     """ΔNLL@H (± standard error over windows) of each variant against the whole-prefix
     compression ratio (and the ceiling's points, when measured)."""
     plt = _plt()
@@ -80,7 +80,7 @@ def plot_dnll_vs_ratio(section: dict | None, path: Path, ceiling: dict | None = 
     plt.close(fig)
 
 
-def plot_accuracy_vs_length(section: dict | None, path: Path) -> None:
+def plot_accuracy_vs_length(section: dict, path: Path) -> None:
     """Passkey accuracy of each method against history length (skipped points omitted and
     named in the legend)."""
     plt = _plt()
@@ -127,7 +127,7 @@ def focus_grid(snapshots: Sequence[dict], total_tokens: int, buckets: int) -> np
     return grid
 
 
-def plot_focus_map(section: dict | None, path: Path, num_levels: int) -> None:
+def plot_focus_map(section: dict, path: Path, num_levels: int) -> None:
     """The LOD of every span of one stream across refocus steps (x: history position,
     y: refocus step, colour: LOD; white: not yet in the history)."""
     plt = _plt()

@@ -278,7 +278,7 @@ def resumed_train_changes(saved_cfg_json: dict, cfg: ExperimentConfig) -> dict[s
     checkpoint's (`saved_cfg_json`): a resume may change them (a longer cosine, a lower
     rate), and the run's log then records it."""
     saved = saved_cfg_json.get("train") or {}
-    now = json.loads(json.dumps(config_to_json(cfg)["train"]))  # tuples as saved: lists
+    now = config_to_json(cfg)["train"]  # JSON-normalised (tuples as lists), as saved
     return {f"train.{k}": {"was": saved.get(k), "now": v} for k, v in now.items()
             if k in saved and saved[k] != v}
 
