@@ -12,12 +12,14 @@ At refocus:
    the protected tail — both stay raw anyway — and never a chunk's first token, which is
    the read chunk's own attention sink); the max over (layer, head) is the relevance;
 3. `block_scores`: the `top_blocks` most relevant blocks get scores in [0.6, 1.0] by rank,
-   their neighbours within `spread` blocks 0.95**d of that (a fact straddles a block
-   boundary more often than not); the rest 0;
+   their neighbours within `spread` blocks (and the `follow` blocks after each) 0.95**d
+   of that (a fact straddles a block boundary more often than not); the rest 0;
 4. `slot_scores`: a WC slot's score is the max over the blocks its span covers (an LOD2
    gist: over its 32 children). While some gist slot holds a relevant block, every other
    span scores below -tau_collapse, oldest lowest, so the allocator makes room by
-   collapsing the oldest irrelevant groups; otherwise they score 0 (no action). Legality is
+   collapsing the oldest irrelevant groups; otherwise they score in (-tau_collapse, 0)
+   (no action), oldest lowest, below the relevant spans, so budget and headroom
+   collapses take irrelevant spans first. Legality is
    LensNet's (`lens.mask_illegal`), so the scores enter the same allocator.
 
 Pure jittable functions over fixed shapes; all measured choices are recorded in
@@ -202,8 +204,8 @@ def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
 
 def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig) -> jax.Array:
     """[C1] scores: the `top_blocks` most relevant scoreable blocks get 1.0 (best) down to
-    RELEVANT_FLOOR by rank, blocks within `rc.spread` of one NEIGHBOUR_DECAY**distance of
-    its score; every other block 0."""
+    RELEVANT_FLOOR by rank, blocks within `rc.spread` of one (or up to `rc.follow` after
+    it) NEIGHBOUR_DECAY**distance of its score; every other block 0."""
     C1 = rel.shape[0]
     k = min(rc.top_blocks, C1)
     _, idx = jax.lax.top_k(rel, k)
@@ -214,11 +216,12 @@ def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig) -> j
     # a fact often straddles a block boundary (the phrase the question matches in one
     # block, the answer in the next): neighbours within `spread` blocks come along
     spread = out
-    for d in range(1, rc.spread + 1):
+    for d in range(1, max(rc.spread, rc.follow) + 1):
         decay = NEIGHBOUR_DECAY ** d
-        after = jnp.pad(out[:-d], (d, 0)) * decay
-        before = jnp.pad(out[d:], (0, d)) * decay
-        spread = jnp.maximum(spread, jnp.maximum(after, before))
+        if d < C1:
+            spread = jnp.maximum(spread, jnp.pad(out[:-d], (d, 0)) * decay)  # d after
+            if d <= rc.spread:
+                spread = jnp.maximum(spread, jnp.pad(out[d:], (0, d)) * decay)  # d before
     return spread
 
 
@@ -296,7 +299,13 @@ def slot_scores(wc: wcm.WorkingContext, blocks: jax.Array, mc: MCConfig) -> jax.
     frac = wcm.span_end_fraction(wc, mc)
     # below -tau_collapse however young; the oldest lowest (collapsed first)
     make_room = -(mc.tau_collapse + 0.05) - 0.5 * (1.0 - frac)
-    score = jnp.where(relevant, score, jnp.where(need, make_room, 0.0))
+    # Nothing waits: no action (above -tau_collapse), but irrelevant spans still score
+    # below relevant ones (0 once raw: LOD0 cannot expand), oldest lowest, so collapses
+    # the allocator does not choose (budget, headroom: `wcm.collapse_groups`' lowest mean)
+    # take them first. At 0 they tied with the needle's raw blocks and the oldest raw
+    # group went — often the needle, right before the answer (results/README.md).
+    idle = -0.5 * mc.tau_collapse * (1.0 - 0.5 * frac)
+    score = jnp.where(relevant, score, jnp.where(need, make_room, idle))
     return lens.mask_illegal(score, wc, mc)
 
 

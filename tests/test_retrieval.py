@@ -168,13 +168,21 @@ def test_block_relevance_finds_the_planted_block_and_skips_chunk_starts():
 def test_block_scores_rank_the_top_blocks():
     rel = jnp.asarray([-jnp.inf, 0.1, 3.0, 0.5, 2.0, 7.0, 0.0, 1.0])
     ok = jnp.isfinite(rel)
-    rc = dataclasses.replace(RC, top_blocks=3, spread=0)
+    rc = dataclasses.replace(RC, top_blocks=3, spread=0, follow=0)
     s = np.asarray(retrieval.block_scores(rel, ok, rc))
     np.testing.assert_allclose(s, [0, 0, 0.8, 0, retrieval.RELEVANT_FLOOR, 1.0, 0, 0])
     # neighbours come along at decay**distance of their top block (the larger one wins)
     d = retrieval.NEIGHBOUR_DECAY
     s = np.asarray(retrieval.block_scores(rel, ok, dataclasses.replace(rc, spread=1)))
     np.testing.assert_allclose(s, [0, 0.8 * d, 0.8, 0.8 * d, d, 1.0, d, 0], rtol=1e-6)
+    # `follow`: only the blocks after a top block come along (top blocks 2, 4, 5; block 4
+    # is also 2 after block 2, and 0.8·d² beats its own rank score 0.6)
+    s = np.asarray(retrieval.block_scores(rel, ok, dataclasses.replace(rc, follow=2)))
+    np.testing.assert_allclose(s, [0, 0, 0.8, 0.8 * d, 0.8 * d * d, 1.0, d, d * d], rtol=1e-6)
+    # both: spread on each side, follow further after
+    s = np.asarray(retrieval.block_scores(rel, ok, dataclasses.replace(rc, spread=1,
+                                                                       follow=2)))
+    np.testing.assert_allclose(s, [0, 0.8 * d, 0.8, 0.8 * d, d, 1.0, d, d * d], rtol=1e-6)
 
 
 def test_slot_scores_expand_the_span_holding_a_relevant_block_and_make_room_oldest_first():
@@ -200,9 +208,45 @@ def test_slot_scores_expand_the_span_holding_a_relevant_block_and_make_room_olde
     assert legal_collapse, "no room is made while a relevant gist waits"
     assert all(s[i] < -MC.tau_collapse for i in legal_collapse)
     assert s[legal_collapse[0]] <= s[legal_collapse[-1]]  # oldest lowest
-    # nothing relevant in a gist: no action anywhere
-    none = np.asarray(retrieval.slot_scores(wc, jnp.zeros(T // K, jnp.float32), MC))
-    assert np.all(none == 0.0)
+    # nothing relevant in a gist: no action anywhere (every score above -tau_collapse)
+    none_wc = retrieval.slot_scores(wc, jnp.zeros(T // K, jnp.float32), MC)
+    none = np.asarray(none_wc)
+    assert np.all((none <= 0.0) & (none > -MC.tau_collapse))
+    after, info = focus.allocate(wc, none_wc, MC)
+    np.testing.assert_array_equal(np.asarray(after.level), np.asarray(wc.level))
+    np.testing.assert_array_equal(np.asarray(after.node), np.asarray(wc.node))
+
+
+def test_collapses_nobody_asked_for_never_take_a_relevant_raw_block_first():
+    """With the needle's block raw and nothing left to expand, the collapse that budget
+    and headroom make (`wcm.collapse_groups`' lowest mean, as `collapse_ahead` picks it)
+    takes an irrelevant span — here a younger raw block; the needle's, tied with it at 0
+    before, went first as the oldest — and the scores ask the allocator for nothing."""
+    mc = dataclasses.replace(MC, w_max=384)
+    T = 1600
+    wc = wcm.initial_layout(T, mc)
+    target, other = 3, 9  # both expanded to raw tokens; only `target` stays relevant
+    blocks = jnp.zeros(T // K, jnp.float32).at[other].set(1.0).at[target].set(0.9)
+    for _ in range(4):
+        wc, _ = focus.allocate(wc, retrieval.slot_scores(wc, blocks, mc), mc)
+    raw = {e[1] // K for e in wcm.to_entries(wc) if e[0] == 0}
+    assert {other, target} <= raw, raw
+    wc = wc.replace(step=wc.step + mc.cooldown)  # past every cooldown
+    blocks = jnp.zeros(T // K, jnp.float32).at[target].set(1.0)
+    s = retrieval.slot_scores(wc, blocks, mc)
+    assert np.all(np.asarray(s) > -mc.tau_collapse)
+    groups = wcm.collapse_groups(wc.level, wc.node, wc.valid, wc.edit_step, wc.edit_dir,
+                                 wc.num_tokens, wc.step, s, mc)
+    key = np.asarray(groups.key("never"))
+    head = int(np.argmin(key))
+    assert np.isfinite(key[head])
+    level, node = int(wc.level[head]), int(wc.node[head])
+    assert not (level == 0 and node // K == target), "the relevant raw block went first"
+    # the other raw block (irrelevant now) is collapsible and goes before the relevant one
+    heads = {(int(wc.level[i]), int(wc.node[i]) // K): i for i in np.flatnonzero(
+        np.isfinite(key)) if int(wc.level[i]) == 0}
+    assert (0, other) in heads and (0, target) in heads
+    assert key[heads[(0, other)]] < key[heads[(0, target)]]
 
 
 def test_two_refocuses_bring_a_block_inside_an_lod2_gist_to_raw_tokens():
