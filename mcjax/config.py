@@ -228,8 +228,8 @@ class RetrievalConfig:
     (layer, head) the max q·k over the queries and the block's tokens, z-scored over the
     scoreable blocks (not the sink, not the protected tail), then the max over (layer,
     head). The `top_blocks` best blocks, their neighbours within `spread` blocks and the
-    `follow` blocks after each are relevant: spans holding them expand; while some WC gist holds one, the oldest other
-    spans become collapse candidates to make room.
+    `follow` blocks after each are relevant: spans holding them expand; while some WC
+    gist holds one, the oldest other spans become collapse candidates to make room.
     Chosen by measurement (results/retrieval_probe): layers 17 and 24 of SmolLM2-135M, all
     32 keys per block (Quest min/max and mean keys lose on real-text haystacks), 8 queries.
     """
@@ -246,9 +246,11 @@ class RetrievalConfig:
     # blocks *after* each top block that come along (on top of `spread`): the question
     # matches the needle's phrase and the answer follows it, so a needle straddling a
     # block boundary has its phrase in a top block and its answer in the next one.
-    # Measured at 4k tokens (24 cases, W_max 512, results/passkey_retrieval_follow):
-    # follow 1 18/24, follow 0 13/24 (+0.21 ± 0.12 paired); 8 of follow 0's 11 misses had
-    # the phrase's block raw and the answer's gisted
+    # Measured (24 cases, results/passkey_retrieval_follow): at 4k tokens, W_max 512,
+    # follow 1 18/24 vs follow 0 13/24 (+0.21 ± 0.12 paired, not significant; 8 of
+    # follow 0's 11 misses had the phrase's block raw and the answer's gisted); at 16k,
+    # W_max 512, 9/24 vs the old default's 14/24 (worse: extra raw blocks squeeze a small
+    # WC, as spread 1 did)
     follow: int = 1
     key_dtype: str = "float16"
     # after new input, refocus again (no new tokens) while the last refocus acted, at most

@@ -212,7 +212,7 @@ def test_slot_scores_expand_the_span_holding_a_relevant_block_and_make_room_olde
     none_wc = retrieval.slot_scores(wc, jnp.zeros(T // K, jnp.float32), MC)
     none = np.asarray(none_wc)
     assert np.all((none <= 0.0) & (none > -MC.tau_collapse))
-    after, info = focus.allocate(wc, none_wc, MC)
+    after, _ = focus.allocate(wc, none_wc, MC)
     np.testing.assert_array_equal(np.asarray(after.level), np.asarray(wc.level))
     np.testing.assert_array_equal(np.asarray(after.node), np.asarray(wc.node))
 
