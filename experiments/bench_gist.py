@@ -15,7 +15,11 @@ layers, query pooling), in one process:
   `--read-layer` layers over independent chunks of `--read-chunk` tokens) against the
   plain base prefill (all layers, hidden states only) of the same `--read-tokens` tokens,
   timed alternately; the ratio is what the read pass adds to ingesting a history;
-* storage: bytes per 1M tokens at each level, measured from the on-disk files.
+* storage: bytes per 1M tokens at each level, measured from the on-disk files;
+* streams: `--streams` trees (a session's batch) that each gain one block per round, appended
+  tree by tree (one GistNet call each) and with `mcjax.tree.append_to_trees` (one shared
+  call), timed alternately round by round, for embedding and read-pass (hidden) GistNet
+  input; the trees of both ways are checked bit-identical.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="read-pass depth (GistConfig.input_layer)")
     p.add_argument("--read-chunk", type=int, default=1024,
                    help="read-pass chunk (GistConfig.read_chunk)")
+    p.add_argument("--streams", type=int, default=4,
+                   help="trees in the shared-call streaming measurement")
+    p.add_argument("--stream-rounds", type=int, default=16,
+                   help="timed rounds (one new block per tree each) of that measurement")
+    p.add_argument("--skip-throughput", action="store_true",
+                   help="only the streams measurement (skip gisting, read pass, tree "
+                   "append and storage)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dir", default=None, help="directory for the on-disk store (default: a "
                    "temporary directory, removed afterwards)")
@@ -102,6 +113,9 @@ def run(args) -> dict:
         "block_size": K, "embed_dim": D,
     }
 
+    if args.skip_throughput:
+        result["streams"] = _streams(args, gparams, base_params, bcfg, mc, rng)
+        return result
     # ---------------------------------------------------------------- gist vs base forward
     level = jnp.int32(1)
     gisting = {}
@@ -214,7 +228,50 @@ def run(args) -> dict:
         if args.dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     result["tree_append"] = appends
+    result["streams"] = _streams(args, gparams, base_params, bcfg, mc, rng)
     return result
+
+
+def _streams(args, gparams, base_params, bcfg, mc, rng) -> dict:
+    """B trees gaining one block each per round: tree-by-tree appends vs `append_to_trees`."""
+    import dataclasses as dc
+
+    from mcjax.config import GistConfig
+    from mcjax.tree import BlockGister, MegaContextTree, append_to_trees
+
+    B, K, out = args.streams, mc.block_size, {"streams": args.streams,
+                                               "rounds": args.stream_rounds}
+    for name, gcfg in (("embeddings", GistConfig()),
+                       ("hidden", dc.replace(GistConfig(), input="hidden", input_layer=10,
+                                             read_chunk=1024))):
+        gister = BlockGister.from_base(gcfg, gparams, base_params, bcfg, block_size=K,
+                                       gist_batch=args.gist_batch)
+        one, shared = ([MegaContextTree.in_memory(mc, gister) for _ in range(B)]
+                       for _ in range(2))
+        start = [rng.integers(0, bcfg.vocab_size, 1000 + 37 * b) for b in range(B)]
+        for trees in (one, shared):  # a history inside an open read chunk; compiles
+            append_to_trees(trees, start)
+        times = {"tree_by_tree": [], "append_to_trees": []}
+        for r in range(args.stream_rounds + 1):  # round 0 warms up both paths
+            new = [rng.integers(0, bcfg.vocab_size, K) for _ in range(B)]
+            calls = {}
+            for key, fn in (("tree_by_tree", lambda: [t.append(x) for t, x in zip(one, new)]),
+                            ("append_to_trees", lambda: append_to_trees(shared, new))):
+                c0, t0 = gister.calls, time.perf_counter()
+                fn()
+                if r:
+                    times[key].append(time.perf_counter() - t0)
+                calls[key] = gister.calls - c0
+        for a, b in zip(one, shared):  # the same trees, bit for bit
+            assert a.counts == b.counts
+            for level in range(1, mc.num_levels + 1):
+                assert a.gists(level).tobytes() == b.gists(level).tobytes()
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        out[name] = {"ms_per_round": {k: 1e3 * v for k, v in med.items()},
+                     "gist_calls_per_round": calls,
+                     "ratio_shared_over_tree_by_tree": med["append_to_trees"]
+                     / med["tree_by_tree"], "trees_bit_identical": True}
+    return out
 
 
 if __name__ == "__main__":

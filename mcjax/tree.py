@@ -90,7 +90,7 @@ from mcjax.config import GistConfig, LlamaConfig, MCConfig
 from mcjax.gist import gist_blocks
 
 __all__ = [
-    "TreeView", "MegaContextTree", "AppendResult", "BlockGister",
+    "TreeView", "MegaContextTree", "AppendResult", "BlockGister", "append_to_trees",
     "LevelStore", "MemoryLevelStore", "DiskLevelStore",
     "StoreError", "MissingStoreFileError", "BadMagicError", "UnsupportedVersionError",
     "LevelMismatchError", "BlockSizeMismatchError", "EmbeddingDimMismatchError",
@@ -673,6 +673,7 @@ class BlockGister:
         self.vocab_size, self.gist_batch = vocab_size, gist_batch
         self._embed_checked = False
         self._read_checked = False
+        self.calls = 0  # GistNet calls (of gist_batch blocks) so far, every tree's
 
     @property
     def read_calls(self) -> int:
@@ -728,21 +729,43 @@ class BlockGister:
         first block's read chunk up to that block (`context_start`; fewer than read_chunk
         ids) starting at history position `context_at`, and `read_state` the tree's
         `ReadState` (None: rebuilt from `context`); all ignored for "embeddings"."""
-        K, G = self.block_size, self.gist_batch
+        inputs = self.block_inputs(level, children, context=context, read_state=read_state,
+                                   context_at=context_at)
+        return self.gist_inputs(level, [inputs], out_dtype)[0]
+
+    def block_inputs(self, level: int, children: np.ndarray, *,
+                     context: np.ndarray | None = None, read_state: ReadState | None = None,
+                     context_at: int = 0) -> np.ndarray:
+        """What GistNet reads for the m = len(children) // K new blocks (arguments as
+        `__call__`): [m, K] int32 token ids (level 1, "embeddings": embedded per call),
+        else [m, K, D] float32 (the read pass's features at level 1, the child gists
+        above). The read pass runs here; GistNet runs in `gist_inputs`."""
+        K, D = self.block_size, self.embed_dim
         m = len(children) // K
-        if m == 0:
-            return np.zeros((0, self.embed_dim), out_dtype)
-        jdtype = jnp.dtype(out_dtype)
         if level == 1 and self.cfg.input == "hidden":
-            outs = [gist_blocks(self.params, self.cfg, jnp.asarray(b), 1).astype(jdtype)
-                    for b in self._read_blocks(np.asarray(children)[: m * K], context,
-                                               read_state, context_at)]
-            return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype,
-                                                                            copy=False)
+            if m == 0:
+                return np.zeros((0, K, D), np.float32)
+            feats = self._read_features(np.asarray(children)[: m * K], context, read_state,
+                                        context_at)
+            return feats.reshape(m, K, D)
         if level == 1:
-            blocks = children.reshape(m, K).astype(np.int32)
-        else:
-            blocks = children.reshape(m, K, self.embed_dim).astype(np.float32)
+            return np.asarray(children)[: m * K].reshape(m, K).astype(np.int32)
+        return np.asarray(children)[: m * K].reshape(m, K, D).astype(np.float32)
+
+    def gist_inputs(self, level: int, inputs: Sequence[np.ndarray], out_dtype: np.dtype
+                    ) -> list[np.ndarray]:
+        """Gist several trees' new blocks of one level together: `inputs` are
+        `block_inputs` results, concatenated into calls of `gist_batch` blocks (the last
+        one zero-padded), so B streams with one new block each cost one call, not B. A
+        block's gist does not depend on its row inside the fixed batch shape (module
+        docstring), so this equals gisting each tree's blocks alone, bit for bit.
+        Returns one [m_i, D] array per input, in `out_dtype`."""
+        G, jdtype = self.gist_batch, jnp.dtype(out_dtype)
+        sizes = [len(x) for x in inputs]
+        m = sum(sizes)
+        if m == 0:
+            return [np.zeros((0, self.embed_dim), out_dtype) for _ in inputs]
+        blocks = np.concatenate([x for x in inputs if len(x)])
         padded = -(-m // G) * G
         if padded != m:  # zero-pad to whole batches; the padding's gists are dropped
             blocks = np.concatenate([blocks, np.zeros((padded - m,) + blocks.shape[1:],
@@ -750,16 +773,18 @@ class BlockGister:
         outs = []
         for i in range(0, padded, G):  # async dispatch: calls queue back to back
             chunk = blocks[i:i + G]
-            if level == 1:
+            if level == 1 and self.cfg.input == "embeddings":
                 chunk = self._embed(chunk)
-            outs.append(gist_blocks(self.params, self.cfg, chunk, level).astype(jdtype))
-        return np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype, copy=False)
+            outs.append(gist_blocks(self.params, self.cfg, jnp.asarray(chunk, jnp.float32),
+                                    level).astype(jdtype))
+        self.calls += len(outs)
+        gists = np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype, copy=False)
+        return np.split(gists, np.cumsum(sizes)[:-1])
 
-    def _read_blocks(self, ids: np.ndarray, context: np.ndarray | None,
-                     state: ReadState | None, start: int):
-        """Yield the read-pass features of the new blocks in `ids` as whole gist batches
-        [G, K, D] float32 (the last one zero-padded)."""
-        K, G, R, D = self.block_size, self.gist_batch, self.cfg.read_chunk, self.embed_dim
+    def _read_features(self, ids: np.ndarray, context: np.ndarray | None,
+                       state: ReadState | None, start: int) -> np.ndarray:
+        """The read-pass features [len(ids), D] float32 of the new blocks' tokens `ids`."""
+        R, D = self.cfg.read_chunk, self.embed_dim
         ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
         if ctx.ndim != 1 or len(ctx) >= R or start % R:
             raise ValueError(f"context must be the < read_chunk={R} token ids from the start "
@@ -772,11 +797,7 @@ class BlockGister:
                 raise ValueError(f"the reader returned features {feats.shape} for {len(ids)} "
                                  f"tokens; expected {(len(ids), D)}")
             self._read_checked = True
-        for i in range(0, len(feats), G * K):
-            take = feats[i:i + G * K]
-            if len(take) < G * K:
-                take = np.concatenate([take, np.zeros((G * K - len(take), D), np.float32)])
-            yield take.reshape(G, K, D)
+        return np.asarray(feats, np.float32)
 
     def _embed(self, ids: np.ndarray) -> jax.Array:
         emb = self.embed_fn(jnp.asarray(ids))
@@ -803,7 +824,8 @@ class AppendResult:
 @dataclasses.dataclass
 class TreeStats:
     blocks_gisted: list[int]  # per level 1..L (index 0 unused, always 0)
-    gist_calls: int = 0
+    gist_calls: int = 0  # GistNet calls that gisted this tree's blocks (a call shared with
+    # other trees, `append_to_trees`, counts for each; `BlockGister.calls` counts calls)
 
 
 def _next_pow2(n: int) -> int:
@@ -1043,42 +1065,45 @@ class MegaContextTree:
 
     def append(self, tokens) -> AppendResult:
         """Append any number of token ids (1-D, integers in [0, vocab)). Gists every block
-        that becomes complete, at every level, exactly once; durable on disk on return."""
-        self._require_open()
-        ids = self._check_tokens(tokens)
-        before = self.counts
-        if len(ids):
-            self.stores[0].append(ids.reshape(-1, 1))
-            self._gist_complete_blocks()
-        after = self.counts
-        return AppendResult(after[0], tuple(zip(before, after)))
+        that becomes complete, at every level, exactly once; durable on disk on return.
+        (`append_to_trees` appends to several trees with shared GistNet calls.)"""
+        return append_to_trees([self], [tokens])[0]
 
     def _gist_complete_blocks(self) -> None:
+        _gist_pending([self])
+
+    def _level_inputs(self, level: int) -> np.ndarray:
+        """GistNet's inputs for this level's blocks that are complete but not yet gisted
+        (`BlockGister.block_inputs`; the read pass of new LOD1 blocks runs here)."""
         K = self.mc.block_size
-        for l in range(1, self.mc.num_levels + 1):
-            child, parent = self.stores[l - 1], self.stores[l]
-            done, complete = len(parent), len(child) // K
-            if complete <= done:
-                continue
-            if l == 1:  # token ids, with the read chunk's earlier tokens as context
-                lo = self.gister.context_start(done * K)
-                ids = child.read(lo, complete * K)[:, 0]
-                gists = self.gister(1, ids[done * K - lo:], parent.dtype,
-                                    context=ids[:done * K - lo], context_at=lo,
-                                    read_state=self._gist_read)
-            else:
-                gists = self.gister(l, child.read(done * K, complete * K), parent.dtype)
-            parent.append(gists)
-            self.stats.blocks_gisted[l] += complete - done
-            self.stats.gist_calls += -(-(complete - done) // self.gister.gist_batch)
-        if self.key_store is not None:
-            done, complete = len(self.key_store), len(self.stores[0]) // K
-            if complete > done:
-                lo = self.key_reader.context_start(done * K)
-                ids = self.stores[0].read(lo, complete * K)[:, 0]
-                self.key_store.append(self.key_reader(ids[done * K - lo:],
-                                                      context=ids[:done * K - lo],
-                                                      context_at=lo, state=self._key_read))
+        child, parent = self.stores[level - 1], self.stores[level]
+        done, complete = len(parent), len(child) // K
+        if complete <= done:
+            return self.gister.block_inputs(level, np.zeros((0,), np.int32))
+        if level == 1:  # token ids, with the read chunk's earlier tokens as context
+            lo = self.gister.context_start(done * K)
+            ids = child.read(lo, complete * K)[:, 0]
+            return self.gister.block_inputs(1, ids[done * K - lo:],
+                                            context=ids[:done * K - lo], context_at=lo,
+                                            read_state=self._gist_read)
+        return self.gister.block_inputs(level, child.read(done * K, complete * K))
+
+    def _store_gists(self, level: int, gists: np.ndarray, calls: int) -> None:
+        self.stores[level].append(gists)
+        self.stats.blocks_gisted[level] += len(gists)
+        self.stats.gist_calls += calls
+
+    def _read_new_keys(self) -> None:
+        K = self.mc.block_size
+        if self.key_store is None:
+            return
+        done, complete = len(self.key_store), len(self.stores[0]) // K
+        if complete > done:
+            lo = self.key_reader.context_start(done * K)
+            ids = self.stores[0].read(lo, complete * K)[:, 0]
+            self.key_store.append(self.key_reader(ids[done * K - lo:],
+                                                  context=ids[:done * K - lo],
+                                                  context_at=lo, state=self._key_read))
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
@@ -1252,6 +1277,51 @@ class MegaContextTree:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def append_to_trees(trees: Sequence[MegaContextTree], tokens: Sequence) -> list[AppendResult]:
+    """Append `tokens[i]` (as `MegaContextTree.append` takes them; may be empty) to
+    `trees[i]`, gisting the new blocks of every level of all trees in shared GistNet calls
+    when the trees share one `BlockGister` (a session's streams do): B streams that each
+    complete one block cost one call, not B. Each tree ends bit-identical to appending
+    to it alone (`BlockGister.gist_inputs`), and stays durable level by level, LOD0
+    first. The read passes run per tree (each has its own open-chunk cache)."""
+    if len(trees) != len(tokens):
+        raise ValueError(f"{len(trees)} trees but {len(tokens)} token sequences")
+    ids = []
+    for tree, t in zip(trees, tokens):
+        tree._require_open()
+        ids.append(tree._check_tokens(t))  # every input checked before anything is stored
+    before = [tree.counts for tree in trees]
+    for tree, x in zip(trees, ids):
+        if len(x):
+            tree.stores[0].append(x.reshape(-1, 1))
+    _gist_pending([t for t, x in zip(trees, ids) if len(x)])
+    return [AppendResult(tree.counts[0], tuple(zip(b, tree.counts)))
+            for tree, b in zip(trees, before)]
+
+
+def _gist_pending(trees: Sequence[MegaContextTree]) -> None:
+    """Gist every complete, not yet gisted block of `trees`, level by level from LOD1
+    up; trees sharing a gister (and gist dtype) share its calls."""
+    groups: dict[tuple, list[MegaContextTree]] = {}
+    for tree in trees:
+        groups.setdefault((id(tree.gister), tree.mc.num_levels, tree.mc.gist_dtype),
+                          []).append(tree)
+    for group in groups.values():
+        gister = group[0].gister
+        for level in range(1, group[0].mc.num_levels + 1):
+            inputs = [tree._level_inputs(level) for tree in group]
+            if not any(len(x) for x in inputs):
+                continue
+            calls0 = gister.calls
+            gists = gister.gist_inputs(level, inputs, group[0].stores[level].dtype)
+            calls = gister.calls - calls0
+            for tree, g in zip(group, gists):
+                if len(g):
+                    tree._store_gists(level, g, calls)
+        for tree in group:
+            tree._read_new_keys()
 
 
 def copy_rows(src: MegaContextTree, dst: MegaContextTree) -> None:

@@ -177,6 +177,35 @@ def test_a_generation_after_one_that_stopped_at_eos_runs_again(tiny_llama, cfg, 
     assert again.shape == (1, 8)
 
 
+def test_a_decode_refocus_is_read_only_after_the_next_block_is_dispatched(tiny_llama, cfg,
+                                                                          nets):
+    """Non-blocking telemetry: the refocus after K decoded tokens is dispatched and the next
+    decode block is dispatched behind it before the host waits for the refocus's telemetry;
+    every refocus still has its event, in order, when `generate` returns."""
+    s = _session(tiny_llama, cfg, nets)
+    s.feed(_tokens(7, 3 * K))
+    ref = _session(tiny_llama, cfg, nets)
+    ref.feed(_tokens(7, 3 * K))
+    order = []
+    decode = s._programs.decode
+
+    def spy(*args):
+        order.append("D")
+        return decode(*args)
+
+    s._programs = s._programs._replace(decode=spy)
+    s.on_event = lambda e: order.append(e.trigger)
+    out = s.generate(3 * K)
+    assert order == ["input", "D", "D", "decode", "D", "decode", "decode"]
+    assert [e.index for e in s.events] == [0, 1, 2, 3]
+    assert all(e.timings["refocus_s"] > 0 for e in s.events)
+    np.testing.assert_array_equal(out, ref.generate(3 * K))
+    assert [e.actions for e in s.events] == [e.actions for e in ref.events]
+    order.clear()
+    s.generate(2 * K)  # no input: nothing to sync, the first block starts at once
+    assert order == ["D", "D", "decode", "decode"]
+
+
 def test_a_refocus_that_overflows_raises_and_leaves_the_state_as_it_was(tiny_llama, cfg,
                                                                         nets):
     """The refocus program's input state is donated: when a stream cannot absorb its new
@@ -655,8 +684,12 @@ def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, 
         out = []
         state = state.replace(done=jnp.zeros_like(state.done))
         for _ in range(n // K):
-            state, tokens, ran = jitted.decode(params, state, np.int32(K), np.int32(-1))
-            assert int(ran) == K
+            state, tokens, ran = jitted.decode(params, state, np.int32(K - 3), np.int32(-1))
+            assert int(ran) == K - 3
+            # a block asking for more steps than pending slots are left stops at K
+            state, more, ran = jitted.decode(params, state, np.int32(K + 5), np.int32(-1))
+            assert int(ran) == 3
+            tokens = np.concatenate([np.asarray(tokens)[:, :K - 3], np.asarray(more)[:, :3]], 1)
             out.append(np.asarray(tokens))
             for tree, t in zip(trees, out[-1]):
                 tree.append(t)

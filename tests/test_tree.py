@@ -32,7 +32,7 @@ from mcjax.tree import (
     DtypeMismatchError, EmbeddingDimMismatchError, InconsistentLevelsError, LevelMismatchError,
     MegaContextTree, MetadataError, MissingStoreFileError, ModelMismatchError,
     StoreExistsError, StoreLockedError, TreeCapacityError, TreeInputError, TruncatedFileError,
-    UnsupportedVersionError, copy_rows, level_filename, read_header)
+    UnsupportedVersionError, append_to_trees, copy_rows, level_filename, read_header)
 
 CFG = get_config("tiny")
 MC = CFG.mc  # K = 32, num_levels = 2
@@ -204,6 +204,43 @@ def test_every_gist_call_uses_one_fixed_batch_shape(monkeypatch):
     assert {lv for _, lv in seen} == {1, 2}
     assert t.stats.gist_calls == len(seen)
     assert_tree_invariants(t, stream()[:2200])
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_trees_appended_together_share_gist_calls_and_equal_trees_appended_alone(hidden):
+    """`append_to_trees` (a session's streams) gists all trees' new blocks of a level in
+    shared fixed-batch calls: each tree ends bit-identical to one fed alone, and three
+    streams completing one block each cost one call, not three."""
+    fresh = (lambda: BlockGister.from_base(hidden_gist_cfg(64), gist_params(), base_params(),
+                                           CFG.base_config, block_size=K, gist_batch=4)) \
+        if hidden else (lambda: BlockGister.from_base(CFG.gist, gist_params(), base_params(),
+                                                      CFG.base_config, block_size=K,
+                                                      gist_batch=4))
+    shared, alone_gister = fresh(), fresh()
+    together = [MegaContextTree.in_memory(MC, shared) for _ in range(3)]
+    alone = [MegaContextTree.in_memory(MC, alone_gister) for _ in range(3)]
+    rng = np.random.default_rng(3)
+    feeds = [[rng.integers(0, VOCAB, n) for n in sizes] for sizes in
+             ((70, 0, 129), (1, 33, 0), (0, 0, 5), (200, 1, 64), (1000, 37, 1100))]
+    for feed in feeds:
+        results = append_to_trees(together, feed)
+        for tree, x, r in zip(alone, feed, results):
+            assert r == tree.append(x)  # the same AppendResult too
+    for a, b in zip(together, alone):
+        assert_trees_identical(a, b)
+    assert [t.counts[2] for t in together] == [1, 0, 1]  # LOD2 through the shared path too
+    # streaming: each stream completes one block per round -> one call for all three
+    for i in range(3):
+        calls = shared.calls
+        append_to_trees(together, [rng.integers(0, VOCAB, K) for _ in range(3)])
+        assert shared.calls == calls + 1
+    # a bad sequence for one tree stores nothing in any tree
+    counts = [t.counts for t in together]
+    with pytest.raises(TreeInputError):
+        append_to_trees(together, [np.arange(5), np.asarray([VOCAB]), np.arange(3)])
+    assert [t.counts for t in together] == counts
+    with pytest.raises(ValueError, match="3 trees but 2"):
+        append_to_trees(together, [np.arange(5)] * 2)
 
 
 def test_bfloat16_storage_holds_rounded_gists_and_feeds_them_to_lod2():

@@ -43,8 +43,8 @@ def decode_block(plan: Plan, base_params, state: StreamState, num_steps, eos_id)
     first_position = pending_base_position(plan, state.wc)
 
     def cond(carry):
-        s, i, _ = carry
-        return (i < num_steps) & ~jnp.all(s.done)
+        s, i, _ = carry  # never past the K pending slots, whatever num_steps says
+        return (i < num_steps) & (s.num_pending < K) & ~jnp.all(s.done)
 
     def body(carry):
         s, i, out = carry

@@ -32,7 +32,7 @@ from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE, P
                                  empty_view, initial_layouts, initial_state,
                                  pending_base_position, view_update)
 from mcjax.runtime.telemetry import RefocusEvent, event_from
-from mcjax.tree import BlockGister, MegaContextTree, copy_rows
+from mcjax.tree import BlockGister, MegaContextTree, append_to_trees, copy_rows
 
 __all__ = ["Session"]
 
@@ -223,6 +223,8 @@ class Session:
         self._laid_out = np.zeros(self.batch_size, bool)
         self._num_pending = 0  # host mirror of state.num_pending
         self._num_refocus = 0
+        self._unread = None  # (t0, trigger, num_new, telemetry, timings) of a refocus whose
+        # telemetry is not read yet (a decode refocus, read once the next block is dispatched)
         self._ingest_s = 0.0  # tree ingest time since the last refocus (feed side)
         # what `save` writes so that `load` rebuilds this session
         self._nets = {"gist": gist_params, "lens": resolved_lens}
@@ -358,9 +360,7 @@ class Session:
             [np.zeros((0,), np.int64)] * self.batch_size
         new = [np.concatenate([p, x]) for p, x in zip(pending, ids)]
         self._check_room([len(x) for x in new])
-        for tree, tokens in zip(self._trees, new):
-            if len(tokens):
-                tree.append(tokens)
+        append_to_trees(self._trees, new)  # one GistNet call per level for all streams
         self._unsynced += np.asarray([len(x) for x in new])
         self._num_pending = 0  # now in the trees; the next refocus clears the slots
         self._ingest_s += time.perf_counter() - t0
@@ -399,7 +399,11 @@ class Session:
         self._view_synced = update[4].astype(np.int64)
 
     def _refocus(self, num_new, reset, layout, *, revive, trigger: str, timings: dict,
-                 settle=None) -> RefocusEvent:
+                 settle=None, defer: bool = False) -> RefocusEvent | None:
+        """Dispatch one refocus. Its telemetry is read (and the event made) now, or with
+        `defer` once the next decode block has been dispatched (`_read_telemetry`), so the
+        device goes from refocus to decode without waiting for the host."""
+        self._read_telemetry()
         t0 = time.perf_counter()
         self._upload_view()
         settle = self._no_streams if settle is None else np.asarray(settle, bool)
@@ -407,7 +411,19 @@ class Session:
             self._params, self._focus_params, self._state, self._view,
             np.asarray(num_new, np.int32), np.asarray(reset, bool), layout,
             np.asarray(revive, bool), np.bool_(trigger == "decode"), settle)
-        telemetry = jax.device_get(telemetry)  # waits for the refocus
+        self._unread = (t0, trigger, np.asarray(num_new), telemetry, timings)
+        # debug_invariants checks the state this refocus left, so it cannot wait for the
+        # next decode block
+        return None if defer and not self.debug_invariants else self._read_telemetry()
+
+    def _read_telemetry(self) -> RefocusEvent | None:
+        """Wait for the last dispatched refocus's telemetry and record its event (None when
+        every refocus was recorded already)."""
+        if self._unread is None:
+            return None
+        t0, trigger, num_new, telemetry, timings = self._unread
+        self._unread = None
+        telemetry = jax.device_get(telemetry)  # waits for that refocus
         timings = dict(timings, refocus_s=time.perf_counter() - t0)
         if telemetry["append_overflow"].any():
             b = int(np.argmax(telemetry["append_overflow"]))
@@ -439,16 +455,15 @@ class Session:
                                   settle=streams)
 
     def _refocus_pending(self, timings: dict) -> None:
-        """K tokens decoded: ingest them into the trees and refocus."""
+        """K tokens decoded: ingest them into the trees and dispatch a refocus, its
+        telemetry read after the next decode block is dispatched (`_stream`)."""
         t0 = time.perf_counter()
         new = self._pending_tokens()
-        for tree, tokens in zip(self._trees, new):
-            if len(tokens):
-                tree.append(tokens)
+        append_to_trees(self._trees, new)
         timings = dict(timings, ingest_s=time.perf_counter() - t0)
         self._num_pending = 0
         self._refocus(np.asarray([len(x) for x in new]), self._no_streams, self._empty_layout,
-                      revive=self._no_streams, trigger="decode", timings=timings)
+                      revive=self._no_streams, trigger="decode", timings=timings, defer=True)
 
     def check(self, atol: float = 2e-3) -> None:
         """Check every WC invariant against the trees, and that the cache holds exactly the
@@ -634,12 +649,19 @@ class Session:
         return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
 
     def _stream(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
+        try:
+            yield from self._stream_blocks(n, eos)
+        finally:  # the last refocus's event is recorded before control returns
+            self._read_telemetry()
+
+    def _stream_blocks(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
         K, produced = self.mc.block_size, 0
         while produced < n:
             steps = min(n - produced, K - self._num_pending)
-            t0 = time.perf_counter()
             self._state, out, ran = self._programs.decode(self._params, self._state,
                                                           np.int32(steps), eos)
+            self._read_telemetry()  # the refocus before this block, while it decodes
+            t0 = time.perf_counter()  # the block starts once that refocus is done
             ran = int(ran)
             tokens = np.asarray(out)[:, :ran]
             decode_s = time.perf_counter() - t0

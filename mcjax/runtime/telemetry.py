@@ -24,7 +24,9 @@ class RefocusEvent:
     with `reprefill_approximate` its K-slot chunks); reprefill_start: the first of them (W
     when none, or approximate). timings (s):
     ingest_s (tree appends incl. GistNet), refocus_s (view upload + the jitted refocus,
-    waited for), decode_s (the decode block before a "decode" refocus).
+    until its telemetry was read: at once, or for a "decode" refocus just after the next
+    decode block was dispatched behind it), decode_s (the decode block before a "decode"
+    refocus, from the end of the refocus before it).
     """
 
     index: int  # refocus number in this session
