@@ -252,6 +252,13 @@ class RetrievalConfig:
     # W_max 512, 9/24 vs the old default's 14/24 (worse: extra raw blocks squeeze a small
     # WC, as spread 1 did)
     follow: int = 1
+    # the share of W_max the top blocks may fill as raw slots (each with its `follow` and
+    # `spread` neighbours): `top_blocks` is raised to fill it, so a larger WC looks further
+    # down the ranking (`retrieval.top_blocks_for`); 0 keeps `top_blocks` fixed. At 0.5 and
+    # follow 1: 4 blocks at W_max 512 (the measured default there), 16 at 2,048. Measured
+    # at 16k tokens, W_max 2,048 (results/passkey_16k_diag): the needle's best block ranked
+    # 6th, 10th, 19th and 21st of 512 in 4 of the 11 misses of top 4
+    relevant_share: float = 0.0
     key_dtype: str = "float16"
     # after new input, refocus again (no new tokens) while the last refocus acted, at most
     # this many extra times: a needle inside an LOD2 gist needs two expansions
@@ -269,6 +276,8 @@ class RetrievalConfig:
                                        f"{self.top_blocks}")
         _require(self.spread >= 0, f"retrieval.spread must be >= 0, got {self.spread}")
         _require(self.follow >= 0, f"retrieval.follow must be >= 0, got {self.follow}")
+        _require(0.0 <= self.relevant_share <= 1.0,
+                 f"retrieval.relevant_share must lie in [0, 1], got {self.relevant_share}")
         _require(self.key_dtype in ("float32", "bfloat16", "float16"),
                  f"unsupported retrieval.key_dtype {self.key_dtype!r}")
         _require(self.settle_rounds >= 0, "retrieval.settle_rounds must be >= 0")

@@ -11,9 +11,10 @@ At refocus:
    block's tokens; z-scored per (layer, head) over the scoreable blocks (not the sink, not
    the protected tail — both stay raw anyway — and never a chunk's first token, which is
    the read chunk's own attention sink); the max over (layer, head) is the relevance;
-3. `block_scores`: the `top_blocks` most relevant blocks get scores in [0.6, 1.0] by rank,
-   their neighbours within `spread` blocks (and the `follow` blocks after each) 0.95**d
-   of that (a fact straddles a block boundary more often than not); the rest 0;
+3. `block_scores`: the `top_blocks_for(W_max)` most relevant blocks get scores in
+   [0.6, 1.0] by rank, their neighbours within `spread` blocks (and the `follow` blocks
+   after each) 0.95**d of that (a fact straddles a block boundary more often than not);
+   the rest 0;
 4. `slot_scores`: a WC slot's score is the max over the blocks its span covers (an LOD2
    gist: over its 32 children). While some gist slot holds a relevant block, every other
    span scores below -tau_collapse, oldest lowest, so the allocator makes room by
@@ -40,9 +41,10 @@ from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
 from mcjax.tree import ChunkReader, ReadState
 
 __all__ = ["key_width", "key_shape", "BlockKeyReader", "tail_read", "query_vectors",
-           "block_relevance", "block_scores", "span_max", "slot_retrieval_features",
-           "NUM_SLOT_RETRIEVAL_FEATURES", "slot_scores", "stream_conditioning",
-           "stream_block_scores", "RELEVANT_FLOOR", "key_bytes_per_million_tokens", "key_dtype"]
+           "block_relevance", "top_blocks_for", "block_scores", "span_max",
+           "slot_retrieval_features", "NUM_SLOT_RETRIEVAL_FEATURES", "slot_scores",
+           "stream_conditioning", "stream_block_scores", "RELEVANT_FLOOR",
+           "key_bytes_per_million_tokens", "key_dtype"]
 
 RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
 NEIGHBOUR_DECAY = 0.95  # a neighbour d blocks from a top block scores decay**d of it
@@ -202,12 +204,21 @@ def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
     return rel, scoreable
 
 
-def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig) -> jax.Array:
-    """[C1] scores: the `top_blocks` most relevant scoreable blocks get 1.0 (best) down to
-    RELEVANT_FLOOR by rank, blocks within `rc.spread` of one (or up to `rc.follow` after
-    it) NEIGHBOUR_DECAY**distance of its score; every other block 0."""
+def top_blocks_for(rc: RetrievalConfig, mc: MCConfig) -> int:
+    """How many top blocks a WC of `mc.w_max` slots takes: `rc.top_blocks`, raised so that
+    they and their `follow` / `spread` neighbours fill `rc.relevant_share` of W_max."""
+    per_top = mc.block_size * (1 + rc.follow + 2 * rc.spread)
+    return max(rc.top_blocks, int(rc.relevant_share * mc.w_max) // per_top)
+
+
+def block_scores(rel: jax.Array, scoreable: jax.Array, rc: RetrievalConfig,
+                 top_blocks: int | None = None) -> jax.Array:
+    """[C1] scores: the `top_blocks` (default `rc.top_blocks`; the runtime passes
+    `top_blocks_for`) most relevant scoreable blocks get 1.0 (best) down to RELEVANT_FLOOR
+    by rank, blocks within `rc.spread` of one (or up to `rc.follow` after it)
+    NEIGHBOUR_DECAY**distance of its score; every other block 0."""
     C1 = rel.shape[0]
-    k = min(rc.top_blocks, C1)
+    k = min(rc.top_blocks if top_blocks is None else top_blocks, C1)
     _, idx = jax.lax.top_k(rel, k)
     step = (1.0 - RELEVANT_FLOOR) / max(k - 1, 1)
     value = 1.0 - step * jnp.arange(k, dtype=jnp.float32)
@@ -239,7 +250,7 @@ def stream_conditioning(base_params, llama: LlamaConfig, rc: RetrievalConfig, mc
     if keys is not None:
         rel, ok = block_relevance(keys, counts[0], read["queries"], read["query_valid"], rc,
                                   mc, llama)
-        out["rel"], out["blocks"] = rel, block_scores(rel, ok, rc)
+        out["rel"], out["blocks"] = rel, block_scores(rel, ok, rc, top_blocks_for(rc, mc))
     if hidden_layer is not None:
         out["hidden"], out["hidden_valid"] = read["hidden"], read["hidden_valid"]
     return out

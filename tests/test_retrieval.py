@@ -185,6 +185,31 @@ def test_block_scores_rank_the_top_blocks():
     np.testing.assert_allclose(s, [0, 0.8 * d, 0.8, 0.8 * d, d, 1.0, d, d * d], rtol=1e-6)
 
 
+def test_a_larger_working_context_takes_more_top_blocks_by_relevant_share():
+    mc512 = dataclasses.replace(MC, block_size=32, w_max=512)
+    rc = dataclasses.replace(RC, top_blocks=3, follow=1, spread=0, relevant_share=0.5)
+    # 0.5·512 = 256 raw slots; each top block brings its follower: 64 slots -> 4 blocks
+    assert retrieval.top_blocks_for(rc, mc512) == 4
+    assert retrieval.top_blocks_for(rc, dataclasses.replace(mc512, w_max=2048)) == 16
+    # spread 1 adds a block on each side: 128 slots per top block
+    assert retrieval.top_blocks_for(dataclasses.replace(rc, spread=1), mc512) == 3
+    # share 0 (the off switch) and a share too small for one block keep top_blocks
+    assert retrieval.top_blocks_for(dataclasses.replace(rc, relevant_share=0.0), mc512) == 3
+    assert retrieval.top_blocks_for(dataclasses.replace(rc, relevant_share=0.01), mc512) == 3
+    # the count reaches block_scores through stream_conditioning: a WC of 4 top blocks
+    # marks 4 blocks (and their followers) relevant where top_blocks alone marks 3
+    tree = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    tree.append(history(40 * K, seed=6))
+    view = tree.view()
+    rc0 = dataclasses.replace(RC, top_blocks=3, follow=0, spread=0)
+    for share, want in ((0.0, 3), (1.0, MC.w_max // K)):  # tiny: 256 // 32 = 8 blocks
+        r = dataclasses.replace(rc0, relevant_share=share)
+        out = retrieval.stream_conditioning(params(), LLAMA, r, MC, view.tokens, view.keys,
+                                            view.counts)
+        assert int(jnp.sum(jnp.isfinite(out["rel"]))) > want
+        assert int(jnp.sum(out["blocks"] > 0)) == want, share
+
+
 def test_slot_scores_expand_the_span_holding_a_relevant_block_and_make_room_oldest_first():
     T = 1600
     wc = wcm.initial_layout(T, MC)
@@ -388,3 +413,6 @@ def test_retrieval_config_rejects_bad_values():
         RetrievalConfig(layers=(3, 2))
     with pytest.raises(ConfigError):
         RetrievalConfig(queries=200, query_window=128)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="relevant_share"):
+            RetrievalConfig(relevant_share=bad)
