@@ -255,9 +255,11 @@ class RetrievalConfig:
     # the share of W_max the top blocks may fill as raw slots (each with its `follow` and
     # `spread` neighbours): `top_blocks` is raised to fill it, so a larger WC looks further
     # down the ranking (`retrieval.top_blocks_for`); 0 keeps `top_blocks` fixed. At 0.5 and
-    # follow 1: 4 blocks at W_max 512 (the measured default there), 16 at 2,048. Measured
-    # at 16k tokens, W_max 2,048 (results/passkey_16k_diag): the needle's best block ranked
-    # 6th, 10th, 19th and 21st of 512 in 4 of the 11 misses of top 4
+    # follow 1: 4 blocks at W_max 512 (the measured default there), 16 at 2,048. Off by
+    # default: at 16k tokens, W_max 2,048 (24 cases, results/passkey_16k_top16) top 16
+    # scored 13/24 like top 4 (paired 0.00 ± 0.09): it found the two needles ranked 6th
+    # and 10th of 512 and lost two ranked 1st; in 4 of top 4's 5 traced misses every
+    # needle block was already raw (results/passkey_16k_diag)
     relevant_share: float = 0.0
     key_dtype: str = "float16"
     # after new input, refocus again (no new tokens) while the last refocus acted, at most
