@@ -48,6 +48,7 @@ __all__ = ["key_width", "key_shape", "BlockKeyReader", "tail_read", "query_vecto
 
 RELEVANT_FLOOR = 0.6  # score of the last of the top blocks; the first gets 1.0
 NEIGHBOUR_DECAY = 0.95  # a neighbour d blocks from a top block scores decay**d of it
+RELEVANCE_GROUP = 256  # blocks scored per step of `block_relevance`'s loop
 _KEY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
 
 
@@ -185,13 +186,27 @@ def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
     C1 = keys.shape[0]
     nl, kvh, hd = len(rc.layers), llama.num_kv_heads, llama.head_dim
     G = llama.num_heads // kvh
-    k = keys.reshape(C1, K, nl, kvh, hd).astype(jnp.float32)
     q = queries.reshape(nl, -1, kvh, G, hd)
-    s = jnp.einsum("lqkgd,ntlkd->nltqkg", q, k)  # [C1, L, K, Q, kv, G]
-    token = jnp.arange(C1)[:, None] * K + jnp.arange(K)[None, :]
-    ok_token = (token % rc.chunk) != 0  # a read chunk's first token is its own sink
-    ok = ok_token[:, None, :, None, None, None] & query_valid[None, None, None, :, None, None]
-    s = jnp.max(jnp.where(ok, s, -jnp.inf), axis=(2, 3)).reshape(C1, nl * kvh * G)
+    # Blocks in fixed-size groups (lax.map): the [blocks, L, K, Q, kv, G] products and the
+    # keys' float32 copy then stay cache-sized; the same values as one einsum, ~2x faster
+    # on CPU at 6,250 blocks (the cost is linear in the history: every refocus reads
+    # every block's keys).
+    n = min(RELEVANCE_GROUP, C1)
+    pad = -C1 % n
+    groups = jnp.pad(keys, ((0, pad), (0, 0))).reshape(-1, n, keys.shape[1])
+    first = jnp.arange(groups.shape[0]) * n
+
+    def group_max(args):
+        group, b0 = args
+        k = group.reshape(n, K, nl, kvh, hd).astype(jnp.float32)
+        s = jnp.einsum("lqkgd,ntlkd->nltqkg", q, k)  # [n, L, K, Q, kv, G]
+        token = (b0 + jnp.arange(n))[:, None] * K + jnp.arange(K)[None, :]
+        ok_token = (token % rc.chunk) != 0  # a read chunk's first token is its own sink
+        ok = (ok_token[:, None, :, None, None, None]
+              & query_valid[None, None, None, :, None, None])
+        return jnp.max(jnp.where(ok, s, -jnp.inf), axis=(2, 3))
+
+    s = jax.lax.map(group_max, (groups, first)).reshape(-1, nl * kvh * G)[:C1]
     blocks = jnp.arange(C1)
     scoreable = ((blocks >= mc.sink_blocks)
                  & ((blocks + 1) * K <= num_tokens - mc.recent_protect))

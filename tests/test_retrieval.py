@@ -165,6 +165,43 @@ def test_block_relevance_finds_the_planted_block_and_skips_chunk_starts():
     assert int(jnp.argmax(rel2)) != 14
 
 
+def _relevance_reference(keys, T, q, valid):
+    """Plain numpy block relevance (the module docstring's step 2), block by block."""
+    nl, kvh, hd = len(RC.layers), LLAMA.num_kv_heads, LLAMA.head_dim
+    G = LLAMA.num_heads // kvh
+    k = np.asarray(keys, np.float64).reshape(-1, K, nl, kvh, hd)
+    qq = np.asarray(q, np.float64).reshape(nl, -1, kvh, G, hd)[:, np.asarray(valid)]
+    nb = k.shape[0]
+    s = np.full((nb, nl * kvh * G), -np.inf)
+    for b in range(nb):
+        for t in range(K):
+            if (b * K + t) % RC.chunk == 0:
+                continue
+            dots = np.einsum("lqkgd,lkd->lkgq", qq, k[b, t]).max(-1).reshape(-1)
+            s[b] = np.maximum(s[b], dots)
+    ok = np.array([b >= MC.sink_blocks and (b + 1) * K <= T - MC.recent_protect
+                   for b in range(nb)])
+    z = (s - s[ok].mean(0)) / (s[ok].std(0) + 1e-6)
+    return np.where(ok, z.max(1), -np.inf), ok
+
+
+@pytest.mark.parametrize("group", [4, 7, 256])
+def test_block_relevance_in_groups_equals_a_block_by_block_reference(monkeypatch, group):
+    """`block_relevance` scores blocks in groups (padded at the end); whatever the group
+    size, it must equal a plain per-block computation (masked queries and chunk-start
+    tokens excluded)."""
+    monkeypatch.setattr(retrieval, "RELEVANCE_GROUP", group)
+    nb, T = 23, 23 * K
+    rng = np.random.default_rng(5)
+    keys = jnp.asarray(rng.normal(0, 1, (nb, retrieval.key_width(RC, LLAMA, K))), jnp.float32)
+    q = jnp.asarray(rng.normal(0, 1, (len(RC.layers), RC.queries, LLAMA.num_heads,
+                                      LLAMA.head_dim)), jnp.float32)
+    valid = jnp.asarray([True] * (RC.queries - 1) + [False])
+    rel, ok = retrieval.block_relevance(keys, jnp.int32(T), q, valid, RC, MC, LLAMA)
+    want_rel, want_ok = _relevance_reference(keys, T, q, valid)
+    np.testing.assert_array_equal(np.asarray(ok), want_ok)
+    np.testing.assert_allclose(np.asarray(rel), want_rel, rtol=1e-4, atol=1e-4)
+
 def test_block_scores_rank_the_top_blocks():
     rel = jnp.asarray([-jnp.inf, 0.1, 3.0, 0.5, 2.0, 7.0, 0.0, 1.0])
     ok = jnp.isfinite(rel)

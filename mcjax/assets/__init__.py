@@ -368,9 +368,10 @@ def check_lens_params(params: Any, cfg: ExperimentConfig, what: str = "lens para
     check_params(params, cfg, "lens", what)
 
 
-# the retrieval settings that shape LensNet v2's inputs. `follow` (newer than the shipped
-# card, trained at 0) is left out on purpose: it only adds the block after each top block
-# to the relevant set, which LensNet's features then show as relevant too.
+# the retrieval settings that shape LensNet v2's inputs. `follow` and `relevant_share`
+# (newer than the shipped card, trained at 0 and off) are left out on purpose: they only
+# add blocks to the relevant set (the block after each top block; more top blocks in a
+# larger WC), which LensNet's features then show as relevant too.
 _RETRIEVAL_FIELDS = ("layers", "chunk", "queries", "query_window", "top_blocks", "spread")
 
 
