@@ -275,6 +275,30 @@ def test_read_steps_over_a_chunk_cache_equal_the_whole_chunk_read(tiny_llama):
     assert base.read_depth(2, (0, 1)) == 2 and base.read_depth(None, (5,)) == 5
 
 
+def test_a_read_split_at_its_qk_layers_equals_the_whole_stack(tiny_llama):
+    """A read with qk layers runs the stack in ranges (0..q, q..hidden_layer); chunk by
+    chunk, its hidden states must equal an independent reference — the plain full forward
+    of that chunk — whole and continued step by step over a chunk cache."""
+    config, params = tiny_llama
+    assert config.num_layers >= 3
+    chunk, T = 7, 12
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, config.vocab_size, (1, T)))
+    layers = dict(hidden_layer=config.num_layers, qk_layers=(1, config.num_layers - 1))
+    got = base.read_pass(params, config, tokens, chunk=chunk, **layers)["hidden"]
+    steps = []
+    for a, b in ((0, 3), (3, 7), (7, 12)):
+        if a % chunk == 0:
+            cache = base.init_read_cache(config, chunk, **layers)
+        out, cache = base.read_step_core(params, config, cache, tokens[:, a:b],
+                                         jnp.int32(a % chunk), **layers)
+        steps.append(out["hidden"])
+    for start in range(0, T, chunk):
+        ref = base.forward(params, config, tokens=tokens[:, start:start + chunk],
+                           return_hidden=True)
+        chex.assert_trees_all_close(got[:, start:start + chunk], ref, atol=1e-5)
+        chex.assert_trees_all_close(jnp.concatenate(steps, 1)[:, start:start + chunk], ref,
+                                    atol=1e-5)
+
 def test_layer_hidden_reads_independent_chunks_and_equals_a_truncated_stack(tiny_llama):
     """Read-pass features: each aligned chunk is read on its own (positions from 0), and a
     token's state after `layer` layers equals an independent reference — the full forward

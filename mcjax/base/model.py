@@ -15,7 +15,6 @@ and then call jit-compiled cores; inside a user's own `jit` only the static chec
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -220,21 +219,6 @@ class Llama(nn.Module):
         (h, kv, _), _ = self.layers(carry, cos, sin, bias, index)
         return self.final_norm(h), kv
 
-    def run_layers(self, h, positions, bias):
-        """The decoder layers alone (no embedding, no final norm): residual stream in, out."""
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        (h, _, _), _ = self.layers((h.astype(_dtype(self.config)), None, jnp.int32(0)),
-                                   cos, sin, bias, None)
-        return h
-
-    def run_layers_cached(self, h, positions, bias, cache, index):
-        """`run_layers` continuing a KV cache (k, v) [layers, B, S, ...] at slot `index`:
-        returns (residual stream out, updated cache)."""
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        (h, kv, _), _ = self.layers((h.astype(_dtype(self.config)), cache, jnp.int32(0)),
-                                    cos, sin, bias, index)
-        return h, kv
-
     def logits(self, hidden):
         if self.config.tie_word_embeddings:
             return self.embed.attend(hidden).astype(jnp.float32)
@@ -393,10 +377,27 @@ def layer_hidden_core(params, config: LlamaConfig, tokens: jax.Array, layer: int
 _layer_hidden = jax.jit(layer_hidden_core, static_argnames=("config", "layer", "chunk"))
 
 
-def _layer_slice(params, start: int, stop: int):
-    sub = dict(params)
-    sub["layers"] = jax.tree_util.tree_map(lambda x: x[start:stop], params["layers"])
-    return sub
+def _run_layer_range(params, config: LlamaConfig, h, positions, bias, start: int, stop: int,
+                     cache=None, index=None):
+    """Decoder layers [start, stop) of the stacked `params["layers"]` on residual stream h;
+    with `cache` (k, v) [depth, B, S, ...] (depth >= stop), writing and reading its layers
+    start..stop-1 at slot `index`. Returns (h, cache).
+
+    Each step indexes one layer of the whole stack, as `Llama`'s own scan does: a static
+    slice of the stack (`x[start:stop]`) made XLA:CPU copy it on every call — measured 0.39
+    s for 8 tokens through 24 SmolLM2-135M layers against 0.07 s for all 30."""
+    cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta)
+    layer = DecoderLayer(config)
+
+    def body(carry, i):
+        lp = jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), params["layers"])
+        carry, _ = layer.apply({"params": lp}, carry, cos, sin, bias, index)
+        return carry, None
+
+    carry = (h.astype(_dtype(config)), cache, jnp.int32(start))
+    (h, cache, _), _ = jax.lax.scan(body, carry, jnp.arange(start, stop, dtype=jnp.int32))
+    return h, cache
 
 
 def _pre_rope_qk(params, config: LlamaConfig, h: jax.Array, layer: int):
@@ -445,9 +446,7 @@ def read_pass_core(params, config: LlamaConfig, tokens: jax.Array, *, chunk: int
 
     for stop in stops:
         if stop > done:
-            sub_cfg = dataclasses.replace(config, num_layers=stop - done)
-            h = Llama(sub_cfg).apply({"params": _layer_slice(params, done, stop)}, h, pos, bias,
-                                     method=Llama.run_layers)
+            h, _ = _run_layer_range(params, config, h, pos, bias, done, stop)
             done = stop
         if hidden_layer == stop:
             out["hidden"] = unchunk(final_norm.apply({"params": params["final_norm"]}, h))
@@ -496,17 +495,12 @@ def read_step_core(params, config: LlamaConfig, cache: KVCache, tokens: jax.Arra
     bias = _causal_bias(valid, positions)
     h = embed_tokens(params, tokens)
     stops = sorted(set(qk_layers) | ({hidden_layer} if hidden_layer is not None else set()))
-    done, qs, ks, new_k, new_v = 0, [], [], [], []
+    done, qs, ks = 0, [], []
+    kv = (cache.k, cache.v)
     out: dict = {}
     for stop in stops:
         if stop > done:
-            sub_cfg = dataclasses.replace(config, num_layers=stop - done)
-            h, (k, v) = Llama(sub_cfg).apply(
-                {"params": _layer_slice(params, done, stop)}, h, positions, bias,
-                (cache.k[done:stop], cache.v[done:stop]), index,
-                method=Llama.run_layers_cached)
-            new_k.append(k)
-            new_v.append(v)
+            h, kv = _run_layer_range(params, config, h, positions, bias, done, stop, kv, index)
             done = stop
         if hidden_layer == stop:
             out["hidden"] = RMSNorm(config.rms_norm_eps, _dtype(config)).apply(
@@ -518,9 +512,7 @@ def read_step_core(params, config: LlamaConfig, cache: KVCache, tokens: jax.Arra
     if qk_layers:
         out["queries"] = jnp.stack(qs, axis=2)
         out["keys"] = jnp.stack(ks, axis=2)
-    k = jnp.concatenate(new_k) if new_k else cache.k
-    v = jnp.concatenate(new_v) if new_v else cache.v
-    return out, KVCache(k=k, v=v, valid=valid)
+    return out, KVCache(k=kv[0], v=kv[1], valid=valid)
 
 
 def read_pass(params: Params, config: LlamaConfig, tokens, *, chunk: int,
