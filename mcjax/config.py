@@ -237,6 +237,10 @@ class RetrievalConfig:
     layers: tuple[int, ...] = (17, 24)
     chunk: int = 512
     queries: int = 8
+    # the question read's tokens. Measured (results/retrieval_query_window): 32 ranks the
+    # needle as well at 4k and better at 16k (top 4: 22/24 vs 20/24) for a quarter of the
+    # read, but passkey at 16k / W_max 2,048 was 12/24 vs 13/24 (no difference); 128 stays
+    # while the shipped LensNet v2 (whose card pins it) is not re-distilled
     query_window: int = 128
     top_blocks: int = 4
     # blocks on each side of a top block that come along. Measured at 16k tokens (24 cases,
