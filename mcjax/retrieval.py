@@ -191,7 +191,7 @@ def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
     # keys' float32 copy then stay cache-sized; the same values as one einsum, ~2x faster
     # on CPU at 6,250 blocks (the cost is linear in the history: every refocus reads
     # every block's keys).
-    n = min(RELEVANCE_GROUP, C1)
+    n = max(1, min(RELEVANCE_GROUP, C1))  # a view of no blocks still scores (to nothing)
     pad = -C1 % n
     groups = jnp.pad(keys, ((0, pad), (0, 0))).reshape(-1, n, keys.shape[1])
     first = jnp.arange(groups.shape[0]) * n

@@ -299,6 +299,7 @@ def test_a_read_split_at_its_qk_layers_equals_the_whole_stack(tiny_llama):
         chex.assert_trees_all_close(jnp.concatenate(steps, 1)[:, start:start + chunk], ref,
                                     atol=1e-5)
 
+
 def test_layer_hidden_reads_independent_chunks_and_equals_a_truncated_stack(tiny_llama):
     """Read-pass features: each aligned chunk is read on its own (positions from 0), and a
     token's state after `layer` layers equals an independent reference — the full forward

@@ -202,6 +202,7 @@ def test_block_relevance_in_groups_equals_a_block_by_block_reference(monkeypatch
     np.testing.assert_array_equal(np.asarray(ok), want_ok)
     np.testing.assert_allclose(np.asarray(rel), want_rel, rtol=1e-4, atol=1e-4)
 
+
 def test_block_scores_rank_the_top_blocks():
     rel = jnp.asarray([-jnp.inf, 0.1, 3.0, 0.5, 2.0, 7.0, 0.0, 1.0])
     ok = jnp.isfinite(rel)
