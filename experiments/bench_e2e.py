@@ -16,7 +16,8 @@ real ones do (`--model smollm2-135m` loads the real ones). On a CPU the defaults
 LensNet are untrained (same cost per call); an untrained LensNet's arbitrary expand/collapse
 actions each force a re-prefill from their slot, so `--focus quiet` (a LensNet that never
 acts) measures the runtime's floor: appends plus budget collapses only. Each history is run
-under every `--kv-reuse` mode (default: exact and approx), each with its own ratio and goal.
+under every `--kv-reuse` mode (default: exact and approx) crossed with every `--decode-focus`
+setting (default: every), each with its own ratio and goal.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    default=["exact", "approx"],
                    help="Session kv_reuse modes, each timed side by side with the base "
                         "(approx keeps moved KV entries: see results/kv_reuse for its cost)")
+    p.add_argument("--decode-focus", nargs="+", choices=["every", "on_collapse"],
+                   default=["every"],
+                   help="Session decode_focus settings, each timed (crossed with --kv-reuse); "
+                        "on_collapse: focus acts while decoding only when room is made "
+                        "anyway (see results/decode_focus for its NLL cost)")
     p.add_argument("--batch", type=int, default=1,
                    help="streams per session (and per base decode); each stream's history "
                         "is its own slice of the text (default: %(default)s)")
@@ -172,12 +178,17 @@ def run(args) -> dict:
                             "shipped": "the shipped GistNet and LensNet v2 (mcjax/assets/)"
                             }[args.focus], "text": args.text,
         "collapse_headroom": None, "prefill_chunk": None,
-        "kv_reuse": list(args.kv_reuse), "histories": {},
+        "kv_reuse": list(args.kv_reuse), "decode_focus": list(args.decode_focus),
+        "histories": {},
     }
-    for H, mode in [(H, m) for H in args.histories for m in args.kv_reuse]:
+    # a mode is its kv_reuse setting, suffixed with a decode_focus other than the default
+    modes = [(m if f == "every" else f"{m}/{f}", m, f) for m in args.kv_reuse
+             for f in args.decode_focus]
+    for H, (name, mode, decode_focus) in [(H, m) for H in args.histories for m in modes]:
         session = Session((llama, params), gist_params, lens_params, cfg, max_tokens=max_tokens,
                           batch_size=B, collapse_headroom=args.headroom,
                           prefill_chunk=args.prefill_chunk, kv_reuse=mode,
+                          decode_focus=decode_focus,
                           focus_policy="retrieval" if args.focus == "retrieval" else "lens")
         if args.focus == "shipped" and any(session.provenance[p]["source"] != "shipped"
                                            for p in ("gist", "lens")):
@@ -226,7 +237,7 @@ def run(args) -> dict:
                 shared.append(hi - lo)
             shared = float(np.mean(shared))
 
-        result["histories"].setdefault(str(H), {})[mode] = {
+        result["histories"].setdefault(str(H), {})[name] = {
             "session_tokens_per_s": session_tps, "base_tokens_per_s": base_tps,
             "ratio_session_over_base": session_tps / base_tps,
             "session_s_per_token": 1 / session_tps,
@@ -249,6 +260,8 @@ def run(args) -> dict:
                 "kv_reused_share": all_streams("kv_reused"),
                 "focus_actions": float(np.mean([np.add(e.num_expand, e.num_collapse).mean()
                                                 for e in timed])),
+                "reprefilling_share": float(np.mean([max(e.reprefill_slots) > 0
+                                                     for e in timed])),
                 "budget_collapses": float(np.mean([e.append_collapses[0] for e in timed])),
                 "headroom_collapses": float(np.mean([e.headroom_collapses[0] for e in timed])),
                 "swap_rate": float(np.mean([e.swap_rate[0] for e in timed])),
@@ -257,7 +270,7 @@ def run(args) -> dict:
         del session
     result["goal"] = ("session >= 0.95x base tokens/s at every history, flat cost per token, "
                       "0 compilations after warm-up")
-    for mode in args.kv_reuse:
+    for mode, _, _ in modes:
         rows = [h[mode] for h in result["histories"].values()]
         tps = [r["session_tokens_per_s"] for r in rows]
         ratios = [r["ratio_session_over_base"] for r in rows]

@@ -830,3 +830,42 @@ def test_focus_quality_scores_lensnet_v2_and_retrieval_on_the_same_candidates(fr
         baselines.focus_quality(frozen, gist, None, [batch], v1_task, scorers=["retrieval"])
     with pytest.raises(ValueError, match="unknown focus scorers"):
         baselines.focus_quality(frozen, gist, None, [batch], v1_task, scorers=["oracle"])
+
+
+def test_session_variants_pair_each_option_with_the_reference_on_the_same_text(frozen, cfg):
+    """`session_variants_nll` (experiments/kv_reuse.py): every variant scores the same
+    windows and rounds; the paired rows are the per-window differences to the first
+    variant; variants that differ only in kv_reuse took identical focus actions; the
+    decode teacher's "on_collapse" variant re-prefills in fewer refocuses; bad settings and
+    teachers are clear errors."""
+    from mcjax.eval.kv_reuse import session_variants_nll
+
+    K = cfg.mc.block_size
+    history, rounds = 300, 4
+    windows = np.random.default_rng(5).integers(3, 256, (3, history + rounds * K))
+    variants = {"exact": {"kv_reuse": "exact"}, "approx": {"kv_reuse": "approx"},
+                "exact/on_collapse": {"kv_reuse": "exact", "decode_focus": "on_collapse"}}
+    base_model = (cfg.base_config, frozen.params)
+    res = session_variants_nll(base_model, None, None, cfg, windows, history=history,
+                               rounds=rounds, variants=variants, teacher="decode",
+                               batch_size=CASES, focus_policy="random", max_tokens=MAX_TOKENS,
+                               progress=False)
+    assert res["reference"] == "exact" and set(res["paired_vs_reference"]) == {
+        "approx", "exact/on_collapse"}
+    nll = {k: np.asarray(v["per_window_nll"]) for k, v in res["variants"].items()}
+    assert all(v.shape == (3,) and np.all(np.isfinite(v)) and np.all(v > 0)
+               for v in nll.values())
+    for name, row in res["paired_vs_reference"].items():
+        d = nll[name] - nll["exact"]
+        assert row["n"] == 3 and len(row["per_round"]) == rounds
+        np.testing.assert_allclose(row["mean"], d.mean(), atol=2e-6)
+        np.testing.assert_allclose(row["stderr"], d.std(ddof=1) / np.sqrt(3), atol=2e-6)
+    share = {k: v["reprefilling_refocus_share"] for k, v in res["variants"].items()}
+    assert share["exact/on_collapse"] < share["exact"]
+    with pytest.raises(ValueError, match="unknown settings"):
+        session_variants_nll(base_model, None, None, cfg, windows, history=history,
+                             rounds=rounds, variants={"x": {"w_max": 3}}, progress=False)
+    with pytest.raises(ValueError, match="teacher"):
+        session_variants_nll(base_model, None, None, cfg, windows, history=history,
+                             rounds=rounds, variants=variants, teacher="oracle",
+                             progress=False)

@@ -68,7 +68,8 @@ def test_session_fed_20x_w_max_keeps_invariants_never_recompiles_and_repeats(
         tiny_llama, cfg, nets):
     first, out1, compiles = _stream_20x_w_max(tiny_llama, cfg, nets)
     assert compiles.count == 0, f"recompiled after warm-up: {compiles.names}"
-    assert first.compiled_programs() == {"decode": 1, "refocus": 1, "write_view": 2}
+    assert first.compiled_programs() == {"decode": 1, "refocus": 1, "write_view": 2,
+                                         "force": 0}
     first.check()  # debug_invariants also checked after each of the refocuses
     events = list(first.events)
     assert len(events) == 2 * (20 * W // (3 * K))  # one after each feed, one per K decoded
@@ -414,6 +415,64 @@ def test_random_op_fuzz_keeps_the_cache_equal_to_a_fresh_prefill_after_every_ref
     assert checked, "no refocus happened"
     assert edits > 0, "the fuzz never exercised an edit path"
     assert any(a != b for a, b in starts), "the streams never re-prefilled different ranges"
+
+
+def test_forcing_the_generated_tokens_equals_generating_them(tiny_llama, cfg, nets):
+    """Session.force puts given tokens through the decode path: forcing what another
+    session generated, in uneven pieces, leaves the same WC, cache and next token, and its
+    refocuses are decode refocuses that took the same actions."""
+    a = _session(tiny_llama, cfg, nets, batch_size=2, focus_policy="random")
+    b = _session(tiny_llama, cfg, nets, batch_size=2, focus_policy="random")
+    for s in (a, b):
+        s.feed(_two_streams())
+    out = a.generate(3 * K + 4)
+    for lo, hi in ((0, 5), (5, K), (K, 2 * K + 7), (2 * K + 7, 3 * K + 4)):
+        b.force(out[:, lo:hi])
+    b.check()  # its cache equals a fresh prefill of its WC and pending tokens
+    for x, y in zip(jax.tree.leaves(a._state), jax.tree.leaves(b._state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ea, eb = list(a.events), list(b.events)
+    assert [e.trigger for e in eb] == [e.trigger for e in ea] == ["input"] + ["decode"] * 3
+    assert [e.actions for e in eb] == [e.actions for e in ea]
+    for bad in (np.zeros((1, K), np.int64), np.zeros((2, 0), np.int64),
+                np.full((2, 3), TINY_LLAMA.vocab_size)):
+        with pytest.raises(InputError, match="force"):
+            b.force(bad)
+
+
+def test_decode_focus_on_collapse_acts_only_in_refocuses_that_make_room(tiny_llama, cfg,
+                                                                         nets):
+    """decode_focus="on_collapse": a refocus of decoded tokens takes focus actions only when
+    a budget or headroom collapse is due, and otherwise only appends (its pending KV
+    copied, nothing re-prefilled); "every" acts in the refocuses between too. The cache
+    stays a fresh prefill of the WC (debug_invariants checks it after every refocus)."""
+    def run(decode_focus):
+        s = _session(tiny_llama, cfg, nets, batch_size=2, focus_policy="random",
+                     decode_focus=decode_focus, debug_invariants=True)
+        s.feed([_tokens(3, 5 * K + 3), _tokens(4, 9 * K)])
+        s.generate(8 * K)
+        s.check()
+        return [e for e in s.events if e.trigger == "decode"]
+
+    lazy, eager = run("on_collapse"), run("every")
+    made_room = quiet = 0
+    for e in lazy:
+        for b in range(2):
+            room = e.append_collapses[b] + e.headroom_collapses[b]
+            acted = e.num_expand[b] + e.num_collapse[b]
+            if room:
+                made_room += 1
+            else:
+                quiet += 1
+                assert acted == 0, e
+                assert e.kv_reused[b] and e.reprefill_slots[b] == 0, e
+    assert made_room and quiet, "the run never both made room and only appended"
+    assert any(e.num_expand[b] + e.num_collapse[b] > 0 for e in lazy for b in range(2)
+               if e.append_collapses[b] + e.headroom_collapses[b])  # focus still acts
+    assert any(e.num_expand[b] + e.num_collapse[b] > 0 for e in eager for b in range(2)
+               if e.append_collapses[b] + e.headroom_collapses[b] == 0)
+    with pytest.raises(ConfigError, match="decode_focus"):
+        _session(tiny_llama, cfg, nets, decode_focus="sometimes")
 
 
 def test_materialized_is_each_streams_wc_over_its_own_tree(tiny_llama, cfg, nets):

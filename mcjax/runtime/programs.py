@@ -35,9 +35,12 @@ from mcjax.tree import TreeView
 __all__ = ["decode_block", "refocus", "collapse_ahead", "write_view", "Programs", "programs"]
 
 
-def decode_block(plan: Plan, base_params, state: StreamState, num_steps, eos_id):
+def decode_block(plan: Plan, base_params, state: StreamState, num_steps, eos_id,
+                 forced=None):
     """Up to `num_steps` (≤ K − num_pending) greedy steps: emit `next_token`, write it at the
     next pending slot, predict the next one. Stops early once every stream is done.
+    `forced` [B, K] (teacher forcing): step i emits `forced[:, i]` instead of the prediction
+    and goes on from it, so given tokens enter the history exactly as decoded ones do.
     Returns (state, tokens [B, K] emitted (pad beyond the steps run), steps run)."""
     W, K, B = plan.mc.w_max, plan.mc.block_size, plan.batch_size
     first_position = pending_base_position(plan, state.wc)
@@ -50,7 +53,7 @@ def decode_block(plan: Plan, base_params, state: StreamState, num_steps, eos_id)
         s, i, out = carry
         p = s.num_pending
         live = ~s.done
-        token = s.next_token
+        token = s.next_token if forced is None else forced[:, i].astype(jnp.int32)
         hidden, cache = base.prefill_core(
             base_params, plan.llama, s.cache, token[:, None], None,
             (first_position + p)[:, None], live[:, None], W + p, return_hidden=True)
@@ -197,7 +200,27 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
     streams = jnp.arange(B, dtype=jnp.int32)
-    cond = focus_conditioning(plan, base_params, view)  # the whole history, new tokens too
+    # Which streams the allocator serves: those with new tokens (or a fresh layout, or a
+    # settle round), so a stream's focus never depends on its batch neighbours (e.g. one
+    # that already emitted EOS); under decode_focus="on_collapse" a refocus of decoded
+    # tokens serves a stream only when it must make room anyway (its append overflows, or
+    # the next block would not fit and collapse_ahead acts), so the refocuses between
+    # those only append and re-prefill nothing.
+    active = reset | (num_new > 0) | settle
+    room_due = wc0.num_valid + num_new > W - (K if plan.headroom else 0)
+    focus_on = active
+    if plan.decode_focus == "on_collapse":
+        focus_on = active & (~from_pending | settle | reset | room_due)
+    # The scores before the append only choose budget collapses: scored only when some
+    # stream's new tokens overflow the budget. Nothing is scored (the question read of
+    # query-aware policies included) when no stream needs scores.
+    must_collapse = jnp.any(wc0.num_valid + num_new > W)
+    scoring = must_collapse | jnp.any(focus_on)
+    conditioning = functools.partial(focus_conditioning, plan)  # whole history, new tokens too
+    cond_shape = jax.eval_shape(conditioning, base_params, view)
+    cond = jax.lax.cond(scoring, conditioning,
+                        lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                cond_shape), base_params, view)
 
     def score(focus_params, base_params, wc, view, call):
         def fn(focus_params, base_params, wc, view, stream, cond):
@@ -207,25 +230,23 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
         return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, 0))(focus_params, base_params, wc,
                                                                view, streams, cond)
 
-    # The scores before the append only choose budget collapses: scored (one LensNet call)
-    # only when some stream's new tokens overflow the budget, else never read.
-    must_collapse = jnp.any(wc0.num_valid + num_new > W)
-    scores0 = jax.lax.cond(
-        must_collapse,
-        lambda fp, bp, wc, v: score(fp, bp, wc, v, 0).astype(jnp.float32),
-        lambda *_: jnp.zeros((B, W), jnp.float32), focus_params, base_params, wc0, view)
+    def scores_if(needed, wc, call):
+        return jax.lax.cond(
+            needed, lambda fp, bp, wc, v: score(fp, bp, wc, v, call).astype(jnp.float32),
+            lambda *_: jnp.zeros((B, W), jnp.float32), focus_params, base_params, wc, view)
+
+    scores0 = scores_if(must_collapse, wc0, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
-    scores1 = score(focus_params, base_params, wc1, view, 1)
-    # Only streams with new tokens (or a fresh layout) refocus, so a stream's focus never
-    # depends on its batch neighbours (e.g. one that already emitted EOS).
-    active = reset | (num_new > 0) | settle
+    # collapse_ahead only acts where room is due, and there focus_on holds
+    scores1 = scores_if(jnp.any(focus_on), wc1, 1)
     wc1, scores1, ahead = jax.vmap(functools.partial(collapse_ahead, plan))(wc1, scores1,
                                                                           active)
     wc2, focus_info = jax.vmap(lambda wc, s: focus.allocate(wc, s, mc))(wc1, scores1)
     wc2 = jax.tree.map(lambda new, old: jnp.where(
-        active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old), wc2, wc1)
+        focus_on.reshape(focus_on.shape + (1,) * (new.ndim - 1)), new, old), wc2, wc1)
     focus_info = jax.tree.map(lambda x: jnp.where(
-        active.reshape(active.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), focus_info)
+        focus_on.reshape(focus_on.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)),
+        focus_info)
     emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, base_params, mc))(wc2, view)
 
     both = valid & cached_valid
@@ -399,6 +420,7 @@ class Programs(NamedTuple):
     refocus: Callable
     write_view: Callable
     shardings: dict | None
+    force: Callable  # decode with teacher-forced tokens: decode(..., eos_id, forced [B, K])
 
 
 def _abstract_base_params(llama: LlamaConfig):
@@ -428,7 +450,8 @@ def _shardings(plan: Plan, mesh: Mesh) -> dict:
 @functools.lru_cache(maxsize=32)
 def programs(plan: Plan, mesh: Mesh | None = None) -> Programs:
     """The jitted programs of a plan (shared by every caller with that plan): `decode(
-    base_params, state, num_steps, eos_id)`, `refocus(base_params, focus_params, state, view,
+    base_params, state, num_steps, eos_id)` (and `force(..., eos_id, forced)`, the same
+    with teacher-forced tokens), `refocus(base_params, focus_params, state, view,
     num_new, reset, layout, revive, from_pending, settle)` (both donate the state) and
     `write_view(view, *view_update(...))` (donates the view)."""
     decode = functools.partial(decode_block, plan)
@@ -436,15 +459,20 @@ def programs(plan: Plan, mesh: Mesh | None = None) -> Programs:
     # A fresh wrapper per plan: jit shares its compilation cache among jits of the same
     # function object, so `compiled_programs()` would count other plans' compilations.
     write_view_ = functools.partial(write_view)
+    force = functools.partial(decode_block, plan)  # its own jit (and compile count)
     if mesh is None:
         return Programs(jax.jit(decode, donate_argnums=1), jax.jit(refocus_, donate_argnums=2),
-                        jax.jit(write_view_, donate_argnums=0), None)
+                        jax.jit(write_view_, donate_argnums=0), None,
+                        jax.jit(force, donate_argnums=1))
     sh = _shardings(plan, mesh)
     rep, lead = sh["rep"], sh["lead"]
     return Programs(
         decode=jax.jit(decode, donate_argnums=1,
                        in_shardings=(sh["params"], sh["state"], rep, rep),
                        out_shardings=(sh["state"], lead(2), rep)),
+        force=jax.jit(force, donate_argnums=1,
+                      in_shardings=(sh["params"], sh["state"], rep, rep, lead(2)),
+                      out_shardings=(sh["state"], lead(2), rep)),
         refocus=jax.jit(refocus_, donate_argnums=2,
                         in_shardings=(sh["params"], rep, sh["state"], sh["view"], lead(1),
                                       lead(1), sh["wc"], lead(1), rep, lead(1)),

@@ -28,7 +28,8 @@ from mcjax.checkpoint import (CheckpointError, _arch_without_dtype, config_to_js
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
 from mcjax.runtime import persist
 from mcjax.runtime.programs import programs
-from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE, Plan,
+from mcjax.runtime.state import (DECODE_FOCUS, DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE,
+                                 Plan,
                                  empty_view, initial_layouts, initial_state,
                                  pending_base_position, view_update)
 from mcjax.runtime.telemetry import RefocusEvent, event_from
@@ -84,6 +85,12 @@ class Session:
     entries were computed over the old context, so the cache only approximates the WC's
     (CacheBlend, arXiv 2405.16444). It falls back to exact when that recomputes no more.
     `results/kv_reuse/` measures its cost in NLL and its speed.
+    decode_focus: when focus acts while generating — "every" refocus after K decoded tokens
+    (the default), or "on_collapse": only in those that must make room anyway (a budget or
+    headroom collapse, which re-prefills from near the front), so the refocuses between
+    them only append (no re-prefill, no scoring). Input and settle rounds always refocus
+    fully. With `collapse_headroom` it sets how often a generating stream re-prefills
+    (every headroom/K blocks); `results/decode_focus/` measures its NLL cost and speed.
     """
 
     def __init__(self, base_model, gist_params, lens_params, cfg: ExperimentConfig, *,
@@ -94,12 +101,15 @@ class Session:
                  on_event: Callable[[RefocusEvent], None] | None = None,
                  max_events: int = 100_000, provenance: dict | None = None,
                  focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False,
-                 kv_reuse: str = "exact"):
+                 kv_reuse: str = "exact", decode_focus: str = "every"):
         if focus_policy not in FOCUS_POLICIES:
             raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
                               f"{focus_policy!r}")
         if kv_reuse not in KV_REUSE:
             raise ConfigError(f"kv_reuse must be one of {KV_REUSE}, got {kv_reuse!r}")
+        if decode_focus not in DECODE_FOCUS:
+            raise ConfigError(f"decode_focus must be one of {DECODE_FOCUS}, got "
+                              f"{decode_focus!r}")
         if hasattr(base_model, "config") and hasattr(base_model, "params"):
             llama, params = base_model.config, base_model.params
             self._encode = getattr(base_model, "encode", None)
@@ -178,7 +188,7 @@ class Session:
                            headroom=int(collapse_headroom),
                            prefill_chunk=int(prefill_chunk), focus_policy=focus_policy,
                            retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens")
-                           else None, kv_reuse=kv_reuse)
+                           else None, kv_reuse=kv_reuse, decode_focus=decode_focus)
         self._programs = programs(self._plan, mesh)
         sh = self._programs.shardings
         resolved_lens = lens_params
@@ -233,7 +243,7 @@ class Session:
                               prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
                               pad_id=int(pad_id), max_events=int(max_events),
                               focus_policy=focus_policy, focus_seed=self.focus_seed,
-                              kv_reuse=kv_reuse)
+                              kv_reuse=kv_reuse, decode_focus=decode_focus)
 
     # ------------------------------------------------------------------ construction
 
@@ -674,6 +684,43 @@ class Session:
             if ran < steps:
                 return  # every stream emitted EOS
 
+    def force(self, tokens) -> None:
+        """Teacher-forced decoding: tokens [B, T] (any T >= 1) enter every stream's history
+        exactly as decoded tokens do — pending slots, a refocus after every K of them
+        (`trigger="decode"`) — instead of as input (`feed`, which refocuses with the input
+        rules). For measuring what generation does to the cache and the WC on known text,
+        e.g. with `cache_logprobs` before each block."""
+        tokens = np.asarray(tokens)
+        K, B = self.mc.block_size, self.batch_size
+        if tokens.ndim != 2 or tokens.shape[0] != B or tokens.shape[1] < 1:
+            raise InputError(f"force takes tokens [{B}, T] with T >= 1, got shape "
+                             f"{tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 \
+                or tokens.max() >= self.llama.vocab_size:
+            raise InputError("force: token ids must be integers inside the vocabulary")
+        self.sync()
+        empty = [b for b, t in enumerate(self._trees) if t.num_tokens == 0]
+        if empty:
+            raise InputError(f"stream(s) {empty} have no history: feed them before forcing")
+        self._check_room([self._num_pending + tokens.shape[1]] * B)
+        self._state = self._state.replace(done=jnp.zeros_like(self._state.done))
+        lo = 0
+        while lo < tokens.shape[1]:
+            T = min(tokens.shape[1] - lo, K - self._num_pending)
+            forced = np.zeros((B, K), np.int32)
+            forced[:, :T] = tokens[:, lo:lo + T]
+            t0 = time.perf_counter()
+            self._state, _, ran = self._programs.force(self._params, self._state,
+                                                       np.int32(T), np.int32(-1), forced)
+            self._read_telemetry()
+            if int(ran) != T:  # cannot happen: no EOS, and T fits the pending slots
+                raise RuntimeError(f"force ran {int(ran)} of {T} steps")
+            self._num_pending += T
+            lo += T
+            if self._num_pending == K:
+                self._refocus_pending({"decode_s": time.perf_counter() - t0, "decoded": K})
+        self._read_telemetry()
+
     def generate(self, max_new_tokens: int, *, eos_id: int | None = None) -> np.ndarray:
         """Greedy generation: tokens [B, n] (n ≤ max_new_tokens; pad after a stream's EOS)."""
         chunks = list(self.stream(max_new_tokens, eos_id=eos_id))
@@ -728,4 +775,4 @@ class Session:
     def compiled_programs(self) -> dict[str, int]:
         """Compiled variants of each program (1 each after warm-up)."""
         return {name: getattr(self._programs, name)._cache_size()
-                for name in ("decode", "refocus", "write_view")}
+                for name in ("decode", "refocus", "write_view", "force")}

@@ -24,6 +24,7 @@ from mcjax.config import LlamaConfig
 from mcjax.tree import MegaContextTree, TreeView
 
 __all__ = ["StreamState", "Plan", "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE",
+           "DECODE_FOCUS",
            "initial_state", "empty_view", "initial_layouts", "view_update",
            "pending_base_position"]
 
@@ -35,6 +36,11 @@ FOCUS_POLICIES = ("lens", "random", "recency", "retrieval")
 # change on; "approx" keeps the entries of unchanged slots (moved and re-rotated) and
 # recomputes only the chunks with new entries and the newest one (CacheBlend-style).
 KV_REUSE = ("exact", "approx")
+# When the allocator acts in a refocus after K decoded tokens: "every" such refocus (the K
+# cadence of SPEC §2.6), or "on_collapse": only in those that must make room anyway (a budget
+# or headroom collapse re-prefills from near the front), so the refocuses between them only
+# append and re-prefill nothing. Refocuses after input or in settle rounds always act.
+DECODE_FOCUS = ("every", "on_collapse")
 _MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
 
 
@@ -65,6 +71,7 @@ class Plan:
     focus_policy: str = "lens"  # one of FOCUS_POLICIES
     retrieval: Any = None  # RetrievalConfig (focus_policy "retrieval", or LensNet v2)
     kv_reuse: str = "exact"  # one of KV_REUSE (see `_kv_sources`, `_moved_kv`)
+    decode_focus: str = "every"  # one of DECODE_FOCUS
 
     @property
     def keeps_keys(self) -> bool:
