@@ -17,7 +17,7 @@ Examples (the recorded runs):
   .venv/bin/python experiments/kv_reuse.py --config smollm2_135m_cpu --windows 64 \\
       --history 1024 --rounds 3 --batch-size 16 --out results/kv_reuse
   .venv/bin/python experiments/kv_reuse.py --config smollm2_135m_cpu --windows 64 \\
-      --history 1024 --rounds 16 --batch-size 16 --teacher decode \\
+      --history 1024 --rounds 12 --batch-size 16 --teacher decode \\
       --variants exact approx exact/on_collapse approx/on_collapse --out results/decode_focus
 """
 

@@ -649,14 +649,19 @@ class Session:
         n = int(max_new_tokens)
         if n <= 0:
             raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        self._begin_decoding(n, "generating")
+        return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
+
+    def _begin_decoding(self, n: int, what: str) -> None:
+        """What `stream` and `force` check and reset before n tokens enter the pending
+        slots: the WC is synced, every stream has history, the tokens fit."""
         self.sync()
         empty = [b for b, t in enumerate(self._trees) if t.num_tokens == 0]
         if empty:
-            raise InputError(f"stream(s) {empty} have no history: feed them before generating")
+            raise InputError(f"stream(s) {empty} have no history: feed them before {what}")
         self._check_room([self._num_pending + n] * self.batch_size)
         # `done` means "emitted EOS in this generation": a new call starts every stream anew
         self._state = self._state.replace(done=jnp.zeros_like(self._state.done))
-        return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
 
     def _stream(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
         try:
@@ -698,12 +703,7 @@ class Session:
         if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 \
                 or tokens.max() >= self.llama.vocab_size:
             raise InputError("force: token ids must be integers inside the vocabulary")
-        self.sync()
-        empty = [b for b, t in enumerate(self._trees) if t.num_tokens == 0]
-        if empty:
-            raise InputError(f"stream(s) {empty} have no history: feed them before forcing")
-        self._check_room([self._num_pending + tokens.shape[1]] * B)
-        self._state = self._state.replace(done=jnp.zeros_like(self._state.done))
+        self._begin_decoding(tokens.shape[1], "forcing")
         lo = 0
         while lo < tokens.shape[1]:
             T = min(tokens.shape[1] - lo, K - self._num_pending)
