@@ -399,9 +399,9 @@ def test_session_with_query_aware_focus_settles_checks_and_never_recompiles(poli
     assert s._plan.keeps_keys and s._plan.query_aware
     s.feed([history(1500, 1), history(1100, 2)])
     s.sync()
-    triggers = [e.trigger for e in s.events]
-    assert triggers[0] == "input"
-    assert set(triggers[1:]) <= {"settle"} and len(triggers) <= 1 + RC.settle_rounds
+    (event,) = s.events  # the settle rounds run inside the one input refocus
+    assert event.trigger == "input"
+    assert all(0 <= r <= RC.settle_rounds for r in event.settle_rounds)
     s.generate(40)
     s.check()
     for seed in (3, 5):  # warm-up: the row buckets of 70-token feeds
@@ -414,6 +414,65 @@ def test_session_with_query_aware_focus_settles_checks_and_never_recompiles(poli
     assert cc.count == 0
     s.check()
     assert s.provenance["focus_policy"]["policy"] == policy
+
+
+@pytest.mark.parametrize("policy,cfg", [("retrieval", CFG), ("lens", LENS_V2)],
+                         ids=["retrieval", "lensnet_v2"])
+def test_settle_rounds_inside_the_refocus_equal_allocator_rounds_driven_by_hand(policy, cfg):
+    """Independent reference: a session without settle rounds, then the public pure
+    functions (scores, collapse_ahead, allocate) looped on the host while a stream's last
+    round acted. The settling session's single refocus gives the same WC bit for bit,
+    reports the rounds and actions, and re-prefills once: its cache equals a fresh prefill."""
+    from mcjax.runtime import policy_scores
+    from mcjax.runtime.programs import collapse_ahead
+
+    feeds = [history(1500, 1), history(1100, 2), history(300, 3)]
+    settled = Session((LLAMA, params()), None, None, cfg, batch_size=3, max_tokens=2048,
+                      focus_policy=policy)
+    settled.feed(feeds)
+    settled.sync()
+    (event,) = settled.events
+    settled.check()
+    ref = Session((LLAMA, params()), None, None,
+                  override(cfg, {"retrieval.settle_rounds": 0}), batch_size=3,
+                  max_tokens=2048, focus_policy=policy)
+    ref.feed(feeds)
+    ref.sync()
+    assert ref._plan.settle_rounds == 0 and settled._plan.settle_rounds == RC.settle_rounds
+    (first,) = ref.events
+    assert first.settle_rounds == [0, 0, 0]
+    plan, view = ref._plan, ref._view
+    cond = focus_conditioning(plan, ref._params, view)
+    wc = jax.device_get(ref._state.wc)
+    settling = np.asarray([e + c > 0 for e, c in zip(first.num_expand, first.num_collapse)])
+    kinds = {focus.ACT_EXPAND: "expand", focus.ACT_COLLAPSE: "collapse"}
+    rounds, actions = np.zeros(3, int), [[(k, s) for k, s, _ in a] for a in first.actions]
+    for _ in range(RC.settle_rounds):
+        if not settling.any():
+            break
+        for b in np.flatnonzero(settling):
+            one = jax.tree.map(lambda x: x[b], wc)
+            view_b = jax.tree.map(lambda x: x[b], view)
+            cond_b = jax.tree.map(lambda x: x[b], cond)
+            scores = policy_scores(plan, ref._focus_params, ref._params, one, view_b,
+                                   jnp.int32(b), 1, cond_b).astype(jnp.float32)
+            one, scores, _ = collapse_ahead(plan, one, scores, jnp.bool_(True))
+            one, info = focus.allocate(one, scores, MC)
+            wc = jax.tree.map(lambda all_, x: np.concatenate(
+                [np.asarray(all_)[:b], np.asarray(x)[None], np.asarray(all_)[b + 1:]]), wc, one)
+            rounds[b] += 1
+            acted = int(info.num_expand) + int(info.num_collapse)
+            actions[b] += [(kinds[k], s) for k, s in zip(np.asarray(info.action_kind).tolist(),
+                                                         np.asarray(info.action_slot).tolist())
+                           if k in kinds]
+            settling[b] = acted > 0
+    assert rounds.max() >= 1, "no stream settled: the case does not exercise the rounds"
+    assert event.settle_rounds == rounds.tolist()
+    got = jax.device_get(settled._state.wc)
+    for name in ("level", "node", "valid", "edit_step", "edit_dir", "num_tokens", "step"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(wc, name), err_msg=name)
+    assert [[(k, s) for k, s, _ in a] for a in event.actions] == actions
+    assert event.num_expand == [sum(k == "expand" for k, *_ in a) for a in event.actions]
 
 
 def test_lensnet_v2_scores_in_the_session_see_the_question():

@@ -719,7 +719,7 @@ def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, 
     plan = rt.Plan(llama=llama, mc=cfg.mc, lens=cfg.lens, batch_size=B, max_tokens=MAX_TOKENS,
                    pad_id=0, headroom=HEADROOM, prefill_chunk=2 * K, focus_policy="lens",
                    retrieval=cfg.retrieval)
-    assert not plan.query_aware  # (a query-aware plan also runs settle refocuses after input)
+    assert not plan.query_aware and plan.settle_rounds == 0
     jitted = rt.programs(plan)
     gister = BlockGister.from_base(cfg.gist, nets[0], params, llama, block_size=K)
     trees = [MegaContextTree.in_memory(cfg.mc, gister, view_capacity_tokens=MAX_TOKENS)
@@ -735,7 +735,7 @@ def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, 
             view, synced = jitted.write_view(view, *update), update[4]
         state, telemetry = jitted.refocus(params, nets[1], state, view,
                                           np.asarray(num_new, np.int32), reset, layout,
-                                          revive, np.bool_(from_pending), no)
+                                          revive, np.bool_(from_pending))
         assert not np.asarray(telemetry["append_overflow"]).any()
         return state, view, synced
 

@@ -9,7 +9,7 @@ Drive them from your own loop (what `Session` does, less the bookkeeping):
     trees gain tokens -> view = jitted.write_view(view, *view_update(plan, trees, synced))
     state, telemetry = jitted.refocus(base_params, focus_params, state, view, num_new, reset,
                                       initial_layouts(plan, lengths, reset), revive,
-                                      from_pending, settle)
+                                      from_pending)
     state, tokens, ran = jitted.decode(base_params, state, steps, eos_id)   # <= K - pending
     (K decoded: append them to the trees, upload, refocus with from_pending=True)
 """
@@ -179,16 +179,65 @@ def _moved_kv(plan: Plan, cache: KVCache, src, delta) -> KVCache:
     return cache.replace(k=move(cache.k, True), v=move(cache.v, False))
 
 
+def _settle(plan: Plan, score, wc, settling, info, action_level, ahead):
+    """The settle rounds of `refocus` (its docstring) as one bounded loop over the layout:
+    while a stream's last round acted (`settling` [B]), score its WC, collapse ahead and
+    allocate again, at most `plan.settle_rounds` times. Returns (wc, info whose actions are
+    every round's in order ([B, (R + 1) n_diff], round 0 first) and whose counts are summed,
+    the actions' levels likewise, headroom collapses summed, rounds run [B])."""
+    R, n, W = plan.settle_rounds, plan.mc.n_diff, plan.mc.w_max
+
+    def grow(x, fill):  # [B, n] -> [B, (R + 1) n]
+        return jnp.concatenate([x, jnp.full((x.shape[0], R * n), fill, x.dtype)], 1)
+
+    def per_stream(mask, new, old):
+        return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+
+    def body(carry):
+        wc, settling, r, kind, slot, level, n_exp, n_col, nan, ahead, rounds = carry
+        scores = jax.lax.cond(jnp.any(settling), lambda w: score(w, 1).astype(jnp.float32),
+                              lambda w: jnp.zeros(w.level.shape, jnp.float32), wc)
+        wc_a, scores, more = jax.vmap(functools.partial(collapse_ahead, plan))(wc, scores,
+                                                                               settling)
+        wc_n, got = jax.vmap(lambda w, s: focus.allocate(w, s, plan.mc))(wc_a, scores)
+        wc = jax.tree.map(functools.partial(per_stream, settling), wc_n, wc)
+        got = jax.tree.map(lambda x: per_stream(settling, x, jnp.zeros_like(x)), got)
+        at = (0, (r + 1) * n)
+        kind = jax.lax.dynamic_update_slice(kind, got.action_kind, at)
+        slot = jax.lax.dynamic_update_slice(
+            slot, per_stream(settling, got.action_slot, jnp.full_like(got.action_slot, -1)), at)
+        level = jax.lax.dynamic_update_slice(level, jnp.take_along_axis(
+            wc_a.level, jnp.clip(got.action_slot, 0, W - 1), axis=1), at)
+        acted = got.num_expand + got.num_collapse > 0
+        return (wc, settling & acted, r + 1, kind, slot, level, n_exp + got.num_expand,
+                n_col + got.num_collapse, nan | got.nan_scores,
+                ahead + jnp.where(settling, more, 0), rounds + settling.astype(jnp.int32))
+
+    carry = (wc, settling, jnp.int32(0), grow(info.action_kind, focus.NO_ACTION),
+             grow(info.action_slot, -1), grow(action_level, -1), info.num_expand,
+             info.num_collapse, info.nan_scores, ahead, jnp.zeros_like(ahead))
+    out = jax.lax.while_loop(lambda c: (c[2] < R) & jnp.any(c[1]), body, carry)
+    wc, _, _, kind, slot, level, n_exp, n_col, nan, ahead, rounds = out
+    info = info.replace(action_kind=kind, action_slot=slot, num_expand=n_exp,
+                        num_collapse=n_col, nan_scores=nan)
+    return wc, info, level, ahead, rounds
+
+
 def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: TreeView,
-             num_new, reset, layout, revive, from_pending, settle):
+             num_new, reset, layout, revive, from_pending):
     """One refocus of every stream (module docstring, step 2).
 
     num_new [B]: tokens the trees gained since the WC was last updated; reset [B]: the
     stream starts from `layout` (its initial layout; its cache holds nothing yet); revive
     [B]: clear the stream's EOS flag (it got new input); from_pending []: the new tokens are
-    the decoded ones in the pending slots (their KV entries can be reused); settle [B]: the
-    stream refocuses without new tokens (the rounds after input that let focus reach
-    raw tokens, e.g. two expansions for a block inside an LOD2 gist).
+    the decoded ones in the pending slots (their KV entries can be reused).
+
+    After input (not from_pending) a query-aware plan settles: the allocator runs again,
+    up to `plan.settle_rounds` more rounds, for every stream whose last round acted, so a
+    block inside an LOD2 gist reaches raw tokens (two expansions) before the answer. The
+    rounds edit only the layout — scores depend on the WC, the view and the question's
+    read, never on the cache — so the question is read once and the cache re-prefilled
+    once, for the settled WC.
     """
     mc, llama = plan.mc, plan.llama
     W, K, B, L = mc.w_max, mc.block_size, plan.batch_size, mc.num_levels
@@ -200,17 +249,16 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
     streams = jnp.arange(B, dtype=jnp.int32)
-    # Which streams the allocator serves: those with new tokens (or a fresh layout, or a
-    # settle round), so a stream's focus never depends on its batch neighbours (e.g. one
+    # Which streams the allocator serves: those with new tokens (or a fresh layout), so a stream's focus never depends on its batch neighbours (e.g. one
     # that already emitted EOS); under decode_focus="on_collapse" a refocus of decoded
     # tokens serves a stream only when it must make room anyway (its append overflows, or
     # the next block would not fit and collapse_ahead acts), so the refocuses between
     # those only append and re-prefill nothing.
-    active = reset | (num_new > 0) | settle
+    active = reset | (num_new > 0)
     room_due = wc0.num_valid + num_new > W - (K if plan.headroom else 0)
     focus_on = active
     if plan.decode_focus == "on_collapse":
-        focus_on = active & (~from_pending | settle | reset | room_due)
+        focus_on = active & (~from_pending | reset | room_due)
     # The scores before the append only choose budget collapses: scored only when some
     # stream's new tokens overflow the budget. Nothing is scored (the question read of
     # query-aware policies included) when no stream needs scores.
@@ -247,6 +295,15 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
     focus_info = jax.tree.map(lambda x: jnp.where(
         focus_on.reshape(focus_on.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)),
         focus_info)
+    action_level = jnp.take_along_axis(wc1.level, jnp.clip(focus_info.action_slot, 0, W - 1),
+                                       axis=1)
+    rounds = jnp.zeros((B,), jnp.int32)
+    if plan.settle_rounds:
+        acted = (focus_info.num_expand + focus_info.num_collapse) > 0
+        settling = acted & (reset | (num_new > 0)) & ~from_pending
+        wc2, focus_info, action_level, ahead, rounds = _settle(
+            plan, lambda wc, call: score(focus_params, base_params, wc, view, call), wc2,
+            settling, focus_info, action_level, ahead)
     emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, base_params, mc))(wc2, view)
 
     both = valid & cached_valid
@@ -375,13 +432,12 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
     levels = jnp.arange(L + 1)
     in_level = (wc2.level[..., None] == levels) & valid[..., None]  # [B, W, L+1]
     span = wcm.span_size(wc2.level, mc)
-    slot = jnp.clip(focus_info.action_slot, 0, W - 1)
     telemetry = dict(
         num_tokens=wc2.num_tokens, num_valid=num_valid,
         level_hist=jnp.sum(in_level, axis=1, dtype=jnp.int32),
         level_tokens=jnp.sum(in_level * span[..., None], axis=1, dtype=jnp.int32),
         action_kind=focus_info.action_kind, action_slot=focus_info.action_slot,
-        action_level=jnp.take_along_axis(wc1.level, slot, axis=1),
+        action_level=action_level, settle_rounds=rounds,
         num_expand=focus_info.num_expand, num_collapse=focus_info.num_collapse,
         append_collapses=append_info.num_collapses, append_overflow=append_info.overflow,
         headroom_collapses=ahead,
@@ -452,7 +508,7 @@ def programs(plan: Plan, mesh: Mesh | None = None) -> Programs:
     """The jitted programs of a plan (shared by every caller with that plan): `decode(
     base_params, state, num_steps, eos_id)` (and `force(..., eos_id, forced)`, the same
     with teacher-forced tokens), `refocus(base_params, focus_params, state, view,
-    num_new, reset, layout, revive, from_pending, settle)` (both donate the state) and
+    num_new, reset, layout, revive, from_pending)` (both donate the state) and
     `write_view(view, *view_update(...))` (donates the view)."""
     decode = functools.partial(decode_block, plan)
     refocus_ = functools.partial(refocus, plan)
@@ -475,7 +531,7 @@ def programs(plan: Plan, mesh: Mesh | None = None) -> Programs:
                       out_shardings=(sh["state"], lead(2), rep)),
         refocus=jax.jit(refocus_, donate_argnums=2,
                         in_shardings=(sh["params"], rep, sh["state"], sh["view"], lead(1),
-                                      lead(1), sh["wc"], lead(1), rep, lead(1)),
+                                      lead(1), sh["wc"], lead(1), rep),
                         out_shardings=(sh["state"], rep)),
         write_view=jax.jit(write_view_, donate_argnums=0,
                            in_shardings=(sh["view"], lead(2), tuple(

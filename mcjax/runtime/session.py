@@ -76,7 +76,8 @@ class Session:
     legality-masked like LensNet's and go through the same allocator and budget logic; or
     "retrieval" (training-free and query-aware, `mcjax.retrieval`: the trees also keep
     read-pass keys per block, the newest tokens' queries score them, and new input is
-    followed by up to `cfg.retrieval.settle_rounds` extra refocuses while focus still moves).
+    refocus after new input settles: up to `cfg.retrieval.settle_rounds` more allocator
+    rounds while focus still moves, inside the one refocus program, then one re-prefill).
     kv_reuse: "exact" (the default) re-prefills every slot from a refocus's first change on,
     so the cache equals a fresh prefill of the WC. "approx" keeps the cache entries of the
     slots whose entry did not change — moved to their new slot, keys re-rotated to their new
@@ -88,8 +89,8 @@ class Session:
     decode_focus: when focus acts while generating — "every" refocus after K decoded tokens
     (the default), or "on_collapse": only in those that must make room anyway (a budget or
     headroom collapse, which re-prefills from near the front), so the refocuses between
-    them only append (no re-prefill, no scoring). Input and settle rounds always refocus
-    fully. With `collapse_headroom` it sets how often a generating stream re-prefills
+    them only append (no re-prefill, no scoring). Refocuses after input always act
+    (and settle). With `collapse_headroom` it sets how often a generating stream re-prefills
     (every headroom/K blocks); `results/decode_focus/` measures its NLL cost and speed.
     """
 
@@ -394,9 +395,8 @@ class Session:
         self._laid_out |= reset
         self._unsynced[:] = 0
         timings, self._ingest_s = {"ingest_s": self._ingest_s}, 0.0
-        event = self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset,
-                              trigger="input", timings=timings)
-        self._settle((num_new > 0) | reset, event)
+        self._refocus(num_new, reset, layout, revive=(num_new > 0) | reset, trigger="input",
+                      timings=timings)
 
     # ------------------------------------------------------------------ refocus
 
@@ -409,18 +409,17 @@ class Session:
         self._view_synced = update[4].astype(np.int64)
 
     def _refocus(self, num_new, reset, layout, *, revive, trigger: str, timings: dict,
-                 settle=None, defer: bool = False) -> RefocusEvent | None:
+                 defer: bool = False) -> RefocusEvent | None:
         """Dispatch one refocus. Its telemetry is read (and the event made) now, or with
         `defer` once the next decode block has been dispatched (`_read_telemetry`), so the
         device goes from refocus to decode without waiting for the host."""
         self._read_telemetry()
         t0 = time.perf_counter()
         self._upload_view()
-        settle = self._no_streams if settle is None else np.asarray(settle, bool)
         self._state, telemetry = self._programs.refocus(
             self._params, self._focus_params, self._state, self._view,
             np.asarray(num_new, np.int32), np.asarray(reset, bool), layout,
-            np.asarray(revive, bool), np.bool_(trigger == "decode"), settle)
+            np.asarray(revive, bool), np.bool_(trigger == "decode"))
         self._unread = (t0, trigger, np.asarray(num_new), telemetry, timings)
         # debug_invariants checks the state this refocus left, so it cannot wait for the
         # next decode block
@@ -448,21 +447,6 @@ class Session:
         if self.debug_invariants:
             self._check()
         return event
-
-    def _settle(self, streams: np.ndarray, event: RefocusEvent) -> None:
-        """After new input: refocus `streams` again without new tokens while the last round
-        acted, at most `retrieval.settle_rounds` times (retrieval focus; SPEC §2.6), so a
-        block inside an LOD2 gist can reach raw tokens before the answer starts."""
-        rounds = self.cfg.retrieval.settle_rounds if self._plan.query_aware else 0
-        zeros = np.zeros(self.batch_size, np.int32)
-        for _ in range(rounds):
-            acted = np.asarray([e + c > 0 for e, c in zip(event.num_expand, event.num_collapse)])
-            streams = streams & acted
-            if not streams.any():
-                return
-            event = self._refocus(zeros, self._no_streams, self._empty_layout,
-                                  revive=self._no_streams, trigger="settle", timings={},
-                                  settle=streams)
 
     def _refocus_pending(self, timings: dict) -> None:
         """K tokens decoded: ingest them into the trees and dispatch a refocus, its

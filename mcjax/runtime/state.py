@@ -39,7 +39,7 @@ KV_REUSE = ("exact", "approx")
 # When the allocator acts in a refocus after K decoded tokens: "every" such refocus (the K
 # cadence of SPEC §2.6), or "on_collapse": only in those that must make room anyway (a budget
 # or headroom collapse re-prefills from near the front), so the refocuses between them only
-# append and re-prefill nothing. Refocuses after input or in settle rounds always act.
+# append and re-prefill nothing. Refocuses after input (and their settle rounds) always act.
 DECODE_FOCUS = ("every", "on_collapse")
 _MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
 
@@ -84,6 +84,11 @@ class Plan:
         """Scores depend on the newest tokens' read (so focus can settle after input)."""
         return self.focus_policy == "retrieval" or (self.focus_policy == "lens"
                                                     and self.lens.conditioned)
+
+    @property
+    def settle_rounds(self) -> int:
+        """Extra allocator rounds after input while focus still moves (query-aware plans)."""
+        return self.retrieval.settle_rounds if self.query_aware and self.retrieval else 0
 
     @property
     def num_slots(self) -> int:

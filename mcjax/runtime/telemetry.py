@@ -30,10 +30,13 @@ class RefocusEvent:
     """
 
     index: int  # refocus number in this session
-    trigger: str  # "input" (after feed), "settle" (a round after input) or "decode"
+    trigger: str  # "input" (after feed) or "decode"
     num_tokens: list[int]
     num_new: list[int]
-    actions: list[list[tuple[str, int, int]]]  # (expand|collapse, slot, level before)
+    # (expand|collapse, slot, level before), in order; after input, the settle rounds'
+    # follow the first round's, each slot in the WC of its round
+    actions: list[list[tuple[str, int, int]]]
+    settle_rounds: list[int]  # allocator rounds after the first (input refocuses settle)
     num_expand: list[int]
     num_collapse: list[int]
     append_collapses: list[int]  # budget collapses while appending
@@ -72,6 +75,7 @@ def event_from(index: int, trigger: str, num_new, t: dict, mc, timings: dict) ->
                   for k, s, l in zip(t["action_kind"][b], t["action_slot"][b],
                                      t["action_level"][b]) if int(k) in kinds]
                  for b in range(len(num_valid))],
+        settle_rounds=[int(x) for x in t["settle_rounds"]],
         num_expand=[int(x) for x in t["num_expand"]],
         num_collapse=[int(x) for x in t["num_collapse"]],
         append_collapses=[int(x) for x in t["append_collapses"]],
