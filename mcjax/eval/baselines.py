@@ -245,12 +245,16 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
                         cases: Sequence[data.RetrievalExample], *, policy: str,
                         max_new_tokens: int, decode: Callable, eos_id: int | None,
                         refocus_steps: int, max_tokens: int, focus_seed: int = 0,
-                        record_focus: bool = False) -> PasskeyRun:
+                        record_focus: bool = False, progress: bool = False) -> PasskeyRun:
     """Feed every case (one session stream each) with `feed_schedule` — the bulk at once,
     then the last blocks one refocus at a time — and generate greedily. `policy` picks the
     refocus scores: "lens", "random" or "recency" (`Session(focus_policy=...)`).
     With `record_focus`, stream 0's focus (the LOD of every span) is recorded after each
-    refocus before the answer and once more with the answer in the history."""
+    refocus before the answer and once more with the answer in the history. `progress`
+    shows a bar over the feeds (the bulk read of every case's history is the long one)
+    and the answer."""
+    from tqdm.auto import tqdm
+
     lengths = {len(c.tokens) for c in cases}
     if len(lengths) != 1:
         raise ValueError(f"cases of one run must have one length, got {sorted(lengths)}")
@@ -264,11 +268,19 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
             snapshots.append({"stage": stage, "num_tokens": int(session.num_tokens[0]),
                               "runs": [list(r) for r in session.focus_runs(0)]})
 
-    for start, stop in feed_schedule(length, cfg.mc.block_size, refocus_steps):
+    schedule = feed_schedule(length, cfg.mc.block_size, refocus_steps)
+    bar = tqdm(total=len(schedule) + 1, leave=False, disable=not progress, unit="step",
+               desc=f"{policy}: {len(cases)} cases x {length:,} tokens, feeds + answer")
+    for start, stop in schedule:
+        bar.set_postfix(tokens=f"{start:,}-{stop:,}")
         session.feed([c.tokens[start:stop] for c in cases])
         session.sync()
         snap("feed" if start == 0 else "refocus")
+        bar.update(1)
+    bar.set_postfix(tokens="answer")
     out = session.generate(max_new_tokens, eos_id=eos_id)
+    bar.update(1)
+    bar.close()
     toks, texts, scores = score_outputs(out, cases, decode, eos_id)
     events = list(session.events)  # the refocuses up to the answer
     if record_focus:

@@ -64,7 +64,7 @@ def _run(make_session, windows: np.ndarray, history: int, rounds: int, K: int,
         provenance = session.provenance
         events = list(session.events)
         actions.append([e.actions for e in events])
-        # per stream and refocus of the rounds (the initial prefill and settles excluded)
+        # per stream and refocus of the rounds (the initial prefill excluded)
         slots += [s for e in events[n_initial:] for s in e.reprefill_slots]
         if progress is not None:
             progress.update(min(batch_size, n - lo))

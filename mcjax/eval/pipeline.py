@@ -289,7 +289,8 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
                         refocus_steps=opts.refocus_steps, max_tokens=max_tokens,
                         focus_seed=opts.seed,
                         record_focus=(L == record_at and focus_map is None
-                                      and policy in ("lens", "retrieval")))
+                                      and policy in ("lens", "retrieval")),
+                        progress=opts.progress)
                     if run.focus_snapshots is not None:
                         final = run.focus_snapshots[-1]["runs"]
                         focus_map = {"method": method, "length": L, "stream": 0,
