@@ -249,8 +249,9 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
     streams = jnp.arange(B, dtype=jnp.int32)
-    # Which streams the allocator serves: those with new tokens (or a fresh layout), so a stream's focus never depends on its batch neighbours (e.g. one
-    # that already emitted EOS); under decode_focus="on_collapse" a refocus of decoded
+    # Which streams the allocator serves: those with new tokens (or a fresh layout), so a
+    # stream's focus never depends on its batch neighbours (e.g. one that already emitted
+    # EOS); under decode_focus="on_collapse" a refocus of decoded
     # tokens serves a stream only when it must make room anyway (its append overflows, or
     # the next block would not fit and collapse_ahead acts), so the refocuses between
     # those only append and re-prefill nothing.
