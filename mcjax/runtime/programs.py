@@ -179,43 +179,39 @@ def _moved_kv(plan: Plan, cache: KVCache, src, delta) -> KVCache:
     return cache.replace(k=move(cache.k, True), v=move(cache.v, False))
 
 
-def _settle(plan: Plan, score, wc, settling, info, action_level, ahead):
+def _where_streams(mask, new, old):
+    """Per stream (leading axis): the `new` pytree where `mask` [B], else `old`."""
+    return jax.tree.map(lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)),
+                                               n, o), new, old)
+
+
+def _settle(plan: Plan, focus_round, wc, settling, info, action_level, ahead):
     """The settle rounds of `refocus` (its docstring) as one bounded loop over the layout:
-    while a stream's last round acted (`settling` [B]), score its WC, collapse ahead and
-    allocate again, at most `plan.settle_rounds` times. Returns (wc, info whose actions are
-    every round's in order ([B, (R + 1) n_diff], round 0 first) and whose counts are summed,
-    the actions' levels likewise, headroom collapses summed, rounds run [B])."""
-    R, n, W = plan.settle_rounds, plan.mc.n_diff, plan.mc.w_max
+    while a stream's last round acted (`settling` [B]), run `focus_round` for it again (score,
+    collapse ahead, allocate), at most `plan.settle_rounds` times. Returns (wc, info whose
+    actions are every round's in order ([B, (R + 1) n_diff], round 0 first) and whose
+    counts are summed, the actions' levels likewise, headroom collapses summed, rounds run
+    [B])."""
+    R, n = plan.settle_rounds, plan.mc.n_diff
 
-    def grow(x, fill):  # [B, n] -> [B, (R + 1) n]
-        return jnp.concatenate([x, jnp.full((x.shape[0], R * n), fill, x.dtype)], 1)
-
-    def per_stream(mask, new, old):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+    def grow(x):  # [B, n] -> [B, (R + 1) n], later rounds as masked rounds leave them
+        return jnp.concatenate([x, jnp.zeros((x.shape[0], R * n), x.dtype)], 1)
 
     def body(carry):
         wc, settling, r, kind, slot, level, n_exp, n_col, nan, ahead, rounds = carry
-        scores = jax.lax.cond(jnp.any(settling), lambda w: score(w, 1).astype(jnp.float32),
-                              lambda w: jnp.zeros(w.level.shape, jnp.float32), wc)
-        wc_a, scores, more = jax.vmap(functools.partial(collapse_ahead, plan))(wc, scores,
-                                                                               settling)
-        wc_n, got = jax.vmap(lambda w, s: focus.allocate(w, s, plan.mc))(wc_a, scores)
-        wc = jax.tree.map(functools.partial(per_stream, settling), wc_n, wc)
-        got = jax.tree.map(lambda x: per_stream(settling, x, jnp.zeros_like(x)), got)
+        wc, got, lvl, more = focus_round(wc, settling, settling)
         at = (0, (r + 1) * n)
         kind = jax.lax.dynamic_update_slice(kind, got.action_kind, at)
-        slot = jax.lax.dynamic_update_slice(
-            slot, per_stream(settling, got.action_slot, jnp.full_like(got.action_slot, -1)), at)
-        level = jax.lax.dynamic_update_slice(level, jnp.take_along_axis(
-            wc_a.level, jnp.clip(got.action_slot, 0, W - 1), axis=1), at)
+        slot = jax.lax.dynamic_update_slice(slot, got.action_slot, at)
+        level = jax.lax.dynamic_update_slice(level, lvl, at)
         acted = got.num_expand + got.num_collapse > 0
         return (wc, settling & acted, r + 1, kind, slot, level, n_exp + got.num_expand,
-                n_col + got.num_collapse, nan | got.nan_scores,
-                ahead + jnp.where(settling, more, 0), rounds + settling.astype(jnp.int32))
+                n_col + got.num_collapse, nan | got.nan_scores, ahead + more,
+                rounds + settling.astype(jnp.int32))
 
-    carry = (wc, settling, jnp.int32(0), grow(info.action_kind, focus.NO_ACTION),
-             grow(info.action_slot, -1), grow(action_level, -1), info.num_expand,
-             info.num_collapse, info.nan_scores, ahead, jnp.zeros_like(ahead))
+    carry = (wc, settling, jnp.int32(0), grow(info.action_kind), grow(info.action_slot),
+             grow(action_level), info.num_expand, info.num_collapse, info.nan_scores, ahead,
+             jnp.zeros_like(ahead))
     out = jax.lax.while_loop(lambda c: (c[2] < R) & jnp.any(c[1]), body, carry)
     wc, _, _, kind, slot, level, n_exp, n_col, nan, ahead, rounds = out
     info = info.replace(action_kind=kind, action_slot=slot, num_expand=n_exp,
@@ -242,10 +238,7 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
     mc, llama = plan.mc, plan.llama
     W, K, B, L = mc.w_max, mc.block_size, plan.batch_size, mc.num_levels
 
-    def pick(new, old):
-        return jnp.where(reset.reshape(reset.shape + (1,) * (new.ndim - 1)), new, old)
-
-    wc0 = jax.tree.map(pick, layout, state.wc)
+    wc0 = _where_streams(reset, layout, state.wc)
     cached_valid = state.wc.valid & ~reset[:, None]  # what cache slots [0, W) hold now
 
     streams = jnp.arange(B, dtype=jnp.int32)
@@ -286,25 +279,26 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
 
     scores0 = scores_if(must_collapse, wc0, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
+    def focus_round(wc, on, trigger):
+        """One allocator round for the streams `on` [B] (collapse ahead where `trigger`):
+        (wc, their FocusInfo (zeros elsewhere), the acted slots' levels before, collapses
+        ahead)."""
+        scores = scores_if(jnp.any(on), wc, 1)
+        wc, scores, ahead = jax.vmap(functools.partial(collapse_ahead, plan))(wc, scores,
+                                                                              trigger)
+        new, info = jax.vmap(lambda wc, s: focus.allocate(wc, s, mc))(wc, scores)
+        level = jnp.take_along_axis(wc.level, jnp.clip(info.action_slot, 0, W - 1), axis=1)
+        return (_where_streams(on, new, wc),
+                _where_streams(on, info, jax.tree.map(jnp.zeros_like, info)), level, ahead)
+
     # collapse_ahead only acts where room is due, and there focus_on holds
-    scores1 = scores_if(jnp.any(focus_on), wc1, 1)
-    wc1, scores1, ahead = jax.vmap(functools.partial(collapse_ahead, plan))(wc1, scores1,
-                                                                          active)
-    wc2, focus_info = jax.vmap(lambda wc, s: focus.allocate(wc, s, mc))(wc1, scores1)
-    wc2 = jax.tree.map(lambda new, old: jnp.where(
-        focus_on.reshape(focus_on.shape + (1,) * (new.ndim - 1)), new, old), wc2, wc1)
-    focus_info = jax.tree.map(lambda x: jnp.where(
-        focus_on.reshape(focus_on.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)),
-        focus_info)
-    action_level = jnp.take_along_axis(wc1.level, jnp.clip(focus_info.action_slot, 0, W - 1),
-                                       axis=1)
+    wc2, focus_info, action_level, ahead = focus_round(wc1, focus_on, active)
     rounds = jnp.zeros((B,), jnp.int32)
     if plan.settle_rounds:
         acted = (focus_info.num_expand + focus_info.num_collapse) > 0
         settling = acted & (reset | (num_new > 0)) & ~from_pending
         wc2, focus_info, action_level, ahead, rounds = _settle(
-            plan, lambda wc, call: score(focus_params, base_params, wc, view, call), wc2,
-            settling, focus_info, action_level, ahead)
+            plan, focus_round, wc2, settling, focus_info, action_level, ahead)
     emb, pos, valid = jax.vmap(lambda wc, v: wcm.materialize(wc, v, base_params, mc))(wc2, view)
 
     both = valid & cached_valid
