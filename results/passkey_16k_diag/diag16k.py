@@ -8,8 +8,11 @@ the answer starts (the focus runs just before `generate`).
 
     .venv/bin/python results/passkey_16k_diag/diag16k.py rank OUT.json
     .venv/bin/python results/passkey_16k_diag/diag16k.py lods OUT.json 0,1,4,6 [KEY=VALUE ...]
+
+Other lengths and windows: DIAG_LENGTH=32768 DIAG_W_MAX=2048 (the defaults are 16,384 and 2,048).
 """
 import json
+import os
 import sys
 
 import jax.numpy as jnp
@@ -21,7 +24,7 @@ from mcjax.eval import pipeline, tasks
 from mcjax.runtime import Session
 from mcjax.train import data
 
-L, W, K = 16384, 2048, 32
+L, W, K = int(os.environ.get("DIAG_LENGTH", 16384)), int(os.environ.get("DIAG_W_MAX", 2048)), 32
 mode, out = sys.argv[1], sys.argv[2]
 
 
@@ -61,8 +64,23 @@ else:
     rec = []
     orig_generate = Session.generate
 
+    ranks_at_answer = []
+
     def generate(self, *a, **k):
         rec.append([self.focus_runs(b) for b in range(self.batch_size)])
+        # relevance over the whole history at the answer's start, from the session's own
+        # view (stored keys, the question read) — what the last refocus ranked
+        view, fc, llama = self._view, self.cfg, self.llama
+        rel_b = []
+        for b in range(self.batch_size):
+            counts = np.asarray(view.counts[b])
+            q, v = retrieval.query_vectors(self._params, llama, fc.retrieval,
+                                           jnp.asarray(view.tokens[b]), jnp.int32(counts[0]))
+            rel, _ = retrieval.block_relevance(jnp.asarray(view.keys[b][: counts[1]]),
+                                               jnp.int32(counts[0]), q, v, fc.retrieval,
+                                               fc.mc, llama)
+            rel_b.append(np.asarray(rel))
+        ranks_at_answer.append(rel_b)
         return orig_generate(self, *a, **k)
 
     Session.generate = generate
@@ -80,9 +98,13 @@ else:
         hist = {}
         for (l, a, z, n) in r:
             hist[l] = hist.get(l, 0) + n
+        rel = ranks_at_answer[0][len(diag)]
+        order = np.argsort(-rel)
+        ranks = [int(np.where(order == b)[0][0]) + 1 for b in blocks]
         diag.append({"case": i, "found": ex["found"], "span": [s, e], "blocks": blocks,
-                     "lods": lods, "cont": ex["continuation"], "slots_per_lod": hist})
-        print(i, ex["found"], s, e, blocks, lods, hist, repr(ex["continuation"][:30]),
-              flush=True)
+                     "lods": lods, "ranks_at_answer": ranks, "top8": order[:8].tolist(),
+                     "cont": ex["continuation"], "slots_per_lod": hist})
+        print(i, ex["found"], s, e, blocks, lods, "ranks", ranks, hist,
+              repr(ex["continuation"][:30]), flush=True)
     print("correct", row["correct"], "/", row["n"])
     json.dump({"row": row, "diag": diag, "overrides": list(extra)}, open(out, "w"), indent=1)
