@@ -279,6 +279,7 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
 
     scores0 = scores_if(must_collapse, wc0, 0)
     wc1, append_info = jax.vmap(lambda wc, n, s: wcm.append(wc, n, mc, s))(wc0, num_new, scores0)
+
     def focus_round(wc, on, trigger):
         """One allocator round for the streams `on` [B] (collapse ahead where `trigger`):
         (wc, their FocusInfo (zeros elsewhere), the acted slots' levels before, collapses

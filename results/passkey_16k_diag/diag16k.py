@@ -70,17 +70,10 @@ else:
         rec.append([self.focus_runs(b) for b in range(self.batch_size)])
         # relevance over the whole history at the answer's start, from the session's own
         # view (stored keys, the question read) — what the last refocus ranked
-        view, fc, llama = self._view, self.cfg, self.llama
-        rel_b = []
-        for b in range(self.batch_size):
-            counts = np.asarray(view.counts[b])
-            q, v = retrieval.query_vectors(self._params, llama, fc.retrieval,
-                                           jnp.asarray(view.tokens[b]), jnp.int32(counts[0]))
-            rel, _ = retrieval.block_relevance(jnp.asarray(view.keys[b][: counts[1]]),
-                                               jnp.int32(counts[0]), q, v, fc.retrieval,
-                                               fc.mc, llama)
-            rel_b.append(np.asarray(rel))
-        ranks_at_answer.append(rel_b)
+        view = self._view
+        ranks_at_answer.append([np.asarray(retrieval.stream_conditioning(
+            self._params, self.llama, self.cfg.retrieval, self.mc, view.tokens[b],
+            view.keys[b], view.counts[b])["rel"]) for b in range(self.batch_size)])
         return orig_generate(self, *a, **k)
 
     Session.generate = generate

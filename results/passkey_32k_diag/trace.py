@@ -6,7 +6,6 @@ and the LOD and relevance rank of the needle's blocks and of the top-ranked bloc
 """
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
 from mcjax import assets, retrieval
@@ -36,12 +35,9 @@ def lod_of(runs, block):
 
 def on_event(ev):
     sess = box[0]
-    view, llama = sess._view, sess.llama
-    counts = np.asarray(view.counts[0])
-    q, v = retrieval.query_vectors(sess._params, llama, cfg.retrieval,
-                                   jnp.asarray(view.tokens[0]), jnp.int32(counts[0]))
-    rel, _ = retrieval.block_relevance(jnp.asarray(view.keys[0][: counts[1]]),
-                                       jnp.int32(counts[0]), q, v, cfg.retrieval, cfg.mc, llama)
+    view = sess._view
+    rel = retrieval.stream_conditioning(sess._params, sess.llama, cfg.retrieval, cfg.mc,
+                                        view.tokens[0], view.keys[0], view.counts[0])["rel"]
     order = np.argsort(-np.asarray(rel))
     runs = sess.focus_runs(0)
     kinds = [a[0][0] for a in ev.actions[0]]
@@ -62,4 +58,4 @@ for a, b in tasks.feed_schedule(L, K, 2):
     sess.feed([case.tokens[a:b]])
     sess.sync()
 out = sess.generate(10)
-print("answer", repr(decode(np.asarray(out)[0])), "key", case.key if hasattr(case, "key") else "")
+print("answer", repr(decode(np.asarray(out)[0])), "key", case.key)
