@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -18,6 +19,8 @@ from typing import Any, Callable, Mapping
 __all__ = [
     "ConfigError", "config_from_json",
     "LlamaConfig",
+    "RopeScaling",
+    "ARCHITECTURES",
     "GistConfig",
     "LensConfig",
     "RetrievalConfig",
@@ -46,9 +49,125 @@ def _require(cond: bool, msg: str) -> None:
 # --------------------------------------------------------------------------- base model
 
 
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # HF model_type values we run
+_HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# What a model family needs that the one decoder lacks: named in the refusal.
+_UNSUPPORTED_FAMILIES = {
+    "gemma": "GeGLU MLP (gelu_pytorch_tanh), embeddings scaled by sqrt(hidden_size) and "
+             "(1 + w) RMSNorm",
+    "gemma2": "GeGLU MLP, sqrt(hidden_size) embedding scale, (1 + w) RMSNorm, sandwich "
+              "(pre+post) norms, attention and final logit soft-capping, alternating "
+              "local/global attention layers",
+    "gemma3": "GeGLU MLP, sqrt(hidden_size) embedding scale, (1 + w) RMSNorm, sandwich "
+              "norms, q/k norms, 5:1 local/global layers with per-layer RoPE bases",
+    "gemma3_text": "as gemma3",
+}
+ROPE_SCALING_KINDS = ("linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (HF `rope_scaling` / `rope_parameters`), as transformers'
+    `modeling_rope_utils` defines each kind:
+
+    - linear: every inverse frequency divided by `factor` (positions interpolated);
+    - llama3: wavelengths above original/low_freq_factor divided by `factor`, below
+      original/high_freq_factor kept, a smooth blend between (Llama 3.1+);
+    - yarn: per-dimension blend of interpolated and extrapolated frequencies over the
+      correction range set by beta_fast/beta_slow, and cos/sin scaled by
+      `attention_factor` (default 0.1·ln(factor) + 1).
+    """
+
+    kind: str
+    factor: float
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None: 0.1·ln(factor) + 1
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+    def __post_init__(self):
+        _require(self.kind in ROPE_SCALING_KINDS,
+                 f"RoPE scaling {self.kind!r} is not implemented; implemented: "
+                 f"{', '.join(ROPE_SCALING_KINDS)}")
+        _require(float(self.factor) > 0, f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.kind in ("llama3", "yarn"):
+            _require(self.original_max_position_embeddings is not None and
+                     int(self.original_max_position_embeddings) > 0,
+                     f"rope_scaling {self.kind!r} needs original_max_position_embeddings > 0")
+        if self.kind == "llama3":
+            _require(self.high_freq_factor > self.low_freq_factor,
+                     f"rope_scaling llama3 needs high_freq_factor > low_freq_factor, got "
+                     f"{self.high_freq_factor} and {self.low_freq_factor}")
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """The factor cos and sin are multiplied by (yarn's attention scaling; else 1)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], max_position_embeddings: int
+                     ) -> "RopeScaling | None":
+        """HF's rope dict → RopeScaling, None for plain RoPE; unknown kinds and keys that
+        would change the result (yarn's mscale pair, partial rotary) are refused."""
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind == "default":
+            return None
+        _require(kind in ROPE_SCALING_KINDS,
+                 f"rope_scaling.rope_type {kind!r} is not implemented; implemented: "
+                 f"default, {', '.join(ROPE_SCALING_KINDS)}")
+        _require(float(d.get("partial_rotary_factor", 1.0)) == 1.0,
+                 "rope_scaling.partial_rotary_factor != 1 is not supported")
+        if kind == "yarn":
+            _require(not (d.get("mscale") and d.get("mscale_all_dim")),
+                     "rope_scaling yarn with mscale/mscale_all_dim (DeepSeek) is not supported")
+        try:
+            factor = d.get("factor")
+            original = d.get("original_max_position_embeddings")
+            if factor is None and kind == "yarn" and original:
+                factor = max_position_embeddings / original  # as transformers does
+            _require(factor is not None, f"rope_scaling {kind!r} has no 'factor'")
+            extra = {}
+            if kind == "llama3":
+                extra = dict(low_freq_factor=float(d["low_freq_factor"]),
+                             high_freq_factor=float(d["high_freq_factor"]))
+            elif kind == "yarn":
+                af = d.get("attention_factor")
+                extra = dict(beta_fast=float(d.get("beta_fast") or 32.0),
+                             beta_slow=float(d.get("beta_slow") or 1.0),
+                             attention_factor=None if af is None else float(af),
+                             truncate=bool(d.get("truncate", True)))
+            return cls(kind=kind, factor=float(factor),
+                       original_max_position_embeddings=None if original is None
+                       else int(original), **extra)
+        except KeyError as e:
+            raise ConfigError(f"rope_scaling {kind!r} is missing field {e.args[0]!r}") from e
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rope_type": self.kind, "factor": self.factor}
+        if self.original_max_position_embeddings is not None:
+            d["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if self.kind == "llama3":
+            d.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor)
+        elif self.kind == "yarn":
+            d.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+                     truncate=self.truncate)
+            if self.attention_factor is not None:
+                d["attention_factor"] = self.attention_factor
+        return d
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture of a Llama-family decoder (the frozen base model)."""
+    """Architecture of the frozen base model: one decoder (pre-norm RMSNorm blocks, RoPE,
+    GQA, SwiGLU) whose switches cover Llama 1-3.x, Mistral, Qwen2/2.5 and Qwen3."""
 
     vocab_size: int
     hidden_size: int
@@ -64,6 +183,15 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     dtype: str = "float32"  # compute / parameter dtype of the base model
+    architecture: str = "llama"  # the HF model_type: llama | mistral | qwen2 | qwen3
+    qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2; Llama attention_bias)
+    o_bias: bool = False  # the output projection carries a bias (Llama attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections carry biases (Llama mlp_bias)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    rope_scaling: RopeScaling | None = None
+    # attention sees only the newest `sliding_window` slots (slot i sees j in
+    # (i - window, i]), as Mistral v0.1; None: full causal attention
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -76,29 +204,56 @@ class LlamaConfig:
         _require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
         _require(self.dtype in ("float32", "bfloat16", "float16"),
                  f"unsupported dtype {self.dtype!r}")
+        _require(self.architecture in ARCHITECTURES,
+                 f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        _require(self.sliding_window is None or int(self.sliding_window) > 0,
+                 f"sliding_window must be None or > 0, got {self.sliding_window}")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+                 f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
 
     # HF `config.json` <-> LlamaConfig -------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        """An HF config.json of a supported family; anything we would run differently from
+        transformers is a ConfigError naming the field."""
         model_type = d.get("model_type")
-        _require(model_type == "llama",
-                 f"only Llama-family models are supported, config.json has "
-                 f"model_type={model_type!r}")
-        rope_scaling = d.get("rope_scaling") or d.get("rope_parameters")
-        if isinstance(rope_scaling, Mapping):
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            _require(kind == "default",
-                     f"RoPE scaling {kind!r} is not implemented; only plain RoPE is")
-        _require(not d.get("attention_bias", False), "attention_bias=True is not supported")
-        _require(not d.get("mlp_bias", False), "mlp_bias=True is not supported")
+        if model_type in _UNSUPPORTED_FAMILIES:
+            raise ConfigError(f"model_type {model_type!r} is not supported: it needs "
+                              f"{_UNSUPPORTED_FAMILIES[model_type]}, which mcjax's decoder "
+                              f"does not implement")
+        _require(model_type in ARCHITECTURES,
+                 f"model_type {model_type!r} is not supported; supported: "
+                 f"{', '.join(ARCHITECTURES)}")
         _require(d.get("hidden_act", "silu") == "silu",
                  f"hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        _require(float(d.get("partial_rotary_factor", 1.0)) == 1.0,
+                 "partial_rotary_factor != 1 is not supported")
+        if model_type in ("llama", "mistral"):
+            attention_bias = bool(d.get("attention_bias", False))
+            qkv_bias, o_bias = attention_bias, attention_bias
+        elif model_type == "qwen2":  # q/k/v always carry biases, o never
+            qkv_bias, o_bias = True, False
+        else:  # qwen3: attention_bias covers q, k, v and o
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+        sliding = None
+        if model_type == "mistral":
+            sliding = d.get("sliding_window")
+        elif d.get("use_sliding_window", False):
+            raise ConfigError(f"use_sliding_window=true ({model_type}: sliding attention in "
+                              f"the layers from max_window_layers on) is not supported")
+        layer_types = d.get("layer_types")
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            if model_type != "mistral":
+                raise ConfigError(f"layer_types {sorted(set(layer_types))} are not supported "
+                                  f"(only full_attention layers)")
         try:
             n_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
+            max_pos = int(d.get("max_position_embeddings", 2048))
+            rope = d.get("rope_scaling") or d.get("rope_parameters")
             theta = d.get("rope_theta")
-            if theta is None and isinstance(rope_scaling, Mapping):
-                theta = rope_scaling.get("rope_theta")
+            if theta is None and isinstance(rope, Mapping):
+                theta = rope.get("rope_theta")
             eos = d.get("eos_token_id")
             if isinstance(eos, list):
                 eos = eos[0] if eos else None
@@ -112,10 +267,18 @@ class LlamaConfig:
                 head_dim=int(d.get("head_dim") or hidden // n_heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(theta if theta is not None else 10000.0),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=eos,
+                architecture=model_type,
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                qk_norm=model_type == "qwen3",
+                rope_scaling=(RopeScaling.from_hf_dict(rope, max_pos)
+                              if isinstance(rope, Mapping) else None),
+                sliding_window=None if sliding is None else int(sliding),
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from e
@@ -133,9 +296,20 @@ class LlamaConfig:
         return cls.from_hf_dict(d)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """The HF config.json of this architecture (transformers builds the same model)."""
+        _require(not (self.architecture == "qwen2" and (not self.qkv_bias or self.o_bias)),
+                 "a qwen2 config always has q/k/v biases and no o_proj bias")
+        _require(self.qk_norm == (self.architecture == "qwen3"),
+                 "q/k norms exist exactly in qwen3 configs")
+        _require(self.architecture in ("llama", "mistral") or not self.mlp_bias,
+                 f"{self.architecture} has no mlp_bias switch")
+        _require(self.qkv_bias == self.o_bias or self.architecture == "qwen2",
+                 f"{self.architecture}'s attention_bias covers q, k, v and o together")
+        _require(self.sliding_window is None or self.architecture == "mistral",
+                 "only mistral configs carry a sliding window")
+        d = {
+            "architectures": [_HF_CLASS[self.architecture]],
+            "model_type": self.architecture,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -150,10 +324,19 @@ class LlamaConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
             "torch_dtype": "float32",
         }
+        if self.architecture != "qwen2":
+            d["attention_bias"] = self.qkv_bias
+        if self.architecture in ("llama", "mistral"):
+            d["mlp_bias"] = self.mlp_bias
+        if self.architecture == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.architecture in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = False
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling.to_hf_dict()
+        return d
 
 
 # A random-init Llama with small, mutually distinct dims so shape bugs show. Feature

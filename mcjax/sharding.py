@@ -56,6 +56,13 @@ _MODEL_DIM = {
     ("up_proj", "kernel"): -1,
     ("o_proj", "kernel"): -2,
     ("down_proj", "kernel"): -2,
+    # biases of the column-split projections follow their output features; o/down biases
+    # (added after the all-reduce) and q/k norms ([head_dim]) stay replicated
+    ("q_proj", "bias"): -1,
+    ("k_proj", "bias"): -1,
+    ("v_proj", "bias"): -1,
+    ("gate_proj", "bias"): -1,
+    ("up_proj", "bias"): -1,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,18 @@ def hf_to_params_layout(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...],
         "mlp.up_proj.weight": ("up_proj", "kernel", True),
         "mlp.down_proj.weight": ("down_proj", "kernel", True),
     }
+    # the architecture switches' extra tensors (SPEC §2.1)
+    if config.qkv_bias:
+        per_layer.update({f"self_attn.{p}_proj.bias": (f"{p}_proj", "bias", False)
+                          for p in "qkv"})
+    if config.o_bias:
+        per_layer["self_attn.o_proj.bias"] = ("o_proj", "bias", False)
+    if config.mlp_bias:
+        per_layer.update({f"mlp.{p}_proj.bias": (f"{p}_proj", "bias", False)
+                          for p in ("gate", "up", "down")})
+    if config.qk_norm:
+        per_layer["self_attn.q_norm.weight"] = ("q_norm", "scale", False)
+        per_layer["self_attn.k_norm.weight"] = ("k_norm", "scale", False)
     for i in range(config.num_layers):
         for hf, (mod, leaf, t) in per_layer.items():
             layout[f"model.layers.{i}.{hf}"] = (("layers", mod, leaf), i, t)
@@ -130,9 +143,7 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig) -> Params:
     """Read every weight from `*.safetensors` into our (layer-stacked) param tree."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"{model_dir} has no *.safetensors weight files")
+    files = weight_files(model_dir)
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     dtype = np.dtype(jnp.dtype(config.dtype))
     buffers: dict[tuple[str, ...], np.ndarray] = {
@@ -146,6 +157,9 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig) -> Params:
             raise ModelLoadError(f"corrupt safetensors file {file}: {e}") from e
         with handle as f:
             for name in f.keys():
+                if name in seen:
+                    raise ModelLoadError(f"{file}: tensor {name!r} appears in more than one "
+                                         f"weight file of {model_dir}")
                 if name not in layout:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # tied: the head is the embedding
@@ -174,6 +188,33 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig) -> Params:
     if missing:
         raise ModelLoadError(f"{model_dir} is missing {len(missing)} weights, e.g. {missing[:3]}")
     return _unflatten({path: jnp.asarray(buf) for path, buf in buffers.items()})
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[str]:
+    """The safetensors files holding a directory's weights: the shards its
+    `model.safetensors.index.json` names (each must exist; a tensor the index places in
+    one shard must be found in that shard, checked by `load_params`), else every
+    `*.safetensors` file."""
+    index = Path(model_dir) / SHARD_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a safetensors shard index "
+                                 f"(a JSON object with a 'weight_map'): {e}") from e
+        missing = [f for f in shards if not (Path(model_dir) / f).is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} names shards that are not in {model_dir}: "
+                                 f"{missing[:3]}")
+        return [os.path.join(model_dir, f) for f in shards]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weight files")
+    return files
 
 
 def _read_bf16(f, name: str) -> np.ndarray:

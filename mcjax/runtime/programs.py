@@ -167,7 +167,7 @@ def _moved_kv(plan: Plan, cache: KVCache, src, delta) -> KVCache:
     llama, W = plan.llama, plan.mc.w_max
     idx = jnp.clip(src, 0, cache.k.shape[2] - 1)[None, :, :, None, None]
     keep = (src >= 0)[None, :, :, None, None]
-    cos, sin = base.rope_cos_sin(delta, llama.head_dim, llama.rope_theta)
+    cos, sin = base.rope_cos_sin(delta, llama, attention_scaling=False)
 
     def move(buf, rotate: bool):
         moved = jnp.take_along_axis(buf, idx, axis=2)
