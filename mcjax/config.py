@@ -358,6 +358,29 @@ TINY_LLAMA = LlamaConfig(
 )
 
 
+
+def tiny_architectures() -> dict[str, LlamaConfig]:
+    """`TINY_LLAMA` with each architecture switch on (parity tests, `experiments/parity.py`).
+    The RoPE-scaling lengths are small so that this head_dim's wavelengths fall in every
+    band (kept, blended, scaled) and test positions run past them."""
+    t = TINY_LLAMA
+    return {
+        "llama": t,
+        "llama3_rope": dataclasses.replace(t, rope_scaling=RopeScaling(
+            "llama3", factor=8.0, original_max_position_embeddings=64, low_freq_factor=1.0,
+            high_freq_factor=4.0)),
+        "linear_rope": dataclasses.replace(t, rope_scaling=RopeScaling("linear", factor=3.0)),
+        "yarn_rope": dataclasses.replace(t, rope_scaling=RopeScaling(
+            "yarn", factor=4.0, original_max_position_embeddings=64)),
+        "llama_biases": dataclasses.replace(t, qkv_bias=True, o_bias=True, mlp_bias=True),
+        "qwen2": dataclasses.replace(t, architecture="qwen2", qkv_bias=True, rope_theta=1e6,
+                                     tie_word_embeddings=True),
+        "qwen3": dataclasses.replace(t, architecture="qwen3", qk_norm=True, head_dim=16,
+                                     rms_norm_eps=1e-6),
+        "mistral_window": dataclasses.replace(t, architecture="mistral", sliding_window=7),
+    }
+
+
 # --------------------------------------------------------------------------- MegaContext
 
 

@@ -15,60 +15,17 @@ import numpy as np
 import pytest
 
 from mcjax.base import model as base
+from mcjax.base import parity
 from mcjax.base.loading import ModelLoadError, load_config, load_params
-from mcjax.config import TINY_LLAMA, ConfigError, LlamaConfig, RopeScaling
+from mcjax.config import TINY_LLAMA, ConfigError, LlamaConfig, tiny_architectures
 
 torch = pytest.importorskip("torch")
 
-# Tiny configs with distinct dims; the RoPE-scaling lengths are small so that this head_dim's
-# wavelengths fall in every band (kept, blended, scaled) and positions run past them.
-ARCHS = {
-    "llama3_rope": dataclasses.replace(TINY_LLAMA, rope_scaling=RopeScaling(
-        "llama3", factor=8.0, original_max_position_embeddings=64, low_freq_factor=1.0,
-        high_freq_factor=4.0)),
-    "linear_rope": dataclasses.replace(TINY_LLAMA, rope_scaling=RopeScaling(
-        "linear", factor=3.0)),
-    "yarn_rope": dataclasses.replace(TINY_LLAMA, rope_scaling=RopeScaling(
-        "yarn", factor=4.0, original_max_position_embeddings=64)),
-    "llama_biases": dataclasses.replace(TINY_LLAMA, qkv_bias=True, o_bias=True,
-                                        mlp_bias=True),
-    "qwen2": dataclasses.replace(TINY_LLAMA, architecture="qwen2", qkv_bias=True,
-                                 rope_theta=1e6, tie_word_embeddings=True),
-    "qwen3": dataclasses.replace(TINY_LLAMA, architecture="qwen3", qk_norm=True,
-                                 head_dim=16, rms_norm_eps=1e-6),
-    "mistral_window": dataclasses.replace(TINY_LLAMA, architecture="mistral",
-                                          sliding_window=7),
-}
+ARCHS = tiny_architectures()
 
 
-def _reference(config: LlamaConfig, tmp_path, seed=0):
-    """transformers' model of the config's family, randomised (norm scales and biases
-    too, so a misplaced one shows), saved as an HF directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    hf_config = AutoConfig.for_model(**config.to_hf_dict())
-    hf_config._attn_implementation = "eager"
-    hf = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-    hf.eval()
-    hf.save_pretrained(tmp_path)
-    return hf
-
-
-def _ref_logits(hf, tokens, position_ids=None, attention_mask=None):
-    with torch.no_grad():
-        kw = {}
-        if position_ids is not None:
-            kw["position_ids"] = torch.tensor(np.asarray(position_ids, np.int64))
-        if attention_mask is not None:
-            kw["attention_mask"] = torch.tensor(np.asarray(attention_mask, np.int64))
-        return hf(torch.tensor(np.asarray(tokens, np.int64)), **kw).logits.numpy()
+_reference = parity.torch_reference
+_ref_logits = parity.torch_logits
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -242,3 +199,31 @@ def test_a_tensor_the_config_does_not_expect_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match=r"unexpected tensor .*_proj.bias"):
         load_params(tmp_path, dataclasses.replace(ARCHS["qwen2"], architecture="llama",
                                                   qkv_bias=False))
+
+
+@pytest.mark.slow
+def test_packaged_reader_matches_transformers_qwen2_on_its_converted_directory():
+    """The converted Qwen2.5-Coder-0.5B-Instruct (`make setup MODEL=qwen2.5-coder-0.5b`)
+    through our decoder against transformers' torch Qwen2ForCausalLM on the same directory."""
+    from mcjax.base import convert
+    from mcjax.base.loading import load_base_model
+
+    path = convert.shipped_model_dir("qwen2.5-coder-0.5b")
+    if not (path / convert.MANIFEST).is_file():
+        pytest.skip("the packaged reader is not set up (make setup MODEL=qwen2.5-coder-0.5b)")
+    from transformers import Qwen2ForCausalLM
+
+    reader = load_base_model(path)
+    assert reader.config.architecture == "qwen2" and reader.config.qkv_bias
+    hf = Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                          attn_implementation="eager").eval()
+    text = ("def fibonacci(n):\n    # the n-th Fibonacci number, iteratively\n    a, b = 0, 1\n"
+            "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+            "The capital of France is Paris, and the capital of Italy is")
+    tokens = reader.encode(text)[None]
+    ours = np.asarray(base.forward(reader.params, reader.config, tokens=tokens))
+    ref = _ref_logits(hf, tokens)
+    err = float(np.abs(ours - ref).max())
+    assert err < 2e-3 * float(np.abs(ref).max()), err
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    assert reader.decode([ours[0, -1].argmax()]).strip() == "Rome"

@@ -81,7 +81,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, convert_if_missing: bo
             return convert.ensure_shipped_model(name, progress=progress)
         path = convert.shipped_model_dir(name)
         if not (path / convert.MANIFEST).is_file():
-            raise ModelLoadError(f"{name} has not been converted yet; run `make setup`")
+            raise ModelLoadError(f"{name} has not been converted yet; run `{convert.setup_command(name)}`")
         return path
     path = Path(name).expanduser()
     if not path.is_dir():
