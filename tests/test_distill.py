@@ -139,3 +139,32 @@ def test_cli_help_and_v1_config_refused():
                           "--config", "tiny", "--data", "/tmp/unused"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "v1" in bad.stderr
+
+
+def test_distillation_runs_on_a_qwen_style_base():
+    """LensNet distillation is architecture-agnostic: on a tiny Qwen3 base (q/k norms,
+    explicit head_dim) the teacher's read-pass keys, the states and the update work, and
+    training fits the teacher."""
+    import dataclasses
+
+    from mcjax.config import tiny_architectures
+
+    qwen = tiny_architectures()["qwen3"]
+    cfg = dataclasses.replace(CFG, base_config=qwen)
+    bp = base.init_params(qwen, jax.random.key(0))
+    g = init_gist_params(cfg.gist, qwen.hidden_size, jax.random.key(1), block_size=K)
+    gister = BlockGister.from_base(cfg.gist, g, bp, qwen, block_size=K)
+    reader = retrieval.BlockKeyReader.from_base(cfg.retrieval, bp, qwen, K)
+    tree = MegaContextTree.in_memory(MC, gister, view_capacity_tokens=2048, key_reader=reader)
+    tree.append(np.random.default_rng(4).integers(3, qwen.vocab_size, 1600))
+    states = distill.distill_states(bp, tree.view(), cfg, [7, 8], rounds=2,
+                                    rng=np.random.default_rng(0), explore=0.0)
+    batch = distill.batch_from_states(distill.stack_states(states))
+    p = lens.init_lens(cfg.lens, MC, qwen.hidden_size, jax.random.key(0))
+    opt = optax.adam(3e-3)
+    update = distill.make_update(cfg.lens, MC, opt)
+    first = jax.device_get(distill.make_eval(cfg.lens, MC)(p, batch))
+    st = opt.init(p)
+    for _ in range(30):
+        p, st, _ = update(p, st, batch)
+    assert jax.device_get(distill.make_eval(cfg.lens, MC)(p, batch))["mse"] < 0.5 * first["mse"]

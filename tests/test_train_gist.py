@@ -427,3 +427,23 @@ def test_a_resume_with_changed_train_settings_is_recorded_in_the_log(tmp_path, t
         "train.learning_rate": {"was": cfg.train.learning_rate, "now": 2e-3}}
     assert "train.steps 3 -> 4" in capsys.readouterr().err
     # (an unchanged resume logs no such row: the EMA test's resume checks it)
+
+
+def test_gistnet_trains_on_a_qwen_style_base_as_on_llama(tmp_path):
+    """The training command is architecture-agnostic: a tiny Qwen3 base (q/k norms,
+    head_dim != hidden/heads; the parity tests cover each switch) trains GistNet."""
+    from mcjax.config import tiny_architectures
+
+    llama = tiny_architectures()["qwen3"]
+    cfg = override(dataclasses.replace(get_config("tiny"), base_config=llama),
+                   {"train.steps": 3, "train.checkpoint_every": 3, "train.log_every": 1,
+                    "train.eval_every": 3})
+    result = train_gist(cfg, tmp_path, progress=False, eval_batches=1)
+    state = result["state"]
+    g0 = _init_gist(cfg, load_frozen(cfg).params)
+    trained = state.params["gist"]
+    assert jax.tree.structure(trained) == jax.tree.structure(g0)
+    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained),
+                                                      jax.tree.leaves(g0)))
+    for layout in result["eval_after"].values():
+        assert np.isfinite(layout["delta_nll_gistnet"])
