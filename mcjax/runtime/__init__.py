@@ -86,7 +86,7 @@ from mcjax.runtime.programs import (Programs, collapse_ahead, decode_block, prog
 from mcjax.runtime.session import Session
 from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE, Plan,
                                  StreamState, empty_view, initial_layouts, initial_state,
-                                 pending_base_position, view_update)
+                                 make_plan, pending_base_position, view_update)
 from mcjax.runtime.telemetry import CompileCounter, RefocusEvent
 
 __all__ = [
@@ -95,6 +95,6 @@ __all__ = [
     "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "SAVE_VERSION",
     "recency_scores", "random_scores", "policy_scores", "focus_conditioning",
     "lens_stream_scores", "decode_block", "refocus", "collapse_ahead", "write_view",
-    "Programs", "programs", "initial_state", "empty_view", "initial_layouts", "view_update",
+    "Programs", "programs", "make_plan", "initial_state", "empty_view", "initial_layouts", "view_update",
     "pending_base_position",
 ]

@@ -28,10 +28,9 @@ from mcjax.checkpoint import (CheckpointError, _arch_without_dtype, config_to_js
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
 from mcjax.runtime import persist
 from mcjax.runtime.programs import programs
-from mcjax.runtime.state import (DECODE_FOCUS, DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE,
-                                 Plan,
-                                 empty_view, initial_layouts, initial_state,
-                                 pending_base_position, view_update)
+from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, empty_view, initial_layouts,
+                                 initial_state, make_plan, pending_base_position,
+                                 view_update)
 from mcjax.runtime.telemetry import RefocusEvent, event_from
 from mcjax.tree import BlockGister, MegaContextTree, append_to_trees, copy_rows
 
@@ -103,14 +102,6 @@ class Session:
                  max_events: int = 100_000, provenance: dict | None = None,
                  focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False,
                  kv_reuse: str = "exact", decode_focus: str = "every"):
-        if focus_policy not in FOCUS_POLICIES:
-            raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
-                              f"{focus_policy!r}")
-        if kv_reuse not in KV_REUSE:
-            raise ConfigError(f"kv_reuse must be one of {KV_REUSE}, got {kv_reuse!r}")
-        if decode_focus not in DECODE_FOCUS:
-            raise ConfigError(f"decode_focus must be one of {DECODE_FOCUS}, got "
-                              f"{decode_focus!r}")
         if hasattr(base_model, "config") and hasattr(base_model, "params"):
             llama, params = base_model.config, base_model.params
             self._encode = getattr(base_model, "encode", None)
@@ -132,32 +123,13 @@ class Session:
                 _arch_without_dtype(dataclasses.asdict(llama)):
             raise ConfigError(f"config {cfg.name!r} describes a different base model "
                               f"({cfg.base_config}) than the one given ({llama})")
+        # checks every setting of the programs (ConfigError) and fills Session's defaults
+        plan = make_plan(llama, cfg, batch_size=batch_size, max_tokens=max_tokens,
+                         collapse_headroom=collapse_headroom, prefill_chunk=prefill_chunk,
+                         pad_id=pad_id, focus_policy=focus_policy, kv_reuse=kv_reuse,
+                         decode_focus=decode_focus)
         mc = cfg.mc
         K = mc.block_size
-        if mc.w_max % K:
-            raise ConfigError(f"w_max ({mc.w_max}) must be a multiple of the block size K "
-                              f"({K}): the working context is re-prefilled in chunks of K "
-                              f"slots and K tokens are decoded between refocuses")
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if int(max_tokens) < mc.w_max:
-            raise ConfigError(f"max_tokens ({max_tokens}) must be >= w_max ({mc.w_max})")
-        if not 0 <= pad_id < llama.vocab_size:
-            raise ConfigError(f"pad_id {pad_id} is outside the vocabulary")
-        wcm.check_config(mc)  # w_max holds the sink, the protected tail and a gist
-        if collapse_headroom is None:  # default: an eighth of the budget, whole blocks
-            collapse_headroom = (mc.w_max // 8) // K * K
-        most = mc.w_max - mc.recent_protect - K - wcm.sink_tokens(mc)
-        if not 0 <= collapse_headroom <= most:
-            raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K - "
-                              f"sink_blocks*K] = [0, {most}], got {collapse_headroom}")
-        if prefill_chunk is None:  # default: the largest K·2^i <= 256 that divides w_max
-            prefill_chunk = K
-            while prefill_chunk * 2 <= max(256, K) and mc.w_max % (prefill_chunk * 2) == 0:
-                prefill_chunk *= 2
-        if prefill_chunk % K or mc.w_max % prefill_chunk or prefill_chunk <= 0:
-            raise ConfigError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of "
-                              f"K ({K}) that divides w_max ({mc.w_max})")
         self.cfg, self.mc, self.llama = cfg, mc, llama
         self.batch_size, self.max_tokens = int(batch_size), int(max_tokens)
         self.debug_invariants = debug_invariants
@@ -184,12 +156,7 @@ class Session:
         check_params(gist_params, cfg, "gist", exc=ValueError)
         check_params(lens_params, cfg, "lens", exc=ValueError)
 
-        self._plan = Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=self.batch_size,
-                           max_tokens=self.max_tokens, pad_id=int(pad_id),
-                           headroom=int(collapse_headroom),
-                           prefill_chunk=int(prefill_chunk), focus_policy=focus_policy,
-                           retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens")
-                           else None, kv_reuse=kv_reuse, decode_focus=decode_focus)
+        self._plan = plan
         self._programs = programs(self._plan, mesh)
         sh = self._programs.shardings
         resolved_lens = lens_params

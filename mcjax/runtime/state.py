@@ -20,12 +20,12 @@ import numpy as np
 
 from mcjax import working_context as wcm
 from mcjax.base.model import KVCache
-from mcjax.config import LlamaConfig
+from mcjax.config import ConfigError, LlamaConfig
 from mcjax.tree import MegaContextTree, TreeView
 
 __all__ = ["StreamState", "Plan", "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE",
            "DECODE_FOCUS",
-           "initial_state", "empty_view", "initial_layouts", "view_update",
+           "make_plan", "initial_state", "empty_view", "initial_layouts", "view_update",
            "pending_base_position"]
 
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
@@ -96,6 +96,58 @@ class Plan:
 
     def view_rows(self, level: int) -> int:
         return max(1, -(-self.max_tokens // self.mc.block_size**level))
+
+
+def make_plan(llama: LlamaConfig, cfg, *, batch_size: int = 1,
+              max_tokens: int = DEFAULT_MAX_TOKENS, collapse_headroom: int | None = None,
+              prefill_chunk: int | None = None, pad_id: int = 0, focus_policy: str = "lens",
+              kv_reuse: str = "exact", decode_focus: str = "every") -> Plan:
+    """The `Plan` of a session over base model `llama` with experiment config `cfg`
+    (checked; ConfigError naming the setting): what `Session` compiles its programs for,
+    and what a caller driving the programs itself (or projecting their cost by AOT
+    compilation, `mcjax.projection`) should build. Defaults are `Session`'s: headroom an
+    eighth of w_max in whole blocks, prefill chunk the largest K·2^i <= 256 dividing w_max.
+    """
+    if focus_policy not in FOCUS_POLICIES:
+        raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
+                          f"{focus_policy!r}")
+    if kv_reuse not in KV_REUSE:
+        raise ConfigError(f"kv_reuse must be one of {KV_REUSE}, got {kv_reuse!r}")
+    if decode_focus not in DECODE_FOCUS:
+        raise ConfigError(f"decode_focus must be one of {DECODE_FOCUS}, got "
+                          f"{decode_focus!r}")
+    mc = cfg.mc
+    K = mc.block_size
+    if mc.w_max % K:
+        raise ConfigError(f"w_max ({mc.w_max}) must be a multiple of the block size K "
+                          f"({K}): the working context is re-prefilled in chunks of K "
+                          f"slots and K tokens are decoded between refocuses")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if int(max_tokens) < mc.w_max:
+        raise ConfigError(f"max_tokens ({max_tokens}) must be >= w_max ({mc.w_max})")
+    if not 0 <= pad_id < llama.vocab_size:
+        raise ConfigError(f"pad_id {pad_id} is outside the vocabulary")
+    wcm.check_config(mc)  # w_max holds the sink, the protected tail and a gist
+    if collapse_headroom is None:  # default: an eighth of the budget, whole blocks
+        collapse_headroom = (mc.w_max // 8) // K * K
+    most = mc.w_max - mc.recent_protect - K - wcm.sink_tokens(mc)
+    if not 0 <= collapse_headroom <= most:
+        raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K - "
+                          f"sink_blocks*K] = [0, {most}], got {collapse_headroom}")
+    if prefill_chunk is None:  # default: the largest K·2^i <= 256 that divides w_max
+        prefill_chunk = K
+        while prefill_chunk * 2 <= max(256, K) and mc.w_max % (prefill_chunk * 2) == 0:
+            prefill_chunk *= 2
+    if prefill_chunk % K or mc.w_max % prefill_chunk or prefill_chunk <= 0:
+        raise ConfigError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of "
+                          f"K ({K}) that divides w_max ({mc.w_max})")
+    return Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=int(batch_size),
+                max_tokens=int(max_tokens), pad_id=int(pad_id),
+                headroom=int(collapse_headroom), prefill_chunk=int(prefill_chunk),
+                focus_policy=focus_policy,
+                retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens") else None,
+                kv_reuse=kv_reuse, decode_focus=decode_focus)
 
 
 def pending_base_position(plan: Plan, wc) -> jax.Array:
