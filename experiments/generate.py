@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--chunk", type=int, default=4,
                         help="base mode: tokens decoded per streamed chunk")
-    parser.add_argument("--config", default="smollm2_135m_cpu",
-                        help="megacontext mode: registered experiment config (default: "
-                             "%(default)s)")
+    parser.add_argument("--config", default=None,
+                        help="megacontext mode: registered experiment config (default: the "
+                             "model's own, smollm2_135m_cpu / qwen25_coder_05b_cpu; "
+                             "smollm2_135m_cpu for a local directory)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override a config field; repeatable")
     parser.add_argument("--gist-checkpoint", default=None,
@@ -67,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feed-chunk", type=int, default=4096,
                         help="feed the prompt in pieces of this many tokens (progress shown; "
                              "the result does not depend on it)")
-    parser.add_argument("--focus-policy", default="lens",
+    parser.add_argument("--focus-policy", default=None,
                         choices=["retrieval", "lens", "recency", "random"],
-                        help="where refocus scores come from (default: %(default)s)")
+                        help="where refocus scores come from (default: lens when a trained "
+                             "LensNet fits the config — shipped or --lens-checkpoint — else "
+                             "retrieval; the header line says which)")
     parser.add_argument("--compare-window", action="store_true",
                         help="also answer with the plain base model over the last w_max "
                              "prompt tokens (the sliding-window baseline)")
@@ -200,12 +203,22 @@ def run_megacontext(model, ids, text, args, parser) -> int:
     from mcjax.runtime import Session
     from mcjax.working_context import CapacityError
 
+    from mcjax.assets import shipped_lens
+    from mcjax.base.convert import canonical_name
+    from mcjax.config import config_for_model
+
+    name = args.config or config_for_model(canonical_name(args.model) or args.model)
     try:
-        cfg = get_config(args.config, args.overrides)
+        cfg = get_config(name, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
     if args.model != cfg.base:  # a local directory: checkpoints must name the same base
         cfg = dataclasses.replace(cfg, base=args.model)
+    if args.focus_policy is None:  # an untrained LensNet's focus would be arbitrary
+        trained_lens = args.lens_checkpoint is not None or (
+            not args.untrained and shipped_lens(dataclasses.replace(
+                cfg, base_config=model.config)) is not None)
+        args.focus_policy = "lens" if trained_lens else "retrieval"
     mc = cfg.mc
     need = len(ids) + args.max_new_tokens + mc.block_size
     max_tokens = max(mc.w_max, 1 << (need - 1).bit_length())

@@ -785,6 +785,17 @@ def _replace_path(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
         raise ConfigError(f"override {dotted}={value!r}: {e}") from e
 
 
+# The registered experiment config each shipped model runs with by default (the CPU-sized
+# one): CLIs pick it when --config is not given.
+MODEL_CONFIGS = {"smollm2-135m": "smollm2_135m_cpu", "qwen2.5-coder-0.5b": "qwen25_coder_05b_cpu"}
+
+
+def config_for_model(model: str, fallback: str = "smollm2_135m_cpu") -> str:
+    """The default experiment config name of a (canonical) shipped model name; `fallback`
+    for anything else (a local directory)."""
+    return MODEL_CONFIGS.get(model, fallback)
+
+
 @register("tiny")
 def _tiny() -> ExperimentConfig:
     """Random-init tiny Llama; every test uses this one."""
@@ -812,6 +823,15 @@ def _smollm2_135m() -> ExperimentConfig:
                             train=TrainConfig(seq_len=2048 + 64))
 
 
+# GistNet v2 training sized for a CPU (both CPU configs): window = 1,088-token prefix (a
+# sink block + 32 blocks + a raw block) + H=64; dense KL over the raw tail at 1, 4 and 17
+# raw blocks and LOD1+LOD2, NLL weight 0.1
+_CPU_GIST_TRAINING = TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,
+                                 log_every=4, eval_every=50, checkpoint_every=25,
+                                 learning_rate=1e-3, gist_keep_raw=(1, 4, 17), gist_lod2=True,
+                                 gist_dense=True, gist_nll_weight=0.1)
+
+
 @register("smollm2_135m_cpu")
 def _smollm2_135m_cpu() -> ExperimentConfig:
     """SmolLM2 base with a budget small enough to train and evaluate on a CPU."""
@@ -827,12 +847,7 @@ def _smollm2_135m_cpu() -> ExperimentConfig:
         # slot's retrieval relevance; distilled from retrieval focus (distill_lens.py)
         lens=LensConfig(width=128, num_latents=16, num_heads=4, num_latent_layers=2,
                         query_tokens=8, query_layer=10, retrieval_features=True),
-        # window = 1,088-token prefix (a sink block + 32 blocks + a raw block) + H=64; dense
-        # KL over the raw tail at 1, 4 and 17 raw blocks and LOD1+LOD2, NLL weight 0.1
-        train=TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,
-                          log_every=4, eval_every=50, checkpoint_every=25,
-                          learning_rate=1e-3, gist_keep_raw=(1, 4, 17), gist_lod2=True,
-                          gist_dense=True, gist_nll_weight=0.1),
+        train=_CPU_GIST_TRAINING,
         eval=EvalConfig(num_examples=16, history_lengths=(1024, 2048, 4096)),
     )
 
@@ -864,9 +879,6 @@ def _qwen25_coder_05b_cpu() -> ExperimentConfig:
         lens=LensConfig(width=128, num_latents=16, num_heads=4, num_latent_layers=2,
                         query_tokens=8, query_layer=8, retrieval_features=True),
         retrieval=RetrievalConfig(layers=(9,)),
-        train=TrainConfig(batch_size=2, seq_len=1088 + 64, steps=200, warmup_steps=20,
-                          log_every=4, eval_every=50, checkpoint_every=25,
-                          learning_rate=1e-3, gist_keep_raw=(1, 4, 17), gist_lod2=True,
-                          gist_dense=True, gist_nll_weight=0.1),
+        train=_CPU_GIST_TRAINING,
         eval=EvalConfig(num_examples=16, history_lengths=(4096, 16384)),
     )

@@ -74,6 +74,7 @@ def test_prefill_then_cached_decode_equals_the_full_forward(arch):
         step, cache = base.decode_step(params, config, cache, tokens[:, t],
                                        jnp.full((B,), t), t)
         chex.assert_trees_all_close(step, full[:, t], atol=1e-5)
+    assert bool(cache.valid[:, :T].all()) and not bool(cache.valid[:, T:].any())
 
 
 def test_read_pass_queries_and_keys_are_the_references_pre_rope_projections(arch):

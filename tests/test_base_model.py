@@ -9,55 +9,12 @@ import numpy as np
 import pytest
 
 from mcjax.base import model as base
-from mcjax.base.loading import load_config, load_params
-from mcjax.config import TINY_LLAMA
+from mcjax.base import parity
 
 torch = pytest.importorskip("torch")
 
 
-def _hf_reference(config, tmp_path, seed=0):
-    """A randomly initialised transformers LlamaForCausalLM saved as an HF directory."""
-    from transformers import LlamaConfig as HFLlamaConfig
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(HFLlamaConfig(**config.to_hf_dict(), attn_implementation="eager"))
-    with torch.no_grad():  # randomise norms too, so a misplaced norm scale shows
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    hf.eval()
-    hf.save_pretrained(tmp_path)
-    return hf
-
-
-def _hf_logits(hf, tokens, position_ids=None):
-    with torch.no_grad():
-        kw = {} if position_ids is None else {"position_ids": torch.tensor(position_ids)}
-        return hf(torch.tensor(np.asarray(tokens, np.int64)), **kw).logits.numpy()
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_tiny_forward_matches_transformers_reference(tmp_path, tied):
-    config = dataclasses.replace(TINY_LLAMA, tie_word_embeddings=tied)
-    hf = _hf_reference(config, tmp_path)
-    loaded = load_config(tmp_path)
-    assert loaded == config
-    params = load_params(tmp_path, loaded)
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 19))
-    ours = base.forward(params, loaded, tokens=tokens)
-    chex.assert_shape(ours, (2, 19, config.vocab_size))
-    chex.assert_trees_all_close(np.asarray(ours), _hf_logits(hf, tokens), atol=1e-4, rtol=1e-4)
-
-
-def test_tiny_forward_matches_reference_with_explicit_positions(tmp_path):
-    hf = _hf_reference(TINY_LLAMA, tmp_path, seed=3)
-    params = load_params(tmp_path, TINY_LLAMA)
-    tokens = np.random.default_rng(2).integers(0, TINY_LLAMA.vocab_size, (1, 13))
-    positions = np.cumsum(np.random.default_rng(3).integers(1, 40, (1, 13)), axis=1)
-    ours = base.forward(params, TINY_LLAMA, tokens=tokens, positions=positions)
-    chex.assert_trees_all_close(np.asarray(ours), _hf_logits(hf, tokens, positions),
-                                atol=1e-4, rtol=1e-4)
+_hf_logits = parity.torch_logits  # the tiny per-architecture parity: test_architectures.py
 
 
 @pytest.mark.slow
@@ -82,21 +39,6 @@ def test_embedding_input_equals_token_input(tiny_llama):
     by_ids = base.forward(params, config, tokens=tokens)
     by_embeds = base.forward(params, config, embeds=base.embed_tokens(params, tokens))
     chex.assert_trees_all_close(by_ids, by_embeds, atol=1e-6)
-
-
-def test_kv_cache_decode_equals_full_forward_token_by_token(tiny_llama):
-    config, params = tiny_llama
-    B, T, prefix = 2, 17, 5
-    tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (B, T)))
-    full = base.forward(params, config, tokens=tokens)
-    cache = base.init_cache(config, B, capacity=23)
-    logits, cache = base.prefill(params, config, cache, tokens=tokens[:, :prefix])
-    chex.assert_trees_all_close(logits, full[:, :prefix], atol=1e-5)
-    for t in range(prefix, T):
-        step, cache = base.decode_step(params, config, cache, tokens[:, t],
-                                       jnp.full((B,), t), t)
-        chex.assert_trees_all_close(step, full[:, t], atol=1e-5)
-    assert bool(cache.valid[:, :T].all()) and not bool(cache.valid[:, T:].any())
 
 
 def test_streams_of_different_lengths_share_a_cache_and_decode_exactly(tiny_llama):

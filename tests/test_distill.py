@@ -100,18 +100,24 @@ def test_states_follow_the_teacher_through_the_allocator_until_the_needle_is_raw
     assert np.any(states[0]["needle"] & (states[0]["level"] >= 1))
 
 
+def _fit(cfg, batch, steps):
+    """Eval metrics of a fresh LensNet before and after `steps` Adam updates on `batch`."""
+    p = lens.init_lens(cfg.lens, cfg.mc, cfg.base_config.hidden_size, jax.random.key(0))
+    opt = optax.adam(3e-3)
+    update = distill.make_update(cfg.lens, cfg.mc, opt)
+    evaluate = distill.make_eval(cfg.lens, cfg.mc)
+    first = jax.device_get(evaluate(p, batch))
+    st = opt.init(p)
+    for _ in range(steps):
+        p, st, _ = update(p, st, batch)
+    return first, jax.device_get(evaluate(p, batch))
+
+
 def test_training_fits_the_teacher_and_metrics_count_what_they_claim():
     _, _, states = states_of_history()
     arrays = distill.stack_states(states)
     batch = distill.batch_from_states(arrays)
-    p = lens.init_lens(CFG.lens, MC, LLAMA.hidden_size, jax.random.key(0))
-    opt = optax.adam(3e-3)
-    update = distill.make_update(CFG.lens, MC, opt)
-    first = jax.device_get(distill.make_eval(CFG.lens, MC)(p, batch))
-    st = opt.init(p)
-    for _ in range(60):
-        p, st, m = update(p, st, batch)
-    last = jax.device_get(distill.make_eval(CFG.lens, MC)(p, batch))
+    first, last = _fit(CFG, batch, 60)
     assert last["mse"] < 0.3 * first["mse"]
     assert last["n_needle"] == sum(bool(np.any(s["needle"] & (s["level"] >= 1))) for s in states)
     # the metrics on the teacher's own scores: perfect agreement, no false expansions
@@ -160,11 +166,5 @@ def test_distillation_runs_on_a_qwen_style_base():
     states = distill.distill_states(bp, tree.view(), cfg, [7, 8], rounds=2,
                                     rng=np.random.default_rng(0), explore=0.0)
     batch = distill.batch_from_states(distill.stack_states(states))
-    p = lens.init_lens(cfg.lens, MC, qwen.hidden_size, jax.random.key(0))
-    opt = optax.adam(3e-3)
-    update = distill.make_update(cfg.lens, MC, opt)
-    first = jax.device_get(distill.make_eval(cfg.lens, MC)(p, batch))
-    st = opt.init(p)
-    for _ in range(30):
-        p, st, _ = update(p, st, batch)
-    assert jax.device_get(distill.make_eval(cfg.lens, MC)(p, batch))["mse"] < 0.5 * first["mse"]
+    first, last = _fit(cfg, batch, 30)
+    assert last["mse"] < 0.5 * first["mse"]
