@@ -59,7 +59,7 @@ def test_read_pass_keys_are_the_caches_keys_before_rope():
     cache = base.init_cache(LLAMA, 1, RC.chunk)
     _, cache = base.prefill(params(), LLAMA, cache, tokens=toks,
                             positions=jnp.arange(RC.chunk)[None], index=0)
-    cos, sin = base.rope_cos_sin(jnp.arange(RC.chunk)[None], LLAMA.head_dim, LLAMA.rope_theta)
+    cos, sin = base.rope_cos_sin(jnp.arange(RC.chunk)[None], LLAMA)
     for i, layer in enumerate((0, 2)):
         rotated = base.apply_rope(feats["keys"][:, :, i], cos, sin)
         chex.assert_trees_all_close(rotated, cache.k[layer, :, :RC.chunk], atol=1e-5)
