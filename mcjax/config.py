@@ -61,8 +61,8 @@ _UNSUPPORTED_FAMILIES = {
               "local/global attention layers",
     "gemma3": "GeGLU MLP, sqrt(hidden_size) embedding scale, (1 + w) RMSNorm, sandwich "
               "norms, q/k norms, 5:1 local/global layers with per-layer RoPE bases",
-    "gemma3_text": "as gemma3",
 }
+_UNSUPPORTED_FAMILIES["gemma3_text"] = _UNSUPPORTED_FAMILIES["gemma3"]
 ROPE_SCALING_KINDS = ("linear", "llama3", "yarn")
 
 
@@ -241,11 +241,10 @@ class LlamaConfig:
         elif d.get("use_sliding_window", False):
             raise ConfigError(f"use_sliding_window=true ({model_type}: sliding attention in "
                               f"the layers from max_window_layers on) is not supported")
-        layer_types = d.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            if model_type != "mistral":
-                raise ConfigError(f"layer_types {sorted(set(layer_types))} are not supported "
-                                  f"(only full_attention layers)")
+        layer_types = d.get("layer_types") or ()
+        if model_type != "mistral" and any(t != "full_attention" for t in layer_types):
+            raise ConfigError(f"layer_types {sorted(set(layer_types))} are not supported "
+                              f"(only full_attention layers)")
         try:
             n_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mcjax.base.hf_layout import hf_to_params_layout
 from mcjax.config import LlamaConfig
 
 MANIFEST = "mcjax_manifest.json"  # written last inside the temp dir: marks a finished conversion
@@ -359,23 +360,6 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ConversionError(f"unexpected tensor {gguf_name!r} in GGUF file")
 
 
-def expected_hf_tensors(config: LlamaConfig) -> set[str]:
-    """HF names of every tensor a checkpoint of `config` holds (the head only if untied)."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
-    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
-                 *(f"self_attn.{m}_proj.weight" for m in "qkvo"),
-                 *(f"mlp.{m}_proj.weight" for m in ("gate", "up", "down"))]
-    if config.qkv_bias:
-        per_layer += [f"self_attn.{m}_proj.bias" for m in "qkv"]
-    if config.o_bias:
-        per_layer.append("self_attn.o_proj.bias")
-    if config.mlp_bias:
-        per_layer += [f"mlp.{m}_proj.bias" for m in ("gate", "up", "down")]
-    return names | {f"model.layers.{i}.{n}" for i in range(config.num_layers) for n in per_layer}
-
-
 def check_tensor_names(reader, config: LlamaConfig) -> None:
     """The GGUF's tensors are exactly those `config` implies: refuse before converting.
 
@@ -384,7 +368,7 @@ def check_tensor_names(reader, config: LlamaConfig) -> None:
     and silently ignores weights.
     """
     present = {hf_tensor_name(t.name) for t in reader.tensors}
-    expected = expected_hf_tensors(config)
+    expected = set(hf_to_params_layout(config))
     missing, extra = sorted(expected - present), sorted(present - expected)
     if missing or extra:
         raise ConversionError(
