@@ -35,6 +35,59 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written for a different architecture than the one asked for."""
 
 
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint's files are unreadable or its state differs from what was saved."""
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _leaf_hashes(leaves: list) -> list:
+    """Two 32-bit position-weighted sums of each leaf's bits (integer arithmetic: exact
+    and the same on every device and sharding, unlike a float reduction)."""
+    out = []
+    for x in leaves:
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        u = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+        u = u.reshape(-1)
+        i = jnp.arange(u.shape[0], dtype=jnp.uint32)
+        a = u * (i * jnp.uint32(2654435761) + jnp.uint32(1))
+        a = a ^ (a >> 15)
+        b = ((u ^ (u >> 7)) * jnp.uint32(0x27D4EB2F) + i) * jnp.uint32(0x165667B1)
+        b = b ^ (b >> 13)
+        out.append(jnp.stack([jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)]))
+    return out
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """A hash of a pytree's arrays — names, shapes, dtypes and every bit of the values —
+    computed where the arrays live (one pass, two integer sums per leaf: ~no transfer; not
+    cryptographic: it tells weights apart, it does not resist forgery). Used for the base
+    model's weights in a session save and for a training checkpoint's state."""
+    import hashlib
+
+    import numpy as np
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    device, host = [], []
+    for path, leaf in leaves:
+        itemsize = getattr(getattr(leaf, "dtype", None), "itemsize", None)
+        (device if itemsize in _UINT or getattr(leaf, "dtype", None) == bool else host
+         ).append((path, leaf))
+    h = hashlib.sha256()
+    sums = jax.device_get(_leaf_hashes([jnp.asarray(x) for _, x in device])) if device else []
+    for (path, leaf), pair in zip(device, sums):
+        h.update(f"{jax.tree_util.keystr(path)}|{tuple(leaf.shape)}|{leaf.dtype}|"
+                 f"{int(pair[0])},{int(pair[1])};".encode())
+    for path, leaf in host:  # 8-byte or non-array leaves: hashed on the host
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.shape}|{a.dtype}|".encode())
+        h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+    return h.hexdigest()[:32]
+
+
 def config_to_json(cfg: ExperimentConfig) -> dict:
     return config_to_json_section(cfg)
 

@@ -2,6 +2,7 @@
 equality with the plain base model while the WC is all LOD0, chunking invariance, batch ==
 alone, sharded == unsharded, clear errors."""
 
+import collections
 import dataclasses
 import types
 
@@ -610,7 +611,8 @@ def test_a_saved_session_loads_and_continues_bit_identically(tiny_llama, cfg, ne
     s.feed([_tokens(70, 3), np.zeros(0, np.int64)])  # unsynced input in the trees, too
     published = s.save(tmp_path / "run")
     assert published != first and not first.exists()  # the older save is gone
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["LATEST", published.name]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".save.lock", "LATEST", published.name]  # the writers' lock file stays
 
     loaded = Session.load(tmp_path / "run", tiny_llama, debug_invariants=True)
     assert loaded.num_tokens.tolist() == s.num_tokens.tolist()
@@ -695,7 +697,7 @@ def test_a_session_killed_while_saving_leaves_the_previous_save_loadable(tiny_ll
     loaded.check()  # consistent: the cache equals a fresh prefill of the loaded WC
     loaded.generate(K)
     final = loaded.save(run)
-    assert sorted(p.name for p in run.iterdir()) == ["LATEST", final.name]
+    assert sorted(p.name for p in run.iterdir()) == [".save.lock", "LATEST", final.name]
 
 
 def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, cfg, nets):
@@ -776,3 +778,282 @@ def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, 
                  jax.device_get(session._state))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(view),
                  jax.device_get(session._view))
+
+
+# ---------------------------------------------------------------- saves: exclusive, atomic,
+# verified (issue 33)
+
+
+def _saved(tiny_llama, cfg, nets, run, seed=3):
+    s = _session(tiny_llama, cfg, nets, focus_policy="random")
+    s.feed(_tokens(seed, 2 * K + 7))
+    s.generate(5)
+    return s, s.save(run)
+
+
+def test_a_save_removes_only_the_entries_saves_made(tiny_llama, cfg, nets, tmp_path):
+    run = tmp_path / "run"
+    (run / "save-notes").mkdir(parents=True)
+    (run / "save-notes" / "todo.txt").write_text("mine")
+    (run / "save-7").mkdir()  # a hand-made folder with a save's name, no save marker
+    (run / "save-7" / "x.txt").write_text("mine too")
+    (run / "save-draft.txt").write_text("and this")
+    (run / ".incomplete-save-2").mkdir()
+    s, first = _saved(tiny_llama, cfg, nets, run)
+    assert first.name == "save-8"
+    second = s.save(run)
+    assert not first.exists() and second.name == "save-9"
+    assert (run / "save-notes" / "todo.txt").read_text() == "mine"
+    assert (run / "save-7" / "x.txt").read_text() == "mine too"
+    assert (run / "save-draft.txt").read_text() == "and this"
+    assert (run / ".incomplete-save-2").is_dir()
+    assert Session.load(run, tiny_llama).num_tokens.tolist() == s.num_tokens.tolist()
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_holder(tiny_llama, cfg, nets, tmp_path):
+    import os
+    import time
+
+    from mcjax.runtime.persist import SaveLockedError, save_lock
+
+    run = tmp_path / "run"
+    s, first = _saved(tiny_llama, cfg, nets, run)
+    with save_lock(run):  # another writer (its own open file: flock is per open file)
+        t0 = time.perf_counter()
+        with pytest.raises(SaveLockedError, match=f"pid {os.getpid()}"):
+            s.save(run)
+        assert time.perf_counter() - t0 < 1.0
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "LATEST", first.name]  # nothing written by the refused save
+    assert s.save(run).name == "save-2"  # the lock went with its holder
+
+
+def test_latest_may_only_name_a_save_inside_the_directory(tiny_llama, cfg, nets, tmp_path):
+    from mcjax.runtime.persist import SaveDamagedError
+
+    run = tmp_path / "run"
+    _saved(tiny_llama, cfg, nets, run)
+    for pointer in ("../run/save-1", "/tmp", "save-1/..", "save-notes", "save-2", ""):
+        (run / "LATEST").write_text(pointer)
+        with pytest.raises(SaveDamagedError, match="LATEST"):
+            Session.load(run, tiny_llama)
+    (run / "LATEST").write_text("save-1\n")
+    Session.load(run, tiny_llama)
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    s = _session(tiny_llama, cfg, nets)
+    s.feed(_tokens(1, 20))
+    with pytest.raises(CheckpointError, match="cannot save into"):
+        s.save(file)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        Session.load(file, tiny_llama)
+
+
+def test_a_damaged_or_incomplete_save_is_a_clear_error(tiny_llama, cfg, nets, tmp_path):
+    import json
+
+    from mcjax.runtime import persist
+
+    run = tmp_path / "run"
+    _, where = _saved(tiny_llama, cfg, nets, run)
+    meta = json.loads((where / "session.json").read_text())
+    del meta["host"]  # a key missing (the checksums rewritten: only the content is wrong)
+    (where / "session.json").write_text(json.dumps(meta))
+    persist.write_checksums(where)
+    with pytest.raises(persist.SaveDamagedError, match="KeyError"):
+        Session.load(run, tiny_llama)
+    (where / "arrays.npz").write_bytes(b"PK\x03\x04 not a zip")
+    persist.write_checksums(where)
+    with pytest.raises(persist.SaveDamagedError, match="arrays.npz: unreadable"):
+        Session.load(run, tiny_llama)
+    (where / "arrays.npz").unlink()
+    with pytest.raises(persist.SaveDamagedError, match="arrays.npz is missing"):
+        Session.load(run, tiny_llama)
+    meta["format_version"] = 99
+    (where / "session.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not a session save"):
+        Session.load(run, tiny_llama)
+
+
+def test_load_refuses_a_base_model_with_other_weights(tiny_llama, cfg, nets, tmp_path):
+    from mcjax.base.model import init_params
+    from mcjax.runtime.persist import BaseModelMismatchError
+
+    run = tmp_path / "run"
+    _saved(tiny_llama, cfg, nets, run)
+    other = (TINY_LLAMA, init_params(TINY_LLAMA, jax.random.key(8)))  # same shapes
+    with pytest.raises(BaseModelMismatchError, match="other weights"):
+        Session.load(run, other)
+    one_weight = jax.tree.map(lambda x: x, tiny_llama[1])
+    leaf = jax.tree_util.tree_leaves(one_weight)[-1]
+    flat = np.asarray(leaf).copy().reshape(-1)
+    flat[123] = np.nextafter(flat[123], np.inf)  # one ulp of one weight
+    one_weight = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(one_weight),
+        jax.tree_util.tree_leaves(one_weight)[:-1] + [flat.reshape(leaf.shape)])
+    with pytest.raises(BaseModelMismatchError):
+        Session.load(run, (TINY_LLAMA, one_weight))
+
+
+def test_random_byte_flips_in_a_save_are_detected_or_harmless(tiny_llama, cfg, nets, tmp_path):
+    """Every flip of one byte anywhere in a save directory (the save's files, LATEST, the
+    lock file) makes `load` raise a `CheckpointError` naming the damage, or loads a
+    session identical to the undamaged one (a flip in a lock file: informational only)."""
+    from mcjax.runtime import persist
+
+    run = tmp_path / "run"
+    s, where = _saved(tiny_llama, cfg, nets, run)
+    files = sorted(p for p in run.rglob("*") if p.is_file() and p.stat().st_size)
+    rng = np.random.default_rng(0)
+    detected, harmless, kinds = 0, 0, collections.Counter()
+    want_tokens = s.tree().tokens()
+    flips = 60
+    for i in range(flips):
+        # every file once, then files drawn by size (the big ones hold most bytes)
+        path = files[i] if i < len(files) else files[rng.choice(
+            len(files), p=np.asarray([f.stat().st_size for f in files], float)
+            / sum(f.stat().st_size for f in files))]
+        data = bytearray(path.read_bytes())
+        at = int(rng.integers(len(data)))
+        original = data[at]
+        data[at] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(data))
+        try:
+            loaded = Session.load(run, tiny_llama)
+        except CheckpointError as e:
+            detected += 1
+            kinds[type(e).__name__] += 1
+        else:
+            harmless += 1
+            assert path.name == persist.SAVE_LOCK, (path, at)
+            np.testing.assert_array_equal(loaded.tree().tokens(), want_tokens)
+        finally:
+            data[at] = original
+            path.write_bytes(bytes(data))
+    assert detected + harmless == flips and detected > 0
+    print(f"save byte flips: {flips} tried, {detected} detected {dict(kinds)}, "
+          f"{harmless} harmless")
+    Session.load(run, tiny_llama)  # restored: loads again
+
+
+_CONCURRENT = """
+import dataclasses, json, sys, time
+import numpy as np, jax
+from mcjax.base.model import init_params
+from mcjax.checkpoint import CheckpointError
+from mcjax.config import TINY_LLAMA, get_config
+from mcjax.runtime import Session, untrained_params
+cfg = dataclasses.replace(get_config("tiny", {overrides!r}), base_config=TINY_LLAMA)
+llama = (TINY_LLAMA, init_params(TINY_LLAMA, jax.random.key(7)))
+run, me, go, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+histories = []
+for seed in (0, 1):
+    s = Session(llama, untrained_params(cfg, "gist"), untrained_params(cfg, "lens"), cfg,
+                max_tokens={max_tokens}, collapse_headroom={headroom}, focus_policy="random")
+    s.feed(np.random.default_rng(seed).integers(3, TINY_LLAMA.vocab_size, 40 + 20 * seed))
+    histories.append(s.tree().tokens())
+    if seed == me:
+        session = s
+# warm up (compiles) with one save and load elsewhere before the clock starts
+session.save(run + "-warm-" + str(me))
+Session.load(run + "-warm-" + str(me), llama)
+counts = dict(saves=0, loads=0, errors={{}}, lost=0)
+while time.time() < go:
+    time.sleep(0.005)
+end = time.time() + seconds
+while time.time() < end:
+    for what in ("save", "load"):
+        try:
+            if what == "save":
+                session.save(run)
+                counts["saves"] += 1
+            else:
+                got = Session.load(run, llama).tree().tokens()
+                counts["loads"] += 1
+                if not any(len(got) == len(h) and (got == h).all() for h in histories):
+                    counts["lost"] += 1
+        except CheckpointError as e:
+            counts["errors"][type(e).__name__] = counts["errors"].get(type(e).__name__, 0) + 1
+            counts.setdefault("first", {{}}).setdefault(type(e).__name__, str(e)[:300])
+        except Exception as e:  # anything not our own clear error fails the test
+            counts["errors"]["RAW " + type(e).__name__ + ": " + str(e)[:200]] = 1
+print(json.dumps(counts), flush=True)
+"""
+
+
+def test_two_processes_saving_and_loading_one_directory_lose_nothing(tiny_llama, cfg,
+                                                                     tmp_path):
+    """Two processes save into and load from one directory in a loop for 3 s: every load
+    returns one of the two sessions whole, every failure is our own clear error (a save
+    refused while the other writes), and the directory ends loadable."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from mcjax.runtime import persist
+
+    script = tmp_path / "both.py"
+    script.write_text(_CONCURRENT.format(overrides=OVERRIDES, max_tokens=MAX_TOKENS,
+                                         headroom=HEADROOM))
+    run = tmp_path / "run"
+    first = Session(tiny_llama, untrained_params(cfg, "gist"), untrained_params(cfg, "lens"),
+                    cfg, max_tokens=MAX_TOKENS, collapse_headroom=HEADROOM,
+                    focus_policy="random")  # process 0's session: a save to start from
+    first.feed(np.random.default_rng(0).integers(3, TINY_LLAMA.vocab_size, 40))
+    first.save(run)
+    go = time.time() + 60  # both start together once warmed up (compiles, first save)
+    procs = [subprocess.Popen([sys.executable, str(script), str(run), str(me), str(go), "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me in (0, 1)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print("concurrent saves/loads:", results)
+    for r in results:
+        print(r.pop("first", None))
+        assert r["lost"] == 0
+        assert all(not k.startswith("RAW") for k in r["errors"]), r["errors"]
+        assert set(r["errors"]) <= {"SaveLockedError"}, r["errors"]
+        assert r["saves"] > 0 and r["loads"] > 0
+    Session.load(run, tiny_llama)
+    left = [p.name for p in run.iterdir() if persist.is_save_name(p.name)]
+    final = first.save(run)  # no load reads now: every older save is removed
+    assert [p.name for p in run.iterdir() if persist.is_save_name(p.name)] == [final.name]
+    print(f"saves left by the race: {len(left)}")
+
+
+def test_a_stream_interrupted_by_feed_raises_instead_of_ending_silently(tiny_llama, cfg, nets):
+    s = _session(tiny_llama, cfg, nets)
+    s.feed(_tokens(5, 40))
+    it = s.stream(40)
+    first = next(it)
+    assert first.shape == (1, K)
+    s.feed(_tokens(6, 7))
+    with pytest.raises(InputError, match="stream\\(\\) was ended after 16 of 40 tokens"):
+        list(it)
+    assert s.num_tokens.tolist() == [40 + K + 7]  # the yielded tokens are in the history
+    it = s.stream(20)
+    next(it)
+    s.generate(3)  # another generation ends it too
+    with pytest.raises(InputError, match="was ended"):
+        next(it)
+    assert s.generate(K + 1).shape == (1, K + 1)  # a new stream works
+
+
+def test_counts_and_ids_are_refused_not_truncated(tiny_llama, cfg, nets):
+    s = _session(tiny_llama, cfg, nets)
+    s.feed(_tokens(5, 40))
+    for bad in (2.9, "3", 3.0, True, None):
+        with pytest.raises(InputError, match="max_new_tokens must be an integer"):
+            s.generate(bad)
+    for bad in (128.5, 2 ** 40, -1, TINY_LLAMA.vocab_size):
+        with pytest.raises(InputError, match="eos_id"):
+            s.generate(4, eos_id=bad)
+    assert s.generate(np.int64(2), eos_id=np.int32(5)).shape[1] <= 2
+    with pytest.raises(ConfigError, match="batch_size must be an integer"):
+        _session(tiny_llama, cfg, nets, batch_size=1.5)
+    with pytest.raises(ConfigError, match="max_tokens must be an integer"):
+        _session(tiny_llama, cfg, nets, max_tokens=4096.7)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -23,8 +24,10 @@ from mcjax.assets import check_params, flatten_params, unflatten_params
 from mcjax.base import model as base
 from mcjax.base.convert import fsync_dir
 from mcjax.base.model import InputError, KVCache
-from mcjax.checkpoint import (CheckpointError, _arch_without_dtype, config_to_json,
-                              default_params, lens_gistnet, load_trained_params)
+from mcjax.checks import as_int
+from mcjax.checkpoint import (CheckpointError, CheckpointMismatchError, _arch_without_dtype,
+                              config_to_json, default_params, lens_gistnet,
+                              load_trained_params, tree_fingerprint)
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
 from mcjax.runtime import persist
 from mcjax.runtime.programs import programs
@@ -32,7 +35,8 @@ from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, empty_view, initial_layouts
                                  initial_state, make_plan, pending_base_position,
                                  view_update)
 from mcjax.runtime.telemetry import RefocusEvent, event_from
-from mcjax.tree import BlockGister, MegaContextTree, append_to_trees, copy_rows
+from mcjax.tree import (BlockGister, MegaContextTree, StoreError, append_to_trees,
+                        copy_rows)
 
 __all__ = ["Session"]
 
@@ -206,6 +210,8 @@ class Session:
         self._ingest_s = 0.0  # tree ingest time since the last refocus (feed side)
         # what `save` writes so that `load` rebuilds this session
         self._nets = {"gist": gist_params, "lens": resolved_lens}
+        self._base_fingerprint: str | None = None  # computed once, at the first save
+        self._changes = 0  # bumped by every feed / force / flush / stream (see `stream`)
         self._settings = dict(batch_size=self.batch_size, max_tokens=self.max_tokens,
                               collapse_headroom=self._plan.headroom,
                               prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
@@ -329,6 +335,7 @@ class Session:
         ids = self._token_lists(inputs)
         if sum(len(x) for x in ids) == 0:
             raise InputError("feed: empty input (no tokens for any stream)")
+        self._changed()
         self._ingest(ids)
 
     def _ingest(self, ids: list[np.ndarray]) -> None:
@@ -348,6 +355,7 @@ class Session:
         since the last refocus (one refocus). Unlike `sync`, this changes when later
         refocuses happen, so call it between turns, not between pieces of one generation."""
         if self._num_pending:
+            self._changed()
             self._ingest([np.zeros((0,), np.int64)] * self.batch_size)
         self.sync()
 
@@ -490,25 +498,47 @@ class Session:
 
     # ------------------------------------------------------------------ persistence
 
+    def base_fingerprint(self) -> str:
+        """A hash of the base model's weights (`mcjax.checkpoint.tree_fingerprint`, computed
+        once per session where the params live): a save records it, `load` compares it."""
+        if self._base_fingerprint is None:
+            self._base_fingerprint = tree_fingerprint(self._params)
+        return self._base_fingerprint
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Persist the session under `directory` so that `Session.load` continues it
         bit-identically (same next tokens, same WCs): every stream's tree through the
         on-disk store, the whole `StreamState` (WC, KV cache, pending tokens, flags), the
-        host-side counters, the config, the settings and the GistNet / LensNet params.
-        Telemetry (`events`) is not saved.
+        host-side counters, the config, the settings, the GistNet / LensNet params and the
+        base model's fingerprint (`base_fingerprint`). Telemetry (`events`) is not saved.
 
-        Crash-safe: a save is written into a fresh `save-N` directory, made durable, and
-        only then published by atomically replacing the `LATEST` pointer; older saves are
-        removed after. A process killed at any point (SIGKILL included) leaves the previous
-        save loadable. Returns the published save's directory."""
+        Exclusive: one save at a time per directory (`persist.save_lock`; a second writer,
+        in this process or another, gets `persist.SaveLockedError` at once, naming the
+        holder). Crash-safe: a save is written into a fresh `.incomplete-save-N`
+        directory, checksummed (`SHA256SUMS`: every file's sha256), made durable, renamed
+        to `save-N` and only then published by atomically replacing the `LATEST` pointer.
+        A process killed at any point (SIGKILL included) leaves the previous save
+        loadable. Only entries a save made (a save's name with its marker file inside)
+        are ever removed: the older saves, after the publication, once no `load` is
+        reading them (else the next save removes them); anything else in `directory`
+        is left alone. Returns the published save's directory."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        numbers = [int(p.name[5:]) for p in directory.glob("save-*") if p.name[5:].isdigit()]
-        n = max(numbers, default=0) + 1
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, ...
+            raise CheckpointError(f"cannot save into {directory}: {e.strerror or e}") from e
+        if not directory.is_dir():
+            raise CheckpointError(f"cannot save into {directory}: not a directory")
+        fingerprint = self.base_fingerprint()
+        with persist.save_lock(directory):
+            return self._save_locked(directory, fingerprint)
+
+    def _save_locked(self, directory: Path, fingerprint: str) -> Path:
+        numbers = [persist.save_number(p.name) for p in directory.iterdir()]
+        n = max((k for k in numbers if k is not None), default=0) + 1
         tmp = directory / f".incomplete-save-{n}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
+        persist.write_durably(tmp / persist.MARKER, b"written by mcjax Session.save\n")
         for b, tree in enumerate(self._trees):
             # (no model_name: the header holds 32 bytes; session.json names the base)
             with MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
@@ -520,6 +550,7 @@ class Session:
         manifest = persist.write_arrays(tmp / "arrays.npz", arrays)
         meta = {
             "format": persist.SAVE_FORMAT, "format_version": persist.SAVE_VERSION,
+            "base_fingerprint": fingerprint,
             "config": config_to_json(self.cfg), "settings": self._settings,
             "provenance": self.provenance, "arrays": manifest,
             "host": {"unsynced": self._unsynced.tolist(), "laid_out": self._laid_out.tolist(),
@@ -527,6 +558,9 @@ class Session:
                      "num_refocus": int(self._num_refocus)},
         }
         persist.write_durably(tmp / "session.json", json.dumps(meta, indent=2).encode())
+        for sub in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+            fsync_dir(sub)  # the trees' files and their directory entries
+        persist.write_checksums(tmp)
         fsync_dir(tmp)
         final = directory / f"save-{n}"
         os.rename(tmp, final)
@@ -534,33 +568,83 @@ class Session:
         persist.write_durably(directory / "LATEST.tmp", final.name.encode())
         os.replace(directory / "LATEST.tmp", directory / "LATEST")  # the publication
         fsync_dir(directory)
-        for old in directory.iterdir():  # earlier saves and leftovers of killed ones
-            if old.name != final.name and (old.name.startswith("save-")
-                                           or old.name.startswith(".incomplete-save-")):
-                shutil.rmtree(old, ignore_errors=True)
+        with persist.no_readers(directory) as free:
+            if free:  # no load reads an older save: remove them and leftovers of killed saves
+                for old in directory.iterdir():
+                    if old.name != final.name and persist.owned_by_saves(old):
+                        shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def _published(directory: Path) -> Path:
+        """The save `directory/LATEST` names: a `save-N` directly inside `directory`."""
+        pointer = directory / "LATEST"
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} is not a directory (no saved session)")
+        if not pointer.exists():
+            raise CheckpointError(f"{directory} holds no saved session (no LATEST)")
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise persist.SaveDamagedError(f"{pointer}: unreadable ({e})") from e
+        if not name.startswith("save-") or not persist.is_save_name(name):
+            raise persist.SaveDamagedError(
+                f"{pointer} names {name!r}, not a save inside {directory} (save-N)")
+        where = directory / name
+        if not where.is_dir() or where.is_symlink():
+            raise persist.SaveDamagedError(f"{pointer} names {name!r}, which is not a save "
+                                           f"directory in {directory}")
+        return where
 
     @classmethod
     def load(cls, directory: str | os.PathLike, base_model, *, mesh: Mesh | None = None,
              debug_invariants: bool = False,
              on_event: Callable[[RefocusEvent], None] | None = None) -> "Session":
-        """The session `save(directory)` published last, over `base_model` (the same base
-        model it ran with: its architecture is checked against the saved config)."""
+        """The session `save(directory)` published last, over `base_model` — the same base
+        model it ran with: its architecture is checked against the saved config, and its
+        weights against the saved fingerprint (`persist.BaseModelMismatchError`). Every
+        file is checked against the save's `SHA256SUMS` before anything is read
+        (`persist.SaveDamagedError` naming the file); a save is never removed while a load
+        reads it. Every failure is a `CheckpointError`."""
         directory = Path(directory)
-        pointer = directory / "LATEST"
-        if not pointer.exists():
-            raise CheckpointError(f"{directory} holds no saved session (no LATEST)")
-        where = directory / pointer.read_text().strip()
+        if not directory.is_dir():
+            why = "is not a directory" if directory.exists() else "does not exist"
+            raise CheckpointError(f"{directory} holds no saved session (it {why})")
+        with persist.read_lock(directory):
+            return cls._load_published(cls._published(directory), base_model, mesh=mesh,
+                                       debug_invariants=debug_invariants, on_event=on_event)
+
+    @classmethod
+    def _load_published(cls, where: Path, base_model, **kwargs) -> "Session":
         try:
             meta = json.loads((where / "session.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{where}: unreadable session save: {e}") from e
-        if (meta.get("format"), meta.get("format_version")) != (persist.SAVE_FORMAT,
-                                                                persist.SAVE_VERSION):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise persist.SaveDamagedError(f"{where}: unreadable session save: {e}") from e
+        if not isinstance(meta, dict) or meta.get("format") != persist.SAVE_FORMAT or \
+                meta.get("format_version") not in persist.READABLE_VERSIONS:
+            found = meta if not isinstance(meta, dict) else (meta.get("format"),
+                                                             meta.get("format_version"))
             raise CheckpointError(
                 f"{where}: not a session save of format {persist.SAVE_FORMAT!r} version "
-                f"{persist.SAVE_VERSION} (found {meta.get('format')!r} version "
-                f"{meta.get('format_version')!r})")
+                f"{'/'.join(map(str, persist.READABLE_VERSIONS))} (found {found!r})")
+        version = meta["format_version"]
+        if version >= 2:
+            persist.verify_checksums(where)
+        else:
+            warnings.warn(f"{where}: a version-1 session save has no checksums and no base "
+                          f"model fingerprint: loaded unverified", stacklevel=3)
+        try:
+            return cls._from_meta(where, meta, base_model, **kwargs)
+        except ConfigError as e:  # e.g. the saved config describes another base model
+            raise CheckpointMismatchError(f"{where}: {e}") from e
+        except (KeyError, IndexError, TypeError, ValueError, StoreError) as e:
+            raise persist.SaveDamagedError(
+                f"{where}: the save does not hold a session this version can load "
+                f"({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _from_meta(cls, where: Path, meta: dict, base_model, *, mesh, debug_invariants,
+                   on_event) -> "Session":
         cfg = config_from_json(meta["config"])
         arrays = persist.read_arrays(where / "arrays.npz", meta["arrays"])
         nets = {part: jax.tree.map(jnp.asarray, unflatten_params(
@@ -569,10 +653,17 @@ class Session:
         session = cls(base_model, nets["gist"], nets["lens"], cfg, mesh=mesh,
                       debug_invariants=debug_invariants, on_event=on_event,
                       provenance=meta.get("provenance"), **meta["settings"])
-        for b, tree in enumerate(session._trees):
-            with MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
-                                      key_reader=session._key_reader) as src:
-                copy_rows(src, tree)
+        saved_fp = meta.get("base_fingerprint")
+        if saved_fp is not None and saved_fp != session.base_fingerprint():
+            raise persist.BaseModelMismatchError(
+                f"{where} was saved over a base model with other weights (fingerprint "
+                f"{saved_fp}) than the one given ({session.base_fingerprint()}): load it "
+                f"with the base model it ran with")
+        with persist.one_reader_at_a_time(where):  # the store locks what it opens
+            for b, tree in enumerate(session._trees):
+                with MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
+                                          key_reader=session._key_reader) as src:
+                    copy_rows(src, tree)
         template, treedef = persist.keyed_leaves(session._state)
         saved = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
         if set(saved) != set(template) or any(
@@ -596,12 +687,24 @@ class Session:
                ) -> Iterator[np.ndarray]:
         """Greedy tokens, yielded block by block ([B, ≤ K] int32): each stream emits its
         next tokens (pad after it emitted `eos_id`); a refocus follows every K tokens. Stops
-        after `max_new_tokens` or when every stream is done."""
-        n = int(max_new_tokens)
-        if n <= 0:
-            raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        after `max_new_tokens` or when every stream is done. `max_new_tokens` and `eos_id`
+        must be integers (an id inside the vocabulary), never truncated.
+
+        A stream continues only while nothing else changes the session: `feed`, `force`,
+        `flush` or another `stream`/`generate` between two of its blocks ends it, and
+        resuming it then raises `InputError` (the tokens it yielded are in the history;
+        call `stream` again to go on from the new input)."""
+        n = as_int(max_new_tokens, "max_new_tokens", minimum=1, exc=InputError)
+        if eos_id is not None:
+            eos_id = as_int(eos_id, "eos_id", minimum=0, maximum=self.llama.vocab_size - 1,
+                            exc=InputError)
         self._begin_decoding(n, "generating")
-        return self._stream(n, np.int32(-1 if eos_id is None else eos_id))
+        return self._stream(n, np.int32(-1 if eos_id is None else eos_id), self._changes)
+
+    def _changed(self) -> None:
+        """Something other than the open stream changed the session: a suspended `stream`
+        must not continue (see `stream`)."""
+        self._changes += 1
 
     def _begin_decoding(self, n: int, what: str) -> None:
         """What `stream` and `force` check and reset before n tokens enter the pending
@@ -611,18 +714,28 @@ class Session:
         if empty:
             raise InputError(f"stream(s) {empty} have no history: feed them before {what}")
         self._check_room([self._num_pending + n] * self.batch_size)
+        self._changed()
         # `done` means "emitted EOS in this generation": a new call starts every stream anew
         self._state = self._state.replace(done=jnp.zeros_like(self._state.done))
 
-    def _stream(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
+    def _stream(self, n: int, eos: np.int32, changes: int) -> Iterator[np.ndarray]:
         try:
-            yield from self._stream_blocks(n, eos)
+            yield from self._stream_blocks(n, eos, changes)
         finally:  # the last refocus's event is recorded before control returns
             self._read_telemetry()
 
-    def _stream_blocks(self, n: int, eos: np.int32) -> Iterator[np.ndarray]:
+    def _stream_blocks(self, n: int, eos: np.int32, changes: int) -> Iterator[np.ndarray]:
         K, produced = self.mc.block_size, 0
+
+        def check_current():
+            if self._changes != changes:
+                raise InputError(
+                    f"this stream() was ended after {produced} of {n} tokens: feed, force, "
+                    f"flush or another stream changed the session between its blocks (its "
+                    f"tokens so far are in the history); call stream() again to continue")
+
         while produced < n:
+            check_current()
             steps = min(n - produced, K - self._num_pending)
             self._state, out, ran = self._programs.decode(self._params, self._state,
                                                           np.int32(steps), eos)
@@ -635,6 +748,7 @@ class Session:
             produced += ran
             if ran:
                 yield tokens
+                check_current()
             if self._num_pending == K:
                 self._refocus_pending({"decode_s": decode_s, "decoded": K})
             if ran < steps:

@@ -20,6 +20,7 @@ import numpy as np
 
 from mcjax import working_context as wcm
 from mcjax.base.model import KVCache
+from mcjax.checks import as_int
 from mcjax.config import ConfigError, LlamaConfig
 from mcjax.tree import MegaContextTree, TreeView
 
@@ -122,15 +123,17 @@ def make_plan(llama: LlamaConfig, cfg, *, batch_size: int = 1,
         raise ConfigError(f"w_max ({mc.w_max}) must be a multiple of the block size K "
                           f"({K}): the working context is re-prefilled in chunks of K "
                           f"slots and K tokens are decoded between refocuses")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if int(max_tokens) < mc.w_max:
+    batch_size = as_int(batch_size, "batch_size", minimum=1, exc=ConfigError)
+    max_tokens = as_int(max_tokens, "max_tokens", exc=ConfigError)
+    if max_tokens < mc.w_max:
         raise ConfigError(f"max_tokens ({max_tokens}) must be >= w_max ({mc.w_max})")
+    pad_id = as_int(pad_id, "pad_id", exc=ConfigError)
     if not 0 <= pad_id < llama.vocab_size:
         raise ConfigError(f"pad_id {pad_id} is outside the vocabulary")
     wcm.check_config(mc)  # w_max holds the sink, the protected tail and a gist
     if collapse_headroom is None:  # default: an eighth of the budget, whole blocks
         collapse_headroom = (mc.w_max // 8) // K * K
+    collapse_headroom = as_int(collapse_headroom, "collapse_headroom", exc=ConfigError)
     most = mc.w_max - mc.recent_protect - K - wcm.sink_tokens(mc)
     if not 0 <= collapse_headroom <= most:
         raise ConfigError(f"collapse_headroom must lie in [0, w_max - recent_protect - K - "
@@ -139,6 +142,7 @@ def make_plan(llama: LlamaConfig, cfg, *, batch_size: int = 1,
         prefill_chunk = K
         while prefill_chunk * 2 <= max(256, K) and mc.w_max % (prefill_chunk * 2) == 0:
             prefill_chunk *= 2
+    prefill_chunk = as_int(prefill_chunk, "prefill_chunk", exc=ConfigError)
     if prefill_chunk % K or mc.w_max % prefill_chunk or prefill_chunk <= 0:
         raise ConfigError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of "
                           f"K ({K}) that divides w_max ({mc.w_max})")
