@@ -631,6 +631,22 @@ class EvalConfig:
     num_examples: int = 64
     history_lengths: tuple[int, ...] = (1024, 4096, 16384, 32768)
 
+    def __post_init__(self):
+        from mcjax.checks import as_int
+
+        for name, least in (("seed", None), ("batch_size", 1), ("seq_len", 1), ("steps", 1),
+                            ("warmup_steps", 0), ("log_every", 1), ("eval_every", 1),
+                            ("checkpoint_every", 1), ("keep_checkpoints", 1)):
+            as_int(getattr(self, name), f"train.{name}", minimum=least, exc=ConfigError)
+        _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got "
+                                         f"{self.learning_rate}")
+        _require(self.weight_decay >= 0 and self.grad_clip >= 0,
+                 f"train.weight_decay and train.grad_clip must be >= 0, got "
+                 f"{self.weight_decay}, {self.grad_clip}")
+        _require(len(self.gist_keep_raw) >= 1 and all(
+            isinstance(k, int) and k >= 0 for k in self.gist_keep_raw),
+            f"train.gist_keep_raw must be integers >= 0, got {self.gist_keep_raw}")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:

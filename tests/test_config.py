@@ -78,3 +78,19 @@ def test_config_from_json_inverts_asdict_with_defaults_for_absent_fields():
     d["lens"]["bogus"] = 1
     with pytest.raises(ConfigError, match="bogus"):
         config_from_json(d)
+
+
+def test_train_counts_out_of_range_or_not_integers_are_errors():
+    """train.steps=-3 used to train nothing and exit 0; a float count was truncated."""
+    for item, match in (("train.steps=-3", "train.steps must be >= 1"),
+                        ("train.steps=0", "train.steps must be >= 1"),
+                        ("train.batch_size=0", "train.batch_size must be >= 1"),
+                        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+                        ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+                        ("train.learning_rate=-1e-3", "train.learning_rate must be > 0"),
+                        ("train.steps=2.5", "cannot parse")):
+        with pytest.raises(C.ConfigError, match=match):
+            C.get_config("tiny", [item])
+    with pytest.raises(C.ConfigError, match="train.steps must be an integer"):
+        C.TrainConfig(steps=2.5)
+    assert C.get_config("tiny", ["train.steps=3"]).train.steps == 3
