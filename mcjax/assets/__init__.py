@@ -14,7 +14,9 @@ param dict flattened to "a/b/c" keys, written with `safetensors.numpy`. The card
 other path works the same way.
 
 - `save_params_safetensors(params, path)` / `load_params_safetensors(path)`: the arrays.
-- `write_card` / `read_card`: the card (`card_path(path)` is where it lies).
+- `write_card` / `read_card`: the card (`card_path(path)` is where it lies); `write_card`
+  records the file's "sha256", and `load_params_safetensors` refuses a file that differs
+  from it (`verify_params_file`: a flipped byte is an AssetError naming the file).
 - `save_gist_params(params, cfg, path, **card)`: both at once.
 - `export_gist_params(workdir, path)`: a training workdir's latest GistNet → file + card.
 - `apply_card(cfg, card)`: the experiment config with the card's GistNet architecture
@@ -41,7 +43,7 @@ from mcjax.config import ExperimentConfig, GistConfig, LensConfig
 
 __all__ = ["flatten_params", "unflatten_params", "AssetError", "FORMAT", "ASSET_DIR",
            "save_params_safetensors", "load_params_safetensors", "card_path", "read_card",
-           "write_card",
+           "write_card", "sha256_file", "verify_params_file",
            "save_gist_params", "export_gist_params", "gist_config_from_card", "apply_card",
            "check_gist_params", "SHIPPED_GIST", "shipped_gist", "SHIPPED_LENS",
            "lens_config_from_card", "check_lens_params", "shipped_lens", "expected_params",
@@ -98,13 +100,15 @@ def save_params_safetensors(params: Any, path: str | os.PathLike,
 
 def load_params_safetensors(path: str | os.PathLike) -> dict:
     """The nested dict of numpy arrays written by `save_params_safetensors` (floating
-    arrays as float32, whatever precision they were stored in)."""
+    arrays as float32, whatever precision they were stored in), after checking the file
+    against the sha256 its card records (`verify_params_file`)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_file():
         raise AssetError(f"params file {str(path)!r} does not exist")
+    verify_params_file(path)  # the sha256 its card records, before reading anything
     try:
         flat = load_file(os.fspath(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -136,10 +140,43 @@ def card_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_card(path: str | os.PathLike, card: dict) -> Path:
+    """Write the card beside params file `path`, recording the file's sha256 (which
+    `load_params_safetensors` checks) when the file exists."""
     out = card_path(path)
+    if Path(path).is_file():
+        card = {**card, "sha256": sha256_file(path)}
     out.write_text(json.dumps(card, indent=2) + "\n")
     return out
+
+
+def verify_params_file(path: str | os.PathLike) -> None:
+    """The params file has the sha256 its card records (nothing to check without a card
+    or without a recorded sha256): else AssetError naming the file."""
+    cp = card_path(path)
+    if not cp.is_file():
+        return
+    try:
+        want = json.loads(cp.read_text()).get("sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise AssetError(f"card {cp} is not a valid JSON object: {e}") from e
+    if want is None:
+        return
+    got = sha256_file(path)
+    if got != want:
+        raise AssetError(f"params file {path} is damaged or was replaced: its sha256 "
+                         f"{got[:16]}… differs from the {str(want)[:16]}… its card {cp.name} "
+                         f"records; restore the file (for a shipped one: reinstall mcjax)")
 
 
 def read_card(path: str | os.PathLike) -> dict:
