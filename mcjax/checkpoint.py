@@ -18,7 +18,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -171,8 +171,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_position: dict, cfg: ExperimentConfig,
              extra: dict | None = None) -> None:
+        """Save `state` as `step` (asynchronously), with its fingerprint
+        (`tree_fingerprint`) in the meta: a restore compares it, so damage that orbax
+        reads without complaint is found too."""
         meta = {"config": config_to_json(cfg), "data_position": data_position,
                 "extra": extra or {}}
+        if jax.process_count() == 1:  # (a global array's hash needs every host's part)
+            meta["state_fingerprint"] = tree_fingerprint(state)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
@@ -180,21 +185,70 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax / tensorstore / json errors of a damaged step
+            raise CheckpointDamagedError(f"{self.directory}/{step}: unreadable meta "
+                                         f"({type(e).__name__}: {e})") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise CheckpointDamagedError(f"{self.directory}/{step}: its meta holds no config")
+        return meta
 
     def restore(self, abstract_state: Any, cfg: ExperimentConfig, step: int | None = None
                 ) -> tuple[Any, dict]:
-        """(state, meta) of `step` (default latest), checked against `cfg` first."""
+        """(state, meta) of `step` (default latest), checked against `cfg` first
+        (`CheckpointMismatchError`) and against the fingerprint saved with it after
+        (`CheckpointDamagedError`, as for unreadable files). `restore_intact` falls back
+        to older steps instead."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        check_compatible(self.read_meta(step)["config"], cfg, f"{self.directory}/{step}",
+        meta = self.read_meta(step)
+        check_compatible(meta["config"], cfg, f"{self.directory}/{step}",
                          nets_in(abstract_state))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as e:  # orbax / tensorstore errors of damaged files
+            raise CheckpointDamagedError(f"{self.directory}/{step}: unreadable state "
+                                         f"({type(e).__name__}: {str(e)[:300]})") from e
+        want = meta.get("state_fingerprint")
+        if want is not None and jax.process_count() == 1:
+            got = tree_fingerprint(state)
+            if got != want:
+                raise CheckpointDamagedError(
+                    f"{self.directory}/{step}: the restored state differs from the one "
+                    f"saved (fingerprint {got} != {want}): its files are damaged")
+        return state, meta
+
+    def restore_intact(self, abstract_state: Any, cfg: ExperimentConfig,
+                       check_meta: Callable[[dict], None] | None = None
+                       ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
+        """(state, meta, step, skipped) of the newest step that restores intact
+        (`restore`), newest first; `skipped` lists (step, why) of the damaged newer ones.
+        A config mismatch, or `check_meta(meta)` raising, is not damage: it propagates.
+        Every step damaged: `CheckpointDamagedError` listing why."""
+        skipped: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+            except CheckpointDamagedError as e:
+                skipped.append((step, str(e)))
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                state, meta = self.restore(abstract_state, cfg, step)
+            except CheckpointDamagedError as e:
+                skipped.append((step, str(e)))
+                continue
+            return state, meta, step, skipped
+        raise CheckpointDamagedError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped) if skipped else
+            f"no complete checkpoint in {self.directory}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -447,3 +447,27 @@ def test_gistnet_trains_on_a_qwen_style_base_as_on_llama(tmp_path):
                                                       jax.tree.leaves(g0)))
     for layout in result["eval_after"].values():
         assert np.isfinite(layout["delta_nll_gistnet"])
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, tiny,
+                                                                        capsys):
+    """Build item 5 (issue 33): the latest checkpoint's files damaged, the run resumes from
+    the one before and says so (stderr and the log), ending where an undamaged run ends."""
+    import json
+
+    cfg, frozen, _, _ = tiny
+    cfg = _small(frozen.cfg, 3)
+    work = tmp_path / "run"
+    train_gist(cfg, work, progress=False, eval_batches=0, stop_after=2)
+    for f in (work / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the arrays' data files
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            f.write_bytes(bytes(data))
+    run = train_gist(cfg, work, progress=False, eval_batches=0)
+    assert run["start_step"] == 1 and run["end_step"] == 3
+    assert "resuming from step 1, the newest intact checkpoint; skipped damaged step 2" in \
+        capsys.readouterr().err
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["resumed_past_damaged_checkpoints"][0]["step"] for r in rows
+            if "resumed_past_damaged_checkpoints" in r] == [2]

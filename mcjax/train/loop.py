@@ -310,8 +310,17 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
 
     start = 0
     if resume and ckpt.latest_step() is not None:
-        _check_resume(ckpt.read_meta().get("extra") or {}, run_meta, workdir)
-        state, meta = ckpt.restore(state, cfg)
+        # the newest checkpoint that restores intact; damaged newer ones are skipped, and
+        # said so (a run killed mid-save, a disk error)
+        state, meta, step, skipped = ckpt.restore_intact(
+            state, cfg, lambda meta: _check_resume(meta.get("extra") or {}, run_meta,
+                                                   workdir))
+        if skipped:
+            log.write(step, "info", {"resumed_past_damaged_checkpoints": [
+                {"step": s, "why": why} for s, why in skipped]})
+            print(f"{job.name}: resuming from step {step}, the newest intact checkpoint; "
+                  f"skipped damaged " + "; ".join(f"step {s} ({why})" for s, why in skipped),
+                  file=sys.stderr)
         batches.restore(meta["data_position"])
         start = int(state.step)
         changed = resumed_train_changes(meta["config"], cfg)
