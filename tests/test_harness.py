@@ -188,3 +188,38 @@ def test_arguments(tiny_llama, cfg):
         MegaContextLM(tiny_llama, cfg, batch_size="auto", encode=encode, decode=decode)
     with pytest.raises(TypeError, match="tokenizer"):
         MegaContextLM(tiny_llama, cfg)
+
+
+def test_out_of_vocabulary_ids_are_a_clear_error_not_nan(tiny_llama, cfg):
+    """A tokenizer giving an id the model lacks (here chr(300) on a 263-token vocabulary)
+    is an error naming the id, in a continuation (both methods) and in a context — never
+    (nan, False)."""
+    bad = chr(300)
+
+    def unchecked(text):
+        return np.asarray([ord(ch) for ch in text], np.int32)
+
+    for method in ("megacontext", "base"):
+        lm = MegaContextLM(tiny_llama, cfg, method=method, batch_size=2, max_tokens=1024,
+                           encode=unchecked, decode=decode, untrained=True)
+        for args in (("The cat sat", " on" + bad), ("The cat" + bad, " sat")):
+            with pytest.raises(ValueError, match="token id 300 .*vocabulary"):
+                lm.loglikelihood(_requests("loglikelihood", [args]))
+        with pytest.raises(ValueError, match="token id 300"):
+            lm.generate_until(_requests("generate_until", [("ab" + bad, {"until": ["x"]})]))
+
+
+def test_counts_and_ids_are_refused_not_truncated(tiny_llama, cfg, base_lm):
+    for kw, match in (({"eos_id": 128.5}, "eos_id must be an integer"),
+                      ({"eos_id": 2 ** 40}, "eos_id must be <="),
+                      ({"max_gen_toks": 2.9}, "max_gen_toks must be an integer"),
+                      ({"batch_size": 1.5}, "batch_size must be an integer"),
+                      ({"prefix_token_id": -2}, "prefix_token_id must be >= 0")):
+        kw = {"batch_size": 2, **kw}
+        with pytest.raises(ValueError, match=match):
+            MegaContextLM(tiny_llama, cfg, method="base", max_tokens=1024, encode=encode,
+                          decode=decode, **kw)
+    for gen_kwargs, match in (({"max_gen_toks": 2.9}, "max_gen_toks must be an integer"),
+                              ({"until": [5]}, "until"), ("stop", "gen_kwargs")):
+        with pytest.raises(ValueError, match=match):
+            base_lm.generate_until(_requests("generate_until", [("ab", gen_kwargs)]))

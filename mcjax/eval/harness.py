@@ -60,6 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcjax.base import model as base
+from mcjax.base.model import InputError
+from mcjax.checks import as_int
 from mcjax.base.generate import GreedySampler
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, get_config
 from mcjax.checkpoint import default_params
@@ -154,11 +156,10 @@ def score_continuations(session: Session, continuations: Sequence[np.ndarray], p
 # --------------------------------------------------------------------------- the LM
 
 
-def _as_int(x, what: str) -> int:
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an integer, got {x!r}") from None
+def _as_int(x, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer argument (lm-eval's --model_args may pass digit strings); 2.9 or "2.9"
+    is an error, never 2 (`mcjax.checks.as_int`)."""
+    return as_int(x, what, minimum=minimum, maximum=maximum, allow_str=True)
 
 
 def _overrides(overrides) -> list[str] | dict | None:
@@ -216,11 +217,9 @@ class MegaContextLM(LM):
             raise ValueError(f"batch_size must be an integer (got {batch_size!r}; 'auto' is "
                              f"not supported: the streams of a session share one KV cache)")
         self.method, self.focus_policy = method, focus_policy
-        self.batch_size = _as_int(batch_size, "batch_size")
-        self.max_tokens = _as_int(max_tokens, "max_tokens")
-        self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks")
-        if self.batch_size < 1 or self.max_gen_toks < 1:
-            raise ValueError("batch_size and max_gen_toks must be >= 1")
+        self.batch_size = _as_int(batch_size, "batch_size", 1)
+        self.max_tokens = _as_int(max_tokens, "max_tokens", 1)
+        self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks", 1)
 
         model_name = None
         if isinstance(model, str):
@@ -272,14 +271,16 @@ class MegaContextLM(LM):
                                                                              "base_window")
         if self.base_window < 1:
             raise ValueError(f"base_window must be >= 1, got {self.base_window}")
-        self.eos_id = llama.eos_token_id if eos_id is None else int(eos_id)
+        V = llama.vocab_size
+        self.eos_id = llama.eos_token_id if eos_id is None else _as_int(eos_id, "eos_id", 0,
+                                                                        V - 1)
         if prefix_token_id is None:  # as lm-eval's HF model: BOS, else EOS
             prefix_token_id = llama.bos_token_id if llama.bos_token_id is not None \
                 else self.eos_id
         if prefix_token_id is None:
             raise ValueError("the model has neither a BOS nor an EOS token id: pass "
                              "prefix_token_id (what an empty context becomes)")
-        self.prefix_token_id = int(prefix_token_id)
+        self.prefix_token_id = _as_int(prefix_token_id, "prefix_token_id", 0, V - 1)
         self.session_kwargs = dict(session_kwargs or {})
         self._params = jax.device_put(params)
         self.last_session: Session | None = None
@@ -322,7 +323,20 @@ class MegaContextLM(LM):
     # ------------------------------------------------------------------ tokens
 
     def tok_encode(self, text: str) -> list[int]:
-        return [int(t) for t in np.asarray(self._encode_fn(text)).reshape(-1)] if text else []
+        """The text's token ids, each checked against the model's vocabulary (an id the
+        model lacks is an `InputError` naming it, never a NaN score)."""
+        if not text:
+            return []
+        ids = np.asarray(self._encode_fn(text)).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"the tokenizer returned {ids.dtype} ids, not integers")
+        V = self.llama.vocab_size
+        bad = ids[(ids < 0) | (ids >= V)]
+        if bad.size:
+            raise InputError(f"token id {int(bad[0])} (from the tokenizer, in {text[:40]!r}"
+                             f"{'...' if len(text) > 40 else ''}) is outside the model's "
+                             f"vocabulary [0, {V})")
+        return [int(t) for t in ids]
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self._decode_fn([int(t) for t in ids])
@@ -455,22 +469,25 @@ class MegaContextLM(LM):
     # ------------------------------------------------------------------ generation
 
     def _gen_kwargs(self, kwargs) -> tuple[list[str], int]:
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"gen_kwargs must be a dict (until, max_gen_toks, ...), got "
+                             f"{kwargs!r}")
         kwargs = dict(kwargs or {})
         until = kwargs.pop("until", None)
         if until is None:
             until = []
         elif isinstance(until, str):
             until = [until]
-        elif not isinstance(until, (list, tuple)):
-            raise ValueError(f"gen_kwargs 'until' must be a string or a list, got {until!r}")
+        elif not isinstance(until, (list, tuple)) or not all(isinstance(u, str)
+                                                              for u in until):
+            raise ValueError(f"gen_kwargs 'until' must be a string or a list of strings, got "
+                             f"{until!r}")
         until = [u for u in until if u]
         if self.eos_id is not None:
             eos_text = self.tok_decode([self.eos_id])
             if eos_text and eos_text not in until:
                 until.append(eos_text)
-        n = _as_int(kwargs.pop("max_gen_toks", self.max_gen_toks), "max_gen_toks")
-        if n < 1:
-            raise ValueError(f"max_gen_toks must be >= 1, got {n}")
+        n = _as_int(kwargs.pop("max_gen_toks", self.max_gen_toks), "max_gen_toks", 1)
         if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
             warnings.warn("MegaContextLM decodes greedily: do_sample / temperature ignored",
                           stacklevel=3)
