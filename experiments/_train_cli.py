@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 
 def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
                  layouts: bool = False) -> argparse.ArgumentParser:
     """`gist_workdir`: --gist-workdir (LensNet on a trained GistNet); `lens`: --candidates
     (counterfactual actions per window); `layouts`: --single-layout (GistNet layouts)."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smollm2_135m_cpu",
                         help="registered experiment config (see --list)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -32,7 +35,7 @@ def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
                                  "v2) instead of the random init: fresh optimizer and "
                                  "schedule")
     if lens:
-        parser.add_argument("--candidates", type=int, default=4,
+        parser.add_argument("--candidates", type=_cli.count, default=4,
                             help="counterfactual candidate actions per window (half expansions)")
     if layouts:
         parser.add_argument("--init-gist", default=None, metavar="PARAMS.safetensors",
@@ -45,9 +48,9 @@ def build_parser(doc: str, *, gist_workdir: bool = False, lens: bool = True,
                                  "train.gist_lod2=false with a single keep-raw count)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start from scratch even if --workdir has checkpoints")
-    parser.add_argument("--eval-batches", type=int, default=4,
+    parser.add_argument("--eval-batches", type=_cli.nonneg, default=4,
                         help="held-out batches for the evaluations before / during / after")
-    parser.add_argument("--stop-after", type=int, default=None,
+    parser.add_argument("--stop-after", type=_cli.count, default=None,
                         help="stop after this many steps (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="list registered configs")
@@ -58,7 +61,7 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
     """Parse, build the config, call `mcjax.train.loop.<train_fn_name>`, write summary.json."""
     args = parser.parse_args(argv)
 
-    from mcjax.config import ConfigError, get_config, list_configs, override
+    from mcjax.config import ConfigError, list_configs, override
     from mcjax.train import loop
 
     if args.list:
@@ -66,10 +69,15 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
         return 0
     if not args.workdir:
         parser.error("--workdir is required")
-    if getattr(args, "candidates", 1) < 1:
-        parser.error("--candidates must be >= 1")
+    _cli.output_dir(parser, args.workdir, "--workdir")  # before any model loads
+    for flag in ("gist_params", "init_gist", "init_lens"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{flag.replace('_', '-')} {path}: no such file")
+    if getattr(args, "gist_workdir", None) is not None and not os.path.isdir(args.gist_workdir):
+        parser.error(f"--gist-workdir {args.gist_workdir}: not a directory")
+    cfg = _cli.checked_config(parser, args.config, args.overrides)
     try:
-        cfg = get_config(args.config, args.overrides)
         if getattr(args, "single_layout", False):
             cfg = override(cfg, {"train.gist_lod2": False,
                                  "train.gist_keep_raw": (cfg.train.gist_keep_raw[0],)})

@@ -38,13 +38,16 @@ Examples (SmolLM2 on a CPU; see --help for the sizes):
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="training workdir (train_gist / train_lens / "
                                         "train_joint) to evaluate")
     p.add_argument("--gist-checkpoint", help="workdir whose GistNet to use (overrides "
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "overrides --checkpoint's GistNet")
     p.add_argument("--untrained", action="store_true",
                    help="evaluate the untrained GistNet and LensNet (no checkpoint)")
-    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--out", required=True, help="output directory (created; checked "
+                                                "writable before anything runs)")
     p.add_argument("--config", default="smollm2_135m_cpu",
                    help="registered experiment config (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -156,9 +160,31 @@ def _git_state() -> dict:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
+def check_args(parser, args) -> None:
+    """What can be checked before the evaluation starts (one line, exit 2): the output
+    directory (an existing file there used to fail only after the whole run), the config
+    and its --set overrides, numbers out of range (checkpoints and params files: the
+    pipeline's own checks, before any model loads)."""
+    _cli.output_dir(parser, args.out, "--out")
+    _cli.checked_config(parser, args.config, args.overrides)
+    for flag in ("nll_batches", "focus_batches", "focus_candidates", "cases",
+                 "ceiling_windows", "ceiling_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("windows", "nll_batch_size", "w_max", "max_new_tokens",
+                 "ceiling_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not args.full_memory_gb > 0 or not args.ceiling_lr > 0:
+        parser.error("--full-memory-gb and --ceiling-lr must be > 0")
+    _cli.no_negative_ints(parser, args)  # the rest (--seed, --refocus-steps)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     from mcjax.checkpoint import CheckpointError
     from mcjax.eval import pipeline, report

@@ -30,27 +30,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
+
+EXAMPLE_PROMPT = "The capital of France is"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.Parser(description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m",
                         help="shipped model name or local HF directory (default: %(default)s)")
     parser.add_argument("--mode", choices=["megacontext", "base"], default="megacontext",
                         help="MegaContext session, or the plain base model over the whole "
                              "prompt (default: %(default)s)")
-    parser.add_argument("--prompt", default="The capital of France is",
-                        help="text to continue (default: %(default)r)")
-    parser.add_argument("--prompt-file", help="read the prompt (a document) from this file")
+    parser.add_argument("--prompt", default=None,
+                        help=f"text to continue (with neither --prompt, --prompt-file nor "
+                             f"--question: the example {EXAMPLE_PROMPT!r})")
+    parser.add_argument("--prompt-file", help="read the prompt (a document, UTF-8 text) "
+                                              "from this file")
     parser.add_argument("--question", default=None,
-                        help="appended after the prompt/document, e.g. a question about it")
+                        help="appended after the prompt/document, e.g. a question about it; "
+                             "alone, the question is the whole prompt")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template as a user turn")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--chunk", type=int, default=4,
+    parser.add_argument("--max-new-tokens", type=_cli.count, default=48)
+    parser.add_argument("--chunk", type=_cli.count, default=4,
                         help="base mode: tokens decoded per streamed chunk")
     parser.add_argument("--config", default=None,
                         help="megacontext mode: registered experiment config (default: the "
@@ -65,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--untrained", action="store_true",
                         help="use the untrained GistNet (default without --gist-checkpoint: "
                              "the shipped GistNet in mcjax/assets/ when it fits --config)")
-    parser.add_argument("--feed-chunk", type=int, default=4096,
+    parser.add_argument("--feed-chunk", type=_cli.count, default=4096,
                         help="feed the prompt in pieces of this many tokens (progress shown; "
                              "the result does not depend on it)")
     parser.add_argument("--focus-policy", default=None,
@@ -79,16 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="the long-document demo: a held-out corpus document with a "
                              "planted fact and a question about it (implies --compare-window)")
-    parser.add_argument("--demo-tokens", type=int, default=12288,
+    parser.add_argument("--demo-tokens", type=_cli.count, default=12288,
                         help="demo document length in tokens (default: %(default)s)")
-    parser.add_argument("--demo-depth", type=float, default=0.1,
+    parser.add_argument("--demo-depth", type=_cli.fraction, default=0.1,
                         help="where the fact sits, as a fraction of the document "
                              "(default: %(default)s)")
-    parser.add_argument("--demo-seed", type=int, default=0)
+    parser.add_argument("--demo-seed", type=_cli.nonneg, default=0)
     parser.add_argument("--debug-invariants", action="store_true",
                         help="check every working-context invariant after each refocus")
     parser.add_argument("--telemetry", default=None,
-                        help="write one JSON line per refocus event to this file")
+                        help="write one JSON line per refocus event to this file (checked "
+                             "writable before anything runs)")
     return parser
 
 
@@ -98,8 +108,6 @@ def _demo_ids(model, args, parser):
 
     from mcjax.train import data
 
-    if args.demo_tokens < 256 or not 0.0 <= args.demo_depth < 1.0:
-        parser.error("--demo-tokens must be >= 256 and --demo-depth in [0, 1)")
     # the held-out split exactly as training and evaluation tokenize it (loop.load_frozen)
     corpus = data.tokenized_corpus(model.encode, args.model, "held_out",
                                    separator=model.config.eos_token_id or 0, progress=True)
@@ -115,12 +123,27 @@ def _demo_ids(model, args, parser):
     return ids, model.decode(ids), ex
 
 
-def _prompt_ids(model, args, parser) -> tuple[list[int], str]:
-    text = open(args.prompt_file).read() if args.prompt_file else args.prompt
+def prompt_text(args, parser) -> str:
+    """The prompt: the --prompt-file's text or --prompt, then --question after a blank
+    line; the question alone when it is all that is given; the example prompt when
+    nothing is (never silently prepended to a question)."""
+    if args.prompt_file is not None and args.prompt is not None:
+        parser.error("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        text = _cli.text_file(parser, args.prompt_file, "--prompt-file")
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        text = "" if args.question else EXAMPLE_PROMPT
     if args.question:
-        text = f"{text.rstrip()}\n\n{args.question}" if text else args.question
-    if not text:
+        text = f"{text.rstrip()}\n\n{args.question}" if text.strip() else args.question
+    if not text.strip():
         parser.error("the prompt is empty")
+    return text
+
+
+def _prompt_ids(model, args, parser) -> tuple[list[int], str]:
+    text = args.prompt_text
     if args.chat:
         ids = model.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
@@ -199,19 +222,13 @@ def run_megacontext(model, ids, text, args, parser) -> int:
     import numpy as np
 
     from mcjax.checkpoint import CheckpointError
-    from mcjax.config import ConfigError, get_config
+    from mcjax.config import ConfigError
     from mcjax.runtime import Session
     from mcjax.working_context import CapacityError
 
     from mcjax.assets import shipped_lens
-    from mcjax.base.convert import canonical_name
-    from mcjax.config import config_for_model
 
-    name = args.config or config_for_model(canonical_name(args.model) or args.model)
-    try:
-        cfg = get_config(name, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    cfg = args.cfg
     if args.model != cfg.base:  # a local directory: checkpoints must name the same base
         cfg = dataclasses.replace(cfg, base=args.model)
     if args.focus_policy is None:  # an untrained LensNet's focus would be arbitrary
@@ -297,31 +314,60 @@ def run_megacontext(model, ids, text, args, parser) -> int:
               f"(budget use {last.budget_use[0]:.0%}, LOD histogram {last.lod_histogram[0]}); "
               f"median refocus {1e3 * float(np.median(refocus_s)):.0f} ms "
               f"(first one incl. compile: {1e3 * events[0].timings['refocus_s']:.0f} ms)")
-    if args.telemetry:
-        with open(args.telemetry, "w") as f:
+    if args.telemetry_file is not None:  # opened before anything ran (main)
+        with args.telemetry_file as f:
             for e in events:
                 f.write(json.dumps(e.to_dict()) + "\n")
     return 0
 
 
+def check_args(parser, args) -> None:
+    """Everything checked before the model loads (one line, exit 2 on a bad argument):
+    the prompt file's text, the telemetry file (opened now, so the telemetry cannot be
+    lost after the answer), the config and every --set override (in both modes)."""
+    from mcjax.base.convert import canonical_name
+    from mcjax.config import config_for_model
+
+    if args.demo:
+        if args.mode != "megacontext" or args.prompt_file or args.prompt or args.chat:
+            parser.error("--demo builds its own prompt for a MegaContext session: no "
+                         "--prompt / --prompt-file / --chat / --mode base")
+        if args.question:
+            parser.error("--demo asks its own question")
+        if args.demo_tokens < 256:
+            parser.error("--demo-tokens must be >= 256")
+        args.prompt_text = None
+    else:
+        args.prompt_text = prompt_text(args, parser)
+    if args.mode == "base" and (args.config or args.overrides or args.gist_checkpoint
+                                or args.lens_checkpoint or args.compare_window
+                                or args.focus_policy or args.untrained):
+        parser.error("--mode base runs the plain base model: --config / --set / "
+                     "--*-checkpoint / --focus-policy / --untrained / --compare-window "
+                     "apply to --mode megacontext")
+    name = args.config or config_for_model(canonical_name(args.model) or args.model)
+    args.cfg = _cli.checked_config(parser, name, args.overrides)
+    args.telemetry_file = None
+    if args.telemetry:
+        _cli.output_file(parser, args.telemetry, "--telemetry")
+        try:
+            args.telemetry_file = open(args.telemetry, "w")
+        except OSError as e:
+            parser.error(f"--telemetry {args.telemetry}: {e.strerror}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        parser.error("--max-new-tokens must be > 0")
+    check_args(parser, args)
 
     from mcjax.base.loading import load_base_model
 
     model = load_base_model(args.model)
     args.expected = None
     if args.demo:
-        if args.mode != "megacontext" or args.prompt_file or args.chat:
-            parser.error("--demo builds its own prompt for a MegaContext session: no "
-                         "--prompt-file / --chat / --mode base")
         ids, text, example = _demo_ids(model, args, parser)
         args.expected = example.key
-        if args.question:
-            parser.error("--demo asks its own question")
     else:
         ids, text = _prompt_ids(model, args, parser)
     if args.mode == "base":

@@ -655,10 +655,17 @@ def test_focus_grid_gives_the_finest_lod_per_bucket():
 # --------------------------------------------------------------------------- bad input
 
 
-def _fails(capsys, argv, match):
-    assert evaluate.main(["--config", "tiny", "--no-progress"] + argv) == 2
+def _fails(capsys, argv, match, one_line=False):
+    """Exit status 2 (returned, or from an argument check before any work) and stderr
+    holding `match` (`one_line`: in one line, all of stderr)."""
+    try:
+        code = evaluate.main(["--config", "tiny", "--no-progress"] + argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert match in err, err
+    assert not one_line or len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_input_gives_clear_errors(capsys, tmp_path, gist_workdir):
@@ -686,6 +693,36 @@ def test_bad_input_gives_clear_errors(capsys, tmp_path, gist_workdir):
            "does not exist")
     _fails(capsys, ck + out + ["--only", "dnll", "--windows", "100000"], "fewer than")
     assert not (tmp_path / "o").exists()  # nothing written on failure
+
+
+def test_arguments_are_checked_before_the_evaluation_starts(capsys, tmp_path, monkeypatch,
+                                                          gist_workdir):
+    """Issue 33: `--out EXISTING_FILE` ran the whole evaluation, then died with a
+    traceback; now it and the other argument errors exit 2 with one line before any
+    work (the pipeline is never called)."""
+    from mcjax.eval import pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setattr(pipeline, "run_evaluation", no_work)
+
+    def bad(argv, match):
+        _fails(capsys, argv, match, one_line=True)
+
+    ck = ["--checkpoint", str(gist_workdir[0])]
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    bad(ck + ["--out", str(existing)], "exists and is not a directory")
+    bad(ck + ["--out", str(existing / "sub")], "cannot be created")
+    out = ["--out", str(tmp_path / "o")]
+    bad(ck + out + ["--set", "nosuch.x=1"], "unknown field 'nosuch'")
+    bad(ck + out + ["--set", "train.steps=-3"], "train.steps must be >= 1")
+    bad(ck + out + ["--cases", "-2"], "--cases must be >= 1")
+    bad(ck + out + ["--seed", "-1"], "--seed -1 must be >= 0")
+    bad(ck + out + ["--cases", "2.5"], "invalid int value")
+    bad(ck + out + ["--full-memory-gb", "0"], "must be > 0")
+    assert not (tmp_path / "o").exists()
 
 
 def test_checkpoint_for_another_base_model_is_a_clear_error(capsys, tmp_path, frozen, cfg):

@@ -94,3 +94,82 @@ def test_main_job_says_which_nets_are_untrained_and_what_that_means():
     assert "gists are not summaries and focus decisions are arbitrary" in both[0]
     assert cli._network_lines({"gist": ckpt, "lens": ckpt}, ()) == [
         "[GistNet: checkpoint runs/gist step 320]", "[LensNet: checkpoint runs/gist step 320]"]
+
+
+def _cli_module(name):
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    spec = importlib.util.spec_from_file_location(f"{name}_cli",
+                                                  os.path.join(root, "experiments", f"{name}.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+class _Loaded(Exception):
+    """Raised instead of loading the model: the CLI got past its argument checks."""
+
+
+def test_generate_checks_every_argument_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Issue 33: a bad argument exits 2 with one clear line before any work (the model
+    never loads): a telemetry path that is a directory (the telemetry used to be lost after
+    the answer), unknown or mistyped --set overrides in either mode, missing / binary /
+    directory prompt files, numbers out of range."""
+    import mcjax.base.loading as loading
+
+    def no_model(*a, **k):
+        raise _Loaded()
+
+    monkeypatch.setattr(loading, "load_base_model", no_model)
+    cli = _cli_module("generate")
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\x00\x01\x02")
+    bad = [(["--telemetry", str(tmp_path)], "--telemetry .*is a directory"),
+           (["--telemetry", str(binary / "x.jsonl")], "--telemetry .*cannot be written"),
+           (["--mode", "base", "--set", "nosuch.x=1"], "--mode base .*--set"),
+           (["--set", "nosuch.x=1"], "unknown field 'nosuch'"),
+           (["--set", "mc.w_max=abc"], "cannot parse"),
+           (["--set", "train.steps=-3"], "train.steps must be >= 1"),
+           (["--prompt-file", str(tmp_path / "missing.txt")], "no such file"),
+           (["--prompt-file", str(tmp_path)], "not a regular file"),
+           (["--prompt-file", str(binary)], "binary file"),
+           (["--prompt", "a", "--prompt-file", str(binary)], "not both"),
+           (["--max-new-tokens", "0"], "must be >= 1"),
+           (["--max-new-tokens", "2.9"], "not an integer"),
+           (["--feed-chunk", "-4"], "must be >= 1"),
+           (["--demo", "--demo-depth", "1.5"], r"not in \[0, 1\)"),
+           (["--demo", "--question", "q"], "asks its own question")]
+    for argv, match in bad:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+        assert __import__("re").search(match, err), (argv, err)
+    telemetry = tmp_path / "t" / "events.jsonl"
+    (tmp_path / "t").mkdir()
+    with pytest.raises(_Loaded):  # good arguments: on to the model
+        cli.main(["--telemetry", str(telemetry), "--set", "mc.w_max=1024"])
+    assert telemetry.exists()  # opened before the work: its events cannot be lost
+
+
+def test_a_question_alone_is_the_whole_prompt(tmp_path):
+    """`--question Q` without a prompt used to be prefixed with the example prompt
+    "The capital of France is"; now the question is the prompt, and the example is used
+    only when nothing at all is given."""
+    cli = _cli_module("generate")
+    parser = cli.build_parser()
+
+    def text(*argv):
+        return cli.prompt_text(parser.parse_args(list(argv)), parser)
+
+    assert text("--question", "Who wrote it?") == "Who wrote it?"
+    assert text() == cli.EXAMPLE_PROMPT
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A story.\n")
+    assert text("--prompt-file", str(doc), "--question", "Q?") == "A story.\n\nQ?"
+    assert text("--prompt", "Hi", "--question", "Q?") == "Hi\n\nQ?"
