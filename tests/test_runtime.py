@@ -1057,3 +1057,13 @@ def test_counts_and_ids_are_refused_not_truncated(tiny_llama, cfg, nets):
         _session(tiny_llama, cfg, nets, batch_size=1.5)
     with pytest.raises(ConfigError, match="max_tokens must be an integer"):
         _session(tiny_llama, cfg, nets, max_tokens=4096.7)
+
+
+def test_ragged_input_is_a_clear_error(tiny_llama, cfg, nets):
+    """`feed([5, [6, 7]])` on two streams raised numpy's ValueError from deep inside."""
+    s = _session(tiny_llama, cfg, nets, batch_size=2)
+    for bad in ([5, [6, 7]], [[6, 7], 5], [5, "text"]):
+        with pytest.raises(InputError, match="mix"):
+            s.feed(bad)
+    s.feed([[6, 7], [8]])  # one sequence per stream
+    assert s.num_tokens.tolist() == [2, 1]

@@ -295,9 +295,22 @@ class Session:
                 raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
             return arr.astype(np.int64)
 
+        def ndim(x) -> int:
+            try:
+                return np.ndim(x)
+            except ValueError:  # ragged nesting, e.g. [5, [6, 7]]
+                raise InputError(f"input must be text, a 1-D sequence of token ids, or a "
+                                 f"list of {B} of them (one per stream); got a mix of ids and "
+                                 f"sequences: {str(inputs)[:60]}") from None
+
         per_stream = (isinstance(inputs, (list, tuple)) and len(inputs) > 0
-                      and all(isinstance(x, str) or np.ndim(x) >= 1 for x in inputs))
-        if not per_stream and not isinstance(inputs, str) and np.ndim(inputs) == 2:
+                      and all(isinstance(x, str) or ndim(x) >= 1 for x in inputs))
+        if per_stream is False and isinstance(inputs, (list, tuple)) and any(
+                isinstance(x, str) or ndim(x) >= 1 for x in inputs):
+            raise InputError(f"input mixes token ids with sequences or texts: give a 1-D "
+                             f"sequence of ids, or a list of {B} texts / sequences (one per "
+                             f"stream): {str(inputs)[:60]}")
+        if not per_stream and not isinstance(inputs, str) and ndim(inputs) == 2:
             inputs, per_stream = list(np.asarray(inputs)), True
         if per_stream:
             if len(inputs) != B:
