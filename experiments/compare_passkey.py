@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 
 def _load(spec: str) -> tuple[str, dict]:
@@ -28,11 +32,12 @@ def _load(spec: str) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.Parser(description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="RESULTS.json:METHOD")
     p.add_argument("b", help="RESULTS.json:METHOD")
     args = p.parse_args(argv)
+    _cli.no_negative_ints(p, args)
     from mcjax.eval.metrics import paired_accuracy
 
     (name_a, a), (name_b, b) = _load(args.a), _load(args.b)

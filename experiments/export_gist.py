@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.Parser(description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="train_gist / train_joint workdir")
     p.add_argument("--out", required=True, metavar="PARAMS.safetensors",
                    help="output file (its card is written beside it as PARAMS.json)")
@@ -29,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--card-json", default="{}", metavar="JSON",
                    help="extra card entries as a JSON object (command, data, figures, ...)")
     args = p.parse_args(argv)
+    _cli.no_negative_ints(p, args)
+    _cli.output_file(p, args.out, "--out")
     try:
         extra = json.loads(args.card_json)
     except json.JSONDecodeError as e:

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
@@ -49,8 +53,8 @@ def parse_variant(spec: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.Parser(description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="smollm2_135m_cpu", help="registered experiment config")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE", help="config override; repeatable")
@@ -68,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    _cli.no_negative_ints(p, args)
+    _cli.output_dir(p, args.out, "--out")
+    _cli.checked_config(p, args.config, args.overrides)
     if args.windows < 2 or args.history < 1 or args.rounds < 1 or args.batch_size < 1:
         p.error("need --windows >= 2, --history >= 1, --rounds >= 1, --batch-size >= 1")
     try:

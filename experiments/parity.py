@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.Parser(description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reader", action="store_true",
                         help="also the converted packaged reader qwen2.5-coder-0.5b")
     parser.add_argument("--out", help="JSON output file")
     args = parser.parse_args(argv)
+    _cli.no_negative_ints(parser, args)
+    if args.out:
+        _cli.output_file(parser, args.out, "--out")
     if args.out:
         try:
             open(args.out, "a").close()

@@ -9,20 +9,26 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 
 def main(argv=None) -> int:
     from mcjax.base.convert import DEFAULT_MODEL, SHIPPED_MODELS, ensure_shipped_model
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.Parser(description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="shipped model to convert (default: %(default)s)")
     parser.add_argument("--no-corpora", action="store_true", help="skip fetching corpora")
     parser.add_argument("--list", action="store_true",
                         help="list the shipped models and the command that sets each up")
     args = parser.parse_args(argv)
+    _cli.no_negative_ints(parser, args)
     if args.list:
         for name, m in SHIPPED_MODELS.items():
             print(f"{name:22s} {' '.join(m.pins)}  ({m.setup})")

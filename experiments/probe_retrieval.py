@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 import numpy as np
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.Parser(description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smollm2_135m_cpu")
     parser.add_argument("--length", type=int, default=16384, help="history tokens per case")
     parser.add_argument("--cases", type=int, default=12)
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
                         help="';'-separated layer sets whose z-scored scores are summed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    _cli.no_negative_ints(parser, args)
 
     import jax
     import jax.numpy as jnp

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     from mcjax.projection import MODELS, PROGRAMS
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.Parser(description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated base models (known: {', '.join(MODELS)})")
     p.add_argument("--programs", default=",".join(PROGRAMS),
@@ -58,7 +62,12 @@ def _git_state() -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _cli.no_negative_ints(parser, args)
+    _cli.output_file(parser, args.out, "--out")
+    if args.markdown:
+        _cli.output_file(parser, args.markdown, "--markdown")
     import jax
 
     from mcjax import projection

@@ -81,3 +81,20 @@ def test_shared_types_and_paths(tmp_path):
         _cli.text_file(parser, str(latin), "--f")
     assert _cli.output_dir(parser, str(tmp_path / "new" / "deeper"), "--out")
     assert _cli.output_file(parser, str(tmp_path / "new" / "f.json"), "--out")
+
+
+@pytest.mark.parametrize("name, argv, match", [
+    ("export_gist", ["--workdir", "w", "--out", "{tmp}"], "--out .*is a directory"),
+    ("kv_reuse", ["--out", "{tmp}/o", "--set", "nosuch.x=1"], "unknown field 'nosuch'"),
+    ("kv_reuse", ["--out", "{file}"], "--out .*not a directory"),
+    ("parity", ["--out", "{tmp}"], "--out .*is a directory"),
+    ("project_aot", ["--out", "{tmp}"], "--out .*is a directory"),
+])
+def test_the_other_clis_check_their_outputs_and_overrides_first(tmp_path, capsys, name, argv,
+                                                                 match):
+    import importlib
+
+    (tmp_path / "f").write_text("x")
+    argv = [a.format(tmp=tmp_path, file=tmp_path / "f") for a in argv]
+    module = importlib.import_module(name)
+    _exits_2(capsys, lambda: module.main(argv), match)

@@ -78,7 +78,8 @@ from a user's own loop, see its docstring), `telemetry` (`RefocusEvent`, `Compil
 
 from mcjax.base.model import InputError
 from mcjax.checkpoint import default_params, load_trained_params, untrained_params
-from mcjax.runtime.persist import SAVE_VERSION
+from mcjax.runtime.persist import (SAVE_VERSION, BaseModelMismatchError, SaveDamagedError,
+                                   SaveLockedError)
 from mcjax.runtime.policies import (focus_conditioning, lens_stream_scores, policy_scores,
                                     random_scores, recency_scores)
 from mcjax.runtime.programs import (Programs, collapse_ahead, decode_block, programs, refocus,
@@ -93,6 +94,7 @@ __all__ = [
     "Session", "StreamState", "Plan", "RefocusEvent", "CompileCounter", "InputError",
     "load_trained_params", "untrained_params", "default_params",
     "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE", "SAVE_VERSION",
+    "SaveLockedError", "SaveDamagedError", "BaseModelMismatchError",
     "recency_scores", "random_scores", "policy_scores", "focus_conditioning",
     "lens_stream_scores", "decode_block", "refocus", "collapse_ahead", "write_view",
     "Programs", "programs", "make_plan", "initial_state", "empty_view", "initial_layouts", "view_update",
