@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -191,6 +192,20 @@ def one_reader_at_a_time(save: Path, timeout_s: float = 60.0) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def remove_older_saves(directory: Path, newest: str) -> bool:
+    """Remove the saves numbered below `newest` that saves made (`owned_by_saves`:
+    published ones and leftovers of killed saves), once no load reads the directory
+    (`no_readers`); False when loads kept reading (they stay for the next save)."""
+    limit = save_number(newest)
+    with no_readers(directory) as free:
+        if free:
+            for old in directory.iterdir():
+                n = save_number(old.name)
+                if n is not None and n < limit and owned_by_saves(old):
+                    shutil.rmtree(old, ignore_errors=True)
+        return free
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

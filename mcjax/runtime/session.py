@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -532,9 +531,10 @@ class Session:
         to `save-N` and only then published by atomically replacing the `LATEST` pointer.
         A process killed at any point (SIGKILL included) leaves the previous save
         loadable. Only entries a save made (a save's name with its marker file inside)
-        are ever removed: the older saves, after the publication, once no `load` is
-        reading them (else the next save removes them); anything else in `directory`
-        is left alone. Returns the published save's directory."""
+        are ever removed: the older saves and leftovers of killed ones, after the
+        publication, once no `load` is reading them (`persist.remove_older_saves`; else
+        the next save removes them); anything else in `directory` is left alone.
+        Returns the published save's directory."""
         directory = Path(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -544,7 +544,11 @@ class Session:
             raise CheckpointError(f"cannot save into {directory}: not a directory")
         fingerprint = self.base_fingerprint()
         with persist.save_lock(directory):
-            return self._save_locked(directory, fingerprint)
+            final = self._save_locked(directory, fingerprint)
+        # outside the writer lock (another save may start meanwhile: it numbers its own
+        # directories above ours, and only lower numbers are removed here)
+        persist.remove_older_saves(directory, final.name)
+        return final
 
     def _save_locked(self, directory: Path, fingerprint: str) -> Path:
         numbers = [persist.save_number(p.name) for p in directory.iterdir()]
@@ -581,11 +585,6 @@ class Session:
         persist.write_durably(directory / "LATEST.tmp", final.name.encode())
         os.replace(directory / "LATEST.tmp", directory / "LATEST")  # the publication
         fsync_dir(directory)
-        with persist.no_readers(directory) as free:
-            if free:  # no load reads an older save: remove them and leftovers of killed saves
-                for old in directory.iterdir():
-                    if old.name != final.name and persist.owned_by_saves(old):
-                        shutil.rmtree(old, ignore_errors=True)
         return final
 
     @staticmethod
