@@ -624,13 +624,6 @@ class TrainConfig:
     # dominated by the init.
     ema_decay: float = 0.0
 
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    seed: int = 0
-    num_examples: int = 64
-    history_lengths: tuple[int, ...] = (1024, 4096, 16384, 32768)
-
     def __post_init__(self):
         from mcjax.checks import as_int
 
@@ -646,6 +639,13 @@ class EvalConfig:
         _require(len(self.gist_keep_raw) >= 1 and all(
             isinstance(k, int) and k >= 0 for k in self.gist_keep_raw),
             f"train.gist_keep_raw must be integers >= 0, got {self.gist_keep_raw}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    seed: int = 0
+    num_examples: int = 64
+    history_lengths: tuple[int, ...] = (1024, 4096, 16384, 32768)
 
 
 @dataclasses.dataclass(frozen=True)
