@@ -875,6 +875,24 @@ def test_a_damaged_or_incomplete_save_is_a_clear_error(tiny_llama, cfg, nets, tm
         Session.load(run, tiny_llama)
 
 
+def test_a_save_with_token_ids_outside_the_vocabulary_is_refused(tiny_llama, cfg, nets,
+                                                                 tmp_path):
+    """Consistent checksums prove the bytes are those written, not that they make sense:
+    a token id past the vocabulary (here rewritten with fresh checksums) is refused."""
+    from mcjax.runtime import persist
+    from mcjax.tree import HEADER_SIZE
+
+    run = tmp_path / "run"
+    _, where = _saved(tiny_llama, cfg, nets, run)
+    lod0 = where / "tree-0" / "LOD0.ctx"
+    data = bytearray(lod0.read_bytes())
+    data[HEADER_SIZE + 4 * 3:HEADER_SIZE + 4 * 4] = np.uint32(70_000).tobytes()
+    lod0.write_bytes(bytes(data))
+    persist.write_checksums(where)
+    with pytest.raises(CheckpointError, match="token id 70000 is outside"):
+        Session.load(run, tiny_llama)
+
+
 def test_load_refuses_a_base_model_with_other_weights(tiny_llama, cfg, nets, tmp_path):
     from mcjax.base.model import init_params
     from mcjax.runtime.persist import BaseModelMismatchError

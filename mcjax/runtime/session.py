@@ -676,6 +676,13 @@ class Session:
                 with MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
                                           key_reader=session._key_reader) as src:
                     copy_rows(src, tree)
+        V = session.llama.vocab_size
+        for b, tree in enumerate(session._trees):  # checksums verify bytes, not meaning
+            ids = tree.tokens()
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= V):
+                bad = int(ids.max()) if int(ids.max()) >= V else int(ids.min())
+                raise persist.SaveDamagedError(f"{where}/tree-{b}: token id {bad} is outside "
+                                               f"the base model's vocabulary [0, {V})")
         template, treedef = persist.keyed_leaves(session._state)
         saved = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
         if set(saved) != set(template) or any(
