@@ -85,7 +85,7 @@ def _gen(args) -> int:
     import jax
 
     from mcjax.assets import shipped_gist
-    from mcjax.retrieval import BlockKeyReader
+    from mcjax.retrieval import BlockKeys
     from mcjax.train import data, distill, loop
     from mcjax.tree import BlockGister, MegaContextTree
 
@@ -100,8 +100,8 @@ def _gen(args) -> int:
     K = cfg.mc.block_size
     base_params = jax.device_put(frozen.params)
     gister = BlockGister.from_base(cfg.gist, gist_params, base_params, cfg.base_config,
-                                   block_size=K)
-    reader = BlockKeyReader.from_base(cfg.retrieval, base_params, cfg.base_config, K)
+                                   block_size=K, retrieval=cfg.retrieval)
+    block_keys = BlockKeys(cfg.retrieval, cfg.base_config, K)
     haystack = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "train",
                                      separator=frozen.separator, progress=False).tokens
     out = Path(args.data) / "states"
@@ -124,7 +124,7 @@ def _gen(args) -> int:
             a, b = ex.needle_span
             needle_blocks = list(range(a // K, (b - 1) // K + 1))
         tree = MegaContextTree.in_memory(cfg.mc, gister, view_capacity_tokens=cap,
-                                         key_reader=reader)
+                                         block_keys=block_keys)
         tree.append(np.asarray(tokens, np.int32))
         states = distill.distill_states(base_params, tree.view(), cfg, needle_blocks,
                                         rounds=args.rounds, rng=rng, explore=args.explore)

@@ -440,7 +440,11 @@ class RetrievalConfig:
     """
 
     layers: tuple[int, ...] = (17, 24)
-    chunk: int = 512
+    # the read pass's chunk: the keys come from the same forward as GistNet's hidden
+    # input, so with GistConfig.input="hidden" this must equal GistConfig.read_chunk (one
+    # read pass, issue 31). 1,024 (SmolLM2's GistNet was trained at it) ranks the needle
+    # as 512 did: results/read_pass_chunk/
+    chunk: int = 1024
     queries: int = 8
     # the question read's tokens. Measured (results/retrieval_query_window): 32 ranks the
     # needle as well at 4k and better at 16k (top 4: 22/24 vs 20/24) for a quarter of the
@@ -674,6 +678,10 @@ class ExperimentConfig:
     def __post_init__(self):
         _require(self.base != "random" or self.base_config is not None,
                  "base='random' needs base_config")
+        _require(self.gist.input != "hidden" or self.retrieval.chunk == self.gist.read_chunk,
+                 f"retrieval.chunk ({self.retrieval.chunk}) must equal gist.read_chunk "
+                 f"({self.gist.read_chunk}): one read pass gives GistNet's hidden states and "
+                 f"the retrieval keys, in one chunk size")
         _require(self.lens.query_tokens <= self.retrieval.query_window,
                  f"lens.query_tokens ({self.lens.query_tokens}) must be <= "
                  f"retrieval.query_window ({self.retrieval.query_window}): both are read "
@@ -820,7 +828,7 @@ def _tiny() -> ExperimentConfig:
         base_config=TINY_LLAMA,
         mc=MCConfig(w_max=256, horizon=16, recent_protect=64),
         gist=GistConfig(width=36, num_heads=3, num_layers=2, pooling="query", input_layer=2,
-                        read_chunk=512),
+                        read_chunk=64),
         lens=LensConfig(width=20, num_latents=7, num_heads=2, num_latent_layers=1),
         retrieval=RetrievalConfig(layers=(1, 2), chunk=64, queries=4, query_window=32),
         # window = 1,088-token prefix (one LOD2 group + LOD1 + a raw block) + H=16
@@ -882,18 +890,19 @@ def _qwen25_coder_05b_cpu() -> ExperimentConfig:
     12/12, as did layer 22 (11/12, 12/12), where the next best was 3 (7/12) — and 9 needs a
     read 10 layers deep instead of 23; at 16k (8 cases) layer 9 gave 4/8 first, 7/8 top 4
     (median rank 0.5 of 509 blocks), adding layer 11 made it worse (0/8, 5/8), adding 13
-    changed nothing. The read pass is 10 of 24 layers deep (GistNet and LensNet read
-    layer 8)."""
+    changed nothing. One read pass, 9 of 24 layers deep (layer 9's pre-RoPE keys read the
+    residual stream entering it), gives GistNet's layer-8 hidden states and the keys;
+    LensNet reads layer 8."""
     return ExperimentConfig(
         name="qwen25_coder_05b_cpu",
         base="qwen2.5-coder-0.5b",
         mc=MCConfig(w_max=2048, position_scheme="compact"),
         # read-pass hidden states after 8 of 24 layers (a third of the depth, as SmolLM2's
-        # 10 of 30)
-        gist=GistConfig(input="hidden", input_layer=8, read_chunk=1024),
+        # 10 of 30); chunks of 512, the retrieval keys' probed chunk (one read pass)
+        gist=GistConfig(input="hidden", input_layer=8, read_chunk=512),
         lens=LensConfig(width=128, num_latents=16, num_heads=4, num_latent_layers=2,
                         query_tokens=8, query_layer=8, retrieval_features=True),
-        retrieval=RetrievalConfig(layers=(9,)),
+        retrieval=RetrievalConfig(layers=(9,), chunk=512),
         train=_CPU_GIST_TRAINING,
         eval=EvalConfig(num_examples=16, history_lengths=(4096, 16384)),
     )

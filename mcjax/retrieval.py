@@ -2,7 +2,7 @@
 
 The read pass keeps, for every LOD1 block of the history, the frozen base model's pre-RoPE
 keys of all the block's tokens at a few layers (`RetrievalConfig.layers`), read in
-independent history-aligned chunks (`BlockKeyReader`, stored by the tree beside the gists).
+independent history-aligned chunks (`BlockKeys`, stored by the tree beside the gists).
 At refocus:
 
 1. `query_vectors`: the newest `queries` tokens' pre-RoPE queries at the same layers, read
@@ -29,7 +29,6 @@ Pure jittable functions over fixed shapes; all measured choices are recorded in
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +37,8 @@ import numpy as np
 from mcjax import lens
 from mcjax import working_context as wcm
 from mcjax.config import LlamaConfig, MCConfig, RetrievalConfig
-from mcjax.tree import ChunkReader, ReadState
 
-__all__ = ["key_width", "key_shape", "BlockKeyReader", "tail_read", "query_vectors",
+__all__ = ["key_width", "key_shape", "BlockKeys", "tail_read", "query_vectors",
            "block_relevance", "top_blocks_for", "block_scores", "span_max",
            "slot_retrieval_features", "NUM_SLOT_RETRIEVAL_FEATURES", "slot_scores",
            "stream_conditioning", "stream_block_scores", "RELEVANT_FLOOR",
@@ -66,69 +64,36 @@ def key_dtype(rc: RetrievalConfig) -> np.dtype:
     return np.dtype(_KEY_DTYPES[rc.key_dtype])
 
 
-class BlockKeyReader:
-    """Reads the retrieval keys of complete blocks for a tree (SPEC §2.3a).
+class BlockKeys:
+    """The retrieval keys a tree keeps per LOD1 block (SPEC §2.3a): the base model's
+    pre-RoPE keys of the block's tokens at `rc.layers`, from chunks of R = `rc.chunk`
+    tokens aligned to the history start, one flat row per block in `rc.key_dtype`.
 
-    A `tree.ChunkReader` of the base model's pre-RoPE keys at `rc.layers` in chunks of
-    R = `rc.chunk` tokens aligned to the history start; a call for new blocks passes the
-    tokens from their first chunk's start as `context` and the tree's `ReadState`, so each
-    token is read once — complete chunks whole, the open chunk by cached steps
-    (`base.model.read_step_core`) — and keys agree to rounding however the stream was
-    chunked (as `tree.BlockGister`'s hidden read). Cost when streaming: one step through
-    max(layers) layers per block."""
+    The tree's one read pass reads them (`tree.ChunkReader`, built by
+    `tree.BlockGister.from_base(..., retrieval=rc)`): the same forward as GistNet's
+    hidden input, each token read once — complete chunks whole, the open chunk by cached
+    steps — so keys agree to rounding however the stream was chunked."""
 
-    def __init__(self, rc: RetrievalConfig, llama: LlamaConfig, block_size: int,
-                 reader: ChunkReader):
+    def __init__(self, rc: RetrievalConfig, llama: LlamaConfig, block_size: int):
         if max(rc.layers) >= llama.num_layers:
             raise ValueError(f"retrieval.layers {rc.layers} exceed the base model's "
                              f"{llama.num_layers} layers")
-        if reader.chunk != rc.chunk or reader.block_size != block_size:
-            raise ValueError(f"the reader reads chunks of {reader.chunk} in blocks of "
-                             f"{reader.block_size}; retrieval wants chunk {rc.chunk}, blocks "
-                             f"of {block_size}")
-        self.rc, self.block_size, self.reader = rc, block_size, reader
+        self.rc, self.block_size = rc, block_size
         self.shape = key_shape(rc, llama, block_size)
         self.width = key_width(rc, llama, block_size)
         self.dtype = key_dtype(rc)
-
-    @property
-    def read_calls(self) -> int:
-        return self.reader.calls
-
-    @classmethod
-    def from_base(cls, rc: RetrievalConfig, base_params: Any, llama: LlamaConfig,
-                  block_size: int) -> "BlockKeyReader":
-        reader = ChunkReader.from_base(base_params, llama, chunk=rc.chunk,
-                                       block_size=block_size, qk_layers=tuple(rc.layers),
-                                       output="keys")
-        return cls(rc, llama, block_size, reader)
 
     def signature(self) -> dict:
         """What the stored keys are (recorded in an on-disk store's metadata.json)."""
         return {"layers": list(self.rc.layers), "chunk": self.rc.chunk,
                 "key_dtype": self.rc.key_dtype, "width": self.width}
 
-    def context_start(self, offset: int) -> int:
-        return (offset // self.rc.chunk) * self.rc.chunk
-
-    def __call__(self, ids: np.ndarray, context: np.ndarray | None = None, *,
-                 context_at: int = 0, state: ReadState | None = None) -> np.ndarray:
-        """ids: [m*K] token ids of new complete blocks; context: the < chunk ids from the
-        start of the first block's chunk, at history position `context_at`; state: the
-        tree's `ReadState` (None: rebuilt from the context) → [m, width] keys in the
-        storage dtype."""
-        K, R = self.block_size, self.rc.chunk
-        m = len(ids) // K
-        if m == 0:
-            return np.zeros((0, self.width), self.dtype)
-        ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
-        if ctx.ndim != 1 or len(ctx) >= R or context_at % R:
-            raise ValueError(f"context must be the < chunk={R} token ids from the start of "
-                             f"the first block's chunk, got shape {ctx.shape} at history "
-                             f"position {context_at}")
-        full = np.concatenate([ctx, np.asarray(ids[: m * K], np.int32)])
-        keys = self.reader.read(full, context_at, context_at + len(ctx), state)
-        return keys.reshape(m, self.width).astype(self.dtype)
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """The read pass's keys [m*K, layers, kv_heads, head_dim] -> [m, width] rows in
+        the storage dtype."""
+        m = len(keys) // self.block_size
+        return np.asarray(keys[: m * self.block_size]).reshape(m, self.width).astype(
+            self.dtype)
 
 
 def tail_read(base_params, llama: LlamaConfig, rc: RetrievalConfig, tokens: jax.Array,

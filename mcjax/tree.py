@@ -508,58 +508,82 @@ class ReadState:
 
 
 class ChunkReader:
-    """The read pass of new tokens (SPEC §2.3a): chunks of R = `chunk` tokens aligned to the
-    history start, each read independently (causal, positions 0..R-1), as
-    `base.model.read_pass_core` reads them.
+    """The tree's one read pass of new tokens (SPEC §2.3a): chunks of R = `chunk` tokens
+    aligned to the history start, each read independently (causal, positions 0..R-1), as
+    `base.model.read_pass_core` reads them, in one forward as deep as the deepest output:
+    GistNet's input ("hidden", after `hidden_layer` layers) and the retrieval keys
+    ("keys", pre-RoPE at `qk_layers`) come from the same forward, so a history token goes
+    through the base model once whatever the tree keeps.
 
-    * A chunk that is complete when read is read whole: one R-token forward (`whole`), as
-      fast as bulk reading gets.
-    * The open chunk (the history ends inside it) is read a segment at a time — segments
-      cut at every block (K) and chunk (R) boundary of the history — each one `step`
+    * A chunk that is complete when its read begins is read whole: one R-token forward
+      (`whole`), as fast as bulk reading gets.
+    * Any other chunk (the history ended inside it when its read began) is read a
+      segment at a time — segments cut at every block (K) and chunk (R) boundary of the
+      history — each one `step`
       (`read_step_core`) over a KV cache of the chunk's earlier tokens kept in the tree's
-      `ReadState`. So streaming reads each new token once (re-reading the chunk's prefix
-      per block cost R/K x the work).
+      `ReadState`, up to and including the block that completes it (reading it whole
+      then would read its earlier tokens twice). So streaming reads each new token once
+      (re-reading the chunk's prefix per block cost R/K x the work).
 
-    The open chunk is always read by steps from its start, so its cache — and every
+    Such a chunk is always read by steps from its start, so its cache — and every
     output read over it — depends only on history positions: a state that does not hold
     the chunk's earlier tokens (a tree reopened from disk, a copy, no state given) is
     rebuilt by replaying them through the same steps, to the same bits. A token's features
-    therefore depend on whether its chunk was complete when it was read: whole or in
+    therefore depend on whether its chunk was complete when its read began: whole or in
     pieces, trees agree to fp32 rounding (the two paths are the same arithmetic in other
     shapes), and bit for bit for the same feeding. `calls` counts forwards (steps and
-    whole chunks)."""
+    whole chunks), `tokens_read` the tokens they read (replays included); each token read
+    costs `depth` decoder-layer passes."""
 
     def __init__(self, step: Callable, new_cache: Callable[[], Any], whole: Callable, *,
-                 chunk: int, block_size: int, output: str):
+                 chunk: int, block_size: int, hidden_layer: int | None = None,
+                 qk_layers: Sequence[int] = ()):
         if chunk < 1 or block_size < 1:
             raise ValueError(f"chunk and block_size must be >= 1, got {chunk}, {block_size}")
+        qk = tuple(int(x) for x in qk_layers)
+        if hidden_layer is None and not qk:
+            raise ValueError("a reader reads hidden states (hidden_layer) or keys (qk_layers)")
         self.step, self.new_cache, self.whole = step, new_cache, whole
-        self.chunk, self.block_size, self.output = int(chunk), int(block_size), output
+        self.chunk, self.block_size = int(chunk), int(block_size)
+        self.hidden_layer, self.qk_layers = hidden_layer, qk
+        self.outputs = (("hidden",) if hidden_layer is not None else ()) + \
+            (("keys",) if qk else ())
         self.calls = 0
+        self.tokens_read = 0
+
+    @property
+    def depth(self) -> int:
+        """Decoder layers one read runs through (each token read passes through them once)."""
+        from mcjax.base.model import read_depth
+        return read_depth(self.hidden_layer, self.qk_layers)
 
     @classmethod
     def from_base(cls, base_params: Any, base_config: LlamaConfig, *, chunk: int,
                   block_size: int, hidden_layer: int | None = None,
-                  qk_layers: Sequence[int] = (), output: str) -> "ChunkReader":
-        """A reader of the frozen base model's `output` ("hidden" after `hidden_layer`
-        layers, or "keys" / "queries" at `qk_layers`)."""
+                  qk_layers: Sequence[int] = ()) -> "ChunkReader":
+        """A reader of the frozen base model: "hidden" after `hidden_layer` layers and/or
+        pre-RoPE "keys" at the 0-based `qk_layers`, one forward for both."""
         from mcjax.base.model import init_read_cache, read_pass_core, read_step_core
 
         qk = tuple(int(x) for x in qk_layers)
+        keep = (("hidden",) if hidden_layer is not None else ()) + (("keys",) if qk else ())
 
         def step(params, cache, ids, index):
-            return read_step_core(params, base_config, cache, ids, index,
-                                  hidden_layer=hidden_layer, qk_layers=qk)
+            out, cache = read_step_core(params, base_config, cache, ids, index,
+                                        hidden_layer=hidden_layer, qk_layers=qk)
+            return {k: out[k] for k in keep}, cache
 
         def whole(params, ids):
-            return read_pass_core(params, base_config, ids, chunk=chunk,
-                                  hidden_layer=hidden_layer, qk_layers=qk)[output]
+            out = read_pass_core(params, base_config, ids, chunk=chunk,
+                                 hidden_layer=hidden_layer, qk_layers=qk)
+            return {k: out[k] for k in keep}
 
         step, whole = jax.jit(step, donate_argnums=1), jax.jit(whole)
         return cls(lambda cache, ids, index: step(base_params, cache, ids, index),
                    lambda: init_read_cache(base_config, chunk, hidden_layer, qk),
                    lambda ids: whole(base_params, ids),
-                   chunk=chunk, block_size=block_size, output=output)
+                   chunk=chunk, block_size=block_size, hidden_layer=hidden_layer,
+                   qk_layers=qk)
 
     def segments(self, start: int, stop: int):
         """(a, b) pieces of history positions [start, stop), cut at multiples of K and R."""
@@ -574,10 +598,11 @@ class ChunkReader:
         return (offset // self.chunk) * self.chunk
 
     def read(self, ids: np.ndarray, first: int, new: int, state: ReadState | None = None
-             ) -> np.ndarray:
-        """Outputs [len(ids) - (new - first), ...] float32 of history tokens [new, first +
-        len(ids)); `ids` are the history's tokens from position `first` =
-        `chunk_start(new)` on (what the cache of `new`'s chunk must hold before them)."""
+             ) -> dict[str, np.ndarray]:
+        """{output: [len(ids) - (new - first), ...] float32} of history tokens [new, first +
+        len(ids)) for each of `outputs`; `ids` are the history's tokens from position
+        `first` = `chunk_start(new)` on (what the cache of `new`'s chunk must hold before
+        them)."""
         ids = np.asarray(ids, np.int32)
         R = self.chunk
         stop = first + len(ids)
@@ -585,14 +610,15 @@ class ChunkReader:
             raise ValueError(f"ids must start at the chunk start {self.chunk_start(new)} of "
                              f"position {new}, got start {first} for positions up to {stop}")
         state = ReadState() if state is None else state
-        outs = []
+        outs: list[dict] = []
         for cs in range(first, stop, R):
             ce, a = min(cs + R, stop), max(new, cs)
             piece = ids[cs - first:ce - first]
-            if ce - cs == R:  # complete: one whole-chunk read
+            if ce - cs == R and a == cs:  # a complete chunk, none of it read before: whole
                 out = self.whole(jnp.asarray(piece[None]))
                 self.calls += 1
-                outs.append(np.asarray(out, np.float32)[0, a - cs:])
+                self.tokens_read += R
+                outs.append({k: v[0, a - cs:] for k, v in out.items()})
                 if state.chunk == cs // R:
                     state.chunk, state.filled, state.cache = -1, 0, None
                 continue
@@ -600,20 +626,24 @@ class ChunkReader:
                 state.chunk, state.filled, state.cache = cs // R, 0, None  # replay the prefix
                 for x, y in self.segments(cs, a):
                     self._step(state, piece[x - cs:y - cs], x)
-            outs += [np.asarray(self._step(state, piece[x - cs:y - cs], x), np.float32)[0]
+            outs += [{k: v[0] for k, v in self._step(state, piece[x - cs:y - cs], x).items()}
                      for x, y in self.segments(a, ce)]
+            if ce - cs == R:  # the chunk is complete: no later read continues it
+                state.chunk, state.filled, state.cache = -1, 0, None
         if not outs:
-            return np.zeros((0,), np.float32)
-        return np.concatenate(outs)
+            return {k: np.zeros((0,), np.float32) for k in self.outputs}
+        return {k: np.concatenate([np.asarray(o[k], np.float32) for o in outs])
+                for k in self.outputs}
 
-    def _step(self, state: ReadState, ids: np.ndarray, position: int):
+    def _step(self, state: ReadState, ids: np.ndarray, position: int) -> dict:
         index = position % self.chunk
         if index == 0 or state.cache is None:
             state.chunk, state.filled, state.cache = position // self.chunk, 0, self.new_cache()
         out, state.cache = self.step(state.cache, jnp.asarray(ids[None]), jnp.int32(index))
         state.filled = index + len(ids)
         self.calls += 1
-        return out[self.output]
+        self.tokens_read += len(ids)
+        return out
 
 
 def default_gist_batch() -> int:
@@ -626,20 +656,26 @@ def default_gist_batch() -> int:
 
 
 class BlockGister:
-    """Gists complete blocks for a tree in fixed-size batches (see the module docstring).
+    """Gists complete blocks for a tree in fixed-size batches (see the module docstring),
+    and hosts the tree's read pass (`reader`, a `ChunkReader`: one forward per chunk for
+    everything the tree keeps).
 
     LOD1 children (`GistConfig.input`):
     * "embeddings": `embed_fn(ids[G, K] int32) -> [G, K, D]` maps LOD0 ids to the base
       model's token embeddings.
-    * "hidden": the read pass (SPEC §2.3a): a `ChunkReader` of the frozen base model's
-      hidden states after `input_layer` layers, in chunks of R = `read_chunk` tokens
-      aligned to the history start — token t's features are those of position t % R of
-      chunk t // R, what `layer_hidden(..., chunk=R)` of the whole history gives (up to
-      rounding). The tree passes its `ReadState` (the open chunk's KV cache) and the
-      tokens from the chunk's start, so each token is read once: complete chunks whole,
-      the open chunk by cached steps (features equal to rounding however the stream was
-      chunked, bit-identical for the same chunking). Hidden states are transient: only
-      gists are stored.
+    * "hidden": the read pass (SPEC §2.3a): the base model's hidden states after
+      `input_layer` layers, in chunks of R = `read_chunk` tokens aligned to the history
+      start — token t's features are those of position t % R of chunk t // R, what
+      `layer_hidden(..., chunk=R)` of the whole history gives (up to rounding). The tree
+      reads its new complete blocks once (`read_blocks`, with its `ReadState` — the open
+      chunk's KV cache — and the tokens from the chunk's start) and hands the hidden
+      states to `block_inputs`: complete chunks are read whole, the open chunk by cached
+      steps (features equal to rounding however the stream was chunked, bit-identical
+      for the same chunking). Hidden states are transient: only gists are stored.
+
+    With `retrieval` (a `RetrievalConfig`), the same read also yields the retrieval keys
+    the tree stores (`retrieval.BlockKeys`): one chunk size (`read_chunk` =
+    `retrieval.chunk`), one forward as deep as the deepest layer either needs.
 
     Use `BlockGister.from_base` to build both from the frozen base model.
     """
@@ -655,49 +691,69 @@ class BlockGister:
         if d_params != embed_dim:
             raise ValueError(f"GistNet params output width {d_params}, but embed_dim is "
                              f"{embed_dim}")
+        if reader is not None and reader.block_size != block_size:
+            raise ValueError(f"the reader reads blocks of {reader.block_size}, the tree's "
+                             f"are {block_size}")
         if gist_cfg.input == "hidden":
-            if reader is None:
+            if reader is None or reader.hidden_layer is None:
                 raise ValueError("GistConfig.input='hidden' gists the base model's read-pass "
-                                 "hidden states: pass reader (or use BlockGister.from_base)")
-            if reader.chunk != gist_cfg.read_chunk or reader.block_size != block_size:
-                raise ValueError(f"the reader reads chunks of {reader.chunk} in blocks of "
-                                 f"{reader.block_size}; this GistNet wants read_chunk "
-                                 f"{gist_cfg.read_chunk}, blocks of {block_size}")
+                                 "hidden states: pass a reader of them (or use "
+                                 "BlockGister.from_base)")
+            if (reader.chunk, reader.hidden_layer) != (gist_cfg.read_chunk,
+                                                       gist_cfg.input_layer):
+                raise ValueError(f"the reader reads hidden states after {reader.hidden_layer} "
+                                 f"layers in chunks of {reader.chunk}; this GistNet wants "
+                                 f"input_layer {gist_cfg.input_layer}, read_chunk "
+                                 f"{gist_cfg.read_chunk}")
         elif embed_fn is None:
             raise ValueError("GistConfig.input='embeddings' needs embed_fn")
-        else:
-            reader = None
         self.cfg, self.params, self.embed_fn, self.reader = gist_cfg, gist_params, embed_fn, \
             reader
         self.embed_dim, self.block_size = embed_dim, block_size
         self.vocab_size, self.gist_batch = vocab_size, gist_batch
         self._embed_checked = False
-        self._read_checked = False
         self.calls = 0  # GistNet calls (of gist_batch blocks) so far, every tree's
 
     @property
     def read_calls(self) -> int:
-        """Read-pass steps so far (its cost in segments of at most K tokens)."""
+        """Read-pass forwards so far (steps of at most K tokens and whole chunks)."""
         return 0 if self.reader is None else self.reader.calls
 
     @classmethod
     def from_base(cls, gist_cfg: GistConfig, gist_params: Any, base_params: Any,
                   base_config: LlamaConfig, *, block_size: int,
-                  gist_batch: int | None = None) -> "BlockGister":
+                  gist_batch: int | None = None, retrieval: Any = None) -> "BlockGister":
         """LOD1 children from the frozen base model: its token embeddings
         (`embed_tokens`) or, for `gist_cfg.input == "hidden"`, its read-pass hidden states
-        after `gist_cfg.input_layer` layers (a `ChunkReader`, chunk `read_chunk`)."""
+        after `gist_cfg.input_layer` layers. With `retrieval` (a `RetrievalConfig`) the
+        read pass also reads the retrieval keys at `retrieval.layers` — the same forward,
+        so both need one chunk size."""
         from mcjax.base.model import embed_tokens
 
         embed = jax.jit(embed_tokens)  # params are an argument, not baked-in constants
+        hidden = gist_cfg.input == "hidden"
+        if hidden and gist_cfg.input_layer > base_config.num_layers:
+            raise ValueError(f"GistConfig.input_layer={gist_cfg.input_layer}, but the base "
+                             f"model has only {base_config.num_layers} decoder layers")
+        qk: tuple[int, ...] = ()
+        chunk = gist_cfg.read_chunk
+        if retrieval is not None:
+            qk = tuple(int(x) for x in retrieval.layers)
+            if max(qk) >= base_config.num_layers:
+                raise ValueError(f"retrieval.layers {qk} exceed the base model's "
+                                 f"{base_config.num_layers} layers")
+            if hidden and retrieval.chunk != gist_cfg.read_chunk:
+                raise ValueError(
+                    f"one read pass gives GistNet's hidden states and the retrieval keys, "
+                    f"so they need one chunk size: GistConfig.read_chunk is "
+                    f"{gist_cfg.read_chunk}, RetrievalConfig.chunk {retrieval.chunk}")
+            chunk = retrieval.chunk
         reader = None
-        if gist_cfg.input == "hidden":
-            if gist_cfg.input_layer > base_config.num_layers:
-                raise ValueError(f"GistConfig.input_layer={gist_cfg.input_layer}, but the base "
-                                 f"model has only {base_config.num_layers} decoder layers")
-            reader = ChunkReader.from_base(base_params, base_config, chunk=gist_cfg.read_chunk,
+        if hidden or qk:
+            reader = ChunkReader.from_base(base_params, base_config, chunk=chunk,
                                            block_size=block_size,
-                                           hidden_layer=gist_cfg.input_layer, output="hidden")
+                                           hidden_layer=gist_cfg.input_layer if hidden else None,
+                                           qk_layers=qk)
         return cls(gist_cfg, gist_params, lambda ids: embed(base_params, ids),
                    embed_dim=base_config.hidden_size, block_size=block_size,
                    vocab_size=base_config.vocab_size, gist_batch=gist_batch, reader=reader)
@@ -714,40 +770,68 @@ class BlockGister:
         return sig
 
     def context_start(self, offset: int) -> int:
-        """First token the features of a block starting at token `offset` depend on: the
-        block itself (embeddings) or the start of its read chunk (hidden)."""
-        if self.cfg.input == "hidden":
-            return (offset // self.cfg.read_chunk) * self.cfg.read_chunk
+        """First token the read of a block starting at token `offset` depends on: the
+        start of its read chunk (a tree with a read pass), else the block itself."""
+        if self.reader is not None:
+            return self.reader.chunk_start(offset)
         return offset
+
+    def read_blocks(self, ids: np.ndarray, *, context: np.ndarray | None = None,
+                    context_at: int = 0, state: ReadState | None = None
+                    ) -> dict[str, np.ndarray]:
+        """The read pass of new complete blocks' tokens `ids` [m*K]: {"hidden": [m*K, D]}
+        and/or {"keys": [m*K, layers, kv_heads, head_dim]} float32 (the reader's
+        `outputs`), one forward for both. `context` holds the token ids from the start of
+        the first block's read chunk up to that block (`context_start`; fewer than a
+        chunk) starting at history position `context_at`, `state` the tree's `ReadState`
+        (None: rebuilt from `context`)."""
+        if self.reader is None:
+            return {}
+        R = self.reader.chunk
+        ids = np.asarray(ids, np.int32)
+        ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
+        if ctx.ndim != 1 or len(ctx) >= R or context_at % R:
+            raise ValueError(f"context must be the < read chunk={R} token ids from the start "
+                             f"of the first block's read chunk, got shape {ctx.shape} at "
+                             f"history position {context_at}")
+        out = self.reader.read(np.concatenate([ctx, ids]), context_at,
+                               context_at + len(ctx), state)
+        if "hidden" in out and out["hidden"].shape != (len(ids), self.embed_dim):
+            raise ValueError(f"the reader returned hidden states {out['hidden'].shape} for "
+                             f"{len(ids)} tokens; expected {(len(ids), self.embed_dim)}")
+        return out
 
     def __call__(self, level: int, children: np.ndarray, out_dtype: np.dtype, *,
                  context: np.ndarray | None = None, read_state: ReadState | None = None,
                  context_at: int = 0) -> np.ndarray:
-        """children: [m*K] token ids (level 1) or [m*K, D] gists of level-1 -> [m, D].
-
-        Level 1 with input "hidden": `context` holds the token ids from the start of the
-        first block's read chunk up to that block (`context_start`; fewer than read_chunk
-        ids) starting at history position `context_at`, and `read_state` the tree's
-        `ReadState` (None: rebuilt from `context`); all ignored for "embeddings"."""
-        inputs = self.block_inputs(level, children, context=context, read_state=read_state,
-                                   context_at=context_at)
+        """children: [m*K] token ids (level 1) or [m*K, D] gists of level-1 -> [m, D]
+        (the read pass, if GistNet reads hidden states, then GistNet; arguments as
+        `read_blocks`, ignored for "embeddings" and above level 1)."""
+        features = None
+        if level == 1 and self.cfg.input == "hidden":
+            m = len(children) // self.block_size
+            features = self.read_blocks(np.asarray(children)[: m * self.block_size],
+                                        context=context, context_at=context_at,
+                                        state=read_state)["hidden"]
+        inputs = self.block_inputs(level, children, features=features)
         return self.gist_inputs(level, [inputs], out_dtype)[0]
 
     def block_inputs(self, level: int, children: np.ndarray, *,
-                     context: np.ndarray | None = None, read_state: ReadState | None = None,
-                     context_at: int = 0) -> np.ndarray:
-        """What GistNet reads for the m = len(children) // K new blocks (arguments as
-        `__call__`): [m, K] int32 token ids (level 1, "embeddings": embedded per call),
-        else [m, K, D] float32 (the read pass's features at level 1, the child gists
-        above). The read pass runs here; GistNet runs in `gist_inputs`."""
+                     features: np.ndarray | None = None) -> np.ndarray:
+        """What GistNet reads for the m = len(children) // K new blocks: [m, K] int32
+        token ids (level 1, "embeddings": embedded per call), else [m, K, D] float32 (the
+        read pass's hidden states `features` [m*K, D] at level 1 — `read_blocks` — and the
+        child gists above). GistNet runs in `gist_inputs`."""
         K, D = self.block_size, self.embed_dim
         m = len(children) // K
         if level == 1 and self.cfg.input == "hidden":
             if m == 0:
                 return np.zeros((0, K, D), np.float32)
-            feats = self._read_features(np.asarray(children)[: m * K], context, read_state,
-                                        context_at)
-            return feats.reshape(m, K, D)
+            if features is None or len(features) != m * K:
+                raise ValueError(f"GistNet reads hidden states: pass the read pass's features "
+                                 f"of the {m * K} tokens (read_blocks), got "
+                                 f"{None if features is None else np.shape(features)}")
+            return np.asarray(features, np.float32).reshape(m, K, D)
         if level == 1:
             return np.asarray(children)[: m * K].reshape(m, K).astype(np.int32)
         return np.asarray(children)[: m * K].reshape(m, K, D).astype(np.float32)
@@ -780,24 +864,6 @@ class BlockGister:
         self.calls += len(outs)
         gists = np.concatenate([np.asarray(o) for o in outs])[:m].astype(out_dtype, copy=False)
         return np.split(gists, np.cumsum(sizes)[:-1])
-
-    def _read_features(self, ids: np.ndarray, context: np.ndarray | None,
-                       state: ReadState | None, start: int) -> np.ndarray:
-        """The read-pass features [len(ids), D] float32 of the new blocks' tokens `ids`."""
-        R, D = self.cfg.read_chunk, self.embed_dim
-        ctx = np.zeros((0,), np.int32) if context is None else np.asarray(context, np.int32)
-        if ctx.ndim != 1 or len(ctx) >= R or start % R:
-            raise ValueError(f"context must be the < read_chunk={R} token ids from the start "
-                             f"of the first block's read chunk, got shape {ctx.shape} at "
-                             f"history position {start}")
-        full = np.concatenate([ctx, ids.astype(np.int32)])
-        feats = self.reader.read(full, start, start + len(ctx), state)
-        if not self._read_checked:
-            if feats.shape != (len(ids), D):
-                raise ValueError(f"the reader returned features {feats.shape} for {len(ids)} "
-                                 f"tokens; expected {(len(ids), D)}")
-            self._read_checked = True
-        return np.asarray(feats, np.float32)
 
     def _embed(self, ids: np.ndarray) -> jax.Array:
         emb = self.embed_fn(jnp.asarray(ids))
@@ -845,10 +911,12 @@ class MegaContextTree:
 
     def __init__(self, stores: Sequence[LevelStore], mc: MCConfig, gister: BlockGister, *,
                  path: Path | None = None, metadata: dict | None = None,
-                 view_capacity_tokens: int | None = None, key_reader: Any = None,
+                 view_capacity_tokens: int | None = None, block_keys: Any = None,
                  key_store: LevelStore | None = None):
-        if (key_reader is None) != (key_store is None):
-            raise ValueError("key_reader and key_store come together (retrieval keys)")
+        if (block_keys is None) != (key_store is None):
+            raise ValueError("block_keys and key_store come together (retrieval keys)")
+        if block_keys is not None:
+            _check_reads_keys(gister, block_keys)
         if len(stores) != mc.num_levels + 1:
             raise ValueError(f"need {mc.num_levels + 1} level stores, got {len(stores)}")
         if gister.block_size != mc.block_size:
@@ -860,7 +928,7 @@ class MegaContextTree:
         if view_capacity_tokens is not None and view_capacity_tokens < 1:
             raise ValueError(f"view_capacity_tokens must be >= 1, got {view_capacity_tokens}")
         self.mc, self.gister = mc, gister
-        self.key_reader, self.key_store = key_reader, key_store
+        self.block_keys, self.key_store = block_keys, key_store
         self._keys_view: jax.Array | None = None
         self._keys_synced = 0
         self.stores = list(stores)
@@ -871,9 +939,10 @@ class MegaContextTree:
         self._view_arrays: list[jax.Array | None] = [None] * (mc.num_levels + 1)
         self._view_synced = [0] * (mc.num_levels + 1)
         self._closed = False
-        # the read pass's KV caches of the open chunk (GistNet's hidden input, retrieval
-        # keys): rebuilt on the first append when the tree was opened or copied
-        self._gist_read, self._key_read = ReadState(), ReadState()
+        # the read pass's KV cache of the open chunk: rebuilt on the first append when the
+        # tree was opened or copied
+        self._read_state = ReadState()
+        self._read = None  # (first block, read-pass outputs) of blocks read, not yet used
         for l in range(1, mc.num_levels + 1):
             if len(self.stores[l]) > len(self.stores[l - 1]) // mc.block_size:
                 where = f" in {path}" if path else ""
@@ -891,30 +960,31 @@ class MegaContextTree:
 
     @classmethod
     def in_memory(cls, mc: MCConfig, gister: BlockGister, *,
-                  view_capacity_tokens: int | None = None, key_reader: Any = None
+                  view_capacity_tokens: int | None = None, block_keys: Any = None
                   ) -> "MegaContextTree":
-        """`key_reader` (a `mcjax.retrieval.BlockKeyReader`): also keep retrieval keys."""
+        """`block_keys` (a `mcjax.retrieval.BlockKeys`): also keep retrieval keys (read by
+        the gister's read pass, built with `BlockGister.from_base(..., retrieval=rc)`)."""
         stores = [MemoryLevelStore(0, np.uint32, 1)] + [
             MemoryLevelStore(l, _GIST_DTYPES[mc.gist_dtype], gister.embed_dim)
             for l in range(1, mc.num_levels + 1)]
-        key_store = (None if key_reader is None else
-                     MemoryLevelStore(KEYS_LEVEL, key_reader.dtype, key_reader.width))
+        key_store = (None if block_keys is None else
+                     MemoryLevelStore(KEYS_LEVEL, block_keys.dtype, block_keys.width))
         return cls(stores, mc, gister, view_capacity_tokens=view_capacity_tokens,
-                   key_reader=key_reader, key_store=key_store)
+                   block_keys=block_keys, key_store=key_store)
 
     @classmethod
     def create(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
                model_name: str = "", gist_checkpoint_id: str = "", overwrite: bool = False,
                durable: bool = True, view_capacity_tokens: int | None = None,
-               key_reader: Any = None) -> "MegaContextTree":
+               block_keys: Any = None) -> "MegaContextTree":
         """A new, empty on-disk store in directory `path` (created if needed); with
-        `key_reader`, retrieval keys go to `KEYS.ctx` beside the level files."""
+        `block_keys`, retrieval keys go to `KEYS.ctx` beside the level files."""
         path = Path(path)
         _encode_model_name(model_name)  # fail before touching the disk
         if gister.embed_dim > 0xFFFF or mc.block_size > 0xFFFF:
             raise ValueError("embedding_dim and block_size must fit in a u16")
-        if key_reader is not None and key_reader.width > 0xFFFF:
-            raise ValueError(f"retrieval key rows of {key_reader.width} values do not fit the "
+        if block_keys is not None and block_keys.width > 0xFFFF:
+            raise ValueError(f"retrieval key rows of {block_keys.width} values do not fit the "
                              f"header's u16 width field")
         path.mkdir(parents=True, exist_ok=True)
         if (path / _METADATA).exists() and not overwrite:
@@ -929,10 +999,10 @@ class MegaContextTree:
                 if l == 0:  # we hold the lock now; until metadata is rewritten, the
                     (path / _METADATA).unlink(missing_ok=True)  # store is unopenable
             key_store = None
-            if key_reader is not None:
+            if block_keys is not None:
                 key_store = DiskLevelStore.create(
                     path / KEYS_FILENAME, level=KEYS_LEVEL, block_size=mc.block_size,
-                    dtype=key_reader.dtype, width=key_reader.width, model_name=model_name,
+                    dtype=block_keys.dtype, width=block_keys.width, model_name=model_name,
                     durable=durable)
                 stores.append(key_store)
             elif (path / KEYS_FILENAME).exists():
@@ -949,14 +1019,14 @@ class MegaContextTree:
             "gist_batch": gister.gist_batch, "read": READ_MODE,
             **_input_metadata(gister),
             "mc_config": dataclasses.asdict(mc), "gist_config": dataclasses.asdict(gister.cfg),
-            "retrieval_keys": None if key_reader is None else key_reader.signature(),
+            "retrieval_keys": None if block_keys is None else block_keys.signature(),
             "counts": [0] * (mc.num_levels + 1),
         }
         if key_store is not None:
             stores = stores[:-1]
         try:
             tree = cls(stores, mc, gister, path=path, metadata=metadata,
-                       view_capacity_tokens=view_capacity_tokens, key_reader=key_reader,
+                       view_capacity_tokens=view_capacity_tokens, block_keys=block_keys,
                        key_store=key_store)
             tree._write_metadata()  # last: its presence marks a complete store
         except BaseException:
@@ -969,7 +1039,7 @@ class MegaContextTree:
     def open(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
              model_name: str | None = None, gist_checkpoint_id: str | None = None,
              durable: bool = True, view_capacity_tokens: int | None = None,
-             key_reader: Any = None) -> "MegaContextTree":
+             block_keys: Any = None) -> "MegaContextTree":
         """Open an on-disk store, validating every header against `mc` and `gister`.
 
         A torn tail is truncated (bytes per level in `tree.recovered_bytes`), and complete
@@ -1019,7 +1089,7 @@ class MegaContextTree:
                                 f"{metadata.get('gist_checkpoint_id')!r}, not "
                                 f"{gist_checkpoint_id!r}")
         stored_keys = metadata.get("retrieval_keys")
-        want_keys = None if key_reader is None else key_reader.signature()
+        want_keys = None if block_keys is None else block_keys.signature()
         if stored_keys != want_keys:
             if stored_keys is None:
                 raise MetadataError(
@@ -1040,13 +1110,13 @@ class MegaContextTree:
                 stores.append(DiskLevelStore.open(
                     path / level_filename(l), level=l, block_size=mc.block_size, dtype=dt,
                     width=w, model_name=model_name, durable=durable))
-            if key_reader is not None:
+            if block_keys is not None:
                 key_store = DiskLevelStore.open(
                     path / KEYS_FILENAME, level=KEYS_LEVEL, block_size=mc.block_size,
-                    dtype=key_reader.dtype, width=key_reader.width, model_name=model_name,
+                    dtype=block_keys.dtype, width=block_keys.width, model_name=model_name,
                     durable=durable)
             tree = cls(stores, mc, gister, path=path, metadata=metadata,
-                       view_capacity_tokens=view_capacity_tokens, key_reader=key_reader,
+                       view_capacity_tokens=view_capacity_tokens, block_keys=block_keys,
                        key_store=key_store)
         except BaseException:
             for s in stores + ([key_store] if key_store is not None else []):
@@ -1072,21 +1142,45 @@ class MegaContextTree:
     def _gist_complete_blocks(self) -> None:
         _gist_pending([self])
 
+    def _read_new_blocks(self) -> None:
+        """The read pass of the LOD1 blocks that are complete but lack gists (GistNet
+        reads hidden states) or keys: one forward for both (`BlockGister.read_blocks`),
+        kept until `_level_inputs(1)` and `_read_new_keys` take their parts."""
+        K = self.mc.block_size
+        complete = len(self.stores[0]) // K
+        done = [len(self.stores[1])] if self.gister.cfg.input == "hidden" else []
+        if self.key_store is not None:
+            done.append(len(self.key_store))
+        self._read = None
+        if not done or min(done) >= complete:
+            return
+        first = min(done)
+        lo = self.gister.context_start(first * K)
+        ids = self.stores[0].read(lo, complete * K)[:, 0]
+        self._read = (first, self.gister.read_blocks(
+            ids[first * K - lo:], context=ids[:first * K - lo], context_at=lo,
+            state=self._read_state))
+
+    def _read_part(self, name: str, first: int) -> np.ndarray:
+        """Rows of the pending read's `name` output for blocks first.. (see
+        `_read_new_blocks`)."""
+        start, out = self._read
+        return out[name][(first - start) * self.mc.block_size:]
+
     def _level_inputs(self, level: int) -> np.ndarray:
         """GistNet's inputs for this level's blocks that are complete but not yet gisted
-        (`BlockGister.block_inputs`; the read pass of new LOD1 blocks runs here)."""
+        (`BlockGister.block_inputs`; level 1's hidden states from `_read_new_blocks`)."""
         K = self.mc.block_size
         child, parent = self.stores[level - 1], self.stores[level]
         done, complete = len(parent), len(child) // K
         if complete <= done:
             return self.gister.block_inputs(level, np.zeros((0,), np.int32))
-        if level == 1:  # token ids, with the read chunk's earlier tokens as context
-            lo = self.gister.context_start(done * K)
-            ids = child.read(lo, complete * K)[:, 0]
-            return self.gister.block_inputs(1, ids[done * K - lo:],
-                                            context=ids[:done * K - lo], context_at=lo,
-                                            read_state=self._gist_read)
-        return self.gister.block_inputs(level, child.read(done * K, complete * K))
+        ids_or_gists = child.read(done * K, complete * K)
+        if level == 1:
+            features = (self._read_part("hidden", done) if self.gister.cfg.input == "hidden"
+                        else None)
+            return self.gister.block_inputs(1, ids_or_gists[:, 0], features=features)
+        return self.gister.block_inputs(level, ids_or_gists)
 
     def _store_gists(self, level: int, gists: np.ndarray, calls: int) -> None:
         self.stores[level].append(gists)
@@ -1099,11 +1193,8 @@ class MegaContextTree:
             return
         done, complete = len(self.key_store), len(self.stores[0]) // K
         if complete > done:
-            lo = self.key_reader.context_start(done * K)
-            ids = self.stores[0].read(lo, complete * K)[:, 0]
-            self.key_store.append(self.key_reader(ids[done * K - lo:],
-                                                  context=ids[:done * K - lo],
-                                                  context_at=lo, state=self._key_read))
+            self.key_store.append(self.block_keys.rows(self._read_part("keys", done)))
+        self._read = None
 
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
@@ -1155,7 +1246,7 @@ class MegaContextTree:
     def keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Retrieval keys of LOD1 blocks [start, stop): [n, width] in the storage dtype."""
         if self.key_store is None:
-            raise ValueError("this tree keeps no retrieval keys (built without a key_reader)")
+            raise ValueError("this tree keeps no retrieval keys (built without block_keys)")
         return self.key_store.read(start, len(self.key_store) if stop is None else stop)
 
     def gists(self, level: int, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -1310,6 +1401,8 @@ def _gist_pending(trees: Sequence[MegaContextTree]) -> None:
                           []).append(tree)
     for group in groups.values():
         gister = group[0].gister
+        for tree in group:
+            tree._read_new_blocks()
         for level in range(1, group[0].mc.num_levels + 1):
             inputs = [tree._level_inputs(level) for tree in group]
             if not any(len(x) for x in inputs):
@@ -1322,6 +1415,21 @@ def _gist_pending(trees: Sequence[MegaContextTree]) -> None:
                     tree._store_gists(level, g, calls)
         for tree in group:
             tree._read_new_keys()
+
+
+def _check_reads_keys(gister: BlockGister, block_keys: Any) -> None:
+    """A tree keeping retrieval keys reads them in its one read pass (the gister's)."""
+    rc, reader = block_keys.rc, gister.reader
+    if reader is None or "keys" not in reader.outputs:
+        raise ValueError("this tree keeps retrieval keys, but its gister's read pass reads "
+                         "none: build it with BlockGister.from_base(..., retrieval=rc) so "
+                         "one forward gives GistNet's inputs and the keys")
+    if (reader.qk_layers, reader.chunk, reader.block_size) != \
+            (tuple(rc.layers), rc.chunk, block_keys.block_size):
+        raise ValueError(f"the read pass reads keys at layers {reader.qk_layers} in chunks "
+                         f"of {reader.chunk} (blocks of {reader.block_size}); the stored "
+                         f"keys are layers {tuple(rc.layers)}, chunk {rc.chunk}, blocks of "
+                         f"{block_keys.block_size}")
 
 
 def copy_rows(src: MegaContextTree, dst: MegaContextTree) -> None:

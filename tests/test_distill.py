@@ -37,9 +37,10 @@ def params():
 @functools.lru_cache(maxsize=None)
 def states_of_history():
     g = init_gist_params(CFG.gist, LLAMA.hidden_size, jax.random.key(1), block_size=K)
-    gister = BlockGister.from_base(CFG.gist, g, params(), LLAMA, block_size=K)
-    reader = retrieval.BlockKeyReader.from_base(CFG.retrieval, params(), LLAMA, K)
-    tree = MegaContextTree.in_memory(MC, gister, view_capacity_tokens=2048, key_reader=reader)
+    gister = BlockGister.from_base(CFG.gist, g, params(), LLAMA, block_size=K,
+                                   retrieval=CFG.retrieval)
+    keys = retrieval.BlockKeys(CFG.retrieval, LLAMA, K)
+    tree = MegaContextTree.in_memory(MC, gister, view_capacity_tokens=2048, block_keys=keys)
     ids = np.random.default_rng(4).integers(3, LLAMA.vocab_size, 1600)
     tree.append(ids)
     view = tree.view()
@@ -159,9 +160,10 @@ def test_distillation_runs_on_a_qwen_style_base():
     cfg = dataclasses.replace(CFG, base_config=qwen)
     bp = base.init_params(qwen, jax.random.key(0))
     g = init_gist_params(cfg.gist, qwen.hidden_size, jax.random.key(1), block_size=K)
-    gister = BlockGister.from_base(cfg.gist, g, bp, qwen, block_size=K)
-    reader = retrieval.BlockKeyReader.from_base(cfg.retrieval, bp, qwen, K)
-    tree = MegaContextTree.in_memory(MC, gister, view_capacity_tokens=2048, key_reader=reader)
+    gister = BlockGister.from_base(cfg.gist, g, bp, qwen, block_size=K,
+                                   retrieval=cfg.retrieval)
+    keys = retrieval.BlockKeys(cfg.retrieval, qwen, K)
+    tree = MegaContextTree.in_memory(MC, gister, view_capacity_tokens=2048, block_keys=keys)
     tree.append(np.random.default_rng(4).integers(3, qwen.vocab_size, 1600))
     states = distill.distill_states(bp, tree.view(), cfg, [7, 8], rounds=2,
                                     rng=np.random.default_rng(0), explore=0.0)

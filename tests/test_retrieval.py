@@ -35,13 +35,14 @@ def params():
 
 
 @functools.lru_cache(maxsize=None)
-def gister():
+def gister(rc=RC):
+    """A gister whose one read pass also reads `rc`'s keys (None: no keys)."""
     g = init_gist_params(CFG.gist, LLAMA.hidden_size, jax.random.key(1), block_size=K)
-    return BlockGister.from_base(CFG.gist, g, params(), LLAMA, block_size=K)
+    return BlockGister.from_base(CFG.gist, g, params(), LLAMA, block_size=K, retrieval=rc)
 
 
-def reader(rc=RC):
-    return retrieval.BlockKeyReader.from_base(rc, params(), LLAMA, K)
+def keys(rc=RC):
+    return retrieval.BlockKeys(rc, LLAMA, K)
 
 
 def history(n, seed=0):
@@ -88,9 +89,9 @@ def test_read_pass_rejects_bad_layers():
 
 def test_tree_keys_whole_agree_with_pieces_and_the_read_pass():
     toks = history(700)
-    whole = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    whole = MegaContextTree.in_memory(MC, gister(), block_keys=keys())
     whole.append(toks)
-    pieces, again = (MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    pieces, again = (MegaContextTree.in_memory(MC, gister(), block_keys=keys())
                      for _ in range(2))
     for t in (pieces, again):
         for a in range(0, 700, 45):
@@ -110,27 +111,84 @@ def test_tree_keys_whole_agree_with_pieces_and_the_read_pass():
     np.testing.assert_array_equal(np.asarray(view.keys[:nb]), whole.keys())
 
 
+def test_one_read_pass_gives_gist_inputs_and_keys_reading_each_token_once():
+    """GistNet's hidden input and the retrieval keys come from one forward per chunk (or
+    per block of the open chunk): every history token passes through the base model once,
+    as deep as the deeper of the two, and both outputs equal an independent reference — a
+    plain prefill of each chunk (its cached keys, un-rotated) and `layer_hidden`."""
+    rc = dataclasses.replace(RC, layers=(1,))
+    gcfg = dataclasses.replace(CFG.gist, input="hidden", input_layer=2, read_chunk=rc.chunk)
+    g = init_gist_params(gcfg, LLAMA.hidden_size, jax.random.key(1), block_size=K)
+    gister_ = BlockGister.from_base(gcfg, g, params(), LLAMA, block_size=K, retrieval=rc)
+    assert gister_.reader.outputs == ("hidden", "keys") and gister_.reader.depth == 2
+    toks = history(300)
+    bulk = MegaContextTree.in_memory(MC, gister_, block_keys=keys(rc))
+    bulk.append(toks)
+    nb = 300 // K  # 9 complete blocks: 4 whole 64-token chunks, one block stepped
+    assert gister_.reader.tokens_read == nb * K and gister_.reader.calls == 4 + 1
+    # streaming one token at a time still reads each token once (one step per block)
+    before = gister_.reader.tokens_read
+    stream = MegaContextTree.in_memory(MC, gister_, block_keys=keys(rc))
+    for i in range(len(toks)):
+        stream.append(toks[i:i + 1])
+    assert gister_.reader.tokens_read - before == nb * K
+    np.testing.assert_allclose(stream.keys().astype(np.float32),
+                               bulk.keys().astype(np.float32), atol=2e-3, rtol=2e-3)
+    # independent references, chunk by chunk
+    R = rc.chunk
+    ids = jnp.asarray(toks[None, :nb * K], jnp.int32)
+    hidden = base.layer_hidden(params(), LLAMA, ids, layer=2, chunk=R)[0]
+    from mcjax.gist import gist_blocks
+    lod1 = gist_blocks(g, gcfg, hidden.reshape(nb, K, -1), 1)
+    chex.assert_trees_all_close(bulk.gists(1), np.asarray(lod1), atol=1e-5, rtol=1e-5)
+    cos, sin = base.rope_cos_sin(jnp.arange(R)[None], LLAMA)
+    stored = bulk.keys().astype(np.float32).reshape(nb * K, LLAMA.num_kv_heads,
+                                                    LLAMA.head_dim)
+    for c in range(0, nb * K, R):
+        n = min(R, nb * K - c)
+        cache = base.init_cache(LLAMA, 1, R)
+        _, cache = base.prefill(params(), LLAMA, cache, tokens=ids[:, c:c + n],
+                                positions=jnp.arange(n)[None], index=0)
+        rotated = base.apply_rope(jnp.asarray(stored[None, c:c + n]), cos[:, :n], sin[:, :n])
+        np.testing.assert_allclose(np.asarray(rotated), np.asarray(cache.k[1, :, :n]),
+                                   atol=5e-3, rtol=5e-3)  # float16 storage
+
+
+def test_a_tree_keeping_keys_needs_them_in_its_read_pass():
+    with pytest.raises(ValueError, match="reads none"):
+        MegaContextTree.in_memory(MC, gister(None), block_keys=keys())
+    with pytest.raises(ValueError, match="stored keys are layers"):
+        MegaContextTree.in_memory(MC, gister(), block_keys=keys(
+            dataclasses.replace(RC, layers=(0, 2))))
+    hidden = dataclasses.replace(CFG.gist, input="hidden", read_chunk=2 * RC.chunk)
+    g = init_gist_params(hidden, LLAMA.hidden_size, jax.random.key(1), block_size=K)
+    with pytest.raises(ValueError, match="one chunk size"):
+        BlockGister.from_base(hidden, g, params(), LLAMA, block_size=K, retrieval=RC)
+    with pytest.raises(ConfigError, match="must equal gist.read_chunk"):
+        override(CFG, ["gist.input=hidden", f"gist.read_chunk={2 * RC.chunk}"])
+
+
 def test_disk_store_keeps_keys_and_says_when_they_do_not_fit():
     toks = history(500)
-    memory = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    memory = MegaContextTree.in_memory(MC, gister(), block_keys=keys())
     memory.append(toks)
     with tempfile.TemporaryDirectory() as d:
-        t = MegaContextTree.create(d, MC, gister(), key_reader=reader())
+        t = MegaContextTree.create(d, MC, gister(), block_keys=keys())
         t.append(toks[:200])
         t.close()
-        t = MegaContextTree.open(d, MC, gister(), key_reader=reader())
+        t = MegaContextTree.open(d, MC, gister(), block_keys=keys())
         t.append(toks[200:])
         np.testing.assert_array_equal(t.keys(), memory.keys())
         t.close()
         with pytest.raises(MetadataError, match="keeps retrieval keys"):
             MegaContextTree.open(d, MC, gister())
-        other = reader(dataclasses.replace(RC, layers=(0, 2)))
+        other = dataclasses.replace(RC, layers=(0, 2))
         with pytest.raises(MetadataError, match="asks for"):
-            MegaContextTree.open(d, MC, gister(), key_reader=other)
+            MegaContextTree.open(d, MC, gister(other), block_keys=keys(other))
     with tempfile.TemporaryDirectory() as d:
         MegaContextTree.create(d, MC, gister()).close()
         with pytest.raises(MetadataError, match="no retrieval keys"):
-            MegaContextTree.open(d, MC, gister(), key_reader=reader())
+            MegaContextTree.open(d, MC, gister(), block_keys=keys())
 
 
 # --------------------------------------------------------------------------- scores
@@ -236,7 +294,7 @@ def test_a_larger_working_context_takes_more_top_blocks_by_relevant_share():
     assert retrieval.top_blocks_for(dataclasses.replace(rc, relevant_share=0.01), mc512) == 3
     # the count reaches block_scores through stream_conditioning: a WC of 4 top blocks
     # marks 4 blocks (and their followers) relevant where top_blocks alone marks 3
-    tree = MegaContextTree.in_memory(MC, gister(), key_reader=reader())
+    tree = MegaContextTree.in_memory(MC, gister(), block_keys=keys())
     tree.append(history(40 * K, seed=6))
     view = tree.view()
     rc0 = dataclasses.replace(RC, top_blocks=3, follow=0, spread=0)

@@ -92,7 +92,7 @@ def test_shipped_lensnet_reproduces_retrieval_focus_and_beats_recency_on_passkey
     teacher's (retrieval + needle label) wherever the teacher expands something, the
     needle's gist clears tau_expand, and it expands nothing the teacher would not; recency
     focus on the same states (needles at 15-75 % depth) finds the needle's gist less often."""
-    from mcjax.retrieval import BlockKeyReader
+    from mcjax.retrieval import BlockKeys
     from mcjax.runtime import recency_scores
     from mcjax.train import data, distill
     from mcjax.tree import BlockGister, MegaContextTree
@@ -101,8 +101,9 @@ def test_shipped_lensnet_reproduces_retrieval_focus_and_beats_recency_on_passkey
     gist, _ = assets.shipped_gist(cfg)
     lens_params, _ = assets.shipped_lens(cfg)
     K = cfg.mc.block_size
-    gister = BlockGister.from_base(cfg.gist, gist, model.params, cfg.base_config, block_size=K)
-    reader = BlockKeyReader.from_base(cfg.retrieval, model.params, cfg.base_config, K)
+    gister = BlockGister.from_base(cfg.gist, gist, model.params, cfg.base_config, block_size=K,
+                                   retrieval=cfg.retrieval)
+    block_keys = BlockKeys(cfg.retrieval, cfg.base_config, K)
     hay = data.tokenized_corpus(model.encode, cfg.base, "held_out",
                                 separator=cfg.base_config.eos_token_id,
                                 progress=False).tokens
@@ -112,7 +113,7 @@ def test_shipped_lensnet_reproduces_retrieval_focus_and_beats_recency_on_passkey
         ex = data.make_retrieval_example(model.encode, 2560, rng, haystack=hay,
                                          depth=0.15 + 0.3 * seed)
         tree = MegaContextTree.in_memory(cfg.mc, gister, view_capacity_tokens=2560,
-                                         key_reader=reader)
+                                         block_keys=block_keys)
         tree.append(ex.tokens)
         a, b = ex.needle_span
         states = distill.distill_states(model.params, tree.view(), cfg,

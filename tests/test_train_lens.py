@@ -232,8 +232,8 @@ def test_v2_counterfactuals_read_the_question_as_the_runtime_and_train_every_v2_
     # refocus's read of its newest tokens
     for b in (0, tokens.shape[0] - 1):
         tree = MegaContextTree.in_memory(
-            mc, BlockGister.from_base(cfg.gist, gist, bp, bc, block_size=K),
-            key_reader=retrieval.BlockKeyReader.from_base(rc, bp, bc, K))
+            mc, BlockGister.from_base(cfg.gist, gist, bp, bc, block_size=K, retrieval=rc),
+            block_keys=retrieval.BlockKeys(rc, bc, K))
         tree.append(np.asarray(tokens[b, :P]))
         view = tree.view()
         read = retrieval.tail_read(bp, bc, rc, view.tokens, view.counts[0], hidden_layer=2,

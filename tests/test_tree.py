@@ -715,8 +715,9 @@ def test_read_pass_features_agree_fed_whole_or_in_pieces_and_repeat_bit_for_bit(
 
 def test_read_pass_reads_each_token_once_in_bulk_and_streaming():
     """Bulk: one whole read per complete chunk and one cached step per block of the open
-    chunk; streaming: one call per new block (a step inside the open chunk, a whole read
-    when the block completes it) — the old read re-read a chunk's prefix for every block.
+    chunk; streaming: one cached step per new block, the block that completes a chunk
+    too (a whole read there would read the chunk's earlier tokens again) — the old read
+    re-read a chunk's prefix for every block.
     A copy (no read state) replays its open chunk's prefix by the same steps and stays
     bit-identical to the original."""
     gister = BlockGister.from_base(hidden_gist_cfg(128), gist_params(), base_params(),
@@ -724,9 +725,11 @@ def test_read_pass_reads_each_token_once_in_bulk_and_streaming():
     t = MegaContextTree.in_memory(MC, gister)
     t.append(stream()[:1100])  # 34 blocks: 8 whole chunks of 128 + 2 steps; 9 + 1 gist calls
     assert gister.read_calls == 8 + 2 and t.stats.gist_calls == 9 + 1
-    for i in range(4):  # streaming: one call per new block
+    tokens_read = gister.reader.tokens_read
+    for i in range(4):  # streaming: one call per new block, each token read once
         t.append(stream()[1100 + 32 * i:1132 + 32 * i])
         assert gister.read_calls == 11 + i
+        assert gister.reader.tokens_read == tokens_read + 32 * (i + 1)
     assert t.counts[1] == 38  # the open chunk [1152, 1280) holds 2 blocks
     copy = MegaContextTree.in_memory(MC, gister)
     copy_rows(t, copy)

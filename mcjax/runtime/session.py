@@ -173,27 +173,29 @@ class Session:
         else:
             self._params = jax.device_put(params, sh["params"])
             self._focus_params = jax.device_put(lens_params, sh["rep"])
-        self._gister = BlockGister.from_base(cfg.gist, gist_params, self._params, llama,
-                                             block_size=K, gist_batch=gist_batch)
-        self._key_reader = None
+        self._block_keys = None
         if self._plan.keeps_keys:
-            from mcjax.retrieval import BlockKeyReader
+            from mcjax.retrieval import BlockKeys
 
             if max(cfg.retrieval.layers) >= llama.num_layers:
                 raise ConfigError(f"retrieval.layers {cfg.retrieval.layers} exceed the base "
                                   f"model's {llama.num_layers} layers")
-            self._key_reader = BlockKeyReader.from_base(cfg.retrieval, self._params, llama, K)
+            self._block_keys = BlockKeys(cfg.retrieval, llama, K)
+        # one read pass for the trees: GistNet's hidden input and, when kept, the keys
+        self._gister = BlockGister.from_base(
+            cfg.gist, gist_params, self._params, llama, block_size=K, gist_batch=gist_batch,
+            retrieval=cfg.retrieval if self._plan.keeps_keys else None)
         if focus_policy == "lens" and cfg.lens.query_tokens \
                 and cfg.lens.query_layer > llama.num_layers:
             raise ConfigError(f"lens.query_layer {cfg.lens.query_layer} exceeds the base "
                               f"model's {llama.num_layers} layers")
         self._trees = [MegaContextTree.in_memory(mc, self._gister,
                                                  view_capacity_tokens=self.max_tokens,
-                                                 key_reader=self._key_reader)
+                                                 block_keys=self._block_keys)
                        for _ in range(self.batch_size)]
         # (width, dtype) of the read-pass key rows the view holds, when the trees keep keys
-        self._key_rows = () if self._key_reader is None else (self._key_reader.width,
-                                                              self._key_reader.dtype)
+        self._key_rows = () if self._block_keys is None else (self._block_keys.width,
+                                                              self._block_keys.dtype)
         self._state = self._put(initial_state(self._plan), "state")
         self._view = self._put(empty_view(self._plan, *self._key_rows), "view")
         self._empty_layout = self._put(self._layouts(np.zeros(self.batch_size, bool)), "wc")
@@ -273,6 +275,23 @@ class Session:
 
     def tree(self, stream: int = 0) -> MegaContextTree:
         return self._trees[stream]
+
+    @property
+    def read_pass(self) -> dict:
+        """What the trees' one read pass has cost so far (all streams): "outputs" it reads,
+        "depth" (decoder layers per token read), "tokens_read", "forwards" (whole chunks
+        and cached steps), and "layer_passes_per_token" = depth x tokens read / tokens in
+        the trees' complete blocks (1 x depth when every token is read once; 0 when
+        GistNet reads embeddings and no keys are kept)."""
+        reader = self._gister.reader
+        K = self.mc.block_size
+        blocks = sum(len(t.stores[0]) // K for t in self._trees) * K
+        if reader is None:
+            return {"outputs": (), "depth": 0, "tokens_read": 0, "forwards": 0,
+                    "layer_passes_per_token": 0.0}
+        return {"outputs": reader.outputs, "depth": reader.depth,
+                "tokens_read": reader.tokens_read, "forwards": reader.calls,
+                "layer_passes_per_token": reader.depth * reader.tokens_read / max(blocks, 1)}
 
     def _token_lists(self, inputs) -> list[np.ndarray]:
         B, V = self.batch_size, self.llama.vocab_size
@@ -559,7 +578,7 @@ class Session:
         for b, tree in enumerate(self._trees):
             # (no model_name: the header holds 32 bytes; session.json names the base)
             with MegaContextTree.create(tmp / f"tree-{b}", self.mc, self._gister,
-                                        key_reader=self._key_reader) as dst:
+                                        block_keys=self._block_keys) as dst:
                 copy_rows(tree, dst)
         arrays = {"state/" + k: v for k, v in persist.keyed_leaves(self._state)[0].items()}
         for part, params in self._nets.items():
@@ -674,7 +693,7 @@ class Session:
         with persist.one_reader_at_a_time(where):  # the store locks what it opens
             for b, tree in enumerate(session._trees):
                 with MegaContextTree.open(where / f"tree-{b}", session.mc, session._gister,
-                                          key_reader=session._key_reader) as src:
+                                          block_keys=session._block_keys) as src:
                     copy_rows(src, tree)
         V = session.llama.vocab_size
         for b, tree in enumerate(session._trees):  # checksums verify bytes, not meaning

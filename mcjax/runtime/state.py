@@ -179,7 +179,7 @@ def initial_state(plan: Plan) -> StreamState:
 def empty_view(plan: Plan, key_width: int | None = None, key_dtype=None) -> TreeView:
     """An empty batched tree view of the plan's capacity (host arrays); `key_width` /
     `key_dtype`: the read-pass keys' row width and dtype when the trees keep them
-    (`plan.keeps_keys`, `BlockKeyReader.width` / `.dtype`)."""
+    (`plan.keeps_keys`, `BlockKeys.width` / `.dtype`)."""
     B, D, L = plan.batch_size, plan.llama.hidden_size, plan.mc.num_levels
     if plan.keeps_keys != (key_width is not None):
         raise ValueError(f"plan.keeps_keys is {plan.keeps_keys}: key_width must be "

@@ -475,7 +475,7 @@ def _build_layout_bank(task: LensTask):
 def prefix_keys(base_params, base_cfg: LlamaConfig, rc: RetrievalConfig, prefix: jax.Array,
                 block_size: int) -> jax.Array:
     """Retrieval keys [B, P/K, width] of every block of token ids [B, P], in the storage
-    dtype: what a tree's `retrieval.BlockKeyReader` keeps for a history that starts at the
+    dtype: what a tree's `retrieval.BlockKeys` keeps for a history that starts at the
     window (chunks of `rc.chunk` aligned to it)."""
     B, P = prefix.shape
     keys = base.read_pass_core(base_params, base_cfg, prefix, chunk=rc.chunk,
