@@ -453,6 +453,65 @@ def test_passkey_cases_have_the_exact_length_and_spread_needles(frozen):
     assert [c.key for c in cases] == [c.key for c in again]
 
 
+def test_focus_recall_asks_whether_some_answer_occurrence_is_wholly_raw():
+    # a hand-built WC: the sink block raw, one LOD2 gist, LOD1 gists, a raw stretch
+    runs = [(0, 0, 32, 32), (2, 0, 1024, 1), (1, 1024, 1536, 16), (0, 1536, 1600, 64)]
+    assert metrics.focus_recall(runs, [[1540, 1541, 1599]])
+    assert metrics.focus_recall(runs, [[3, 4]])
+    assert not metrics.focus_recall(runs, [[1535, 1536]])  # one token inside a gist
+    assert metrics.focus_recall(runs, [[1535, 1536], [1560, 1561]])  # the second one
+    assert not metrics.focus_recall(runs, [[100], [1600]])  # a gist; past the WC
+    assert not metrics.focus_recall(runs, [[]]) and not metrics.focus_recall(runs, [])
+
+
+def test_answer_positions_are_the_needles_key_occurrences(frozen):
+    for c in tasks.passkey_cases(frozen.encode, 700, 3, seed=1):
+        occurrences = tasks.answer_positions(c, tasks.byte_decode)
+        lo, hi = c.needle_span
+        assert occurrences
+        for pos in occurrences:  # byte tokens: exactly the key's characters, in order
+            assert lo <= pos.min() and pos.max() < hi
+            assert tasks.byte_decode(c.tokens[pos]) == c.key
+
+
+@pytest.mark.parametrize("task", [t for t in tasks.PASSKEY_TASKS if t != "passkey"])
+def test_lookalike_cases_place_the_asked_value_where_their_answer_spans_say(frozen, task):
+    cases = tasks.passkey_cases(frozen.encode, 900, 3, seed=2, task=task, num_needles=5)
+    again = tasks.passkey_cases(frozen.encode, 900, 3, seed=2, task=task, num_needles=5)
+    assert [c.key for c in cases] == [c.key for c in again]
+    for c in cases:
+        assert len(c.tokens) == 900 and c.answer_spans
+        text = tasks.byte_decode(c.tokens)
+        for a, b in c.answer_spans:  # byte tokens: the span is exactly the asked value
+            assert tasks.byte_decode(c.tokens[a:b]) == c.key
+            assert c.needle_span[0] <= a and b <= c.needle_span[1]
+        assert text.count(c.key) == 1  # the asked value once; the question never says it
+        question = text[text.rindex("\n"):]
+        if task in ("multikey_word", "multikey_number", "near_duplicate"):
+            assert text.count("special magic number for") == 5 + 2  # needles, question
+            asked = question.split("for ")[1].split("?")[0]
+            keys = [t.split(" is")[0] for t in text.split("special magic number for ")[1:-2]]
+            assert asked in keys and len(set(keys)) == 5
+            if task == "near_duplicate":  # one stem, keys differing in their last letter
+                assert len({k[:-1] for k in keys}) == 1
+        if task == "split":
+            a, _ = c.answer_spans[0]
+            assert a - c.needle_span[0] >= tasks.SPLIT_GAP_TOKENS
+        if task == "paraphrase":
+            needle = tasks.byte_decode(c.tokens[slice(*c.needle_span)])
+            assert not set(needle.lower().split()) & set(question.lower().split()) - {
+                "the", "is", "a", "of", "that", "those", "what", "which", "one", "can"}
+    with pytest.raises(tasks.EvalInputError, match="too short"):
+        tasks.passkey_cases(frozen.encode, 60, 1, seed=0, task=task)
+    assert tasks.answer_positions(cases[0], tasks.byte_decode)[0].tolist() == list(
+        range(*cases[0].answer_spans[0]))
+
+
+def test_unknown_passkey_task_is_a_clear_error(frozen):
+    with pytest.raises(tasks.EvalInputError, match="unknown passkey task"):
+        tasks.passkey_cases(frozen.encode, 900, 1, seed=0, task="multikey")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -505,6 +564,10 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
             assert len(row["examples"]) == CASES
             assert all(len(ex["key"]) == 5 for ex in row["examples"])
     assert pk["methods"]["megacontext_lens"]["1024"]["refocuses"] == 3  # bulk + 2 blocks
+    for method in ("megacontext_lens", "megacontext_retrieval"):  # recall beside accuracy
+        row = pk["methods"][method]["1024"]
+        assert len(row["answer_raw"]) == CASES and row["focus_recall"] == sum(row["answer_raw"])
+    assert "focus_recall" not in pk["methods"]["sliding_window"]["1024"]
     assert "whole number" in pk["scoring"]
 
     fq = res["focus_quality"]
@@ -518,7 +581,7 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
 
     report = (out / "report.md").read_text()
     assert "LensNet: UNTRAINED" in report and "GistNet: trained" in report
-    assert "skipped: does not fit" in report
+    assert "skipped: does not fit" in report and "Focus recall:" in report
     for name in ("accuracy_vs_length.png", "dnll_vs_ratio.png", "focus_map.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name

@@ -38,6 +38,24 @@ def test_batch_of_prompts_of_different_lengths_equals_each_alone(tiny_llama):
         assert out[i].tolist() == alone[0].tolist()
 
 
+@pytest.mark.parametrize("chunk", [4, 5, 13])
+def test_chunked_prefill_equals_argmax_over_full_forwards(tiny_llama, chunk):
+    """Prompts prefilled a chunk of slots at a time (13: one chunk; 5: the 11-slot prompt
+    padded to 15) against an independent reference, with different prompt lengths."""
+    config, params = tiny_llama
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, config.vocab_size, n) for n in (11, 4, 9)]
+    batch = np.zeros((3, 11), np.int32)
+    for i, p in enumerate(prompts):
+        batch[i, : len(p)] = p
+    sampler = GreedySampler(config, max_new_tokens=7, max_prompt_len=11, prefill_chunk=chunk)
+    out, _ = sampler.generate(params, batch, lengths=[len(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        assert out[i].tolist() == _reference_greedy(params, config, p, 7), i
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        GreedySampler(config, max_new_tokens=7, max_prompt_len=11, prefill_chunk=0)
+
+
 def test_stream_yields_the_same_tokens_as_generate_without_recompiling(tiny_llama):
     config, params = tiny_llama
     prompt = np.random.default_rng(2).integers(3, config.vocab_size, 6)

@@ -39,25 +39,50 @@ class GreedySampler:
     max_prompt_len: int
     eos_id: int | None = None
     pad_id: int = 0
+    # prefill the prompt this many slots at a time (a scan over chunks, each attending to
+    # the cache so far): attention scores are [chunk, T] instead of [T, T], so a long
+    # prompt's prefill fits in memory; the same numbers as one prefill up to rounding.
+    # None: one prefill of the whole prompt.
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens <= 0 or self.max_prompt_len <= 0:
             raise ValueError("max_new_tokens and max_prompt_len must be > 0")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
+                                               or self.prefill_chunk <= 0):
+            raise ValueError(f"prefill_chunk must be a positive int or None, got "
+                             f"{self.prefill_chunk!r}")
+
+    @property
+    def padded_prompt_len(self) -> int:
+        """Prompt slots: max_prompt_len rounded up to whole prefill chunks."""
+        c = self.prefill_chunk or self.max_prompt_len
+        return -(-self.max_prompt_len // c) * c
 
     @property
     def cache_capacity(self) -> int:
-        return self.max_prompt_len + self.max_new_tokens
+        return self.padded_prompt_len + self.max_new_tokens
 
     # ------------------------------------------------------------------ jitted pieces
     @partial(jax.jit, static_argnums=0)
     def _start(self, params, prompt, lengths) -> DecodeState:
         B, T = prompt.shape
         cache = base.init_cache(self.config, B, self.cache_capacity)
-        slots = jnp.arange(T)[None, :]
-        hidden, cache = base.prefill_core(
-            params, self.config, cache, prompt, None, jnp.broadcast_to(slots, (B, T)),
-            slots < lengths[:, None], jnp.int32(0), return_hidden=True)
-        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        C = min(self.prefill_chunk or T, T)
+        n = T // C  # _prepare padded the prompt to whole chunks
+
+        def chunk_step(cache, i):  # prefill slots [i*C, (i+1)*C) over the cache so far
+            slots = i * C + jnp.arange(C)[None, :]
+            toks = jax.lax.dynamic_slice_in_dim(prompt, i * C, C, axis=1)
+            hidden, cache = base.prefill_core(
+                params, self.config, cache, toks, None, jnp.broadcast_to(slots, (B, C)),
+                slots < lengths[:, None], i * C, return_hidden=True)
+            # each stream's last prompt token, if it lies in this chunk
+            row = jnp.clip(lengths - 1 - i * C, 0, C - 1)
+            return cache, jnp.take_along_axis(hidden, row[:, None, None], axis=1)[:, 0]
+
+        cache, lasts = jax.lax.scan(chunk_step, cache, jnp.arange(n, dtype=jnp.int32))
+        last = jnp.take_along_axis(lasts, ((lengths - 1) // C)[None, :, None], axis=0)[0]
         first = jnp.argmax(base.logits_from_hidden(params, self.config, last), -1)
         first = first.astype(jnp.int32)
         output = jnp.full((B, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(first)
@@ -99,7 +124,7 @@ class GreedySampler:
         if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > T:
             raise base.InputError(f"lengths must be [batch] in [1, {T}], got {lengths}")
         # Pad to the static prompt length so every prompt shares one compilation.
-        padded = np.full((B, self.max_prompt_len), self.pad_id, np.int32)
+        padded = np.full((B, self.padded_prompt_len), self.pad_id, np.int32)
         padded[:, :T] = prompt
         return jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
 

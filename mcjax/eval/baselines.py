@@ -19,7 +19,7 @@ from mcjax import retrieval
 from mcjax.base.generate import GreedySampler
 from mcjax.config import ExperimentConfig, LlamaConfig
 from mcjax.eval import metrics
-from mcjax.eval.tasks import LayoutSpec, feed_schedule
+from mcjax.eval.tasks import LayoutSpec, answer_positions, feed_schedule
 from mcjax.runtime import Session, random_scores, recency_scores
 from mcjax.train import data, losses
 from mcjax.train.loop import Frozen, variant_nll
@@ -277,6 +277,9 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
         session.sync()
         snap("feed" if start == 0 else "refocus")
         bar.update(1)
+    # focus recall: the answer's tokens raw in each stream's WC when the answer starts
+    recall = [metrics.focus_recall(session.focus_runs(b), answer_positions(c, decode))
+              for b, c in enumerate(cases)]
     bar.set_postfix(tokens="answer")
     out = session.generate(max_new_tokens, eos_id=eos_id)
     bar.update(1)
@@ -286,7 +289,8 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
     if record_focus:
         session.flush()
         snap("after answer")
-    info = {"refocuses": len(events),
+    info = {"focus_recall": int(sum(recall)), "answer_raw": recall,
+            "refocuses": len(events),
             "focus_actions": int(sum(sum(e.num_expand) + sum(e.num_collapse) for e in events)),
             "budget_collapses": int(sum(sum(e.append_collapses) + sum(e.headroom_collapses)
                                         for e in events)),
@@ -310,18 +314,25 @@ def sliding_window_generate(llama: LlamaConfig, params, histories: Sequence[np.n
     return out
 
 
+FULL_CONTEXT_PREFILL_CHUNK = 1024  # full-context prompts are prefilled this many slots at a time
+
+
 def full_context_fit(llama: LlamaConfig, length: int, max_new_tokens: int, num_cases: int,
                      memory_limit_bytes: float) -> tuple[int, str | None]:
     """(streams per batch, None) when plain full-context generation over `length` tokens
-    fits, else (0, why not): past the model's trained positions, or even one stream's
-    prefill (fp32 attention scores and probabilities of every head over T x (T + new)
-    slots, the bias, and the KV cache) over the memory limit."""
+    fits, else (0, why not): past the model's trained positions, or even one stream over
+    the memory limit. The prompt is prefilled in chunks of `FULL_CONTEXT_PREFILL_CHUNK`
+    slots (`GreedySampler.prefill_chunk`), so a stream's peak is one chunk's fp32
+    attention scores and probabilities of every head against the whole cache, the bias,
+    and the fp32 KV cache."""
     total = length + max_new_tokens
     if total > llama.max_position_embeddings:
         return 0, (f"does not fit: {length} + {max_new_tokens} tokens exceed the model's "
                    f"{llama.max_position_embeddings} trained positions")
-    per_stream = (4.0 * length * total * (2 * llama.num_heads + 1)
-                  + 2 * 4.0 * llama.num_layers * total * llama.num_kv_heads * llama.head_dim)
+    C = min(FULL_CONTEXT_PREFILL_CHUNK, length)
+    slots = -(-length // C) * C + max_new_tokens
+    per_stream = (4.0 * C * slots * (2 * llama.num_heads + 1)
+                  + 2 * 4.0 * llama.num_layers * slots * llama.num_kv_heads * llama.head_dim)
     batch = int(memory_limit_bytes // per_stream)
     if batch < 1:
         return 0, (f"does not fit: one stream's prefill needs ~{per_stream / 2**30:.1f} GiB, "
@@ -332,10 +343,11 @@ def full_context_fit(llama: LlamaConfig, length: int, max_new_tokens: int, num_c
 def full_context_generate(llama: LlamaConfig, params, histories: Sequence[np.ndarray],
                           max_new_tokens: int, eos_id: int | None, batch: int) -> np.ndarray:
     """Plain base-model greedy generation over each whole history, `batch` streams at a
-    time (one compilation per history length)."""
+    time (one compilation per history length; the prompt prefilled in chunks of
+    `FULL_CONTEXT_PREFILL_CHUNK`)."""
     T = len(histories[0])
     sampler = GreedySampler(llama, max_new_tokens=max_new_tokens, max_prompt_len=T,
-                            eos_id=eos_id)
+                            eos_id=eos_id, prefill_chunk=min(FULL_CONTEXT_PREFILL_CHUNK, T))
     outs = []
     for i in range(0, len(histories), batch):
         chunk = np.stack([np.asarray(h) for h in histories[i: i + batch]])

@@ -222,6 +222,24 @@ def accuracy(scores: Sequence[PasskeyScore]) -> dict[str, Any]:
             "correct": int(correct), "n": n}
 
 
+def focus_recall(runs: Sequence[Sequence[int]], occurrences: Sequence[Sequence[int]]
+                 ) -> bool:
+    """Whether some occurrence of the answer — its history positions, one array per
+    occurrence — lies wholly in raw tokens (LOD0) of the working context whose runs are
+    `runs` ((level, first token, end token, entries), as `eval.focus_map.focus_runs`
+    gives them): what focus has to achieve before the reader can answer (SPEC §2.9).
+    False when there is no non-empty occurrence."""
+    def raw(pos) -> bool:
+        pos = np.asarray(pos, np.int64)
+        inside = np.zeros(pos.shape, bool)
+        for level, start, end, _ in runs:
+            if level == 0:
+                inside |= (pos >= start) & (pos < end)
+        return pos.size > 0 and bool(inside.all())
+
+    return any(raw(p) for p in occurrences)
+
+
 def paired_accuracy(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
     """Two methods scored on the same cases (same order): counts right by both / only a /
     only b, the mean paired difference a − b with its standard error, and the exact

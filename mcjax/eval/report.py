@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mcjax.eval import metrics
+
 __all__ = ["focus_grid", "plot_dnll_vs_ratio", "plot_accuracy_vs_length", "plot_focus_map",
            "render_markdown", "write_outputs", "plots_with_data", "PLOTS", "NET_NAMES"]
 
@@ -332,6 +334,30 @@ def render_markdown(results: dict) -> str:
                              + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
                              if r["status"] == "ok" else r["status"])
             out.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+        recall_rows = []
+        for method, per in pk["methods"].items():
+            rs = [per.get(str(L), {}) for L in lengths]
+            if not any("focus_recall" in r for r in rs):
+                continue
+            cells = []
+            for r in rs:
+                if "focus_recall" not in r:
+                    cells.append(r.get("status", "not run"))
+                    continue
+                lo, hi = metrics.wilson_interval(r["focus_recall"], r["n"])
+                both = sum(bool(raw) and bool(e.get("found")) for raw, e in
+                           zip(r.get("answer_raw", []), r.get("examples", [])))
+                cells.append(f"{r['focus_recall']}/{r['n']} [{lo:.2f}, {hi:.2f}]; "
+                             f"read right when raw: {both}/{r['focus_recall']}")
+            recall_rows.append(f"| {METHOD_LABELS.get(method, method)} | "
+                               + " | ".join(cells) + " |")
+        if recall_rows:
+            out += ["", "Focus recall: cases whose answer tokens (the needle's key digits) "
+                    "were raw in the working context when the answer started, and how many "
+                    "of those the reader then answered right (focus failures and reading "
+                    "failures apart).", "",
+                    "| method | " + " | ".join(f"{L} tokens" for L in lengths) + " |",
+                    "| --- | " + " | ".join("---:" for _ in lengths) + " |"] + recall_rows
         out += ["", "![accuracy vs history length](accuracy_vs_length.png)", ""]
         notes = pk.get("notes") or []
         out += [f"- {n}" for n in notes] + ([""] if notes else [])

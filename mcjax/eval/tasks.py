@@ -199,27 +199,202 @@ def check_lengths(lengths: Sequence[int], w_max: int) -> None:
             f"{2 * w_max},{4 * w_max}")
 
 
+PASSKEY_TASKS = ("passkey", "multikey_word", "multikey_number", "near_duplicate",
+                 "paraphrase", "split")
+# the look-alike tasks (SPEC §2.9): what each asks of focus
+PASSKEY_TASK_NOTES = {
+    "passkey": "one needle, phrased like the question",
+    "multikey_word": "needles of one template 'the special magic number for WORD is N', one "
+                     "WORD asked; the others are look-alikes",
+    "multikey_number": "as multikey_word with 7-digit numeric keys",
+    "near_duplicate": "as multikey_word with keys that differ in one character",
+    "paraphrase": "one needle phrased unlike the question (no shared content words)",
+    "split": "one needle whose value stands >= 2 blocks after its key phrase, in a sentence "
+             "that does not name the key",
+}
+_KEY_WORDS = ("amber", "badger", "cobalt", "dune", "ember", "falcon", "garnet", "harbor",
+              "iris", "juniper", "kestrel", "lantern", "maple", "nectar", "onyx", "pepper",
+              "quartz", "raven", "saffron", "thistle", "umber", "velvet", "willow", "yarrow",
+              "zephyr", "anchor", "birch", "cedar", "delta", "elm", "fjord", "glacier")
+_PARAPHRASES = (  # (needle with {v}, question): no content word in common
+    ("Before leaving, Dana scribbled the locker combination on her wrist: {v}.",
+     "Which digits open the storage box at school? Those digits are"),
+    ("Grandpa whispered that the safe opens only with {v}, and nobody else knows.",
+     "What code unlocks the family vault? That code is"),
+    ("The courier's parcel was tagged with tracking figure {v} before dawn.",
+     "Under what reference can one follow the delivered package? The reference is"),
+)
+_NEAR_DUPLICATE_LETTERS = "abcdefghjkmnpqrstuvwxyz"
+SPLIT_GAP_TOKENS = 80  # haystack tokens between a split needle's key phrase and its value
+
+
 def passkey_cases(encode: Callable[[str], np.ndarray], length: int, num_cases: int, seed: int,
-                  *, haystack: np.ndarray | None = None, key_digits: int = 5
+                  *, haystack: np.ndarray | None = None, key_digits: int = 5,
+                  task: str = "passkey", num_needles: int = 8
                   ) -> list[data.RetrievalExample]:
-    """`num_cases` passkey prompts of exactly `length` tokens (`data.make_retrieval_example`),
-    needle depths evenly spaced over the history ((i + 0.5) / num_cases), keys and phrasings
-    drawn from (seed, length)."""
+    """`num_cases` prompts of exactly `length` tokens, the asked needle's depth evenly
+    spaced over the history ((i + 0.5) / num_cases), keys and phrasings drawn from
+    (seed, length). `task` (`PASSKEY_TASKS`): the passkey (`data.make_retrieval_example`)
+    or a look-alike task (`lookalike_example`, with `num_needles` needles for the
+    multikey ones)."""
     if num_cases < 1:
         raise EvalInputError(f"need at least one passkey case, got {num_cases}")
-    rng = np.random.default_rng([seed, length])
+    if task not in PASSKEY_TASKS:
+        raise EvalInputError(f"unknown passkey task {task!r}; choose from {PASSKEY_TASKS}")
+    rng = np.random.default_rng([seed, length] + ([] if task == "passkey"
+                                                   else [PASSKEY_TASKS.index(task)]))
     cases = []
     for i in range(num_cases):
+        depth = (i + 0.5) / num_cases
         try:
-            ex = data.make_retrieval_example(encode, length, rng, haystack=haystack,
-                                             depth=(i + 0.5) / num_cases,
-                                             key_digits=key_digits)
+            if task == "passkey":
+                ex = data.make_retrieval_example(encode, length, rng, haystack=haystack,
+                                                 depth=depth, key_digits=key_digits)
+            else:
+                ex = lookalike_example(encode, length, rng, task=task, haystack=haystack,
+                                       depth=depth, num_needles=num_needles,
+                                       value_digits=key_digits)
         except data.DataError as e:
-            raise EvalInputError(f"cannot build a passkey case of {length} tokens: {e}") from e
+            raise EvalInputError(f"cannot build a {task} case of {length} tokens: {e}") from e
         if len(ex.tokens) != length:
-            raise EvalInputError(f"passkey case has {len(ex.tokens)} tokens, wanted {length}")
+            raise EvalInputError(f"{task} case has {len(ex.tokens)} tokens, wanted {length}")
         cases.append(ex)
     return cases
+
+
+def _digits(rng: np.random.Generator, n: int) -> str:
+    return "".join(str(d) for d in rng.integers(0, 10, n))
+
+
+def lookalike_example(encode: Callable[[str], np.ndarray], length: int,
+                      rng: np.random.Generator, *, task: str,
+                      haystack: np.ndarray | None = None, depth: float = 0.5,
+                      num_needles: int = 8, value_digits: int = 5) -> data.RetrievalExample:
+    """One look-alike retrieval prompt of exactly `length` tokens (`PASSKEY_TASK_NOTES`):
+    the haystack (real text from `haystack`, else filler) with needles inserted at token
+    boundaries — the asked one at relative `depth`, the look-alikes at random depths —
+    then the question. Each needle is encoded in pieces (text, value, text) so the
+    answer's token span is known exactly (`answer_spans`); `key` is the asked value's
+    digit string (what `metrics.score_passkey` looks for)."""
+    def enc(text: str) -> np.ndarray:
+        return np.asarray(encode(text), np.int32)
+
+    def needle(before: str, value: str, after: str) -> tuple[list[np.ndarray], int]:
+        parts = [enc(before), enc(value), enc(after)]
+        return parts, 1  # index of the value piece
+
+    values: list[str] = []
+    needles: list[tuple[list[np.ndarray], int]] = []  # the asked needle first
+    if task in ("multikey_word", "multikey_number", "near_duplicate"):
+        if not 2 <= num_needles <= len(_KEY_WORDS):
+            raise data.DataError(f"num_needles must lie in 2..{len(_KEY_WORDS)}, got "
+                                 f"{num_needles}")
+        if task == "multikey_word":
+            keys = [str(k) for k in rng.choice(_KEY_WORDS, num_needles, replace=False)]
+        elif task == "multikey_number":
+            keys = []
+            while len(keys) < num_needles:
+                k = str(int(rng.integers(1_000_000, 10_000_000)))
+                keys += [k] if k not in keys else []
+        else:
+            stem = "-".join(str(w) for w in rng.choice(_KEY_WORDS, 2, replace=False))
+            letters = rng.choice(list(_NEAR_DUPLICATE_LETTERS), num_needles, replace=False)
+            keys = [f"{stem}-{c}" for c in letters]
+        while len(values) < num_needles:
+            v = _digits(rng, value_digits)
+            values += [v] if v not in values else []
+        for k, v in zip(keys, values):
+            needles.append(needle(f" The special magic number for {k} is ", v, ". "))
+        question = (f"\nWhat is the special magic number for {keys[0]}? The special magic "
+                    f"number for {keys[0]} is")
+    elif task == "paraphrase":
+        text, question = _PARAPHRASES[int(rng.integers(len(_PARAPHRASES)))]
+        values = [_digits(rng, value_digits)]
+        before, after = text.split("{v}")
+        needles.append(needle(" " + before, values[0], after + " "))
+        question = "\n" + question
+    elif task == "split":
+        k = str(rng.choice(_KEY_WORDS))
+        values = [_digits(rng, value_digits)]
+        needles.append(needle(f" The special magic number for {k} is written below, after a "
+                              f"short digression.", "", ""))  # the gap goes after it
+        question = (f"\nWhat is the special magic number for {k}? The special magic "
+                    f"number for {k} is")
+    else:
+        raise data.DataError(f"unknown look-alike task {task!r}")
+    q = enc(question)
+    tail = [enc(" That number is "), enc(values[0]), enc(". ")] if task == "split" else []
+    gap = SPLIT_GAP_TOKENS if task == "split" else 0
+    used = sum(len(p) for parts, _ in needles for p in parts) + sum(map(len, tail)) + len(q)
+    n_hay = length - used
+    if n_hay <= gap + 2 * len(needles):
+        raise data.DataError(f"{length} tokens are too short for {len(needles)} needles and "
+                             f"the question")
+    if haystack is None:
+        unit = enc(data._FILLER)
+        hay = np.tile(unit, n_hay // len(unit) + 1)[:n_hay]
+    else:
+        if len(haystack) < n_hay:
+            raise data.DataError(f"haystack of {len(haystack)} tokens is shorter than {n_hay}")
+        start = int(rng.integers(0, len(haystack) - n_hay + 1))
+        hay = np.asarray(haystack[start: start + n_hay], np.int32)
+    # insertion points in the haystack: the asked needle at `depth` (leaving room for a
+    # split needle's gap), the look-alikes at distinct random points
+    room = n_hay - gap
+    at = [int(round(depth * room))]
+    others = rng.permutation(room + 1)
+    at += [int(x) for x in others if int(x) != at[0]][: len(needles) - 1]
+    order = np.argsort(at, kind="stable")
+    pieces, spans, pos, prev = [], [], 0, 0
+    needle_span = (0, 0)
+    for i in order:
+        pieces.append(hay[prev:at[i]])
+        pos += at[i] - prev
+        prev = at[i]
+        parts, vi = needles[i]
+        start = pos
+        for j, part in enumerate(parts):
+            if i == 0 and j == vi and len(part):
+                spans.append((pos, pos + len(part)))
+            pieces.append(part)
+            pos += len(part)
+        if i == 0 and task == "split":  # the gap of haystack, then the value sentence
+            pieces.append(hay[prev:prev + gap])
+            pos += gap
+            prev += gap
+            for j, part in enumerate(tail):
+                if j == 1:
+                    spans.append((pos, pos + len(part)))
+                pieces.append(part)
+                pos += len(part)
+        if i == 0:
+            needle_span = (start, pos)
+    pieces += [hay[prev:], q]
+    tokens = np.concatenate(pieces).astype(np.int32)
+    return data.RetrievalExample(tokens=tokens, answer=enc(" " + values[0]),
+                                 needle_span=needle_span, key=values[0],
+                                 answer_spans=tuple(spans))
+
+
+def answer_positions(case: data.RetrievalExample, decode: Callable[[Sequence[int]], str]
+                     ) -> list[np.ndarray]:
+    """History positions of each occurrence of the answer: the case's `answer_spans`
+    when it has them (look-alike tasks), else — the passkey, whose phrasings state the
+    key once or twice — runs of consecutive needle tokens whose text holds a digit of
+    the key (the phrasings hold no other digits); the whole needle span when none does. Focus recall asks whether one occurrence is wholly raw at the answer's
+    start."""
+    if case.answer_spans:
+        return [np.arange(a, b, dtype=np.int64) for a, b in case.answer_spans]
+    a, b = case.needle_span
+    digit = [any(ch.isdigit() and ch in case.key for ch in decode([int(case.tokens[i])]))
+             for i in range(a, b)]
+    groups: list[list[int]] = []
+    for i, d in enumerate(digit):
+        if d and i and digit[i - 1]:
+            groups[-1].append(a + i)
+        elif d:
+            groups.append([a + i])
+    return [np.asarray(g, np.int64) for g in groups] or [np.arange(a, b, dtype=np.int64)]
 
 
 def feed_schedule(length: int, block_size: int, refocus_steps: int) -> list[tuple[int, int]]:

@@ -379,6 +379,9 @@ class RetrievalExample:
     answer: np.ndarray  # [A] answer token ids (teacher-forced targets follow the prompt)
     needle_span: tuple[int, int]  # token range of the needle inside `tokens`
     key: str
+    # token ranges of each occurrence of the answer inside `tokens`, where the task knows
+    # them by construction (look-alike tasks); () for the passkey (eval.tasks finds them)
+    answer_spans: tuple[tuple[int, int], ...] = ()
 
 
 def make_retrieval_example(encode: Callable[[str], np.ndarray], history_tokens: int,
