@@ -47,6 +47,8 @@ import _cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mcjax.eval.tasks import PASSKEY_TASK_NOTES, PASSKEY_TASKS
+
     p = _cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="training workdir (train_gist / train_lens / "
                                         "train_joint) to evaluate")
@@ -114,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "sliding_window, full_context)")
     g.add_argument("--haystack", choices=["filler", "held_out"], default="filler",
                    help="repeated filler text or held-out corpus text (default: %(default)s)")
+    g.add_argument("--task", choices=list(PASSKEY_TASKS), default="passkey",
+                   help="the passkey, or a look-alike task: " + "; ".join(
+                       f"{k}: {v}" for k, v in PASSKEY_TASK_NOTES.items() if k != "passkey")
+                   + " (default: %(default)s)")
+    g.add_argument("--needles", type=_cli.count, default=8,
+                   help="needles per case of the multikey / near_duplicate tasks "
+                        "(default: %(default)s)")
     g.add_argument("--full-memory-gb", type=float, default=6.0,
                    help="memory limit of the full-context baseline's prefill; longer histories "
                         "are reported as skipped (default: %(default)s)")
@@ -209,7 +218,8 @@ def main(argv=None) -> int:
             lengths=(None if args.lengths is None
                      else parse_int_list(args.lengths, "--lengths")), w_max=args.w_max,
             cases=args.cases, refocus_steps=args.refocus_steps,
-            max_new_tokens=args.max_new_tokens, haystack=args.haystack,
+            max_new_tokens=args.max_new_tokens, haystack=args.haystack, task=args.task,
+            needles=args.needles,
             methods=(pipeline.METHODS if args.methods is None else
                      tuple(m.strip() for m in args.methods.split(",") if m.strip())),
             full_memory_gb=args.full_memory_gb, ceiling_windows=args.ceiling_windows,

@@ -788,6 +788,23 @@ def test_arguments_are_checked_before_the_evaluation_starts(capsys, tmp_path, mo
     assert not (tmp_path / "o").exists()
 
 
+def test_evaluate_runs_a_lookalike_task_and_reports_recall_beside_accuracy(tmp_path):
+    out = tmp_path / "o"
+    argv = ["--config", "tiny", "--untrained", "--out", str(out), "--only", "passkey",
+            "--task", "multikey_word", "--needles", "4", "--lengths", "512", "--cases", "2",
+            "--methods", "megacontext_retrieval,sliding_window", "--no-progress"]
+    assert evaluate.main(argv) == 0
+    pk = json.loads((out / "results.json").read_text())["passkey"]
+    assert pk["task"] == "multikey_word" and "4 needles" in pk["task_note"]
+    row = pk["methods"]["megacontext_retrieval"]["512"]
+    assert row["n"] == 2 and len(row["answer_raw"]) == 2
+    report = (out / "report.md").read_text()
+    assert "Task: multikey_word" in report and "Focus recall:" in report
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--task", "nosuch"])
+    assert e.value.code == 2
+
+
 def test_checkpoint_for_another_base_model_is_a_clear_error(capsys, tmp_path, frozen, cfg):
     other = override(cfg, {"base_config.num_layers": 2})
     _write_gist_workdir(tmp_path / "other", other, untrained_params(cfg, "gist",

@@ -78,6 +78,8 @@ class EvalOptions:
     refocus_steps: int = 2
     max_new_tokens: int | None = None  # default: longest answer + 4
     haystack: str = "filler"  # filler | held_out
+    task: str = "passkey"  # tasks.PASSKEY_TASKS: the passkey or a look-alike task
+    needles: int = 8  # needles per case of the multikey look-alike tasks
     methods: tuple[str, ...] = METHODS  # passkey methods to run (report order)
     full_memory_gb: float = 6.0
     # ceiling
@@ -174,6 +176,11 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
             raise EvalInputError("--refocus-steps must be >= 0")
         if opts.haystack not in ("filler", "held_out"):
             raise EvalInputError(f"--haystack must be filler|held_out, got {opts.haystack!r}")
+        if opts.task not in tasks.PASSKEY_TASKS:
+            raise EvalInputError(f"--task must be one of {', '.join(tasks.PASSKEY_TASKS)}, "
+                                 f"got {opts.task!r}")
+        if opts.needles < 2:
+            raise EvalInputError(f"--needles must be >= 2, got {opts.needles}")
         if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
             raise EvalInputError("--max-new-tokens must be >= 1")
     if "nll" in sections:
@@ -251,7 +258,8 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
     if opts.haystack == "held_out":
         haystack = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
                                          separator=frozen.separator, progress=False).tokens
-    cases = {L: tasks.passkey_cases(frozen.encode, L, opts.cases, opts.seed, haystack=haystack)
+    cases = {L: tasks.passkey_cases(frozen.encode, L, opts.cases, opts.seed, haystack=haystack,
+                                    task=opts.task, num_needles=opts.needles)
              for L in lengths}
     answer_len = max(len(c.answer) for cs in cases.values() for c in cs)
     new = opts.max_new_tokens or answer_len + 4
@@ -259,7 +267,10 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
     limit = opts.full_memory_gb * 2**30
     section: dict[str, Any] = {
         "w_max": mc.w_max, "lengths": list(lengths), "cases": opts.cases,
-        "haystack": opts.haystack, "max_new_tokens": new, "refocus_steps": opts.refocus_steps,
+        "haystack": opts.haystack, "task": opts.task,
+        "task_note": tasks.PASSKEY_TASK_NOTES[opts.task]
+        + (f" ({opts.needles} needles)" if opts.task.startswith(("multikey", "near")) else ""),
+        "max_new_tokens": new, "refocus_steps": opts.refocus_steps,
         "scoring": metrics.PASSKEY_SCORING, "full_context_memory_limit_gb": opts.full_memory_gb,
         "methods": {m: {} for m in opts.methods}, "notes": []}
     if "lens" in nets.untrained:

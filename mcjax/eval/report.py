@@ -317,7 +317,9 @@ def render_markdown(results: dict) -> str:
     pk = results.get("passkey")
     out += ["## Passkey retrieval vs history length", ""]
     if pk and pk.get("methods"):
-        out += [f"W_max = {pk['w_max']}; {pk['cases']} cases per length (needle depths evenly "
+        out += [f"Task: {pk.get('task', 'passkey')} — "
+                f"{pk.get('task_note', 'one needle, phrased like the question')}.", "",
+                f"W_max = {pk['w_max']}; {pk['cases']} cases per length (needle depths evenly "
                 f"spaced); haystack: {pk['haystack']}; {pk['max_new_tokens']} greedy tokens; "
                 f"MegaContext sessions feed the bulk of the history at once, then the last "
                 f"{pk['refocus_steps']} blocks one refocus at a time.", "",
