@@ -32,33 +32,62 @@ Backends, one interface (`LevelStore`): `MemoryLevelStore` (numpy, capacity doub
 `DiskLevelStore` (one `LOD{l}.ctx` file per level, format below, read through a memory
 map). Choose with `MegaContextTree.in_memory(...)`, `.create(path, ...)`, `.open(path, ...)`.
 
-On-disk format (little-endian), per level a file `LOD{l}.ctx`:
+On-disk format (little-endian, version 2), per level a file `LOD{l}.ctx`:
 
     offset size field
          0    4 magic 0x4D434354 ("MCCT" as a LE u32)
-         4    2 version (1)
+         4    2 version (2; 1 = before checksums)
          6    2 level
          8    2 block_size
         10    2 embedding_dim (values per row: 1 for LOD0 token ids, D for gists)
         12    2 dtype code (0=u32, 1=fp16, 2=bf16, 3=fp32)
         14    8 num_entries (u64)
         22   32 model name (utf-8, zero padded)
-        54   10 reserved, zero
+        54    2 G: rows per checksum group (about 4 KiB of rows, at least 1 row)
+        56    4 CRC32 of the rows after the last complete group (rows [G*floor(n/G), n))
+        60    4 CRC32 of header bytes [0, 60)
         64      rows, packed, num_entries * embedding_dim * itemsize bytes
 
-plus `metadata.json` (configs, GistNet checkpoint id, gist batch, what LOD1 gists are made
-from — `gist_input` embeddings|hidden, `input_layer`, `read_chunk` — per-level counts;
-written atomically; the headers, not metadata.json, are authoritative for counts). Opening
-a store with a GistNet of another input (or layer / read chunk when hidden) is a
-`MetadataError`, like a mismatched GistNet checkpoint id.
+beside it `LOD{l}.crc`: one u32 CRC32 (zlib's) per complete group of G rows, in order
+(4 * floor(n / G) bytes; `checksum_path`); the retrieval keys likewise in `KEYS.ctx` /
+`KEYS.crc`. Plus `metadata.json` (configs, GistNet checkpoint id, gist batch, what LOD1
+gists are made from — `gist_input` embeddings|hidden, `input_layer`, `read_chunk` —
+per-level counts, `format_version`, and `checksum`: the CRC32 of the canonical JSON of
+every other key; written atomically). Opening a store with a GistNet of another input (or
+layer / read chunk when hidden) is a `MetadataError`, like a mismatched GistNet checkpoint
+id. Version 1 had zero bytes at 54..64, no `.crc` files and no metadata checksum: such a
+store still opens (a warning says it is unverified; headers, lengths, level counts and
+token ids are checked) and appends keep it version 1 — readable rather than refused,
+because session saves hold stores and an old save must stay loadable.
 
-Durability: an append writes the rows after the last counted entry, fsyncs, then rewrites
-the header's num_entries and fsyncs again, level by level from LOD0 up. A crash can thus
-leave (a) bytes beyond the counted rows in a file — a torn tail, truncated on open — and
-(b) a higher level behind its children (gists not yet written) — on open those complete
-blocks are gisted again, so the reopened tree equals one built from the recovered LOD0
-prefix. A file shorter than its header claims, or any header field that disagrees with the
-expected configuration, raises its own `StoreError` subclass; nothing is silently misread.
+Integrity. Appends are O(new rows): the open group's CRC continues from the header's
+(`zlib.crc32(new, old)`), each group the append completes gets its entry in the `.crc`
+file. `open` (with `verify=True`, the default) reads every counted row back before
+anything is used: token ids against the gister's vocabulary (`TokenRangeError`), then
+each complete group against its `.crc` entry and the partial group against the header
+(`RowChecksumError`, naming the file, the rows and their byte range); a damaged header is
+`HeaderChecksumError`, a damaged metadata.json `MetadataChecksumError` (all
+`ChecksumError`s). CRC32 detects every error of up to 32 consecutive bits, so one flipped
+byte never passes. Checksums prove the bytes are those written, nothing more: what a
+reader takes from the store after `open` is not re-verified (a process holding the lock
+is the only writer).
+
+Durability: an append writes the rows after the last counted entry and the checksums of
+the groups it completes, fsyncs both, then rewrites the 64-byte header (count, partial
+group CRC, header CRC: one write) and fsyncs again, level by level from LOD0 up.
+metadata.json is rewritten (on create, open, flush, close) only after the level files
+are fsynced, so its counts never exceed the headers'. A crash can thus leave (a) bytes
+beyond the counted rows in a level file and entries beyond the complete groups in a
+`.crc` file — a torn tail, trimmed on open; (b) a higher level (or the keys) behind its
+children — on open those complete blocks are gisted again, so the reopened tree equals one
+built from the recovered LOD0 prefix; (c) metadata.json counts below the headers' (a
+stale copy: harmless). Everything else is an error, never a silent loss: a file shorter
+than its header claims (`TruncatedFileError`), a header counting fewer entries than
+metadata.json recorded (`LostEntriesError`), a level with more entries than its children
+complete (`InconsistentLevelsError`), a checksum mismatch, any header field that disagrees
+with the expected configuration (its own `StoreError` subclass). Opening changes no file
+until every level, the keys and the metadata passed all of these checks; only then are
+torn tails trimmed (`tree.recovered_bytes`) and lost gists made.
 
 Device view: `MegaContextTree.view()` returns a `TreeView` of fixed-capacity device
 arrays. Capacity per level is either fixed by `view_capacity_tokens` (level l holds
@@ -77,6 +106,7 @@ import json
 import os
 import struct
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -95,10 +125,12 @@ __all__ = [
     "StoreError", "MissingStoreFileError", "BadMagicError", "UnsupportedVersionError",
     "LevelMismatchError", "BlockSizeMismatchError", "EmbeddingDimMismatchError",
     "DtypeMismatchError", "ModelMismatchError", "TruncatedFileError", "CorruptHeaderError",
-    "InconsistentLevelsError", "MetadataError", "StoreExistsError", "StoreLockedError",
-    "TreeInputError", "TreeCapacityError",
-    "MAGIC", "FORMAT_VERSION", "HEADER_SIZE", "DTYPE_CODES", "read_header", "level_filename",
-    "bytes_per_million_tokens", "default_gist_batch",
+    "InconsistentLevelsError", "LostEntriesError", "MetadataError", "StoreExistsError",
+    "StoreLockedError", "ChecksumError", "HeaderChecksumError", "RowChecksumError",
+    "MetadataChecksumError", "TokenRangeError", "TreeInputError", "TreeCapacityError",
+    "MAGIC", "FORMAT_VERSION", "READABLE_VERSIONS", "HEADER_SIZE", "DTYPE_CODES",
+    "read_header", "level_filename", "checksum_path", "bytes_per_million_tokens",
+    "checksum_bytes_per_million_tokens", "default_gist_batch",
 ]
 
 
@@ -188,8 +220,43 @@ class InconsistentLevelsError(StoreError):
     """A level holds more entries than its children can account for."""
 
 
+class LostEntriesError(InconsistentLevelsError):
+    """A header counts fewer entries than metadata.json recorded: complete entries were
+    lost (metadata counts are written only once the headers counting them are durable, so
+    no crash can leave this)."""
+
+
 class MetadataError(StoreError):
     """metadata.json is unreadable or disagrees with the expected configuration."""
+
+
+class ChecksumError(StoreError):
+    """Bytes of the store differ from what was written: they do not match the checksum
+    written with them (the message names the file and the byte range)."""
+
+
+class HeaderChecksumError(ChecksumError):
+    """A level file's 64-byte header does not match its header checksum."""
+
+
+class RowChecksumError(ChecksumError):
+    """A group of rows does not match its checksum (in the `.crc` file beside the level
+    file, or the partial last group's in the header). `path`, `rows` (start, stop) and
+    `byte_range` (start, stop) in the level file name the damaged span; the damaged byte
+    is in those rows or in their checksum."""
+
+    def __init__(self, message: str, path: Path, rows: tuple[int, int],
+                 byte_range: tuple[int, int]):
+        super().__init__(message)
+        self.path, self.rows, self.byte_range = path, rows, byte_range
+
+
+class MetadataChecksumError(ChecksumError, MetadataError):
+    """metadata.json's content does not match its recorded checksum."""
+
+
+class TokenRangeError(StoreError):
+    """LOD0 holds a token id outside the vocabulary of the gister's base model."""
 
 
 class TreeInputError(ValueError):
@@ -203,11 +270,15 @@ class TreeCapacityError(RuntimeError):
 # --------------------------------------------------------------------------- format
 
 MAGIC = 0x4D434354
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (header, row groups, metadata.json); 1: none
+READABLE_VERSIONS = (1, 2)
 HEADER_SIZE = 64
-_HEADER = struct.Struct("<IHHHHHQ32s")  # 54 bytes; 10 reserved zero bytes follow
-_COUNT_OFFSET = 14
+_HEADER = struct.Struct("<IHHHHHQ32s")  # 54 bytes; version 2 adds _HEADER_SUMS, 1 zeros
+_HEADER_SUMS = struct.Struct("<HI")  # at 54: rows per checksum group, partial group's CRC
+_HEADER_CRC_OFFSET = 60  # u32 CRC32 of header bytes [0, 60)
 _MODEL_NAME_BYTES = 32
+_CRC_GROUP_BYTES = 4096  # a checksum covers this many bytes of rows (at least one row)
+CHECKSUM_SUFFIX = ".crc"
 DTYPE_CODES = {0: np.dtype(np.uint32), 1: np.dtype(np.float16),
                2: np.dtype(ml_dtypes.bfloat16), 3: np.dtype(np.float32)}
 _CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
@@ -224,6 +295,16 @@ def level_filename(level: int) -> str:
     return f"LOD{level}.ctx"
 
 
+def checksum_path(path: str | os.PathLike) -> Path:
+    """The checksum file beside a level file: `LOD1.ctx` -> `LOD1.crc`."""
+    return Path(path).with_suffix(CHECKSUM_SUFFIX)
+
+
+def _group_rows(row_bytes: int) -> int:
+    """Rows per checksum group: about `_CRC_GROUP_BYTES` of rows, at least one row."""
+    return max(1, min(0xFFFF, _CRC_GROUP_BYTES // row_bytes))
+
+
 def _encode_model_name(name: str) -> bytes:
     raw = name.encode("utf-8")
     if len(raw) > _MODEL_NAME_BYTES:
@@ -233,10 +314,14 @@ def _encode_model_name(name: str) -> bytes:
 
 
 def _pack_header(level: int, block_size: int, dim: int, dtype: np.dtype, count: int,
-                 model_name: str) -> bytes:
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, level, block_size, dim, _CODE_OF[dtype],
+                 model_name: str, *, version: int = FORMAT_VERSION, group_rows: int = 0,
+                 tail_crc: int = 0) -> bytes:
+    head = _HEADER.pack(MAGIC, version, level, block_size, dim, _CODE_OF[dtype],
                         count, _encode_model_name(model_name))
-    return head + b"\0" * (HEADER_SIZE - len(head))
+    if version == 1:
+        return head + b"\0" * (HEADER_SIZE - len(head))
+    head += _HEADER_SUMS.pack(group_rows, tail_crc)
+    return head + struct.pack("<I", zlib.crc32(head))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +334,13 @@ class Header:
     dtype_code: int
     num_entries: int
     model_name: str
+    group_rows: int = 0  # version 2: rows per checksum group
+    tail_crc: int = 0  # version 2: CRC32 of the rows after the last complete group
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse a `.ctx` header without validating it against any configuration."""
+    """Parse a `.ctx` header without validating it against any configuration (magic,
+    version and — version 2 — the header checksum are checked)."""
     with open(path, "rb") as f:
         raw = f.read(HEADER_SIZE)
     if len(raw) < HEADER_SIZE:
@@ -262,14 +350,28 @@ def read_header(path: str | os.PathLike) -> Header:
     if magic != MAGIC:
         raise BadMagicError(f"{path}: magic is 0x{magic:08X}, expected 0x{MAGIC:08X} "
                             f"('MCCT'); not a MegaContext level file")
-    if any(raw[_HEADER.size:]):
-        raise CorruptHeaderError(f"{path}: reserved header bytes {_HEADER.size}..{HEADER_SIZE} "
-                                 f"are not zero")
+    if version not in READABLE_VERSIONS:
+        raise UnsupportedVersionError(f"{path}: format version {version}, this code reads "
+                                      f"versions {'/'.join(map(str, READABLE_VERSIONS))}")
+    group_rows = tail_crc = 0
+    if version == 1:
+        if any(raw[_HEADER.size:]):
+            raise CorruptHeaderError(f"{path}: reserved header bytes "
+                                     f"{_HEADER.size}..{HEADER_SIZE} are not zero")
+    else:
+        (stored,) = struct.unpack_from("<I", raw, _HEADER_CRC_OFFSET)
+        if zlib.crc32(raw[:_HEADER_CRC_OFFSET]) != stored:
+            raise HeaderChecksumError(
+                f"{path}: header bytes [0, {HEADER_SIZE}) do not match the header checksum "
+                f"at byte {_HEADER_CRC_OFFSET}: the header is damaged (or was edited)")
+        group_rows, tail_crc = _HEADER_SUMS.unpack_from(raw, _HEADER.size)
+        if group_rows < 1:
+            raise CorruptHeaderError(f"{path}: checksum group of {group_rows} rows")
     try:
         model_name = name.rstrip(b"\0").decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorruptHeaderError(f"{path}: model name field is not utf-8: {name!r}") from e
-    return Header(magic, version, level, bs, dim, code, n, model_name)
+    return Header(magic, version, level, bs, dim, code, n, model_name, group_rows, tail_crc)
 
 
 # --------------------------------------------------------------------------- level stores
@@ -282,6 +384,12 @@ def _lock(fd: int, path: Path) -> None:
     except BlockingIOError as e:
         raise StoreLockedError(f"{path} is open for writing elsewhere (another tree holds "
                                f"its lock); close that tree first") from e
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    data, written = memoryview(data), 0
+    while written < len(data):  # pwrite may write less than asked
+        written += os.pwrite(fd, data[written:], offset + written)
 
 
 class LevelStore:
@@ -355,63 +463,118 @@ class MemoryLevelStore(LevelStore):
 
 
 class DiskLevelStore(LevelStore):
-    """One `LOD{l}.ctx` file: durable appends, memory-mapped reads (module docstring)."""
+    """One `LOD{l}.ctx` file (+ its `LOD{l}.crc` checksums, version 2): durable appends,
+    memory-mapped reads, every row verified on open (module docstring)."""
 
     def __init__(self, path: Path, fd: int, level: int, dtype: np.dtype, width: int,
-                 count: int, durable: bool, truncated_bytes: int = 0):
-        self.path, self._fd = path, fd
+                 count: int, durable: bool, *, block_size: int, model_name: str,
+                 version: int = FORMAT_VERSION, group_rows: int = 1, tail_crc: int = 0,
+                 crc_fd: int = -1):
+        self.path, self._fd, self._crc_fd = path, fd, crc_fd
         self.level, self.dtype, self.width = level, np.dtype(dtype), width
+        self.block_size, self.model_name = block_size, model_name
+        self.version, self.group_rows, self._tail_crc = version, group_rows, tail_crc
         self._n = count
         self.durable = durable
-        self.truncated_bytes = truncated_bytes  # torn-tail bytes removed on open
+        self.truncated_bytes = 0  # torn-tail bytes of the level file removed on open
+        self._torn: tuple[int, int] | None = None  # (file, .crc) lengths to trim to
         self._row_bytes = width * self.dtype.itemsize
         self._map: np.ndarray | None = None  # memory map of the first len(_map) rows
+
+    @property
+    def checksum_path(self) -> Path:
+        return checksum_path(self.path)
 
     @classmethod
     def create(cls, path: Path, *, level: int, block_size: int, dtype: np.dtype, width: int,
                model_name: str, durable: bool = True) -> "DiskLevelStore":
+        dtype = np.dtype(dtype)
+        group = _group_rows(width * dtype.itemsize)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        crc_fd = -1
         try:
             _lock(fd, path)
+            crc_fd = os.open(checksum_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+            os.ftruncate(crc_fd, 0)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, _pack_header(level, block_size, width, np.dtype(dtype), 0,
-                                       model_name), 0)
+            _pwrite_all(fd, _pack_header(level, block_size, width, dtype, 0, model_name,
+                                         group_rows=group), 0)
+            os.fsync(crc_fd)
             os.fsync(fd)
         except BaseException:
-            os.close(fd)
+            for f in (fd, crc_fd):
+                if f >= 0:
+                    os.close(f)
             raise
-        return cls(path, fd, level, dtype, width, 0, durable)
+        return cls(path, fd, level, dtype, width, 0, durable, block_size=block_size,
+                   model_name=model_name, group_rows=group, crc_fd=crc_fd)
 
     @classmethod
     def open(cls, path: Path, *, level: int, block_size: int, dtype: np.dtype, width: int,
-             model_name: str | None, durable: bool = True) -> "DiskLevelStore":
-        """Lock, validate the header against the expectation, truncate a torn tail."""
+             model_name: str | None, durable: bool = True, verify: bool = True,
+             vocab_size: int | None = None, version: int | None = None
+             ) -> "DiskLevelStore":
+        """Lock, validate the header against the expectation and (`verify`) every row
+        against its checksum and, with `vocab_size`, every token id against the vocabulary;
+        `version`, when given, is the version the file must have. Changes no byte of the
+        file: a torn tail (bytes beyond the counted rows, checksums beyond their complete
+        groups) is only noted, and trimmed by `trim_torn_tail()` — by the caller once all
+        its checks passed, or by the first append."""
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError as e:
             raise MissingStoreFileError(f"{path}: missing level file of the store") from e
+        except IsADirectoryError as e:
+            raise MissingStoreFileError(f"{path}: a directory, not a level file") from e
+        crc_fd = -1
         try:
             _lock(fd, path)
-            count = cls._validate(path, fd, level=level, block_size=block_size,
-                                  dtype=np.dtype(dtype), width=width, model_name=model_name)
-            want = HEADER_SIZE + count * width * np.dtype(dtype).itemsize
-            torn = os.fstat(fd).st_size - want
-            if torn > 0:  # rows written but never counted: a crash mid-append
-                os.ftruncate(fd, want)
-                os.fsync(fd)
+            dtype = np.dtype(dtype)
+            h = cls._validate(path, fd, level=level, block_size=block_size, dtype=dtype,
+                              width=width, model_name=model_name)
+            if version is not None and h.version != version:
+                raise UnsupportedVersionError(
+                    f"{path}: format version {h.version} in a store of version {version} "
+                    f"(metadata.json): files of two versions never make one store")
+            count, row_bytes = h.num_entries, width * dtype.itemsize
+            want = HEADER_SIZE + count * row_bytes
+            torn, crc_want = os.fstat(fd).st_size - want, 0
+            if h.version >= 2:
+                crc_file = checksum_path(path)
+                try:
+                    crc_fd = os.open(crc_file, os.O_RDWR)
+                except (FileNotFoundError, IsADirectoryError) as e:
+                    raise MissingStoreFileError(f"{crc_file}: missing checksum file of "
+                                                f"{path.name}") from e
+                crc_want = 4 * (count // h.group_rows)
+                crc_size = os.fstat(crc_fd).st_size
+                if crc_size < crc_want:  # checksums are durable before the count
+                    raise TruncatedFileError(
+                        f"{crc_file}: {crc_size} bytes, but {path.name} counts {count} rows "
+                        f"in {count // h.group_rows} complete groups of {h.group_rows}, "
+                        f"whose checksums take {crc_want} bytes")
+                torn_crc = crc_size - crc_want
+            else:
+                torn_crc = 0
+            store = cls(path, fd, level, dtype, width, count, durable, block_size=block_size,
+                        model_name=h.model_name, version=h.version, group_rows=h.group_rows,
+                        tail_crc=h.tail_crc, crc_fd=crc_fd)
+            if torn > 0 or torn_crc > 0:  # written but never counted: a crash mid-append
+                store._torn = (want, crc_want)
+            if verify:
+                store.verify(vocab_size=vocab_size)
         except BaseException:
-            os.close(fd)
+            for f in (fd, crc_fd):
+                if f >= 0:
+                    os.close(f)
             raise
-        return cls(path, fd, level, dtype, width, count, durable, torn)
+        return store
 
     @staticmethod
     def _validate(path: Path, fd: int, *, level: int, block_size: int, dtype: np.dtype,
-                  width: int, model_name: str | None) -> int:
-        """Check every header field and the file length; returns num_entries."""
+                  width: int, model_name: str | None) -> Header:
+        """Check every header field and the file length; returns the header."""
         h = read_header(path)
-        if h.version != FORMAT_VERSION:
-            raise UnsupportedVersionError(f"{path}: format version {h.version}, this code "
-                                          f"reads version {FORMAT_VERSION}")
         if h.level != level:
             raise LevelMismatchError(f"{path}: header says level {h.level}, expected "
                                      f"{level} (file name {path.name})")
@@ -438,27 +601,100 @@ class DiskLevelStore(LevelStore):
             raise TruncatedFileError(f"{path}: {size} bytes, but the header counts "
                                      f"{h.num_entries} entries of {row_bytes} bytes "
                                      f"({want} bytes with the header)")
-        return h.num_entries
+        return h
+
+    def verify(self, vocab_size: int | None = None) -> None:
+        """Read every counted row back: token ids (LOD0, given `vocab_size`) inside the
+        vocabulary, then (version 2) each complete group of rows against its checksum in
+        the `.crc` file and the partial last group against the header's. Raises
+        `TokenRangeError` / `RowChecksumError` naming the file and the rows and bytes."""
+        self._require_open()
+        n, rb = self._n, self._row_bytes
+        body = (np.memmap(self.path, np.uint8, mode="r", offset=HEADER_SIZE,
+                          shape=(n * rb,)) if n else np.zeros((0,), np.uint8))
+        if vocab_size is not None and self.dtype == np.uint32 and self.width == 1:
+            ids = body.view("<u4")
+            bad = np.flatnonzero(ids >= vocab_size)
+            if len(bad):
+                i = int(bad[0])
+                raise TokenRangeError(
+                    f"{self.path}: token id {int(ids[i])} is outside the vocabulary "
+                    f"[0, {vocab_size}) (row {i}, byte offset {HEADER_SIZE + 4 * i}; "
+                    f"{len(bad)} such rows)")
+        if self.version < 2:
+            return
+        G = self.group_rows
+        full = n // G
+        sums = np.frombuffer(os.pread(self._crc_fd, 4 * full, 0), "<u4")
+        step = G * rb
+        for g in range(full):
+            if zlib.crc32(body[g * step:(g + 1) * step]) != sums[g]:
+                self._mismatch(g * G, (g + 1) * G,
+                               f"entry {g} at byte {4 * g} of {self.checksum_path.name}")
+        if zlib.crc32(body[full * step:]) != self._tail_crc:
+            self._mismatch(full * G, n, "the partial group's checksum in the header")
+
+    def _mismatch(self, a: int, b: int, where: str) -> None:
+        span = (HEADER_SIZE + a * self._row_bytes, HEADER_SIZE + b * self._row_bytes)
+        raise RowChecksumError(
+            f"{self.path}: rows [{a}, {b}) (bytes [{span[0]}, {span[1]})) do not match "
+            f"their checksum ({where}): a byte of these rows or of the checksum is damaged",
+            self.path, (a, b), span)
+
+    def trim_torn_tail(self) -> int:
+        """Remove bytes beyond the counted rows and checksums beyond their complete groups
+        (a crash mid-append); returns the level file's bytes removed."""
+        if self._torn is None:
+            return 0
+        self._require_open()
+        want, crc_want = self._torn
+        removed = os.fstat(self._fd).st_size - want
+        os.ftruncate(self._fd, want)
+        os.fsync(self._fd)
+        if self._crc_fd >= 0:
+            os.ftruncate(self._crc_fd, crc_want)
+            os.fsync(self._crc_fd)
+        self._torn = None
+        self.truncated_bytes += max(0, removed)
+        return removed
 
     def __len__(self) -> int:
         return self._n
 
     def append(self, rows: np.ndarray) -> None:
+        """Rows, then the checksums of the groups they complete, are made durable before
+        the header (count, partial group's checksum, header checksum: one 64-byte write)
+        counts them."""
         rows = self._check_rows(rows)
         if len(rows) == 0:
             return
         self._require_open()
-        data = rows.tobytes()
-        offset = HEADER_SIZE + self._n * self._row_bytes
-        written = 0
-        while written < len(data):  # pwrite may write less than asked
-            written += os.pwrite(self._fd, data[written:], offset + written)
+        self.trim_torn_tail()
+        data = memoryview(rows.tobytes())
+        n0, n1, rb = self._n, self._n + len(rows), self._row_bytes
+        _pwrite_all(self._fd, data, HEADER_SIZE + n0 * rb)
+        crc, sums = self._tail_crc, []
+        if self.version >= 2:
+            G, r = self.group_rows, n0
+            while r < n1:  # continue the open group's CRC; O(new rows)
+                end = min((r // G + 1) * G, n1)
+                crc = zlib.crc32(data[(r - n0) * rb:(end - n0) * rb], crc)
+                if end % G == 0:
+                    sums.append(crc)
+                    crc = 0
+                r = end
+            if sums:
+                _pwrite_all(self._crc_fd, np.asarray(sums, "<u4").tobytes(), 4 * (n0 // G))
         if self.durable:
-            os.fsync(self._fd)  # rows on disk before the header counts them
-        os.pwrite(self._fd, struct.pack("<Q", self._n + len(rows)), _COUNT_OFFSET)
+            os.fsync(self._fd)  # rows and checksums on disk before the header counts them
+            if sums:
+                os.fsync(self._crc_fd)
+        _pwrite_all(self._fd, _pack_header(
+            self.level, self.block_size, self.width, self.dtype, n1, self.model_name,
+            version=self.version, group_rows=self.group_rows, tail_crc=crc), 0)
         if self.durable:
             os.fsync(self._fd)
-        self._n += len(rows)
+        self._n, self._tail_crc = n1, crc
 
     def read(self, start: int, stop: int) -> np.ndarray:
         self._check_range(start, stop)
@@ -473,17 +709,27 @@ class DiskLevelStore(LevelStore):
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the level file (header + counted rows; the `.crc` file not included)."""
         return HEADER_SIZE + self._n * self._row_bytes
+
+    @property
+    def checksum_nbytes(self) -> int:
+        """Bytes of the `.crc` file (4 per complete group of `group_rows` rows)."""
+        return 4 * (self._n // self.group_rows) if self.version >= 2 else 0
 
     def flush(self) -> None:
         self._require_open()
         os.fsync(self._fd)
+        if self._crc_fd >= 0:
+            os.fsync(self._crc_fd)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        for name in ("_crc_fd", "_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.fsync(fd)
+                os.close(fd)
+                setattr(self, name, -1)
         self._map = None
 
     def _require_open(self) -> None:
@@ -943,17 +1189,7 @@ class MegaContextTree:
         # tree was opened or copied
         self._read_state = ReadState()
         self._read = None  # (first block, read-pass outputs) of blocks read, not yet used
-        for l in range(1, mc.num_levels + 1):
-            if len(self.stores[l]) > len(self.stores[l - 1]) // mc.block_size:
-                where = f" in {path}" if path else ""
-                raise InconsistentLevelsError(
-                    f"LOD{l} has {len(self.stores[l])} entries{where}, but LOD{l - 1} has "
-                    f"only {len(self.stores[l - 1])} (at most "
-                    f"{len(self.stores[l - 1]) // mc.block_size} complete blocks)")
-        if key_store is not None and len(key_store) > len(self.stores[0]) // mc.block_size:
-            raise InconsistentLevelsError(
-                f"{KEYS_FILENAME} has {len(key_store)} rows, but LOD0 holds only "
-                f"{len(self.stores[0]) // mc.block_size} complete blocks")
+        _check_level_counts(self.stores, key_store, mc.block_size, path)
         self._gist_complete_blocks()  # after a crash: gist blocks whose gists were lost
 
     # ------------------------------------------------------------------ construction
@@ -1005,8 +1241,9 @@ class MegaContextTree:
                     dtype=block_keys.dtype, width=block_keys.width, model_name=model_name,
                     durable=durable)
                 stores.append(key_store)
-            elif (path / KEYS_FILENAME).exists():
-                (path / KEYS_FILENAME).unlink()
+            else:
+                (path / KEYS_FILENAME).unlink(missing_ok=True)
+                checksum_path(path / KEYS_FILENAME).unlink(missing_ok=True)
         except BaseException:
             for s in stores:
                 s.close()
@@ -1039,24 +1276,29 @@ class MegaContextTree:
     def open(cls, path: str | os.PathLike, mc: MCConfig, gister: BlockGister, *,
              model_name: str | None = None, gist_checkpoint_id: str | None = None,
              durable: bool = True, view_capacity_tokens: int | None = None,
-             block_keys: Any = None) -> "MegaContextTree":
-        """Open an on-disk store, validating every header against `mc` and `gister`.
+             block_keys: Any = None, verify: bool = True) -> "MegaContextTree":
+        """Open an on-disk store, validating metadata.json and every header against `mc`
+        and `gister`, and (`verify`, default) every stored row: checksums, token ids inside
+        the gister's vocabulary.
 
-        A torn tail is truncated (bytes per level in `tree.recovered_bytes`), and complete
-        blocks whose gists were lost in a crash are gisted. `model_name` /
-        `gist_checkpoint_id`, when given, must match what the store was written with.
+        Nothing on disk changes until all of it passed. Then a torn tail is truncated
+        (bytes per level in `tree.recovered_bytes`), and complete blocks whose gists were
+        lost in a crash are gisted. `model_name` / `gist_checkpoint_id`, when given, must
+        match what the store was written with. A version-1 store (before checksums) opens
+        with a warning, unverified beyond headers, lengths and token ids.
         """
         path = Path(path)
         meta_path = path / _METADATA
-        if not meta_path.exists():
+        if not meta_path.is_file():
             raise MissingStoreFileError(f"{meta_path} is missing: not a MegaContext store, "
                                         f"or its creation never finished")
-        try:
-            metadata = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise MetadataError(f"{meta_path} is unreadable: {e}") from e
-        if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT_NAME:
-            raise MetadataError(f"{meta_path} is not MegaContext store metadata")
+        metadata = _read_metadata(meta_path)
+        version = metadata["format_version"]
+        if version < 2:
+            warnings.warn(f"{path} is a version-{version} store (written before checksums): "
+                          f"its rows cannot be verified, only its headers, lengths, level "
+                          f"counts and token ids; copy it into a new store (copy_rows) to "
+                          f"get checksums", stacklevel=2)
         expect = {"block_size": mc.block_size, "num_levels": mc.num_levels,
                   "embedding_dim": gister.embed_dim, "gist_dtype": mc.gist_dtype}
         for key, want in expect.items():
@@ -1106,15 +1348,29 @@ class MegaContextTree:
         stores: list[DiskLevelStore] = []
         key_store = None
         try:
+            # 1. check everything, changing nothing
             for l, dt, w in cls._level_layout(mc, gister):
                 stores.append(DiskLevelStore.open(
                     path / level_filename(l), level=l, block_size=mc.block_size, dtype=dt,
-                    width=w, model_name=model_name, durable=durable))
+                    width=w, model_name=model_name, durable=durable, verify=verify,
+                    vocab_size=gister.vocab_size if l == 0 else None, version=version))
             if block_keys is not None:
                 key_store = DiskLevelStore.open(
                     path / KEYS_FILENAME, level=KEYS_LEVEL, block_size=mc.block_size,
                     dtype=block_keys.dtype, width=block_keys.width, model_name=model_name,
-                    durable=durable)
+                    durable=durable, verify=verify, version=version)
+            _check_level_counts(stores, key_store, mc.block_size, path)
+            recorded = metadata["counts"]
+            for l, (s, n) in enumerate(zip(stores, recorded)):
+                if len(s) < n:  # metadata counts are written after the headers' are durable
+                    raise LostEntriesError(
+                        f"{meta_path} records {n} entries of LOD{l}, but the header of "
+                        f"{s.path.name} counts only {len(s)}: {n - len(s)} complete entries "
+                        f"were lost (no crash leaves this; the header or metadata was "
+                        f"altered)")
+            # 2. recover: trim torn tails, gist the blocks whose gists a crash lost
+            for s in stores + ([key_store] if key_store is not None else []):
+                s.trim_torn_tail()
             tree = cls(stores, mc, gister, path=path, metadata=metadata,
                        view_capacity_tokens=view_capacity_tokens, block_keys=block_keys,
                        key_store=key_store)
@@ -1327,15 +1583,13 @@ class MegaContextTree:
     def flush(self) -> None:
         """fsync every level and rewrite metadata.json with the current counts."""
         self._require_open()
-        for s in self._all_stores():
-            s.flush()
-        self._write_metadata()
+        self._write_metadata()  # fsyncs the level files first
 
     def close(self) -> None:
         if self._closed:
             return
         if self.path is not None:
-            self._write_metadata()
+            self._write_metadata()  # (after the level files are durable)
         for s in self._all_stores():
             s.close()
         self._closed = True
@@ -1354,9 +1608,18 @@ class MegaContextTree:
             raise ValueError("the tree is closed")
 
     def _write_metadata(self) -> None:
+        """Rewrite metadata.json with the current counts, atomically, once the level files
+        counting them are durable: recorded counts never exceed the headers' (a header
+        counting fewer entries on open is `LostEntriesError`)."""
         if self.path is None or self._metadata is None:
             return
-        self._metadata["counts"] = list(self.counts)
+        for s in self._all_stores():
+            s.flush()
+        meta = {k: v for k, v in self._metadata.items() if k != "checksum"}
+        meta["counts"] = list(self.counts)
+        if meta.get("format_version", FORMAT_VERSION) >= 2:
+            meta["checksum"] = _metadata_checksum(meta)
+        self._metadata = meta
         tmp = self.path / (_METADATA + ".tmp")
         with open(tmp, "w") as f:
             json.dump(self._metadata, f, indent=2, sort_keys=True)
@@ -1466,6 +1729,68 @@ def _describe_input(sig: dict) -> str:
         return (f"'hidden' (layer {sig.get('input_layer')}, read_chunk "
                 f"{sig.get('read_chunk')})")
     return repr(sig.get("gist_input"))
+
+
+def _metadata_checksum(meta: dict) -> str:
+    """CRC32 of metadata.json's content (every key but "checksum"), canonical JSON."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True,
+                      separators=(",", ":"))
+    return f"crc32:{zlib.crc32(body.encode()):08x}"
+
+
+def _read_metadata(meta_path: Path) -> dict:
+    """metadata.json parsed and checked in itself: format, version, checksum (version 2),
+    counts. Raises `MetadataError` (or a subclass), `UnsupportedVersionError`."""
+    try:
+        metadata = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad json or utf-8
+        raise MetadataError(f"{meta_path} is unreadable: {e}") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT_NAME:
+        raise MetadataError(f"{meta_path} is not MegaContext store metadata")
+    version = metadata.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise UnsupportedVersionError(
+            f"{meta_path}: format_version {version!r}, this code reads versions "
+            f"{'/'.join(map(str, READABLE_VERSIONS))}")
+    if version >= 2:
+        stored = metadata.get("checksum")
+        if stored != _metadata_checksum(metadata):
+            raise MetadataChecksumError(
+                f"{meta_path}: content does not match its checksum {stored!r}: the file is "
+                f"damaged (or was edited)")
+    counts, levels = metadata.get("counts"), metadata.get("num_levels")
+    if not isinstance(counts, list) or type(levels) is not int or len(counts) != levels + 1 \
+            or any(type(c) is not int or c < 0 for c in counts):
+        raise MetadataError(f"{meta_path}: counts {counts!r} are not one non-negative "
+                            f"integer per level")
+    return metadata
+
+
+def _check_level_counts(stores: Sequence[LevelStore], key_store: LevelStore | None,
+                        block_size: int, path: Path | None) -> None:
+    """No level (or the retrieval keys) holds more entries than its children complete."""
+    for l in range(1, len(stores)):
+        if len(stores[l]) > len(stores[l - 1]) // block_size:
+            where = f" in {path}" if path else ""
+            raise InconsistentLevelsError(
+                f"LOD{l} has {len(stores[l])} entries{where}, but LOD{l - 1} has only "
+                f"{len(stores[l - 1])} (at most {len(stores[l - 1]) // block_size} complete "
+                f"blocks)")
+    if key_store is not None and len(key_store) > len(stores[0]) // block_size:
+        raise InconsistentLevelsError(
+            f"{KEYS_FILENAME} has {len(key_store)} rows, but LOD0 holds only "
+            f"{len(stores[0]) // block_size} complete blocks")
+
+
+def checksum_bytes_per_million_tokens(mc: MCConfig, embed_dim: int) -> dict[str, float]:
+    """Analytic bytes the version-2 checksums add per 1,000,000 tokens at each level: 4
+    per complete group of rows in the `.crc` files (the header's checksums take its
+    formerly reserved bytes, so headers do not grow)."""
+    out = {"LOD0": 1e6 / _group_rows(4) * 4}
+    row = _GIST_DTYPES[mc.gist_dtype].itemsize * embed_dim
+    for l in range(1, mc.num_levels + 1):
+        out[f"LOD{l}"] = 1e6 / mc.block_size**l / _group_rows(row) * 4
+    return out
 
 
 def bytes_per_million_tokens(mc: MCConfig, embed_dim: int) -> dict[str, float]:
