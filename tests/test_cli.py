@@ -89,6 +89,14 @@ def test_shared_types_and_paths(tmp_path):
     ("kv_reuse", ["--out", "{file}"], "--out .*not a directory"),
     ("parity", ["--out", "{tmp}"], "--out .*is a directory"),
     ("project_aot", ["--out", "{tmp}"], "--out .*is a directory"),
+    ("diagnose_passkey", ["rank", "--out", "{tmp}"], "--out .*is a directory"),
+    ("diagnose_passkey", ["answer", "--out", "{tmp}/o.json", "--set", "nosuch.x=1"],
+     "unknown field 'nosuch'"),
+    ("diagnose_passkey", ["trace", "--case", "30"], "case index 30 is not below --cases 24"),
+    ("diagnose_passkey", ["trace", "--case", "0", "--length", "256"], "do not exceed W_max"),
+    ("diagnose_passkey", ["rank", "--query-windows", "32,32", "--out", "{tmp}/o.json"],
+     "repeated values"),
+    ("paired_nll", ["{tmp}", "{tmp}"], "A .*no per_window_nll.npz"),
 ])
 def test_the_other_clis_check_their_outputs_and_overrides_first(tmp_path, capsys, name, argv,
                                                                  match):
@@ -98,3 +106,44 @@ def test_the_other_clis_check_their_outputs_and_overrides_first(tmp_path, capsys
     argv = [a.format(tmp=tmp_path, file=tmp_path / "f") for a in argv]
     module = importlib.import_module(name)
     _exits_2(capsys, lambda: module.main(argv), match)
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("diagnose_passkey", ["--help"]), ("diagnose_passkey", ["rank", "--help"]),
+    ("diagnose_passkey", ["answer", "--help"]), ("diagnose_passkey", ["trace", "--help"]),
+    ("paired_nll", ["--help"]),
+])
+def test_the_diagnostic_clis_have_help(capsys, name, argv):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main(argv)
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_paired_nll_pairs_two_runs_window_by_window(tmp_path, capsys):
+    import numpy as np
+
+    import paired_nll
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(3.0, 0.1, 16)
+    trunc = full + 0.2
+    runs = {}
+    for name, shift in (("a", 0.0), ("b", -0.05)):
+        d = tmp_path / name
+        d.mkdir()
+        arrays = {"window/offset": np.arange(16), "nll/lod1/full": full,
+                  "nll/lod1/truncation": trunc, "nll/lod1/gistnet": full + 0.15 + shift}
+        np.savez(d / "per_window_nll.npz", **arrays)
+        runs[name] = arrays
+    rows = paired_nll.paired_rows(runs["a"], runs["b"], "gistnet")
+    assert [r["layout"] for r in rows] == ["lod1"]
+    np.testing.assert_allclose(rows[0]["b_minus_a"]["mean"], -0.05)
+    np.testing.assert_allclose([rows[0]["gap_recovered_a"], rows[0]["gap_recovered_b"]],
+                               [0.25, 0.5])
+    assert paired_nll.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "lod1" in capsys.readouterr().out
+    np.savez(tmp_path / "c.npz", **{**runs["a"], "window/offset": np.arange(16) + 1})
+    _exits_2(capsys, lambda: paired_nll.main([str(tmp_path / "a"), str(tmp_path / "c.npz")]),
+             "different windows")

@@ -986,3 +986,14 @@ def test_session_variants_pair_each_option_with_the_reference_on_the_same_text(f
         session_variants_nll(base_model, None, None, cfg, windows, history=history,
                              rounds=rounds, variants=variants, teacher="oracle",
                              progress=False)
+
+
+def test_needle_blocks_lod_at_and_relevance_ranks():
+    from mcjax.eval.focus_map import lod_at
+
+    assert tasks.needle_blocks((31, 33), 32) == [0, 1]
+    assert tasks.needle_blocks((64, 96), 32) == [2] and tasks.needle_blocks((5, 5), 32) == []
+    runs = [(0, 0, 64, 64), (1, 64, 128, 2), (2, 1024, 2048, 1)]
+    assert [lod_at(runs, p) for p in (0, 63, 64, 127, 1500, 300)] == [0, 0, 1, 1, 2, None]
+    rel = np.array([0.5, 2.0, -np.inf, 2.0, 1.0])
+    assert metrics.relevance_ranks(rel, [1, 3, 4, 0, 2]) == [1, 1, 3, 4, 5]

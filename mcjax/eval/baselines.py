@@ -245,14 +245,17 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
                         cases: Sequence[data.RetrievalExample], *, policy: str,
                         max_new_tokens: int, decode: Callable, eos_id: int | None,
                         refocus_steps: int, max_tokens: int, focus_seed: int = 0,
-                        record_focus: bool = False, progress: bool = False) -> PasskeyRun:
+                        record_focus: bool = False, progress: bool = False,
+                        at_answer: Callable[[Session], None] | None = None) -> PasskeyRun:
     """Feed every case (one session stream each) with `feed_schedule` — the bulk at once,
     then the last blocks one refocus at a time — and generate greedily. `policy` picks the
     refocus scores: "lens", "random" or "recency" (`Session(focus_policy=...)`).
     With `record_focus`, stream 0's focus (the LOD of every span) is recorded after each
     refocus before the answer and once more with the answer in the history. `progress`
     shows a bar over the feeds (the bulk read of every case's history is the long one)
-    and the answer."""
+    and the answer. `at_answer(session)` is called once the history is fed and focus has
+    settled, just before the answer is generated (diagnostics: the WC the reader answers
+    from)."""
     from tqdm.auto import tqdm
 
     lengths = {len(c.tokens) for c in cases}
@@ -280,6 +283,8 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
     # focus recall: the answer's tokens raw in each stream's WC when the answer starts
     recall = [metrics.focus_recall(session.focus_runs(b), answer_positions(c, decode))
               for b, c in enumerate(cases)]
+    if at_answer is not None:
+        at_answer(session)
     bar.set_postfix(tokens="answer")
     out = session.generate(max_new_tokens, eos_id=eos_id)
     bar.update(1)

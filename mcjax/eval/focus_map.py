@@ -25,6 +25,15 @@ def focus_runs(wc: wcm.WorkingContext, mc) -> list[tuple[int, int, int, int]]:
     return [tuple(r) for r in runs]
 
 
+def lod_at(runs: Sequence[tuple[int, int, int, int]], position: int) -> int | None:
+    """The LOD at which a WC with focus runs `runs` (`focus_runs`) holds the history token
+    at `position` (0: raw); None when no entry covers it."""
+    for level, start, end, _ in runs:
+        if start <= position < end:
+            return int(level)
+    return None
+
+
 def format_focus_map(runs: Sequence[tuple[int, int, int, int]], width: int = 64) -> str:
     """Compact focus map: one line per run (`[start, end) LODℓ × n`) plus a bar of the
     history, each character the finest LOD covering that stretch ('0' = raw tokens)."""

@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["pearson", "spearman", "rankdata", "sign_agreement", "correlation_summary",
            "mean_stderr", "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore",
            "score_passkey", "accuracy", "PASSKEY_SCORING", "wilson_interval",
-           "paired_accuracy"]
+           "paired_accuracy", "relevance_ranks"]
 
 
 def _pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -238,6 +238,14 @@ def focus_recall(runs: Sequence[Sequence[int]], occurrences: Sequence[Sequence[i
         return pos.size > 0 and bool(inside.all())
 
     return any(raw(p) for p in occurrences)
+
+
+def relevance_ranks(relevance, blocks: Sequence[int]) -> list[int]:
+    """1-based rank of each of `blocks` among all blocks by `relevance` [n] (highest first):
+    1 + the number of blocks strictly more relevant (ties share the better rank; a block
+    that cannot be scored, -inf, ranks after every scored one)."""
+    rel = np.asarray(relevance, np.float64).ravel()
+    return [1 + int(np.sum(rel > rel[int(b)])) for b in blocks]
 
 
 def paired_accuracy(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:

@@ -246,6 +246,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def passkey_max_tokens(length: int, max_new_tokens: int, mc) -> int:
+    """The session capacity a passkey run of `length`-token histories and answers of up to
+    `max_new_tokens` uses (a power of two, at least W_max)."""
+    return max(mc.w_max, _next_pow2(length + max_new_tokens + mc.block_size))
+
+
 def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Networks,
              timings: dict) -> tuple[dict, dict | None]:
     from tqdm.auto import tqdm
@@ -263,7 +269,7 @@ def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Netw
              for L in lengths}
     answer_len = max(len(c.answer) for cs in cases.values() for c in cs)
     new = opts.max_new_tokens or answer_len + 4
-    max_tokens = max(mc.w_max, _next_pow2(max(lengths) + new + mc.block_size))
+    max_tokens = passkey_max_tokens(max(lengths), new, mc)
     limit = opts.full_memory_gb * 2**30
     section: dict[str, Any] = {
         "w_max": mc.w_max, "lengths": list(lengths), "cases": opts.cases,

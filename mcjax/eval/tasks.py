@@ -17,7 +17,7 @@ from mcjax.train import data, losses
 
 __all__ = ["EvalInputError", "LayoutSpec", "nll_layouts", "default_keep_raw", "layouts_by_name",
            "batches_of", "locate_windows", "parse_int_list",
-           "check_lengths", "passkey_cases", "feed_schedule", "byte_decode"]
+           "check_lengths", "passkey_cases", "needle_blocks", "feed_schedule", "byte_decode"]
 
 
 class EvalInputError(ValueError):
@@ -395,6 +395,13 @@ def answer_positions(case: data.RetrievalExample, decode: Callable[[Sequence[int
         elif d:
             groups.append([a + i])
     return [np.asarray(g, np.int64) for g in groups] or [np.arange(a, b, dtype=np.int64)]
+
+
+def needle_blocks(span: Sequence[int], block_size: int) -> list[int]:
+    """The blocks (token index // `block_size`) that hold any token of the history span
+    [start, end), e.g. a case's `needle_span`; none for an empty span."""
+    start, end = int(span[0]), int(span[1])
+    return list(range(start // block_size, (end - 1) // block_size + 1)) if end > start else []
 
 
 def feed_schedule(length: int, block_size: int, refocus_steps: int) -> list[tuple[int, int]]:
