@@ -274,9 +274,16 @@ def megacontext_passkey(base, gist_params, lens_params, cfg: ExperimentConfig,
     schedule = feed_schedule(length, cfg.mc.block_size, refocus_steps)
     bar = tqdm(total=len(schedule) + 1, leave=False, disable=not progress, unit="step",
                desc=f"{policy}: {len(cases)} cases x {length:,} tokens, feeds + answer")
+    # the bulk is fed in pieces of whole read chunks (the same tree as one feed, bit for
+    # bit: complete chunks are read whole either way) so the bar moves during the long read
+    R = session.read_pass["chunk"] or cfg.mc.block_size
+    piece = max(1, 8192 // R) * R
     for start, stop in schedule:
         bar.set_postfix(tokens=f"{start:,}-{stop:,}")
-        session.feed([c.tokens[start:stop] for c in cases])
+        for a in range(start, stop, piece if start == 0 else stop - start):
+            session.feed([c.tokens[a:min(stop, a + piece)] for c in cases])
+            if start == 0:
+                bar.set_postfix(tokens=f"{min(stop, a + piece):,}/{stop:,} read")
         session.sync()
         snap("feed" if start == 0 else "refocus")
         bar.update(1)

@@ -279,7 +279,7 @@ class Session:
     @property
     def read_pass(self) -> dict:
         """What the trees' one read pass has cost so far (all streams): "outputs" it reads,
-        "depth" (decoder layers per token read), "tokens_read", "forwards" (whole chunks
+        its "chunk" (tokens), "depth" (decoder layers per token read), "tokens_read", "forwards" (whole chunks
         and cached steps), and "layer_passes_per_token" = depth x tokens read / tokens in
         the trees' complete blocks (1 x depth when every token is read once; 0 when
         GistNet reads embeddings and no keys are kept)."""
@@ -287,9 +287,9 @@ class Session:
         K = self.mc.block_size
         blocks = sum(len(t.stores[0]) // K for t in self._trees) * K
         if reader is None:
-            return {"outputs": (), "depth": 0, "tokens_read": 0, "forwards": 0,
-                    "layer_passes_per_token": 0.0}
-        return {"outputs": reader.outputs, "depth": reader.depth,
+            return {"outputs": (), "chunk": None, "depth": 0, "tokens_read": 0,
+                    "forwards": 0, "layer_passes_per_token": 0.0}
+        return {"outputs": reader.outputs, "chunk": reader.chunk, "depth": reader.depth,
                 "tokens_read": reader.tokens_read, "forwards": reader.calls,
                 "layer_passes_per_token": reader.depth * reader.tokens_read / max(blocks, 1)}
 
