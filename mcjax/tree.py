@@ -43,7 +43,7 @@ On-disk format (little-endian, version 2), per level a file `LOD{l}.ctx`:
         12    2 dtype code (0=u32, 1=fp16, 2=bf16, 3=fp32)
         14    8 num_entries (u64)
         22   32 model name (utf-8, zero padded)
-        54    2 G: rows per checksum group (about 4 KiB of rows, at least 1 row)
+        54    2 G: rows per checksum group (about 4 KiB of rows, at least 16 rows)
         56    4 CRC32 of the rows after the last complete group (rows [G*floor(n/G), n))
         60    4 CRC32 of header bytes [0, 60)
         64      rows, packed, num_entries * embedding_dim * itemsize bytes
@@ -277,7 +277,8 @@ _HEADER = struct.Struct("<IHHHHHQ32s")  # 54 bytes; version 2 adds _HEADER_SUMS,
 _HEADER_SUMS = struct.Struct("<HI")  # at 54: rows per checksum group, partial group's CRC
 _HEADER_CRC_OFFSET = 60  # u32 CRC32 of header bytes [0, 60)
 _MODEL_NAME_BYTES = 32
-_CRC_GROUP_BYTES = 4096  # a checksum covers this many bytes of rows (at least one row)
+_CRC_GROUP_BYTES = 4096  # a checksum covers about this many bytes of rows ...
+_CRC_MIN_GROUP_ROWS = 16  # ... and at least this many rows (one .crc fsync per 16 appends)
 CHECKSUM_SUFFIX = ".crc"
 DTYPE_CODES = {0: np.dtype(np.uint32), 1: np.dtype(np.float16),
                2: np.dtype(ml_dtypes.bfloat16), 3: np.dtype(np.float32)}
@@ -301,8 +302,11 @@ def checksum_path(path: str | os.PathLike) -> Path:
 
 
 def _group_rows(row_bytes: int) -> int:
-    """Rows per checksum group: about `_CRC_GROUP_BYTES` of rows, at least one row."""
-    return max(1, min(0xFFFF, _CRC_GROUP_BYTES // row_bytes))
+    """Rows per checksum group: about `_CRC_GROUP_BYTES` of rows, at least
+    `_CRC_MIN_GROUP_ROWS` (a completed group costs an fsync of the `.crc` file; streaming
+    appends one gist row per block, so a group of one 2 KiB gist row would double LOD1's
+    fsyncs)."""
+    return max(_CRC_MIN_GROUP_ROWS, min(0xFFFF, _CRC_GROUP_BYTES // row_bytes))
 
 
 def _encode_model_name(name: str) -> bytes:

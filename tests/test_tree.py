@@ -396,7 +396,7 @@ def test_header_layout_is_the_spec_format(tmp_path):
         # version 2: rows per checksum group (about 4 KiB of rows), the CRC32 of the rows
         # after the last complete group, the CRC32 of header bytes [0, 60)
         group, tail, head = struct.unpack_from("<HII", raw, 54)
-        assert group == max(1, 4096 // (dim * 4)) and head == zlib.crc32(raw[:60])
+        assert group == max(16, 4096 // (dim * 4)) and head == zlib.crc32(raw[:60])
         assert len(raw) == 64 + n * dim * 4
         row, full = dim * 4, n // group
         assert tail == zlib.crc32(raw[64 + full * group * row:])
@@ -475,9 +475,13 @@ def test_torn_tail_is_truncated_on_open_and_appending_continues(tmp_path):
 
 
 def assert_files_hold_exactly_the_counted_rows(path: Path, t: MegaContextTree) -> None:
+    """... and the checksum files exactly the checksums of the complete groups."""
     for level in range(t.num_levels + 1):
         row = 4 if level == 0 else 4 * D
         assert (path / level_filename(level)).stat().st_size == HEADER_SIZE + t.counts[level] * row
+        group = read_header(path / level_filename(level)).group_rows
+        assert (path / level_filename(level)).with_suffix(".crc").stat().st_size == \
+            4 * (t.counts[level] // group)
 
 
 def test_gists_lost_in_a_crash_are_made_on_open(tmp_path):
@@ -1075,3 +1079,56 @@ def test_random_byte_flips_are_detected_or_provably_harmless(fuzz_store, tmp_pat
     assert sum(outcomes.values()) == FUZZ_TRIALS
     assert all(c.get("harmless", 0) == 0 for r, c in by_region.items() if r != "metadata"), \
         "every flip of a level or checksum file must be detected"
+
+
+def test_retrieval_keys_are_checksummed_and_recovered_like_a_level(tmp_path):
+    """KEYS.ctx has its KEYS.crc: a flipped byte is named; keys a crash left behind LOD0
+    are read again on open."""
+    from mcjax.retrieval import BlockKeys
+
+    gister = BlockGister.from_base(CFG.gist, gist_params(), base_params(), CFG.base_config,
+                                   block_size=K, retrieval=CFG.retrieval)
+    keys = BlockKeys(CFG.retrieval, CFG.base_config, K)
+    path = tmp_path / "store"
+    with MegaContextTree.create(path, MC, gister, model_name=MODEL, block_keys=keys) as t:
+        t.append(stream()[:1100])
+        want = t.keys()
+    assert (path / "KEYS.crc").exists()
+    damaged = _copy_store(path, tmp_path / "damaged")
+    _flip(damaged / "KEYS.ctx", HEADER_SIZE + 3)
+    with pytest.raises(RowChecksumError, match=r"KEYS\.ctx: rows \[0, "):
+        MegaContextTree.open(damaged, MC, gister, block_keys=keys)
+    _set_metadata(path, counts=[0, 0, 0])
+    _rewind(path / "KEYS.ctx", 20)
+    with MegaContextTree.open(path, MC, gister, block_keys=keys) as r:
+        assert r.keys().tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_a_crash_between_rows_checksums_and_header_loses_only_that_append(level, tmp_path,
+                                                                           monkeypatch):
+    """The writer dies after a level's rows and their group checksums are written but
+    before its header counts them (deterministic, in-process): reopening trims both
+    tails and gives the tree of what the headers counted, gists made again."""
+    with disk_tree(tmp_path) as t:
+        t.append(stream()[:1000])
+    t = open_tree(tmp_path)
+    real = tree_mod._pack_header
+
+    def dies(lv, *a, **kw):
+        if lv == level:
+            raise KeyboardInterrupt("killed")
+        return real(lv, *a, **kw)
+
+    monkeypatch.setattr(tree_mod, "_pack_header", dies)
+    with pytest.raises(KeyboardInterrupt):
+        t.append(stream()[1000:2100])  # LOD0 groups 0..1 complete, LOD1 groups 1..2
+    monkeypatch.setattr(tree_mod, "_pack_header", real)
+    for s in t.stores:  # the process is gone: no metadata rewrite, no more writes
+        s.close()
+    with open_tree(tmp_path) as r:
+        assert sum(r.recovered_bytes) > 0
+        assert_files_hold_exactly_the_counted_rows(tmp_path, r)
+        assert_trees_identical(r, reference(1000 if level == 0 else 2100))
+        r.append(stream()[r.num_tokens:])
+        assert_trees_identical(r, reference(len(stream())))
