@@ -1184,6 +1184,7 @@ class MegaContextTree:
         self.stores = list(stores)
         self.path = path
         self._metadata = metadata
+        self._metadata_written: dict | None = None  # what metadata.json holds now
         self.view_capacity_tokens = view_capacity_tokens
         self.stats = TreeStats([0] * (mc.num_levels + 1))
         self._view_arrays: list[jax.Array | None] = [None] * (mc.num_levels + 1)
@@ -1375,14 +1376,15 @@ class MegaContextTree:
             # 2. recover: trim torn tails, gist the blocks whose gists a crash lost
             for s in stores + ([key_store] if key_store is not None else []):
                 s.trim_torn_tail()
-            tree = cls(stores, mc, gister, path=path, metadata=metadata,
+            tree = cls(stores, mc, gister, path=path, metadata=dict(metadata),
                        view_capacity_tokens=view_capacity_tokens, block_keys=block_keys,
                        key_store=key_store)
         except BaseException:
             for s in stores + ([key_store] if key_store is not None else []):
                 s.close()
             raise
-        tree._write_metadata()
+        tree._metadata_written = metadata
+        tree._write_metadata()  # only if a crash left it stale
         return tree
 
     @staticmethod
@@ -1587,7 +1589,9 @@ class MegaContextTree:
     def flush(self) -> None:
         """fsync every level and rewrite metadata.json with the current counts."""
         self._require_open()
-        self._write_metadata()  # fsyncs the level files first
+        for s in self._all_stores():
+            s.flush()
+        self._write_metadata()
 
     def close(self) -> None:
         if self._closed:
@@ -1614,22 +1618,26 @@ class MegaContextTree:
     def _write_metadata(self) -> None:
         """Rewrite metadata.json with the current counts, atomically, once the level files
         counting them are durable: recorded counts never exceed the headers' (a header
-        counting fewer entries on open is `LostEntriesError`)."""
+        counting fewer entries on open is `LostEntriesError`). Unchanged content is not
+        rewritten (a store only read is left as it was: open + close write nothing)."""
         if self.path is None or self._metadata is None:
             return
-        for s in self._all_stores():
-            s.flush()
         meta = {k: v for k, v in self._metadata.items() if k != "checksum"}
         meta["counts"] = list(self.counts)
         if meta.get("format_version", FORMAT_VERSION) >= 2:
             meta["checksum"] = _metadata_checksum(meta)
         self._metadata = meta
+        if meta == self._metadata_written:
+            return
+        for s in self._all_stores():
+            s.flush()
         tmp = self.path / (_METADATA + ".tmp")
         with open(tmp, "w") as f:
             json.dump(self._metadata, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / _METADATA)  # atomic: old or new, never half
+        self._metadata_written = meta
         dir_fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -1132,3 +1132,14 @@ def test_a_crash_between_rows_checksums_and_header_loses_only_that_append(level,
         assert_trees_identical(r, reference(1000 if level == 0 else 2100))
         r.append(stream()[r.num_tokens:])
         assert_trees_identical(r, reference(len(stream())))
+
+
+def test_opening_and_reading_an_intact_store_writes_nothing(pristine_store, tmp_path):
+    """A store only read (a session save being loaded) is left as it was: metadata.json
+    is not even rewritten with the same content."""
+    store = _copy_store(pristine_store, tmp_path / "store")
+    before = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.iterdir()}
+    with open_tree(store) as t:
+        assert t.counts == (1100, 34, 1)
+        t.view()
+    assert {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.iterdir()} == before
