@@ -821,7 +821,7 @@ def test_store_from_before_the_read_pass_counts_as_embedding_input(pristine_stor
 
 
 def test_hidden_input_needs_a_reader_and_a_layer_the_base_model_has():
-    with pytest.raises(ValueError, match="pass reader"):
+    with pytest.raises(ValueError, match="pass a reader"):
         BlockGister(hidden_gist_cfg(), gist_params(), lambda ids: ids, embed_dim=D,
                     block_size=K)
     with pytest.raises(ValueError, match="input_layer=4, but the base model has only 3"):
