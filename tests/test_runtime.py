@@ -1075,6 +1075,10 @@ def test_counts_and_ids_are_refused_not_truncated(tiny_llama, cfg, nets):
         _session(tiny_llama, cfg, nets, batch_size=1.5)
     with pytest.raises(ConfigError, match="max_tokens must be an integer"):
         _session(tiny_llama, cfg, nets, max_tokens=4096.7)
+    with pytest.raises(ConfigError, match="focus_seed must be an integer"):
+        _session(tiny_llama, cfg, nets, focus_seed=1.5)
+    with pytest.raises(ConfigError, match="max_events"):
+        _session(tiny_llama, cfg, nets, max_events=0)
 
 
 def test_ragged_input_is_a_clear_error(tiny_llama, cfg, nets):

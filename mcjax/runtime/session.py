@@ -134,6 +134,9 @@ class Session:
         mc = cfg.mc
         K = mc.block_size
         self.cfg, self.mc, self.llama = cfg, mc, llama
+        # refused, not truncated (make_plan checked batch_size and max_tokens)
+        max_events = as_int(max_events, "max_events", minimum=1, exc=ConfigError)
+        focus_seed = as_int(focus_seed, "focus_seed", minimum=0, exc=ConfigError)
         self.batch_size, self.max_tokens = int(batch_size), int(max_tokens)
         self.debug_invariants = debug_invariants
         self.mesh = mesh
@@ -147,7 +150,7 @@ class Session:
         self.provenance.update(resolved)
         for part in ("gist", "lens"):
             self.provenance.setdefault(part, {"source": "given"})
-        self.focus_policy, self.focus_seed = focus_policy, int(focus_seed)
+        self.focus_policy, self.focus_seed = focus_policy, focus_seed
         self.provenance["focus_policy"] = (
             {"policy": focus_policy} if focus_policy == "lens"
             else {"policy": focus_policy, "seed": self.focus_seed, "lens": "not used"})
@@ -216,7 +219,7 @@ class Session:
         self._settings = dict(batch_size=self.batch_size, max_tokens=self.max_tokens,
                               collapse_headroom=self._plan.headroom,
                               prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
-                              pad_id=int(pad_id), max_events=int(max_events),
+                              pad_id=int(pad_id), max_events=max_events,
                               focus_policy=focus_policy, focus_seed=self.focus_seed,
                               kv_reuse=kv_reuse, decode_focus=decode_focus)
 
