@@ -775,7 +775,11 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
 
 
 def override(cfg: Any, overrides: Mapping[str, Any] | list[str]) -> Any:
-    """Return `cfg` with dotted fields replaced: {"mc.w_max": 512} or ["mc.w_max=512"]."""
+    """Return `cfg` with dotted fields replaced: {"mc.w_max": 512} or ["mc.w_max=512"].
+
+    All overrides are applied together and each config object is validated once, with
+    every change in place: settings that must agree (retrieval.chunk and gist.read_chunk)
+    can be changed together."""
     if not isinstance(overrides, Mapping):
         pairs = {}
         for item in overrides:
@@ -784,28 +788,48 @@ def override(cfg: Any, overrides: Mapping[str, Any] | list[str]) -> Any:
             k, v = item.split("=", 1)
             pairs[k.strip()] = v.strip()
         overrides = pairs
+    tree: dict[str, Any] = {}
     for dotted, value in overrides.items():
-        cfg = _replace_path(cfg, dotted.split("."), value, dotted)
-    return cfg
+        node, path = tree, dotted.split(".")
+        for head in path[:-1]:
+            node = node.setdefault(head, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r} conflicts with another override of "
+                                  f"{head!r}")
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"override {dotted!r} conflicts with overrides of its fields")
+        node[path[-1]] = (value, dotted)
+    return _apply_overrides(cfg, tree, "")
 
 
-def _replace_path(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
+def _leaves(changes: dict) -> list[str]:
+    out = []
+    for change in changes.values():
+        out += _leaves(change) if isinstance(change, dict) else [f"{change[1]}={change[0]!r}"]
+    return out
+
+
+def _apply_overrides(obj: Any, changes: dict, prefix: str) -> Any:
+    where = prefix.rstrip(".") or type(obj).__name__
     if not dataclasses.is_dataclass(obj):
-        raise ConfigError(f"cannot override {dotted!r}: {type(obj).__name__} has no fields")
+        raise ConfigError(f"cannot override {where!r}: {type(obj).__name__} has no fields")
     names = {f.name for f in dataclasses.fields(obj)}
-    head = path[0]
-    if head not in names:
-        raise ConfigError(f"unknown field {head!r} in {dotted!r}; "
-                          f"{type(obj).__name__} has {sorted(names)}")
-    current = getattr(obj, head)
-    if len(path) == 1:
-        new = _coerce(value, current, dotted)
-    else:
-        new = _replace_path(current, path[1:], value, dotted)
+    new, given = {}, []
+    for head, change in changes.items():
+        if head not in names:
+            raise ConfigError(f"unknown field {head!r} in {prefix + head!r}; "
+                              f"{type(obj).__name__} has {sorted(names)}")
+        if isinstance(change, dict):
+            new[head] = _apply_overrides(getattr(obj, head), change, f"{prefix}{head}.")
+            given += _leaves(change)
+        else:
+            value, dotted = change
+            new[head] = _coerce(value, getattr(obj, head), dotted)
+            given.append(f"{dotted}={value!r}")
     try:
-        return dataclasses.replace(obj, **{head: new})
+        return dataclasses.replace(obj, **new)
     except ConfigError as e:
-        raise ConfigError(f"override {dotted}={value!r}: {e}") from e
+        raise ConfigError(f"override {', '.join(given)}: {e}") from e
 
 
 # The registered experiment config each shipped model runs with by default (the CPU-sized

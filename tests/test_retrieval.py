@@ -166,6 +166,10 @@ def test_a_tree_keeping_keys_needs_them_in_its_read_pass():
         BlockGister.from_base(hidden, g, params(), LLAMA, block_size=K, retrieval=RC)
     with pytest.raises(ConfigError, match="must equal gist.read_chunk"):
         override(CFG, ["gist.input=hidden", f"gist.read_chunk={2 * RC.chunk}"])
+    # overrides apply together: both chunks can change at once
+    both = override(CFG, ["gist.input=hidden", f"gist.read_chunk={2 * RC.chunk}",
+                          f"retrieval.chunk={2 * RC.chunk}"])
+    assert both.gist.read_chunk == both.retrieval.chunk == 2 * RC.chunk
 
 
 def test_disk_store_keeps_keys_and_says_when_they_do_not_fit():
