@@ -59,3 +59,17 @@ def test_written_cards_record_the_sha256(tmp_path):
     assert json.loads(card.read_text())["sha256"] == assets.sha256_file(out)
     np.testing.assert_array_equal(assets.load_params_safetensors(out)["a"]["w"],
                                   params["a"]["w"])
+
+
+def test_a_cards_serving_settings_override_its_training_config_where_they_say():
+    """`config` is what the params were trained with; `serving` changes a setting they are
+    served with (measured, recorded on the card): the card's configs are the served ones."""
+    card = assets.read_card(assets.SHIPPED_GIST)
+    trained = card["config"]["gist"]
+    plain = dict(card, serving=None)
+    assert assets.gist_config_from_card(plain).read_chunk == trained["read_chunk"]
+    served = dict(card, serving={"config": {"gist": {"read_chunk": 256}}, "why": "test"})
+    got = assets.gist_config_from_card(served)
+    assert got.read_chunk == 256 and got.input_layer == trained["input_layer"]
+    with pytest.raises(AssetError, match="unknown fields"):
+        assets.gist_config_from_card(dict(card, serving={"config": {"gist": {"nosuch": 1}}}))

@@ -200,10 +200,18 @@ def read_card(path: str | os.PathLike) -> dict:
 
 
 def _section_config(card: dict, section: str, cls):
-    """The card's `config[section]` as a `cls` config (AssetError if absent or invalid)."""
+    """The card's `config[section]` as a `cls` config, with the card's `serving` changes
+    applied (AssetError if absent or invalid).
+
+    `config` is what the params were trained with; a card may add `serving`: {"config":
+    {section: {field: value}}, "why": ...} — settings the params are served with instead,
+    each changed by a measurement the card records (e.g. the read pass's chunk, unified
+    for one read pass), so the params fit the configs that use them."""
     given = card["config"].get(section)
     if given is None:
         raise AssetError(f"the card has no {section} config")
+    served = ((card.get("serving") or {}).get("config") or {}).get(section) or {}
+    given = {**given, **served}
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise AssetError(f"card's {section} config has unknown fields {unknown}")
@@ -420,10 +428,13 @@ def shipped_lens(cfg: ExperimentConfig, path: str | os.PathLike | None = None
     relevance of that config) — else None. `cfg.base_config` must be set."""
     def fits(card):
         config, ours = card["config"], config_to_json(cfg)
+        retrieval = {**(config.get("retrieval") or {}),
+                     **(((card.get("serving") or {}).get("config") or {}).get("retrieval")
+                        or {})}
         return (_mc_fits(config, cfg) and lens_config_from_card(card) == cfg.lens
                 and gist_config_from_card(card) == cfg.gist
                 and (not cfg.lens.retrieval_features
-                     or all((config.get("retrieval") or {}).get(k) == ours["retrieval"][k]
+                     or all(retrieval.get(k) == ours["retrieval"][k]
                             for k in _RETRIEVAL_FIELDS)))
 
     return _load_shipped(Path(SHIPPED_LENS if path is None else path), cfg, "lens", fits)
