@@ -119,29 +119,47 @@ def _dir_fd(directory: Path) -> int:
         raise CheckpointError(f"cannot open {directory}: {e.strerror}") from e
 
 
+def _flock_within(fd: int, mode: int, wait_s: float, poll_s: float) -> bool:
+    """Take the `flock` `mode` (LOCK_SH / LOCK_EX) of `fd`, retrying every `poll_s` for up
+    to `wait_s`; False when it stayed held by others."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def _dir_locked(directory: Path, mode: int, wait_s: float, poll_s: float
+                ) -> Iterator[bool]:
+    """Yields whether `directory`'s own `flock` was taken in `mode` within `wait_s`
+    (released on exit)."""
+    fd = _dir_fd(directory)
+    try:
+        got = _flock_within(fd, mode, wait_s, poll_s)
+        try:
+            yield got
+        finally:
+            if got:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def read_lock(directory: Path, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold `directory`'s reader lock (`flock` on the directory itself: no file, so a
     read-only save loads too) shared while a load reads; waits up to `timeout_s` for a
     save removing old saves (nothing else holds it exclusively)."""
-    fd = _dir_fd(directory)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SaveLockedError(f"{directory}: a save kept removing old saves for "
-                                          f"{timeout_s:.0f} s; try again") from None
-                time.sleep(0.01)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _dir_locked(directory, fcntl.LOCK_SH, timeout_s, 0.01) as got:
+        if not got:
+            raise SaveLockedError(f"{directory}: a save kept removing old saves for "
+                                  f"{timeout_s:.0f} s; try again")
+        yield
 
 
 @contextlib.contextmanager
@@ -149,24 +167,8 @@ def no_readers(directory: Path, wait_s: float = 2.0) -> Iterator[bool]:
     """Yields True while holding `directory`'s reader lock exclusively (no load is reading:
     old saves may be removed), False when loads held it for all of `wait_s` (leave them
     for the next save)."""
-    fd = _dir_fd(directory)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    yield False
-                    return
-                time.sleep(0.005)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _dir_locked(directory, fcntl.LOCK_EX, wait_s, 0.005) as got:
+        yield got
 
 
 @contextlib.contextmanager
@@ -174,24 +176,11 @@ def one_reader_at_a_time(save: Path, timeout_s: float = 60.0) -> Iterator[None]:
     """Hold the `flock` of one save's own directory exclusively (waiting up to
     `timeout_s`): loads of the same save take turns opening its trees (the tree store
     locks its files when it opens them), and never fail for each other."""
-    fd = _dir_fd(save)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SaveLockedError(f"{save}: another load kept reading it for "
-                                          f"{timeout_s:.0f} s; try again") from None
-                time.sleep(0.005)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _dir_locked(save, fcntl.LOCK_EX, timeout_s, 0.005) as got:
+        if not got:
+            raise SaveLockedError(f"{save}: another load kept reading it for "
+                                  f"{timeout_s:.0f} s; try again")
+        yield
 
 
 def remove_older_saves(directory: Path, newest: str) -> bool:
