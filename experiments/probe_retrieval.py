@@ -9,7 +9,10 @@ under several block summaries:
   minmax    Quest's bound: per head, sum_d max(q_d·min_d, q_d·max_d) (2 keys per head)
   mean      per head, q·(mean key) (1 key per head)
 
-A read chunk's first token (its own attention sink) is never scored. Per summary, layer
+A read chunk's first token (its own attention sink) is never scored; `--skip-first N,...`
+adds exact-summary variants that leave each chunk's first N tokens unscored (reported as
+`exact_skipN`), to measure whether tokens right after the chunk's sink carry outlier keys
+that outrank the needle. Per summary, layer
 (set) and normalisation — "raw" (max over heads) or "z" (each head z-scored over the
 scoreable blocks, then the max) — it reports the needle block's rank among the scoreable
 blocks (outside the sink and the protected recent tail): top-1 / top-4 counts, median rank
@@ -45,8 +48,17 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="all", help="comma list of 0-based layers, or all")
     parser.add_argument("--combos", default="17,24;17,18,23,24;17;24;18;23",
                         help="';'-separated layer sets whose z-scored scores are summed")
+    parser.add_argument("--skip-first", default="",
+                        help="comma list of N > 1: also score exactly with each read chunk's "
+                             "first N tokens unscored (exact_skipN)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        skips = tuple(int(x) for x in args.skip_first.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"--skip-first must be a comma list of integers, got {args.skip_first!r}")
+    if any(n < 2 or n >= args.chunk for n in skips):
+        parser.error(f"--skip-first values must lie in 2..chunk-1={args.chunk - 1}, got {skips}")
     _cli.no_negative_ints(parser, args)
 
     import jax
@@ -89,10 +101,16 @@ def main(argv=None) -> int:
                             jnp.einsum("qlkgd,nlkd->lnqkgd", q, big)).sum(-1).max(axis=2)
         mean_k = (kb * ok[:, :, None, None, None]).sum(1) / ok.sum(1)[:, None, None, None]
         mean = jnp.einsum("qlkgd,nlkd->lnqkg", q, mean_k).max(axis=2)
-        return {n: x.reshape(x.shape[0], nb, -1)
-                for n, x in (("exact", exact), ("minmax", bound), ("mean", mean))}
+        out = [("exact", exact), ("minmax", bound), ("mean", mean)]
+        for n in skips:
+            ok_n = (pos[: nb * K] >= n).reshape(nb, K)
+            out.append((f"exact_skip{n}",
+                        jnp.where(ok_n[None, :, None, None, None, :], s, -jnp.inf)
+                        .max(axis=(2, 5))))
+        return {n: x.reshape(x.shape[0], nb, -1) for n, x in out}
 
-    results = {name: [] for name in ("exact", "minmax", "mean")}
+    results = {name: [] for name in ("exact", "minmax", "mean")
+               + tuple(f"exact_skip{n}" for n in skips)}
     needle_blocks, scoreable = [], []
     t0 = time.perf_counter()
     for c in tqdm(cases, desc="cases"):

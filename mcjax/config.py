@@ -432,8 +432,9 @@ class RetrievalConfig:
     pre-RoPE queries (read over the last `query_window` tokens) score every block: per
     (layer, head) the max q·k over the queries and the block's tokens, z-scored over the
     scoreable blocks (not the sink, not the protected tail), then the max over (layer,
-    head). The `top_blocks` best blocks, their neighbours within `spread` blocks and the
-    `follow` blocks after each are relevant: spans holding them expand; while some WC
+    head) (`normalize_heads=False`: the raw max, then z-scored). The `top_blocks` best
+    blocks, their neighbours within `spread` blocks and the `follow` blocks after each
+    are relevant: spans holding them expand; while some WC
     gist holds one, the oldest other spans become collapse candidates to make room.
     Chosen by measurement (results/retrieval_probe): layers 17 and 24 of SmolLM2-135M, all
     32 keys per block (Quest min/max and mean keys lose on real-text haystacks), 8 queries.
@@ -485,6 +486,15 @@ class RetrievalConfig:
     # rounds and scored 11/24 vs 9/24 (paired +0.08 ± 0.06: only those two cases changed;
     # 16k: 14/24 vs 13/24, none lost), same time
     settle_rounds: int = 12
+    # how one block's per-(layer, head) scores become its relevance. True: each (layer,
+    # head) is z-scored over the scoreable blocks, then the max (several layers' scales
+    # differ; measured on SmolLM2's layers 17+24, results/retrieval_probe). False: the max
+    # over the raw heads, then that max z-scored (same ranks as the raw max; the scale
+    # LensNet's retrieval features expect). Measured on Qwen2.5-Coder's layer 9
+    # (results/retrieval_heads_qwen25, 16k tokens, 24 cases): raw put the needle first in
+    # 21/24 vs 14/24 z-scored, never worse in a case — z-scoring lifts low-variance heads
+    # whose outliers sit on each read chunk's first tokens
+    normalize_heads: bool = True
 
     def __post_init__(self):
         _require(len(self.layers) >= 1 and all(int(x) >= 0 for x in self.layers)
@@ -920,7 +930,9 @@ def _qwen25_coder_05b_cpu() -> ExperimentConfig:
     12/12, as did layer 22 (11/12, 12/12), where the next best was 3 (7/12) — and 9 needs a
     read 10 layers deep instead of 23; at 16k (8 cases) layer 9 gave 4/8 first, 7/8 top 4
     (median rank 0.5 of 509 blocks), adding layer 11 made it worse (0/8, 5/8), adding 13
-    changed nothing. One read pass, 9 of 24 layers deep (layer 9's pre-RoPE keys read the
+    changed nothing. Heads not z-scored (`normalize_heads=False`): at 16k (24 cases) the
+    raw max over heads put the needle first in 21/24 against 14/24 z-scored (top 4: 23 vs
+    22), never worse in a case (results/retrieval_heads_qwen25/). One read pass, 9 of 24 layers deep (layer 9's pre-RoPE keys read the
     residual stream entering it), gives GistNet's layer-8 hidden states and the keys;
     LensNet reads layer 8."""
     return ExperimentConfig(
@@ -932,7 +944,7 @@ def _qwen25_coder_05b_cpu() -> ExperimentConfig:
         gist=GistConfig(input="hidden", input_layer=8, read_chunk=512),
         lens=LensConfig(width=128, num_latents=16, num_heads=4, num_latent_layers=2,
                         query_tokens=8, query_layer=8, retrieval_features=True),
-        retrieval=RetrievalConfig(layers=(9,), chunk=512),
+        retrieval=RetrievalConfig(layers=(9,), chunk=512, normalize_heads=False),
         train=_CPU_GIST_TRAINING,
         eval=EvalConfig(num_examples=16, history_lengths=(4096, 16384)),
     )

@@ -8,9 +8,10 @@ At refocus:
 1. `query_vectors`: the newest `queries` tokens' pre-RoPE queries at the same layers, read
    over the last `query_window` tokens of the history (one small fixed-shape forward);
 2. `block_relevance`: per block and (layer, head), the max q·k over the queries and the
-   block's tokens; z-scored per (layer, head) over the scoreable blocks (not the sink, not
-   the protected tail — both stay raw anyway — and never a chunk's first token, which is
-   the read chunk's own attention sink); the max over (layer, head) is the relevance;
+   block's tokens (never a chunk's first token, which is the read chunk's own attention
+   sink); z-scored per (layer, head) over the scoreable blocks (not the sink, not the
+   protected tail — both stay raw anyway), then the max over (layer, head) is the
+   relevance (`normalize_heads=False`: the raw max over (layer, head), then z-scored);
 3. `block_scores`: the `top_blocks_for(W_max)` most relevant blocks get scores in
    [0.6, 1.0] by rank, their neighbours within `spread` blocks (and the `follow` blocks
    after each) 0.95**d of that (a fact straddles a block boundary more often than not);
@@ -175,13 +176,20 @@ def block_relevance(keys: jax.Array, num_tokens: jax.Array, queries: jax.Array,
     blocks = jnp.arange(C1)
     scoreable = ((blocks >= mc.sink_blocks)
                  & ((blocks + 1) * K <= num_tokens - mc.recent_protect))
+    if rc.normalize_heads:
+        rel = jnp.max(_zscore(s, scoreable), axis=1)
+    else:  # the raw max over heads, z-scored afterwards: its ranks, a z-score's scale
+        rel = _zscore(jnp.max(s, axis=1, keepdims=True), scoreable)[:, 0]
+    return jnp.where(scoreable, rel, -jnp.inf), scoreable
+
+
+def _zscore(s: jax.Array, scoreable: jax.Array) -> jax.Array:
+    """Each column of s [C1, H] standardized over the scoreable rows [C1]."""
     n = jnp.maximum(jnp.sum(scoreable), 1)
     w = scoreable[:, None]
     mean = jnp.sum(jnp.where(w, s, 0.0), axis=0) / n
     var = jnp.sum(jnp.where(w, (s - mean) ** 2, 0.0), axis=0) / n
-    z = (s - mean) / (jnp.sqrt(var) + 1e-6)
-    rel = jnp.where(scoreable, jnp.max(z, axis=1), -jnp.inf)
-    return rel, scoreable
+    return (s - mean) / (jnp.sqrt(var) + 1e-6)
 
 
 def top_blocks_for(rc: RetrievalConfig, mc: MCConfig) -> int:

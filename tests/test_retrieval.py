@@ -227,7 +227,7 @@ def test_block_relevance_finds_the_planted_block_and_skips_chunk_starts():
     assert int(jnp.argmax(rel2)) != 14
 
 
-def _relevance_reference(keys, T, q, valid):
+def _relevance_reference(keys, T, q, valid, normalize_heads=True):
     """Plain numpy block relevance (the module docstring's step 2), block by block."""
     nl, kvh, hd = len(RC.layers), LLAMA.num_kv_heads, LLAMA.head_dim
     G = LLAMA.num_heads // kvh
@@ -243,26 +243,65 @@ def _relevance_reference(keys, T, q, valid):
             s[b] = np.maximum(s[b], dots)
     ok = np.array([b >= MC.sink_blocks and (b + 1) * K <= T - MC.recent_protect
                    for b in range(nb)])
+    if not normalize_heads:  # the raw max over heads, then z-scored
+        s = s.max(1, keepdims=True)
     z = (s - s[ok].mean(0)) / (s[ok].std(0) + 1e-6)
     return np.where(ok, z.max(1), -np.inf), ok
 
 
-@pytest.mark.parametrize("group", [4, 7, 256])
-def test_block_relevance_in_groups_equals_a_block_by_block_reference(monkeypatch, group):
+@pytest.mark.parametrize("group,normalize_heads", [(4, True), (7, True), (256, True),
+                                                   (7, False)])
+def test_block_relevance_in_groups_equals_a_block_by_block_reference(monkeypatch, group,
+                                                                     normalize_heads):
     """`block_relevance` scores blocks in groups (padded at the end); whatever the group
     size, it must equal a plain per-block computation (masked queries and chunk-start
-    tokens excluded)."""
+    tokens excluded), with heads z-scored or not."""
     monkeypatch.setattr(retrieval, "RELEVANCE_GROUP", group)
+    rc = dataclasses.replace(RC, normalize_heads=normalize_heads)
     nb, T = 23, 23 * K
     rng = np.random.default_rng(5)
     keys = jnp.asarray(rng.normal(0, 1, (nb, retrieval.key_width(RC, LLAMA, K))), jnp.float32)
     q = jnp.asarray(rng.normal(0, 1, (len(RC.layers), RC.queries, LLAMA.num_heads,
                                       LLAMA.head_dim)), jnp.float32)
     valid = jnp.asarray([True] * (RC.queries - 1) + [False])
-    rel, ok = retrieval.block_relevance(keys, jnp.int32(T), q, valid, RC, MC, LLAMA)
-    want_rel, want_ok = _relevance_reference(keys, T, q, valid)
+    rel, ok = retrieval.block_relevance(keys, jnp.int32(T), q, valid, rc, MC, LLAMA)
+    want_rel, want_ok = _relevance_reference(keys, T, q, valid, normalize_heads)
     np.testing.assert_array_equal(np.asarray(ok), want_ok)
     np.testing.assert_allclose(np.asarray(rel), want_rel, rtol=1e-4, atol=1e-4)
+
+
+def test_raw_heads_rank_by_the_largest_dot_product_where_z_scores_lift_a_quiet_head():
+    """Head 0 scores every block near 0 but block 9 a little higher; head 1 (every other
+    head) scores blocks widely, block 21 highest. z-scored heads make head 0's small bump
+    the most surprising (block 9 first); raw heads rank by the largest q·k (block 21)."""
+    nb, T = 30, 30 * K
+    H = len(RC.layers) * LLAMA.num_heads
+    rng = np.random.default_rng(11)
+    s = rng.normal(0.0, 1.0, (nb, H)) * 5.0
+    s[:, 0] = rng.normal(0.0, 0.01, nb)
+    s[9, 0] = 0.5  # ~50 standard deviations above head 0's mean, but small
+    s[21, 1:] = 40.0
+    nl, kvh, hd = len(RC.layers), LLAMA.num_kv_heads, LLAMA.head_dim
+    G = LLAMA.num_heads // kvh
+    assert G <= hd
+    # head (l, k, g) reads key dimension g of token 1 with a unit query: q·k = its score
+    keys = np.zeros((nb, K, nl, kvh, hd))
+    keys[:, 1, :, :, :G] = s.reshape(nb, nl, kvh, G)
+    q = np.zeros((nl, RC.queries, kvh, G, hd))
+    for g in range(G):
+        q[:, :, :, g, g] = 1.0
+    q = jnp.asarray(q.reshape(nl, RC.queries, LLAMA.num_heads, hd), jnp.float32)
+    keys = jnp.asarray(keys.reshape(nb, -1), jnp.float32)
+    valid = jnp.ones((RC.queries,), bool)
+    z, ok = retrieval.block_relevance(keys, jnp.int32(T), q, valid, RC, MC, LLAMA)
+    raw, _ = retrieval.block_relevance(keys, jnp.int32(T), q, valid,
+                                       dataclasses.replace(RC, normalize_heads=False),
+                                       MC, LLAMA)
+    assert int(jnp.argmax(z)) == 9
+    assert int(jnp.argmax(raw)) == 21
+    # raw relevance is z-scored after the max: mean 0, unit spread over scoreable blocks
+    r = np.asarray(raw)[np.asarray(ok)]
+    np.testing.assert_allclose([r.mean(), r.std()], [0.0, 1.0], atol=1e-3)
 
 
 def test_block_scores_rank_the_top_blocks():
