@@ -932,9 +932,9 @@ def _qwen25_coder_05b_cpu() -> ExperimentConfig:
     (median rank 0.5 of 509 blocks), adding layer 11 made it worse (0/8, 5/8), adding 13
     changed nothing. Heads not z-scored (`normalize_heads=False`): at 16k (24 cases) the
     raw max over heads put the needle first in 21/24 against 14/24 z-scored (top 4: 23 vs
-    22), never worse in a case (results/retrieval_heads_qwen25/). One read pass, 9 of 24 layers deep (layer 9's pre-RoPE keys read the
-    residual stream entering it), gives GistNet's layer-8 hidden states and the keys;
-    LensNet reads layer 8."""
+    22), never worse in a case (results/retrieval_heads_qwen25/). One read pass, 9 of 24
+    layers deep (layer 9's pre-RoPE keys read the residual stream entering it), gives
+    GistNet's layer-8 hidden states and the keys; LensNet reads layer 8."""
     return ExperimentConfig(
         name="qwen25_coder_05b_cpu",
         base="qwen2.5-coder-0.5b",
