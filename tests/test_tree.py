@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mcjax.tree as tree_mod
+import mcjax.tree.read_pass as read_pass
+import mcjax.tree.store as store_format
 from mcjax.base.model import embed_tokens, init_params
 from mcjax.config import MCConfig, get_config
 from mcjax.gist import gist_blocks, init_gist_params
@@ -192,13 +193,13 @@ def test_gisting_through_the_tree_equals_the_pure_gist_function():
 
 def test_every_gist_call_uses_one_fixed_batch_shape(monkeypatch):
     seen = []
-    real = tree_mod.gist_blocks
+    real = read_pass.gist_blocks
 
     def spy(params, cfg, children, level):
         seen.append((tuple(children.shape), int(level)))
         return real(params, cfg, children, level)
 
-    monkeypatch.setattr(tree_mod, "gist_blocks", spy)
+    monkeypatch.setattr(read_pass, "gist_blocks", spy)
     g = make_gister(gist_batch=5)
     t = MegaContextTree.in_memory(MC, g)
     append_in_chunks(t, stream()[:2200], (1, 33, 700, 7, 1000))
@@ -1113,17 +1114,17 @@ def test_a_crash_between_rows_checksums_and_header_loses_only_that_append(level,
     with disk_tree(tmp_path) as t:
         t.append(stream()[:1000])
     t = open_tree(tmp_path)
-    real = tree_mod._pack_header
+    real = store_format._pack_header
 
     def dies(lv, *a, **kw):
         if lv == level:
             raise KeyboardInterrupt("killed")
         return real(lv, *a, **kw)
 
-    monkeypatch.setattr(tree_mod, "_pack_header", dies)
+    monkeypatch.setattr(store_format, "_pack_header", dies)
     with pytest.raises(KeyboardInterrupt):
         t.append(stream()[1000:2100])  # LOD0 groups 0..1 complete, LOD1 groups 1..2
-    monkeypatch.setattr(tree_mod, "_pack_header", real)
+    monkeypatch.setattr(store_format, "_pack_header", real)
     for s in t.stores:  # the process is gone: no metadata rewrite, no more writes
         s.close()
     with open_tree(tmp_path) as r:
