@@ -12,7 +12,9 @@ The package, bottom up:
 * `read_pass` — what LOD1 children and gists are made from: `ChunkReader` (the base
   model reads each history token once, SPEC §2.3a) and `BlockGister` (GistNet over
   complete blocks in fixed-size batches).
-* `view` — the device side: `TreeView`, fixed-capacity arrays for jitted gathers.
+* `view` — the device side: `TreeView`, fixed-capacity arrays for jitted gathers, and the
+  one uploader of tree rows into it (`view_update` on the host, `write_view` on the
+  device), shared by `MegaContextTree.view()` and the runtime.
 * `core` — `MegaContextTree` (in memory, `create`, `open`), `append_to_trees`,
   `copy_rows`.
 """
@@ -34,10 +36,10 @@ from mcjax.tree.store import (CHECKSUM_SUFFIX, DTYPE_CODES, FORMAT_VERSION, HEAD
                               UnsupportedVersionError, bytes_per_million_tokens,
                               checksum_bytes_per_million_tokens, checksum_path,
                               level_filename, read_header)
-from mcjax.tree.view import TreeView
+from mcjax.tree.view import TreeView, view_update, write_view
 
 __all__ = [
-    "TreeView",
+    "TreeView", "view_update", "write_view",
     "MegaContextTree", "AppendResult", "TreeStats", "append_to_trees", "copy_rows",
     "TreeInputError", "TreeCapacityError",
     "BlockGister", "ChunkReader", "ReadState", "READ_MODE", "default_gist_batch",

@@ -21,8 +21,8 @@ arrays. Capacity per level is either fixed by `view_capacity_tokens` (level l ho
 ceil(C / K**l) rows; exceeding it raises `TreeCapacityError`) or, by default, the next
 power of two >= the entry count (at least `_MIN_VIEW_ROWS`), so a stream of T tokens
 changes each level's shape at most log2(T) times (each change recompiles jitted consumers
-once). Between growths, new rows are written into the existing arrays by one jitted
-scatter per level with the row count padded to a power of two.
+once). Rows are uploaded as the runtime uploads them (`mcjax.tree.view`): between
+growths only the new rows are written into the existing arrays.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from mcjax.tree.store import (FORMAT_NAME, FORMAT_VERSION, GIST_DTYPES, KEYS_FIL
                               MissingStoreFileError, StoreExistsError, check_level_counts,
                               checksum_path, encode_model_name, level_filename,
                               metadata_checksum, read_metadata)
-from mcjax.tree.view import TreeView
+from mcjax.tree.view import TreeView, bucket_rows, view_update, write_view
 
 __all__ = ["MegaContextTree", "AppendResult", "TreeStats", "append_to_trees", "copy_rows",
            "TreeInputError", "TreeCapacityError"]
@@ -77,16 +77,11 @@ class TreeStats:
     # other trees, `append_to_trees`, counts for each; `BlockGister.calls` counts calls)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 @jax.jit
-def _write_rows(buf: jax.Array, rows: jax.Array, start: jax.Array, n: jax.Array) -> jax.Array:
-    """buf[start : start + n] = rows[:n]; padded rows (index >= n) are dropped."""
-    i = jnp.arange(rows.shape[0])
-    idx = jnp.where(i < n, start + i, buf.shape[0])  # out of bounds -> dropped
-    return buf.at[idx].set(rows.astype(buf.dtype), mode="drop")
+def _write_tree_view(view: TreeView, *update) -> TreeView:
+    """`write_view` into one tree's view (no batch axis): the update's batch of one."""
+    batched = write_view(jax.tree.map(lambda x: x[None], view), *update)
+    return jax.tree.map(lambda x: x[0], batched)
 
 
 class MegaContextTree:
@@ -112,16 +107,14 @@ class MegaContextTree:
             raise ValueError(f"view_capacity_tokens must be >= 1, got {view_capacity_tokens}")
         self.mc, self.gister = mc, gister
         self.block_keys, self.key_store = block_keys, key_store
-        self._keys_view: jax.Array | None = None
-        self._keys_synced = 0
         self.stores = list(stores)
         self.path = path
         self._metadata = metadata
         self._metadata_written: dict | None = None  # what metadata.json holds now
         self.view_capacity_tokens = view_capacity_tokens
         self.stats = TreeStats([0] * (mc.num_levels + 1))
-        self._view_arrays: list[jax.Array | None] = [None] * (mc.num_levels + 1)
-        self._view_synced = [0] * (mc.num_levels + 1)
+        self._view: TreeView | None = None  # the last view() and the rows it holds per level
+        self._view_synced = np.zeros(mc.num_levels + 1, np.int64)
         self._closed = False
         # the read pass's KV cache of the open chunk: rebuilt on the first append when the
         # tree was opened or copied
@@ -474,48 +467,40 @@ class MegaContextTree:
                         f"LOD{l} holds {n} entries, more than the fixed view capacity {c} "
                         f"(view_capacity_tokens={self.view_capacity_tokens})")
             return caps
-        return tuple(max(_MIN_VIEW_ROWS, _next_pow2(n)) for n in self.counts)
+        return tuple(bucket_rows(n, _MIN_VIEW_ROWS) for n in self.counts)
 
     def view(self) -> TreeView:
-        """Device arrays of every level, padded to `view_capacities()` rows with zeros."""
+        """Device arrays of every level, padded to `view_capacities()` rows with zeros (an
+        earlier view is a value: later appends never change it)."""
         self._require_open()
-        caps = self.view_capacities()
-        arrays = []
-        for l, (store, cap) in enumerate(zip(self.stores, caps)):
-            buf, n = self._view_arrays[l], len(store)
-            if buf is None or buf.shape[0] != cap:  # (re)allocate: upload everything
-                host = np.zeros((cap, store.width), store.dtype)
-                host[:n] = store.read(0, n)
-                buf = jnp.asarray(host[:, 0].astype(np.int32) if l == 0 else host)
-            elif n > self._view_synced[l]:  # write only the new rows
-                s = self._view_synced[l]
-                rows = store.read(s, n)
-                rows = rows[:, 0].astype(np.int32) if l == 0 else rows
-                bucket = _next_pow2(max(len(rows), 8))  # bounded set of compiled shapes
-                rows = np.concatenate([rows, np.zeros((bucket - len(rows),) + rows.shape[1:],
-                                                      rows.dtype)])
-                buf = _write_rows(buf, jnp.asarray(rows), jnp.int32(s), jnp.int32(n - s))
-            self._view_arrays[l], self._view_synced[l] = buf, n
-            arrays.append(buf)
+        view, synced = self._sized_view(self.view_capacities())
+        update = view_update([self], synced[None])
+        if update is not None:
+            view, synced = _write_tree_view(view, *update), update[4][0].astype(np.int64)
+        self._view, self._view_synced = view, synced
+        return view
+
+    def _sized_view(self, caps: tuple[int, ...]) -> tuple[TreeView, np.ndarray]:
+        """The last view with every level of another capacity than `caps` replaced by zeros
+        of that capacity, and the rows it then holds per level (the retrieval keys follow
+        LOD1)."""
+        old, synced = self._view, self._view_synced.copy()
+
+        def sized(l: int, array: jax.Array | None, width: int, dtype) -> jax.Array:
+            if array is not None and array.shape[0] == caps[l]:
+                return array
+            synced[l] = 0
+            return jnp.zeros((caps[l],) if l == 0 else (caps[l], width), dtype)
+
+        arrays = [sized(l, None if old is None else (old.tokens, *old.gists)[l], s.width,
+                        np.int32 if l == 0 else s.dtype)
+                  for l, s in enumerate(self.stores)]
         keys = None
-        if self.key_store is not None:  # same rows as LOD1
-            cap, n = caps[1], len(self.key_store)
-            if self._keys_view is None or self._keys_view.shape[0] != cap:
-                host = np.zeros((cap, self.key_store.width), self.key_store.dtype)
-                host[:n] = self.key_store.read(0, n)
-                self._keys_view = jnp.asarray(host)
-            elif n > self._keys_synced:
-                rows = self.key_store.read(self._keys_synced, n)
-                bucket = _next_pow2(max(len(rows), 8))
-                rows = np.concatenate([rows, np.zeros((bucket - len(rows), rows.shape[1]),
-                                                      rows.dtype)])
-                self._keys_view = _write_rows(self._keys_view, jnp.asarray(rows),
-                                              jnp.int32(self._keys_synced),
-                                              jnp.int32(n - self._keys_synced))
-            self._keys_synced = n
-            keys = self._keys_view
+        if self.key_store is not None:  # LOD1's capacity, so regrown with it
+            keys = sized(1, None if old is None else old.keys, self.key_store.width,
+                         self.key_store.dtype)
         return TreeView(tokens=arrays[0], gists=tuple(arrays[1:]),
-                        counts=jnp.asarray(self.counts, jnp.int32), keys=keys)
+                        counts=jnp.asarray(synced, jnp.int32), keys=keys), synced
 
     # ------------------------------------------------------------------ lifecycle
 
