@@ -190,7 +190,7 @@ def run_rank(mode, cfg, args) -> dict:
 
     from mcjax import retrieval
     from mcjax.eval import metrics, tasks
-    from mcjax.tree import ChunkReader
+    from mcjax.tree.read_pass import ChunkReader
 
     frozen, _, cases, _ = load(mode, cfg, args, nets=False)
     llama, mc, rc0 = frozen.cfg.base_config, frozen.cfg.mc, frozen.cfg.retrieval

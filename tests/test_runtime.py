@@ -732,7 +732,7 @@ def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, 
     empty_layout = jax.device_put(rt.initial_layouts(plan, [0] * B, no))
 
     def refocus(state, view, synced, num_new, reset, layout, revive, from_pending):
-        update = rt.view_update(plan, trees, synced)
+        update = rt.view_update(trees, synced)
         if update is not None:
             view, synced = jitted.write_view(view, *update), update[4]
         state, telemetry = jitted.refocus(params, nets[1], state, view,

@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mcjax.tree as tree_mod
+import mcjax.tree.read_pass as read_pass
+import mcjax.tree.store as store_format
 from mcjax.base.model import embed_tokens, init_params
 from mcjax.config import MCConfig, get_config
 from mcjax.gist import gist_blocks, init_gist_params
@@ -33,8 +34,8 @@ from mcjax.tree import (
     InconsistentLevelsError, LevelMismatchError, LostEntriesError, MegaContextTree,
     MetadataChecksumError, MetadataError, MissingStoreFileError, ModelMismatchError,
     RowChecksumError, StoreError, StoreExistsError, StoreLockedError, TokenRangeError,
-    TreeCapacityError, TreeInputError, TruncatedFileError, UnsupportedVersionError,
-    append_to_trees, copy_rows, level_filename, read_header)
+    TreeCapacityError, TreeInputError, TreeView, TruncatedFileError, UnsupportedVersionError,
+    append_to_trees, copy_rows, level_filename, read_header, view_update, write_view)
 
 CFG = get_config("tiny")
 MC = CFG.mc  # K = 32, num_levels = 2
@@ -192,13 +193,13 @@ def test_gisting_through_the_tree_equals_the_pure_gist_function():
 
 def test_every_gist_call_uses_one_fixed_batch_shape(monkeypatch):
     seen = []
-    real = tree_mod.gist_blocks
+    real = read_pass.gist_blocks
 
     def spy(params, cfg, children, level):
         seen.append((tuple(children.shape), int(level)))
         return real(params, cfg, children, level)
 
-    monkeypatch.setattr(tree_mod, "gist_blocks", spy)
+    monkeypatch.setattr(read_pass, "gist_blocks", spy)
     g = make_gister(gist_batch=5)
     t = MegaContextTree.in_memory(MC, g)
     append_in_chunks(t, stream()[:2200], (1, 33, 700, 7, 1000))
@@ -331,6 +332,34 @@ def test_fixed_view_capacity_keeps_shapes_and_raises_when_exceeded():
     t.append(stream()[1100:1101])
     with pytest.raises(TreeCapacityError, match="LOD0 holds 1101"):
         t.view()
+
+
+def test_view_update_and_write_view_bring_a_batched_view_up_to_each_streams_rows():
+    """The one uploader of tree rows (the runtime's, and `view()`'s with one stream): each
+    stream's rows since `synced`, gathered on the host and scattered on the device, give
+    the view a hand-built numpy array holds — the stored rows, zeros after them."""
+    trees = [memory_tree(stream()[:40]), memory_tree(stream()[:1100])]
+    caps = (2048, 64, 8)
+    view = TreeView(tokens=jnp.zeros((2, caps[0]), jnp.int32),
+                    gists=tuple(jnp.zeros((2, caps[l], D), jnp.float32) for l in (1, 2)),
+                    counts=jnp.zeros((2, 3), jnp.int32))
+    synced = np.zeros((2, 3), np.int64)
+    write = jax.jit(write_view)
+    for grow in ((), (stream()[40:1500], stream()[1100:1101])):
+        for t, tokens in zip(trees, grow):
+            t.append(tokens)
+        update = view_update(trees, synced)
+        view, synced = write(view, *update), update[4]
+        np.testing.assert_array_equal(np.asarray(view.counts), [t.counts for t in trees])
+        for b, t in enumerate(trees):
+            want = np.zeros(caps[0], np.int32)
+            want[:t.num_tokens] = t.tokens()
+            np.testing.assert_array_equal(np.asarray(view.tokens[b]), want)
+            for level in (1, 2):
+                want = np.zeros((caps[level], D), np.float32)
+                want[:t.counts[level]] = t.gists(level)
+                assert np.asarray(view.gists[level - 1][b]).tobytes() == want.tobytes()
+    assert view_update(trees, synced) is None
 
 
 # --------------------------------------------------------------------------- on disk
@@ -1113,17 +1142,17 @@ def test_a_crash_between_rows_checksums_and_header_loses_only_that_append(level,
     with disk_tree(tmp_path) as t:
         t.append(stream()[:1000])
     t = open_tree(tmp_path)
-    real = tree_mod._pack_header
+    real = store_format._pack_header
 
     def dies(lv, *a, **kw):
         if lv == level:
             raise KeyboardInterrupt("killed")
         return real(lv, *a, **kw)
 
-    monkeypatch.setattr(tree_mod, "_pack_header", dies)
+    monkeypatch.setattr(store_format, "_pack_header", dies)
     with pytest.raises(KeyboardInterrupt):
         t.append(stream()[1000:2100])  # LOD0 groups 0..1 complete, LOD1 groups 1..2
-    monkeypatch.setattr(tree_mod, "_pack_header", real)
+    monkeypatch.setattr(store_format, "_pack_header", real)
     for s in t.stores:  # the process is gone: no metadata rewrite, no more writes
         s.close()
     with open_tree(tmp_path) as r:

@@ -71,8 +71,9 @@ every refocus.
 
 Layout of the package: `state` (the `StreamState` pytree, the static `Plan`, host builders
 of initial states, views and layouts), `policies` (focus scores), `programs` (the pure
-`refocus` / `decode_block` / `write_view` and their jitted, donated, sharded forms — callable
-from a user's own loop, see its docstring), `telemetry` (`RefocusEvent`, `CompileCounter`),
+`refocus` / `decode_block` and their jitted, donated, sharded forms, with the tree's
+`write_view` — callable from a user's own loop, see its docstring; new tree rows come from
+`mcjax.tree.view_update`), `telemetry` (`RefocusEvent`, `CompileCounter`),
 `persist` (the save format's pieces) and `session` (`Session`, the thin host wrapper).
 """
 
@@ -82,13 +83,13 @@ from mcjax.runtime.persist import (SAVE_VERSION, BaseModelMismatchError, SaveDam
                                    SaveLockedError)
 from mcjax.runtime.policies import (focus_conditioning, lens_stream_scores, policy_scores,
                                     random_scores, recency_scores)
-from mcjax.runtime.programs import (Programs, collapse_ahead, decode_block, programs, refocus,
-                                    write_view)
+from mcjax.runtime.programs import Programs, collapse_ahead, decode_block, programs, refocus
 from mcjax.runtime.session import Session
 from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, FOCUS_POLICIES, KV_REUSE, Plan,
                                  StreamState, empty_view, initial_layouts, initial_state,
-                                 make_plan, pending_base_position, view_update)
+                                 make_plan, pending_base_position)
 from mcjax.runtime.telemetry import CompileCounter, RefocusEvent
+from mcjax.tree import view_update, write_view
 
 __all__ = [
     "Session", "StreamState", "Plan", "RefocusEvent", "CompileCounter", "InputError",

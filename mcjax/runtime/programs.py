@@ -1,12 +1,13 @@
 """The runtime's pure programs (SPEC §2.7): `refocus` and `decode_block` over a `StreamState`,
-`write_view` of new tree rows, and `programs(plan, mesh)`, their jitted forms (state donated,
-`NamedSharding`s with a mesh) compiled once per `Plan` and shared by every caller.
+and `programs(plan, mesh)`, their jitted forms and that of `mcjax.tree.write_view` (new tree
+rows; state and view donated, `NamedSharding`s with a mesh) compiled once per `Plan` and
+shared by every caller.
 
 Drive them from your own loop (what `Session` does, less the bookkeeping):
 
     plan = Plan(...); jitted = programs(plan)
     state, view = initial_state(plan), empty_view(plan)
-    trees gain tokens -> view = jitted.write_view(view, *view_update(plan, trees, synced))
+    trees gain tokens -> view = jitted.write_view(view, *view_update(trees, synced))
     state, telemetry = jitted.refocus(base_params, focus_params, state, view, num_new, reset,
                                       initial_layouts(plan, lengths, reset), revive,
                                       from_pending)
@@ -30,9 +31,9 @@ from mcjax.base.model import KVCache
 from mcjax.config import LlamaConfig
 from mcjax.runtime.policies import focus_conditioning, policy_scores
 from mcjax.runtime.state import Plan, StreamState, pending_base_position
-from mcjax.tree import TreeView
+from mcjax.tree import TreeView, write_view
 
-__all__ = ["decode_block", "refocus", "collapse_ahead", "write_view", "Programs", "programs"]
+__all__ = ["decode_block", "refocus", "collapse_ahead", "Programs", "programs"]
 
 
 def decode_block(plan: Plan, base_params, state: StreamState, num_steps, eos_id,
@@ -445,28 +446,6 @@ def refocus(plan: Plan, base_params, focus_params, state: StreamState, view: Tre
 
 
 
-def _scatter_rows(buf, rows, start, count):
-    """buf[b, start[b] + i] = rows[b, i] for i < count[b] (other rows dropped)."""
-    B, R = rows.shape[:2]
-    i = jnp.arange(R)[None, :]
-    idx = jnp.where(i < count[:, None], start[:, None] + i, buf.shape[1])  # out of range: dropped
-    return buf.at[jnp.arange(B)[:, None], idx].set(rows.astype(buf.dtype), mode="drop")
-
-
-def write_view(view: TreeView, token_rows, gist_rows, start, count, counts, key_rows=None
-                ) -> TreeView:
-    """Write each stream's new tree rows into the batched fixed-capacity view (retrieval
-    keys, when kept, share LOD1's rows)."""
-    tokens = _scatter_rows(view.tokens, token_rows, start[:, 0], count[:, 0])
-    gists = tuple(_scatter_rows(g, r, start[:, l + 1], count[:, l + 1])
-                  for l, (g, r) in enumerate(zip(view.gists, gist_rows)))
-    keys = view.keys
-    if key_rows is not None:
-        keys = _scatter_rows(view.keys, key_rows, start[:, 1], count[:, 1])
-    return TreeView(tokens=tokens, gists=gists, counts=counts, keys=keys)
-
-
-
 class Programs(NamedTuple):
     decode: Callable
     refocus: Callable
@@ -505,7 +484,7 @@ def programs(plan: Plan, mesh: Mesh | None = None) -> Programs:
     base_params, state, num_steps, eos_id)` (and `force(..., eos_id, forced)`, the same
     with teacher-forced tokens), `refocus(base_params, focus_params, state, view,
     num_new, reset, layout, revive, from_pending)` (both donate the state) and
-    `write_view(view, *view_update(...))` (donates the view)."""
+    `write_view(view, *view_update(trees, synced))` (donates the view)."""
     decode = functools.partial(decode_block, plan)
     refocus_ = functools.partial(refocus, plan)
     # A fresh wrapper per plan: jit shares its compilation cache among jits of the same

@@ -31,11 +31,10 @@ from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from
 from mcjax.runtime import persist
 from mcjax.runtime.programs import programs
 from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, empty_view, initial_layouts,
-                                 initial_state, make_plan, pending_base_position,
-                                 view_update)
+                                 initial_state, make_plan, pending_base_position)
 from mcjax.runtime.telemetry import RefocusEvent, event_from
 from mcjax.tree import (BlockGister, MegaContextTree, StoreError, append_to_trees,
-                        copy_rows)
+                        copy_rows, view_update)
 
 __all__ = ["Session"]
 
@@ -410,8 +409,7 @@ class Session:
     # ------------------------------------------------------------------ refocus
 
     def _upload_view(self) -> None:
-        update = view_update(self._plan, self._trees, self._view_synced,
-                             *self._key_rows)
+        update = view_update(self._trees, self._view_synced)
         if update is None:
             return
         self._view = self._programs.write_view(self._view, *update)

@@ -4,8 +4,9 @@
 `refocus` / `decode_block` programs read and write; the trees (host, `mcjax.tree`) are the
 durable history the view is uploaded from. `Plan` is the static, hashable description that
 keys the programs' compilation (gemma-sampler style). The host builders here
-(`initial_state`, `empty_view`, `initial_layouts`, `view_update`) are what a caller needs to
-drive the programs from a plain loop; `Session` is one such caller.
+(`initial_state`, `empty_view`, `initial_layouts`), with `mcjax.tree.view_update` for the
+trees' new rows, are what a caller needs to drive the programs from a plain loop; `Session`
+is one such caller.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from mcjax import working_context as wcm
 from mcjax.base.model import KVCache
 from mcjax.checks import as_int
 from mcjax.config import ConfigError, LlamaConfig
-from mcjax.tree import MegaContextTree, TreeView
+from mcjax.tree import TreeView
 
 __all__ = ["StreamState", "Plan", "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE",
            "DECODE_FOCUS",
-           "make_plan", "initial_state", "empty_view", "initial_layouts", "view_update",
+           "make_plan", "initial_state", "empty_view", "initial_layouts",
            "pending_base_position"]
 
 DEFAULT_MAX_TOKENS = 1 << 17  # per-stream history capacity of the device view (131,072)
@@ -42,7 +43,6 @@ KV_REUSE = ("exact", "approx")
 # or headroom collapse re-prefills from near the front), so the refocuses between them only
 # append and re-prefill nothing. Refocuses after input (and their settle rounds) always act.
 DECODE_FOCUS = ("every", "on_collapse")
-_MIN_GIST_ROWS = 8  # smallest row bucket of a gist-level view update (one compile serves all)
 
 
 @flax.struct.dataclass
@@ -207,35 +207,3 @@ def initial_layouts(plan: Plan, num_tokens: Sequence[int], reset) -> wcm.Working
             arrays[k][b] = getattr(wc, k)
         valid[b], tokens[b], step[b] = wc.valid, wc.num_tokens, wc.step
     return wcm.WorkingContext(valid=valid, num_tokens=tokens, step=step, **arrays)
-
-
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def view_update(plan: Plan, trees: Sequence[MegaContextTree], synced: np.ndarray,
-                key_width: int | None = None, key_dtype=None) -> tuple | None:
-    """The arguments of `write_view` that bring a view holding `synced` [B, L+1] rows per
-    stream and level up to the trees' (host arrays; row counts bucketed to powers of two so
-    few shapes compile), or None when nothing is new."""
-    counts = np.asarray([t.counts for t in trees], np.int64)
-    new = counts - np.asarray(synced, np.int64)
-    if not new.any():
-        return None
-    B, D, K, L = plan.batch_size, plan.llama.hidden_size, plan.mc.block_size, plan.mc.num_levels
-    gist_dtype = np.dtype(jnp.dtype(plan.mc.gist_dtype))
-    token_rows = np.zeros((B, _bucket(new[:, 0].max(), K)), np.int32)
-    gist_rows = [np.zeros((B, _bucket(new[:, l].max(), _MIN_GIST_ROWS), D), gist_dtype)
-                 for l in range(1, L + 1)]
-    key_rows = None
-    if key_width is not None:
-        key_rows = np.zeros((B, gist_rows[0].shape[1], key_width), key_dtype)
-    for b, tree in enumerate(trees):
-        lo, hi = synced[b], counts[b]
-        token_rows[b, :new[b, 0]] = tree.tokens(lo[0], hi[0])
-        for l in range(1, L + 1):
-            gist_rows[l - 1][b, :new[b, l]] = tree.gists(l, lo[l], hi[l])
-        if key_rows is not None:
-            key_rows[b, :new[b, 1]] = tree.keys(lo[1], hi[1])
-    return (token_rows, tuple(gist_rows), np.asarray(synced, np.int32), new.astype(np.int32),
-            counts.astype(np.int32), key_rows)
