@@ -718,10 +718,10 @@ def test_the_pure_programs_driven_from_a_plain_loop_equal_a_session(tiny_llama, 
     session.feed(second)
     want.append(session.generate(2 * K))
 
-    plan = rt.Plan(llama=llama, mc=cfg.mc, lens=cfg.lens, batch_size=B, max_tokens=MAX_TOKENS,
-                   pad_id=0, headroom=HEADROOM, prefill_chunk=2 * K, focus_policy="lens",
-                   retrieval=cfg.retrieval)
+    plan = rt.make_plan(llama, cfg, batch_size=B, max_tokens=MAX_TOKENS,
+                        collapse_headroom=HEADROOM, prefill_chunk=2 * K)
     assert not plan.query_aware and plan.settle_rounds == 0
+    assert plan == session._plan
     jitted = rt.programs(plan)
     gister = BlockGister.from_base(cfg.gist, nets[0], params, llama, block_size=K)
     trees = [MegaContextTree.in_memory(cfg.mc, gister, view_capacity_tokens=MAX_TOKENS)
@@ -1079,6 +1079,45 @@ def test_counts_and_ids_are_refused_not_truncated(tiny_llama, cfg, nets):
         _session(tiny_llama, cfg, nets, focus_seed=1.5)
     with pytest.raises(ConfigError, match="max_events"):
         _session(tiny_llama, cfg, nets, max_events=0)
+
+
+def test_make_plan_checks_every_program_setting_before_any_work(tiny_llama, cfg):
+    """One constructor checks the plan: each bad setting is refused by `make_plan`, and a
+    Session with it raises the same error before it resolves or checks any network (its
+    nets here are not params at all)."""
+    from mcjax.config import override
+    from mcjax.runtime import make_plan
+
+    llama, _ = tiny_llama
+    layers = llama.num_layers
+    lens_v2 = {"lens.query_tokens": 3, "lens.query_layer": 2, "lens.retrieval_features": True}
+    other_base = dataclasses.replace(cfg, base_config=dataclasses.replace(
+        llama, vocab_size=llama.vocab_size + 1))
+    bad = [
+        (other_base, {}, "different base model"),
+        (override(cfg, {"retrieval.layers": (1, layers)}), {"focus_policy": "retrieval"},
+         "retrieval.layers"),
+        (override(cfg, {**lens_v2, "lens.query_layer": layers + 1}), {}, "query_layer"),
+        (cfg, {"focus_policy": "oracle"}, "focus_policy"),
+        (cfg, {"kv_reuse": "fast"}, "kv_reuse"),
+        (cfg, {"prefill_chunk": K + K // 2}, "prefill_chunk"),
+        (cfg, {"collapse_headroom": -K}, "collapse_headroom"),
+        (cfg, {"pad_id": llama.vocab_size}, "pad_id"),
+        (cfg, {"max_tokens": W - 1}, "max_tokens"),
+    ]
+    for bad_cfg, kwargs, what in bad:
+        with pytest.raises(ConfigError, match=what):
+            make_plan(llama, bad_cfg, **kwargs)
+        with pytest.raises(ConfigError, match=what):
+            Session(tiny_llama, {"not": "params"}, {"not": "params"}, bad_cfg, **kwargs)
+    with pytest.raises(TypeError, match="ExperimentConfig"):
+        make_plan(llama, "tiny")
+    with pytest.raises(TypeError, match="LlamaConfig"):
+        Session(({"not": "a config"}, tiny_llama[1]), None, None, cfg)
+    # the base model may be served in another precision
+    other_dtype = dataclasses.replace(cfg, base_config=dataclasses.replace(
+        llama, dtype="bfloat16" if llama.dtype != "bfloat16" else "float32"))
+    assert make_plan(llama, other_dtype) == make_plan(llama, cfg)
 
 
 def test_ragged_input_is_a_clear_error(tiny_llama, cfg, nets):

@@ -24,7 +24,7 @@ from mcjax.base import model as base
 from mcjax.base.convert import fsync_dir
 from mcjax.base.model import InputError, KVCache
 from mcjax.checks import as_int
-from mcjax.checkpoint import (CheckpointError, CheckpointMismatchError, _arch_without_dtype,
+from mcjax.checkpoint import (CheckpointError, CheckpointMismatchError,
                               config_to_json, default_params, lens_gistnet,
                               load_trained_params, tree_fingerprint)
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
@@ -51,7 +51,17 @@ def _cache_logprobs(params, cache: KVCache, tokens, positions, mask, index, *,
     return jnp.where(mask[:, 1:], logp, 0.0)
 
 
-
+def _base_parts(base_model) -> tuple:
+    """(LlamaConfig, params, encode, decode) of a `BaseModel` (encode/decode: its tokenizer's,
+    when it has one) or of a `(LlamaConfig, params)` pair (no tokenizer)."""
+    if hasattr(base_model, "config") and hasattr(base_model, "params"):
+        return (base_model.config, base_model.params, getattr(base_model, "encode", None),
+                getattr(base_model, "decode", None))
+    try:
+        llama, params = base_model
+    except (TypeError, ValueError):
+        raise TypeError("base must be a BaseModel or a (LlamaConfig, params) pair") from None
+    return llama, params, None, None
 
 
 class Session:
@@ -65,7 +75,7 @@ class Session:
     max_tokens: per-stream history capacity (fixes the device view's shapes).
     collapse_headroom: slots freed at once when the next block would not fit (default
     w_max/8 in whole blocks; 0 = collapse only as needed): trades up to that much budget
-    for re-prefilling only the new tokens on most refocuses (see `_collapse_ahead`).
+    for re-prefilling only the new tokens on most refocuses (see `programs.collapse_ahead`).
     prefill_chunk: slots per bulk re-prefill chunk (default: the largest K·2^i <= 256 that
     divides w_max); bigger chunks use the hardware better, K-slot chunks trim the ends.
     focus_policy: where refocus scores come from — "lens" (LensNet, the default; LensNet v2,
@@ -104,52 +114,53 @@ class Session:
                  max_events: int = 100_000, provenance: dict | None = None,
                  focus_policy: str = "lens", focus_seed: int = 0, untrained: bool = False,
                  kv_reuse: str = "exact", decode_focus: str = "every"):
-        if hasattr(base_model, "config") and hasattr(base_model, "params"):
-            llama, params = base_model.config, base_model.params
-            self._encode = getattr(base_model, "encode", None)
-            self.decode_text = getattr(base_model, "decode", None)
-        else:
-            try:
-                llama, params = base_model
-            except (TypeError, ValueError):
-                raise TypeError("base must be a BaseModel or a (LlamaConfig, params) pair"
-                                ) from None
-            self._encode, self.decode_text = None, None
-        if not isinstance(llama, LlamaConfig):
-            raise TypeError(f"base config must be a LlamaConfig, got {type(llama).__name__}")
-        if not isinstance(cfg, ExperimentConfig):
-            raise TypeError(f"cfg must be an ExperimentConfig, got {type(cfg).__name__}")
+        llama, params, self._encode, self.decode_text = _base_parts(base_model)
+        # every setting of the programs, checked before any work
+        self._plan = make_plan(llama, cfg, batch_size=batch_size, max_tokens=max_tokens,
+                               collapse_headroom=collapse_headroom,
+                               prefill_chunk=prefill_chunk, pad_id=pad_id,
+                               focus_policy=focus_policy, kv_reuse=kv_reuse,
+                               decode_focus=decode_focus)
         if cfg.base_config is None:
             cfg = dataclasses.replace(cfg, base_config=llama)
-        elif _arch_without_dtype(dataclasses.asdict(cfg.base_config)) != \
-                _arch_without_dtype(dataclasses.asdict(llama)):
-            raise ConfigError(f"config {cfg.name!r} describes a different base model "
-                              f"({cfg.base_config}) than the one given ({llama})")
-        # checks every setting of the programs (ConfigError) and fills Session's defaults
-        plan = make_plan(llama, cfg, batch_size=batch_size, max_tokens=max_tokens,
-                         collapse_headroom=collapse_headroom, prefill_chunk=prefill_chunk,
-                         pad_id=pad_id, focus_policy=focus_policy, kv_reuse=kv_reuse,
-                         decode_focus=decode_focus)
-        mc = cfg.mc
-        K = mc.block_size
-        self.cfg, self.mc, self.llama = cfg, mc, llama
-        # refused, not truncated (make_plan checked batch_size and max_tokens)
+        # refused, not truncated
         max_events = as_int(max_events, "max_events", minimum=1, exc=ConfigError)
         focus_seed = as_int(focus_seed, "focus_seed", minimum=0, exc=ConfigError)
-        self.batch_size, self.max_tokens = int(batch_size), int(max_tokens)
+        self.cfg, self.mc, self.llama = cfg, cfg.mc, llama
+        self.batch_size, self.max_tokens = self._plan.batch_size, self._plan.max_tokens
         self.debug_invariants = debug_invariants
         self.mesh = mesh
         self.on_event = on_event
         self.events: collections.deque[RefocusEvent] = collections.deque(maxlen=max_events)
-        self.provenance = dict(provenance or {})
+        self.focus_policy, self.focus_seed = focus_policy, focus_seed
+        gist_params, lens_params = self._resolve_networks(gist_params, lens_params, params,
+                                                          provenance, untrained)
+        self._programs = programs(self._plan, mesh)
+        self._place_params(params, lens_params)
+        self._build_trees(gist_params, gist_batch)
+        self._build_state()
+        # what `save` writes so that `load` rebuilds this session
+        self._nets = {"gist": gist_params, "lens": lens_params}
+        self._settings = dict(batch_size=self.batch_size, max_tokens=self.max_tokens,
+                              collapse_headroom=self._plan.headroom,
+                              prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
+                              pad_id=self._plan.pad_id, max_events=max_events,
+                              focus_policy=focus_policy, focus_seed=self.focus_seed,
+                              kv_reuse=kv_reuse, decode_focus=decode_focus)
 
+    def _resolve_networks(self, gist_params, lens_params, base_params, provenance: dict | None,
+                          untrained: bool) -> tuple:
+        """The (gist, lens) params the session runs with — given, shipped or untrained
+        (`default_params`) and checked against `self.cfg` — and where they come from
+        (`self.provenance`, `self.untrained`)."""
+        cfg, focus_policy = self.cfg, self.focus_policy
+        self.provenance = dict(provenance or {})
         gist_params, lens_params, resolved = default_params(
-            cfg, gist_params, lens_params, params, untrained=untrained,
+            cfg, gist_params, lens_params, base_params, untrained=untrained,
             focus_policy=focus_policy)
         self.provenance.update(resolved)
         for part in ("gist", "lens"):
             self.provenance.setdefault(part, {"source": "given"})
-        self.focus_policy, self.focus_seed = focus_policy, focus_seed
         self.provenance["focus_policy"] = (
             {"policy": focus_policy} if focus_policy == "lens"
             else {"policy": focus_policy, "seed": self.focus_seed, "lens": "not used"})
@@ -160,67 +171,60 @@ class Session:
             and (p == "gist" or focus_policy == "lens"))
         check_params(gist_params, cfg, "gist", exc=ValueError)
         check_params(lens_params, cfg, "lens", exc=ValueError)
+        return gist_params, lens_params
 
-        self._plan = plan
-        self._programs = programs(self._plan, mesh)
-        sh = self._programs.shardings
-        resolved_lens = lens_params
-        # What the refocus program's `focus_params` are: LensNet's params for "lens", the
-        # seed for "random" (its key), unused by "recency" and "retrieval".
-        if focus_policy == "random":
+    def _place_params(self, base_params, lens_params) -> None:
+        """The programs' base and focus params on the device (sharded with a mesh). The
+        refocus program's `focus_params` are LensNet's params for "lens", the seed for
+        "random" (its key), unused by "recency" and "retrieval"."""
+        if self.focus_policy == "random":
             lens_params = np.uint32(self.focus_seed % (1 << 32))
+        sh = self._programs.shardings
         if sh is None:
-            self._params = jax.device_put(params)
+            self._params = jax.device_put(base_params)
             self._focus_params = jax.device_put(lens_params)
         else:
-            self._params = jax.device_put(params, sh["params"])
+            self._params = jax.device_put(base_params, sh["params"])
             self._focus_params = jax.device_put(lens_params, sh["rep"])
+
+    def _build_trees(self, gist_params, gist_batch: int | None) -> None:
+        """One empty in-memory tree per stream, over one read pass (GistNet's hidden input
+        and, when the plan keeps them, the retrieval keys)."""
+        cfg, K = self.cfg, self.mc.block_size
         self._block_keys = None
         if self._plan.keeps_keys:
             from mcjax.retrieval import BlockKeys
 
-            if max(cfg.retrieval.layers) >= llama.num_layers:
-                raise ConfigError(f"retrieval.layers {cfg.retrieval.layers} exceed the base "
-                                  f"model's {llama.num_layers} layers")
-            self._block_keys = BlockKeys(cfg.retrieval, llama, K)
-        # one read pass for the trees: GistNet's hidden input and, when kept, the keys
+            self._block_keys = BlockKeys(cfg.retrieval, self.llama, K)
         self._gister = BlockGister.from_base(
-            cfg.gist, gist_params, self._params, llama, block_size=K, gist_batch=gist_batch,
-            retrieval=cfg.retrieval if self._plan.keeps_keys else None)
-        if focus_policy == "lens" and cfg.lens.query_tokens \
-                and cfg.lens.query_layer > llama.num_layers:
-            raise ConfigError(f"lens.query_layer {cfg.lens.query_layer} exceeds the base "
-                              f"model's {llama.num_layers} layers")
-        self._trees = [MegaContextTree.in_memory(mc, self._gister,
+            cfg.gist, gist_params, self._params, self.llama, block_size=K,
+            gist_batch=gist_batch, retrieval=cfg.retrieval if self._plan.keeps_keys else None)
+        self._trees = [MegaContextTree.in_memory(self.mc, self._gister,
                                                  view_capacity_tokens=self.max_tokens,
                                                  block_keys=self._block_keys)
                        for _ in range(self.batch_size)]
         # (width, dtype) of the read-pass key rows the view holds, when the trees keep keys
         self._key_rows = () if self._block_keys is None else (self._block_keys.width,
                                                               self._block_keys.dtype)
+
+    def _build_state(self) -> None:
+        """The device state of B streams with no history (empty WCs, cache and view), and
+        its host-side bookkeeping."""
+        B, L = self.batch_size, self.mc.num_levels
         self._state = self._put(initial_state(self._plan), "state")
         self._view = self._put(empty_view(self._plan, *self._key_rows), "view")
-        self._empty_layout = self._put(self._layouts(np.zeros(self.batch_size, bool)), "wc")
-        self._no_streams = np.zeros(self.batch_size, bool)
-        L = mc.num_levels
-        self._view_synced = np.zeros((self.batch_size, L + 1), np.int64)
-        self._unsynced = np.zeros(self.batch_size, np.int64)  # tree tokens not yet in the WC
-        self._laid_out = np.zeros(self.batch_size, bool)
+        self._empty_layout = self._put(self._layouts(np.zeros(B, bool)), "wc")
+        self._no_streams = np.zeros(B, bool)
+        self._view_synced = np.zeros((B, L + 1), np.int64)
+        self._unsynced = np.zeros(B, np.int64)  # tree tokens not yet in the WC
+        self._laid_out = np.zeros(B, bool)
         self._num_pending = 0  # host mirror of state.num_pending
         self._num_refocus = 0
         self._unread = None  # (t0, trigger, num_new, telemetry, timings) of a refocus whose
         # telemetry is not read yet (a decode refocus, read once the next block is dispatched)
         self._ingest_s = 0.0  # tree ingest time since the last refocus (feed side)
-        # what `save` writes so that `load` rebuilds this session
-        self._nets = {"gist": gist_params, "lens": resolved_lens}
         self._base_fingerprint: str | None = None  # computed once, at the first save
         self._changes = 0  # bumped by every feed / force / flush / stream (see `stream`)
-        self._settings = dict(batch_size=self.batch_size, max_tokens=self.max_tokens,
-                              collapse_headroom=self._plan.headroom,
-                              prefill_chunk=self._plan.prefill_chunk, gist_batch=gist_batch,
-                              pad_id=int(pad_id), max_events=max_events,
-                              focus_policy=focus_policy, focus_seed=self.focus_seed,
-                              kv_reuse=kv_reuse, decode_focus=decode_focus)
 
     # ------------------------------------------------------------------ construction
 

@@ -22,7 +22,7 @@ import numpy as np
 from mcjax import working_context as wcm
 from mcjax.base.model import KVCache
 from mcjax.checks import as_int
-from mcjax.config import ConfigError, LlamaConfig
+from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig
 from mcjax.tree import TreeView
 
 __all__ = ["StreamState", "Plan", "DEFAULT_MAX_TOKENS", "FOCUS_POLICIES", "KV_REUSE",
@@ -59,7 +59,8 @@ class StreamState:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Static, hashable description of a session's programs (the jit cache key)."""
+    """Static, hashable description of a session's programs (the jit cache key); built by
+    `make_plan`, which checks every setting and fills the defaults."""
 
     llama: LlamaConfig
     mc: Any  # MCConfig
@@ -99,16 +100,27 @@ class Plan:
         return max(1, -(-self.max_tokens // self.mc.block_size**level))
 
 
-def make_plan(llama: LlamaConfig, cfg, *, batch_size: int = 1,
+def make_plan(llama: LlamaConfig, cfg: ExperimentConfig, *, batch_size: int = 1,
               max_tokens: int = DEFAULT_MAX_TOKENS, collapse_headroom: int | None = None,
               prefill_chunk: int | None = None, pad_id: int = 0, focus_policy: str = "lens",
               kv_reuse: str = "exact", decode_focus: str = "every") -> Plan:
-    """The `Plan` of a session over base model `llama` with experiment config `cfg`
-    (checked; ConfigError naming the setting): what `Session` compiles its programs for,
-    and what a caller driving the programs itself (or projecting their cost by AOT
-    compilation, `mcjax.projection`) should build. Defaults are `Session`'s: headroom an
-    eighth of w_max in whole blocks, prefill chunk the largest K·2^i <= 256 dividing w_max.
+    """The `Plan` of a session over base model `llama` with experiment config `cfg`: the one
+    constructor that checks every setting of the programs before any work (TypeError for
+    a wrong kind of argument, else ConfigError naming the setting) and fills the defaults.
+    What `Session` compiles its programs for, and what a caller driving the programs itself
+    (or projecting their cost by AOT compilation, `mcjax.projection`) should build.
+    Defaults are `Session`'s: headroom an eighth of w_max in whole blocks, prefill chunk
+    the largest K·2^i <= 256 dividing w_max.
     """
+    if not isinstance(llama, LlamaConfig):
+        raise TypeError(f"base config must be a LlamaConfig, got {type(llama).__name__}")
+    if not isinstance(cfg, ExperimentConfig):
+        raise TypeError(f"cfg must be an ExperimentConfig, got {type(cfg).__name__}")
+    # the dtype may differ (a base model served in another precision)
+    if cfg.base_config is not None and \
+            dataclasses.replace(cfg.base_config, dtype=llama.dtype) != llama:
+        raise ConfigError(f"config {cfg.name!r} describes a different base model "
+                          f"({cfg.base_config}) than the one given ({llama})")
     if focus_policy not in FOCUS_POLICIES:
         raise ConfigError(f"focus_policy must be one of {FOCUS_POLICIES}, got "
                           f"{focus_policy!r}")
@@ -146,12 +158,20 @@ def make_plan(llama: LlamaConfig, cfg, *, batch_size: int = 1,
     if prefill_chunk % K or mc.w_max % prefill_chunk or prefill_chunk <= 0:
         raise ConfigError(f"prefill_chunk ({prefill_chunk}) must be a positive multiple of "
                           f"K ({K}) that divides w_max ({mc.w_max})")
-    return Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=int(batch_size),
+    plan = Plan(llama=llama, mc=mc, lens=cfg.lens, batch_size=int(batch_size),
                 max_tokens=int(max_tokens), pad_id=int(pad_id),
                 headroom=int(collapse_headroom), prefill_chunk=int(prefill_chunk),
                 focus_policy=focus_policy,
                 retrieval=cfg.retrieval if focus_policy in ("retrieval", "lens") else None,
                 kv_reuse=kv_reuse, decode_focus=decode_focus)
+    if plan.keeps_keys and max(plan.retrieval.layers) >= llama.num_layers:
+        raise ConfigError(f"retrieval.layers {plan.retrieval.layers} exceed the base "
+                          f"model's {llama.num_layers} layers")
+    if focus_policy == "lens" and plan.lens.query_tokens \
+            and plan.lens.query_layer > llama.num_layers:
+        raise ConfigError(f"lens.query_layer {plan.lens.query_layer} exceeds the base "
+                          f"model's {llama.num_layers} layers")
+    return plan
 
 
 def pending_base_position(plan: Plan, wc) -> jax.Array:
