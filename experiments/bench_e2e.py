@@ -79,10 +79,10 @@ def _held_out_tokens(cfg, n: int, vocab_size: int):
     trainers and evaluation do; the base model must have their tokenizer."""
     import numpy as np
 
-    from mcjax.eval import pipeline
-    from mcjax.train import data
+    from mcjax import data
+    from mcjax.scoring import load_frozen
 
-    frozen, _ = pipeline.load_base(cfg)
+    frozen = load_frozen(cfg)
     corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
                                    separator=frozen.separator, progress=False)
     tokens = np.asarray(corpus.tokens)[:n]

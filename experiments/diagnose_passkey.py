@@ -138,10 +138,12 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 def load(mode, cfg, args, *, nets: bool):
     """(frozen base, decode, cases, networks or None) — the evaluation's."""
-    from mcjax.eval import networks, pipeline, tasks
-    from mcjax.train import data
+    from mcjax import data
+    from mcjax.eval import networks, tasks
+    from mcjax.scoring import load_frozen
 
-    frozen, decode = pipeline.load_base(cfg)
+    frozen = load_frozen(cfg)
+    decode = frozen.decode
     haystack = None
     if args.haystack == "held_out":
         haystack = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",

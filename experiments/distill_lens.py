@@ -86,11 +86,13 @@ def _gen(args) -> int:
 
     from mcjax.assets import shipped_gist
     from mcjax.retrieval import BlockKeys
-    from mcjax.train import data, distill, loop
+    from mcjax import data
+    from mcjax.scoring import load_frozen
+    from mcjax.train import distill
     from mcjax.tree import BlockGister, MegaContextTree
 
     cfg = _config(args)
-    frozen = loop.load_frozen(cfg)
+    frozen = load_frozen(cfg)
     cfg = frozen.cfg
     shipped = shipped_gist(cfg)
     if shipped is None:

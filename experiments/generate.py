@@ -106,9 +106,9 @@ def _demo_ids(model, args, parser):
     """The demo prompt: held-out corpus text with a planted fact, then the question."""
     import numpy as np
 
-    from mcjax.train import data
+    from mcjax import data
 
-    # the held-out split exactly as training and evaluation tokenize it (loop.load_frozen)
+    # the held-out split exactly as training and evaluation tokenize it (scoring.load_frozen)
     corpus = data.tokenized_corpus(model.encode, args.model, "held_out",
                                    separator=model.config.eos_token_id or 0, progress=True)
     rng = np.random.default_rng(args.demo_seed)

@@ -89,12 +89,13 @@ def main(argv=None) -> int:
     from mcjax.config import ConfigError, get_config
     from mcjax.eval import pipeline
     from mcjax.eval.kv_reuse import session_variants_nll
+    from mcjax.scoring import load_frozen
 
     try:
         cfg = get_config(args.config, args.overrides)
     except ConfigError as e:
         p.error(str(e))
-    frozen, _ = pipeline.load_base(cfg)
+    frozen = load_frozen(cfg)
     cfg = frozen.cfg if cfg.base_config is None else cfg
     cfg = dataclasses.replace(cfg, base_config=frozen.cfg.base_config)
     K = cfg.mc.block_size

@@ -45,6 +45,7 @@ def paired_rows(a: dict, b: dict, variant: str) -> list[dict]:
     """Per layout with `variant` in both: B − A (mean, stderr, n) and each run's gap
     recovered (with its stderr)."""
     from mcjax.eval import metrics
+    from mcjax.statistics import mean_stderr
 
     rows = []
     for key in sorted(k for k in a if k.startswith("nll/") and k.endswith(f"/{variant}")):
@@ -57,7 +58,7 @@ def paired_rows(a: dict, b: dict, variant: str) -> list[dict]:
                                                 run[f"nll/{layout}/full"])
 
         ga, gb = gap(a), gap(b)
-        rows.append({"layout": layout, "b_minus_a": metrics.mean_stderr(b[key] - a[key]),
+        rows.append({"layout": layout, "b_minus_a": mean_stderr(b[key] - a[key]),
                      "gap_recovered_a": ga["gap_recovered"],
                      "gap_recovered_a_se": ga["gap_recovered_se"],
                      "gap_recovered_b": gb["gap_recovered"],

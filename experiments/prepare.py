@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     print(f"base model {args.model}: {path} ({time.perf_counter() - t0:.1f} s)")
     if not args.no_corpora:
         from mcjax.base.loading import BaseModel, load_config, load_tokenizer
-        from mcjax.train import data
+        from mcjax import data
 
         docs = data.fetch_corpora()
         # Tokenizing needs the tokenizer and the separator id only: not the weights

@@ -68,9 +68,10 @@ def main(argv=None) -> int:
     from mcjax.base import model as base
     from mcjax.config import get_config
     from mcjax.eval import tasks
-    from mcjax.train import data, loop
+    from mcjax import data
+    from mcjax.scoring import load_frozen
 
-    frozen = loop.load_frozen(get_config(args.config))
+    frozen = load_frozen(get_config(args.config))
     llama, mc = frozen.cfg.base_config, frozen.cfg.mc
     K = mc.block_size
     layers = (tuple(range(llama.num_layers)) if args.layers == "all"

@@ -39,7 +39,7 @@ Public API:
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -48,7 +48,8 @@ import numpy as np
 
 from mcjax.config import GistConfig
 
-__all__ = ["GistNet", "GistInputError", "embedding_rms", "init_gist_params", "gist_blocks", "num_params"]
+__all__ = ["GistNet", "GistInputError", "embedding_rms", "init_gist_params", "gist_blocks",
+           "gist_levels", "num_params"]
 
 Params = Any
 
@@ -255,6 +256,30 @@ def gist_blocks(params: Params, cfg: GistConfig, children: jax.Array, level) -> 
                                  f"{lv.min()}..{lv.max()}")
     # Device arrays in, always: numpy and jax inputs would otherwise key separate cache entries.
     return _gist_blocks(params, cfg, jnp.asarray(children), jnp.asarray(level, jnp.int32))
+
+
+def gist_levels(gist_fn: Callable, children: jax.Array, block_size: int, num_levels: int, *,
+                dtype=None) -> list[jax.Array]:
+    """Gists of every complete group, level by level, of children [B, T, D] (a history's
+    LOD1 children from its start): level 1 gists each block of K children, level ℓ each
+    group of K level-(ℓ−1) gists; gradients flow through every level. A level with no
+    complete group holds one zero row. With `dtype` each level is cast before the next is
+    built from it (what a tree stores and reads back). `gist_fn(children [N, K, D], level)
+    -> [N, D]`. Traceable: the jittable counterpart of the tree's incremental gisting."""
+    B, T, D = children.shape
+    K = block_size
+    lower, count, levels = children, T, []
+    for lvl in range(1, num_levels + 1):
+        n = count // K
+        if n:
+            rows = gist_fn(lower[:, : n * K].reshape(B * n, K, D), lvl).reshape(B, n, D)
+        else:
+            rows = jnp.zeros((B, 1, D), jnp.float32)
+        if dtype is not None:
+            rows = rows.astype(dtype)
+        levels.append(rows)
+        lower, count = rows, n
+    return levels
 
 
 def num_params(params: Params) -> int:

@@ -48,7 +48,9 @@ __all__ = [
     "WorkingContext", "AppendInfo", "InvariantError", "CapacityError",
     "empty", "from_entries", "to_entries", "initial_layout", "min_slots", "check_capacity",
     "check_config", "sink_tokens", "sink_mask",
-    "capacity_message", "span_start", "span_size", "slot_positions", "protected_mask",
+    "capacity_message", "span_start", "span_size", "span_positions", "slot_positions",
+    "next_position",
+    "protected_mask",
     "legal_expand_mask", "legal_collapse_heads", "group_windows", "window_sum_int",
     "relayout", "actions_from_masks", "group_cover", "legal_directions", "span_end_fraction",
     "apply_edits", "expand", "collapse", "append", "append_checked", "materialize",
@@ -150,18 +152,36 @@ def span_start(level: jax.Array, node: jax.Array, cfg: MCConfig) -> jax.Array:
     return node * span_size(level, cfg)
 
 
-def slot_positions(wc: WorkingContext, cfg: MCConfig, scheme: str | None = None) -> jax.Array:
-    """Position ids [W]: `absolute` = token index (a gist: centre of its span, start + K**ℓ/2);
-    `compact` = running index over the WC. Padding slots get 0."""
-    scheme = scheme or cfg.position_scheme
+def span_positions(start, size, scheme: str):
+    """The positions rule: position ids [..., N] of N slots holding the spans [start,
+    start + size) [..., N], oldest first — `absolute` = token index (a span: its centre,
+    start + size // 2), `compact` = running index over the slots. numpy in, numpy out
+    (host layouts); jax arrays otherwise."""
+    xp = np if isinstance(start, np.ndarray) else jnp
     if scheme == "absolute":
-        size = span_size(wc.level, cfg)
-        pos = wc.node * size + size // 2
-    elif scheme == "compact":
-        pos = jnp.broadcast_to(jnp.arange(wc.capacity, dtype=jnp.int32), wc.level.shape)
-    else:
-        raise ConfigError(f"position scheme must be absolute|compact, got {scheme!r}")
+        return start + size // 2
+    if scheme == "compact":
+        return xp.broadcast_to(xp.arange(start.shape[-1], dtype=xp.int32), start.shape)
+    raise ConfigError(f"position scheme must be absolute|compact, got {scheme!r}")
+
+
+def slot_positions(wc: WorkingContext, cfg: MCConfig, scheme: str | None = None) -> jax.Array:
+    """Position ids [W] of the WC's slots (`span_positions`, valid slots packed first);
+    padding slots get 0."""
+    size = span_size(wc.level, cfg)
+    pos = span_positions(wc.node * size, size, scheme or cfg.position_scheme)
     return jnp.where(wc.valid, pos, 0).astype(jnp.int32)
+
+
+def next_position(wc: WorkingContext, cfg: MCConfig, scheme: str | None = None) -> jax.Array:
+    """[...] position id of the first token after the WC (a pending or continuation token):
+    `absolute` = its token index T, `compact` = the running index after the valid slots."""
+    scheme = scheme or cfg.position_scheme
+    if scheme == "compact":
+        return wc.num_valid
+    if scheme == "absolute":
+        return jnp.asarray(wc.num_tokens, jnp.int32)
+    raise ConfigError(f"position scheme must be absolute|compact, got {scheme!r}")
 
 
 def sink_mask(level, node, valid, cfg: MCConfig) -> jax.Array:

@@ -8,7 +8,7 @@ import pytest
 
 from mcjax.config import get_config
 from mcjax.eval import baselines, ceiling, tasks
-from mcjax.train.loop import load_frozen
+from mcjax.scoring import load_frozen
 
 
 @pytest.fixture(scope="module")

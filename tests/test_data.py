@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mcjax.train import data
+from mcjax import data
 
 
 def test_split_is_by_document_and_deterministic():

@@ -26,8 +26,9 @@ from mcjax.config import get_config, override
 from mcjax import assets
 from mcjax.eval import baselines, metrics, report, tasks
 from mcjax.runtime import Session, policy_scores, recency_scores, untrained_params
-from mcjax.train import data, steps
-from mcjax.train.loop import load_frozen
+from mcjax import data
+from mcjax.train import steps
+from mcjax.scoring import byte_decode, load_frozen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -448,7 +449,7 @@ def test_passkey_cases_have_the_exact_length_and_spread_needles(frozen):
     assert starts == sorted(starts) and starts[0] < 200 and starts[-1] > 400
     for c in cases:
         lo, hi = c.needle_span
-        assert c.key in tasks.byte_decode(c.tokens[lo:hi])
+        assert c.key in byte_decode(c.tokens[lo:hi])
     again = tasks.passkey_cases(frozen.encode, 700, 4, seed=0)
     assert [c.key for c in cases] == [c.key for c in again]
 
@@ -466,12 +467,12 @@ def test_focus_recall_asks_whether_some_answer_occurrence_is_wholly_raw():
 
 def test_answer_positions_are_the_needles_key_occurrences(frozen):
     for c in tasks.passkey_cases(frozen.encode, 700, 3, seed=1):
-        occurrences = tasks.answer_positions(c, tasks.byte_decode)
+        occurrences = tasks.answer_positions(c, byte_decode)
         lo, hi = c.needle_span
         assert occurrences
         for pos in occurrences:  # byte tokens: exactly the key's characters, in order
             assert lo <= pos.min() and pos.max() < hi
-            assert tasks.byte_decode(c.tokens[pos]) == c.key
+            assert byte_decode(c.tokens[pos]) == c.key
 
 
 @pytest.mark.parametrize("task", [t for t in tasks.PASSKEY_TASKS if t != "passkey"])
@@ -481,9 +482,9 @@ def test_lookalike_cases_place_the_asked_value_where_their_answer_spans_say(froz
     assert [c.key for c in cases] == [c.key for c in again]
     for c in cases:
         assert len(c.tokens) == 900 and c.answer_spans
-        text = tasks.byte_decode(c.tokens)
+        text = byte_decode(c.tokens)
         for a, b in c.answer_spans:  # byte tokens: the span is exactly the asked value
-            assert tasks.byte_decode(c.tokens[a:b]) == c.key
+            assert byte_decode(c.tokens[a:b]) == c.key
             assert c.needle_span[0] <= a and b <= c.needle_span[1]
         assert text.count(c.key) == 1  # the asked value once; the question never says it
         question = text[text.rindex("\n"):]
@@ -498,12 +499,12 @@ def test_lookalike_cases_place_the_asked_value_where_their_answer_spans_say(froz
             a, _ = c.answer_spans[0]
             assert a - c.needle_span[0] >= tasks.SPLIT_GAP_TOKENS
         if task == "paraphrase":
-            needle = tasks.byte_decode(c.tokens[slice(*c.needle_span)])
+            needle = byte_decode(c.tokens[slice(*c.needle_span)])
             assert not set(needle.lower().split()) & set(question.lower().split()) - {
                 "the", "is", "a", "of", "that", "those", "what", "which", "one", "can"}
     with pytest.raises(tasks.EvalInputError, match="too short"):
         tasks.passkey_cases(frozen.encode, 60, 1, seed=0, task=task)
-    assert tasks.answer_positions(cases[0], tasks.byte_decode)[0].tolist() == list(
+    assert tasks.answer_positions(cases[0], byte_decode)[0].tolist() == list(
         range(*cases[0].answer_spans[0]))
 
 
@@ -915,8 +916,8 @@ def test_paired_accuracy_counts_discordant_cases_and_gives_the_exact_sign_test()
 
 def test_focus_quality_scores_lensnet_v2_and_retrieval_on_the_same_candidates(frozen, cfg):
     from mcjax import retrieval
-    from mcjax.train import losses
-    from mcjax.train.loop import lens_task
+    from mcjax import counterfactuals
+    from mcjax.counterfactuals import lens_task
 
     v2 = override(cfg, {"lens.query_tokens": 3, "lens.query_layer": 2,
                         "lens.retrieval_features": True})
@@ -935,7 +936,7 @@ def test_focus_quality_scores_lensnet_v2_and_retrieval_on_the_same_candidates(fr
                                     base_cfg=v2.base_config, gist_cfg=v2.gist, task=task)
     got = baselines._candidate_predictions(lens, cf, jax.random.key(1), lens_cfg=v2.lens,
                                            task=task, scorer="retrieval")
-    want = [losses.candidate_scores(retrieval.slot_scores(
+    want = [counterfactuals.candidate_scores(retrieval.slot_scores(
         jax.tree.map(lambda x: x[b], cf.wc), cf.retrieval_blocks[b], v2.mc),
         jax.tree.map(lambda x: x[b], cf.candidates), v2.mc.block_size) for b in range(2)]
     np.testing.assert_allclose(np.asarray(got), np.stack(want), atol=1e-6)

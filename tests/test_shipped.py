@@ -12,6 +12,7 @@ import pytest
 from mcjax import assets
 from mcjax.config import get_config
 from mcjax.eval.metrics import paired_vs_truncation
+from mcjax import data, scoring
 from mcjax.train import loop
 
 pytestmark = pytest.mark.slow
@@ -54,12 +55,13 @@ def test_sessions_use_the_shipped_gistnet_unless_told_untrained(shipped):
 
 def test_shipped_gistnet_beats_truncation_at_32_to_1_on_fixed_held_out_windows(shipped):
     cfg, model = shipped
-    frozen = loop.Frozen(cfg, model.params, model.encode, cfg.base, cfg.base_config.eos_token_id)
+    frozen = scoring.Frozen(cfg, model.params, model.encode, cfg.base,
+                            cfg.base_config.eos_token_id)
     params, _ = assets.shipped_gist(cfg)
     layout = loop.gist_layout(cfg, use_lod2=False, keep_raw_blocks=1)  # 32 LOD1 gists
     assert layout.compression_ratio == 32.0 and layout.num_gists == 32
-    (batch,) = loop.held_out_batches(frozen, 1, 8, cfg.train.seq_len, seed=4321)
-    nll = {v: np.asarray(loop.variant_nll(
+    (batch,) = data.held_out_batches(frozen, 1, 8, cfg.train.seq_len, seed=4321)
+    nll = {v: np.asarray(scoring.variant_nll(
         model.params, params, jnp.asarray(batch), base_cfg=cfg.base_config, gist_cfg=cfg.gist,
         layout=layout, variant=v)).mean(axis=1) for v in ("full", "gistnet", "truncation")}
     row = paired_vs_truncation(nll["gistnet"], nll["truncation"], nll["full"])
@@ -94,7 +96,8 @@ def test_shipped_lensnet_reproduces_retrieval_focus_and_beats_recency_on_passkey
     focus on the same states (needles at 15-75 % depth) finds the needle's gist less often."""
     from mcjax.retrieval import BlockKeys
     from mcjax.runtime import recency_scores
-    from mcjax.train import data, distill
+    from mcjax import data
+    from mcjax.train import distill
     from mcjax.tree import BlockGister, MegaContextTree
 
     cfg, model = shipped

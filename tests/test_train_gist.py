@@ -20,8 +20,10 @@ from mcjax.checkpoint import (Checkpointer, CheckpointMismatchError, check_compa
                               config_to_json, nets_in)
 from mcjax.config import get_config, override
 from mcjax.gist import embedding_rms, gist_blocks, init_gist_params
-from mcjax.train import losses, steps
-from mcjax.train.loop import _init_gist, load_frozen, train_gist
+from mcjax import scoring
+from mcjax.scoring import load_frozen
+from mcjax.train import steps
+from mcjax.train.loop import _init_gist, train_gist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny():
     cfg = get_config("tiny")
     frozen = load_frozen(cfg)
-    layout = losses.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon)
+    layout = scoring.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, layout.window_len)),
                          jnp.int32)
     return cfg, frozen, layout, tokens
@@ -51,9 +53,9 @@ def test_layout_keeps_the_sink_compresses_aligned_blocks_and_keeps_the_newest_ra
                                   np.r_[np.arange(32), np.arange(1056, layout.window_len - 1)])
     np.testing.assert_array_equal(layout.positions(), np.arange(layout.num_slots))
     with pytest.raises(ValueError, match="multiple of block_size"):
-        losses.GistLayout.build(cfg.mc, prefix_len=1000)
+        scoring.GistLayout.build(cfg.mc, prefix_len=1000)
     with pytest.raises(ValueError, match="nothing to compress"):
-        losses.GistLayout.build(cfg.mc, prefix_len=1088, keep_raw_blocks=33)
+        scoring.GistLayout.build(cfg.mc, prefix_len=1088, keep_raw_blocks=33)
 
 
 def _manual_nll(frozen, cfg, tokens, embeds, positions, first_target):
@@ -70,24 +72,24 @@ def test_targets_are_the_next_tokens_and_identical_for_every_variant(tiny):
     cfg, frozen, compact, tokens = tiny
     layout = dataclasses.replace(compact, position_scheme="absolute")  # positions = token ids
     P, H = layout.prefix_len, layout.horizon
-    targets = losses.continuation_targets(tokens, layout)
+    targets = scoring.continuation_targets(tokens, layout)
     for i in range(H):  # target i is the token after the slot that predicts it
         np.testing.assert_array_equal(targets[:, i], tokens[:, P + i])
     bc, bp = cfg.base_config, frozen.params
     emb = base.embed_tokens(bp, tokens[:, : P + H - 1])
-    full = losses.full_context_nll(bp, bc, tokens, layout)[0]
+    full = scoring.full_context_nll(bp, bc, tokens, layout)[0]
     chex.assert_trees_all_close(full, _manual_nll(frozen, cfg, tokens, emb,
                                                   np.arange(P + H - 1), P), atol=1e-5)
-    trunc = losses.substitution_nll(bp, bc, tokens, layout, None)[0]
+    trunc = scoring.substitution_nll(bp, bc, tokens, layout, None)[0]
     keep = np.r_[np.arange(32), np.arange(layout.raw_start, P + H - 1)]  # sink + raw tail
     chex.assert_trees_all_close(trunc, _manual_nll(frozen, cfg, tokens, emb[:, keep], keep, P),
                                 atol=1e-5)
-    trunc_c = losses.substitution_nll(bp, bc, tokens, compact, None)[0]  # compact: packed
+    trunc_c = scoring.substitution_nll(bp, bc, tokens, compact, None)[0]  # compact: packed
     chex.assert_trees_all_close(trunc_c, _manual_nll(frozen, cfg, tokens, emb[:, keep],
                                                      np.arange(len(keep)), P), atol=1e-5)
     lod1 = emb[:, 32:1056].reshape(2, 32, 32, -1).mean(2)
     gists = lod1.mean(1, keepdims=True)  # the LOD2 gist of the 32 LOD1 means
-    mean = losses.substitution_nll(bp, bc, tokens, layout, losses.mean_pool_gist_fn)[0]
+    mean = scoring.substitution_nll(bp, bc, tokens, layout, scoring.mean_pool_gist_fn)[0]
     inputs = jnp.concatenate([emb[:, :32], gists, emb[:, layout.raw_start:]], 1)
     chex.assert_trees_all_close(
         mean, _manual_nll(frozen, cfg, tokens, inputs, layout.positions(), P), atol=1e-5)
@@ -96,15 +98,15 @@ def test_targets_are_the_next_tokens_and_identical_for_every_variant(tiny):
 def test_dense_targets_cover_every_raw_tail_position_and_all_raw_gives_zero_kl(tiny):
     cfg, frozen, _, tokens = tiny
     bc, bp = cfg.base_config, frozen.params
-    lay = losses.GistLayout.build(cfg.mc, prefix_len=1088, keep_raw_blocks=4, use_lod2=False,
+    lay = scoring.GistLayout.build(cfg.mc, prefix_len=1088, keep_raw_blocks=4, use_lod2=False,
                                   horizon=cfg.mc.horizon)
     n = lay.scored(dense=True)
     assert n == 4 * 32 + lay.horizon - 1 and lay.scored(dense=False) == lay.horizon
-    np.testing.assert_array_equal(losses.continuation_targets(tokens, lay, dense=True),
+    np.testing.assert_array_equal(scoring.continuation_targets(tokens, lay, dense=True),
                                   tokens[:, lay.raw_start + 1: lay.window_len])
     gists = jnp.asarray(np.random.default_rng(3).normal(0, .02, (2, lay.num_gists,
                                                                     bc.hidden_size)))
-    nll = losses.substitution_nll_from_gists(bp, bc, tokens, lay, gists, dense=True)[0]
+    nll = scoring.substitution_nll_from_gists(bp, bc, tokens, lay, gists, dense=True)[0]
     emb = base.embed_tokens(bp, tokens[:, : lay.window_len - 1])
     inputs = jnp.concatenate([emb[:, :32], gists.astype(emb.dtype), emb[:, lay.raw_start:]], 1)
     chex.assert_trees_all_close(nll, _manual_nll(frozen, cfg, tokens, inputs, lay.positions(),
@@ -113,9 +115,9 @@ def test_dense_targets_cover_every_raw_tail_position_and_all_raw_gives_zero_kl(t
     # one, so the dense KL to the full context is exactly zero at every position.
     all_raw = dataclasses.replace(lay, keep_raw_blocks=33, lod1_blocks=0)
     none = jnp.zeros((2, 0, bc.hidden_size))
-    _, logp = losses.substitution_nll_from_gists(bp, bc, tokens, all_raw, none, dense=True)
-    _, full_logp = losses.full_context_nll(bp, bc, tokens, all_raw, dense=True)
-    kl = losses.kl_to_teacher(full_logp, logp)
+    _, logp = scoring.substitution_nll_from_gists(bp, bc, tokens, all_raw, none, dense=True)
+    _, full_logp = scoring.full_context_nll(bp, bc, tokens, all_raw, dense=True)
+    kl = scoring.kl_to_teacher(full_logp, logp)
     assert kl.shape == (2, all_raw.window_len - 1 - 32)
     np.testing.assert_allclose(np.asarray(kl), 0.0, atol=1e-5)
 
@@ -123,11 +125,11 @@ def test_dense_targets_cover_every_raw_tail_position_and_all_raw_gives_zero_kl(t
 def test_hidden_children_are_the_read_pass_features(tiny):
     cfg, frozen, layout, tokens = tiny
     g = dataclasses.replace(cfg.gist, input="hidden", input_layer=2, read_chunk=512)
-    ch = losses.lod1_children(frozen.params, cfg.base_config, g, tokens[:, :1056])
+    ch = scoring.lod1_children(frozen.params, cfg.base_config, g, tokens[:, :1056])
     ref = base.layer_hidden(frozen.params, cfg.base_config, tokens[:, :1056], layer=2,
                             chunk=512)
     chex.assert_trees_all_close(ch, ref)
-    emb = losses.lod1_children(frozen.params, cfg.base_config, cfg.gist, tokens[:, :1056])
+    emb = scoring.lod1_children(frozen.params, cfg.base_config, cfg.gist, tokens[:, :1056])
     chex.assert_trees_all_close(emb, base.embed_tokens(frozen.params, tokens[:, :1056]))
 
 
@@ -154,9 +156,9 @@ def test_one_step_trains_every_gistnet_param_and_no_base_param(tiny):
 
 def test_cycling_step_trains_each_layout_in_turn(tiny):
     cfg, frozen, layout, tokens = tiny
-    lod1 = losses.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
+    lod1 = scoring.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
                                    use_lod2=False)
-    keep4 = losses.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
+    keep4 = scoring.GistLayout.build(cfg.mc, prefix_len=1088, horizon=cfg.mc.horizon,
                                     use_lod2=False, keep_raw_blocks=4)
     assert (layout.num_gists, lod1.num_gists, keep4.num_gists) == (1, 32, 29)
     gp = init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(5))

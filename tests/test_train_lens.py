@@ -27,9 +27,12 @@ from mcjax.checkpoint import Checkpointer
 from mcjax.config import get_config, override
 from mcjax.gist import init_gist_params
 from mcjax.lens import init_lens
+from mcjax import counterfactuals, scoring
+from mcjax.counterfactuals import lens_task
+from mcjax.data import held_out_batches
+from mcjax.scoring import load_frozen
 from mcjax.train import losses, steps
-from mcjax.train.loop import (gist_layout, gist_train_layouts, held_out_batches, lens_task,
-                              load_frozen, load_gist_params, train_lens)
+from mcjax.train.loop import gist_layout, gist_train_layouts, load_gist_params, train_lens
 from mcjax.tree import BlockGister, MegaContextTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +82,7 @@ def lens_steps(tiny):
 def _bank_levels(task, mc):
     """Levels used by the task's layout bank; every layout checked legal (sink included)
     and left with room for one counterfactual expansion."""
-    bank = losses.lens_layout_bank(task)
+    bank = counterfactuals.lens_layout_bank(task)
     K, W = mc.block_size, mc.w_max
     levels = set()
     for i in range(task.num_layouts):
@@ -100,19 +103,19 @@ def test_layout_bank_is_legal_and_leaves_room_for_one_expansion(tiny):
     # by check_invariants). Without a sink the same prefix reaches every level.
     assert _bank_levels(task, cfg.mc) == {0, 1}
     mc0 = override(cfg.mc, {"sink_blocks": 0})
-    task0 = losses.LensTask.build(mc0, task.prefix_len, candidates=CANDIDATES,
+    task0 = counterfactuals.LensTask.build(mc0, task.prefix_len, candidates=CANDIDATES,
                                   layout_seed=task.layout_seed)
     assert _bank_levels(task0, mc0) == {0, 1, 2}
     with pytest.raises(ValueError, match="w_max=100 cannot hold"):
-        losses.LensTask.build(override(cfg.mc, {"w_max": 100}), 1088)
+        counterfactuals.LensTask.build(override(cfg.mc, {"w_max": 100}), 1088)
     with pytest.raises(ValueError, match="multiple of block_size"):
-        losses.LensTask.build(cfg.mc, 1000)
+        counterfactuals.LensTask.build(cfg.mc, 1000)
 
 
 def test_illegal_penalty_reads_the_unmasked_head_that_the_score_mask_hides(tiny):
     cfg, _, task, _, lens, _, _ = tiny
     mc, D = cfg.mc, cfg.base_config.hidden_size
-    bank = jax.tree.map(jnp.asarray, losses.lens_layout_bank(task))
+    bank = jax.tree.map(jnp.asarray, counterfactuals.lens_layout_bank(task))
     rng = np.random.default_rng(0)
     emb = jnp.asarray(rng.normal(size=bank.level.shape + (D,)), jnp.float32)
     nt = mc.num_tail_gists
@@ -139,7 +142,7 @@ def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one
     cfg, frozen, task, gist, _, tokens, _ = tiny
     mc, bp, bc = cfg.mc, frozen.params, cfg.base_config
     P, H = task.prefix_len, task.horizon
-    fn = jax.jit(lambda gp, bp, t, r: losses.gistnet_counterfactuals(
+    fn = jax.jit(lambda gp, bp, t, r: counterfactuals.gistnet_counterfactuals(
         gp, cfg.gist, bp, bc, t, r, task))
     cf = jax.device_get(fn(gist, bp, tokens, jax.random.key(11)))
     # every variant of every example is scored on tokens[P : P+H], each target predicted from
@@ -165,7 +168,7 @@ def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one
             kind, slot = int(cf.candidates.kind[b, v - 1]), int(cf.candidates.slot[b, v - 1])
             if not cf.valid[b, v - 1]:
                 continue
-            edit = wcm.expand if kind == losses.EXPAND_CANDIDATE else wcm.collapse
+            edit = wcm.expand if kind == counterfactuals.EXPAND_CANDIDATE else wcm.collapse
             variant, applied = edit(wc, slot, mc)
             assert bool(applied)
             wcm.check_invariants(variant, view, mc)
@@ -180,7 +183,7 @@ def test_counterfactual_utilities_use_identical_next_token_targets_and_match_one
         np.testing.assert_allclose(cf.nll[b, v], nll, atol=2e-4, err_msg=f"variant {v}")
         means.append(nll.mean())
         if v > 0:  # value of detail: NLL saved by an expansion, NLL cost of a collapse
-            sign = -1.0 if kind == losses.EXPAND_CANDIDATE else 1.0
+            sign = -1.0 if kind == counterfactuals.EXPAND_CANDIDATE else 1.0
             np.testing.assert_allclose(cf.value[b, v - 1], sign * (nll.mean() - means[0]),
                                        atol=2e-4)
     assert len(means) >= 2
@@ -196,8 +199,8 @@ def test_counterfactual_prefix_tree_holds_the_runtime_trees_gists_for_either_gis
     bp, bc, mc, P = frozen.params, cfg.base_config, cfg.mc, task.prefix_len
     gist = init_gist_params(cfg.gist, bc.hidden_size, jax.random.key(5),
                             block_size=mc.block_size)
-    fn, children = losses.gist_inputs("gistnet", bp, bc, gist, cfg.gist, tokens[:, :P])
-    view = losses.prefix_tree(fn, children, tokens, task)
+    fn, children = scoring.gist_inputs("gistnet", bp, bc, gist, cfg.gist, tokens[:, :P])
+    view = counterfactuals.prefix_tree(fn, children, tokens, task)
     for b in (0, tokens.shape[0] - 1):
         tree = MegaContextTree.in_memory(mc, BlockGister.from_base(
             cfg.gist, gist, bp, bc, block_size=mc.block_size))
@@ -224,7 +227,7 @@ def test_v2_counterfactuals_read_the_question_as_the_runtime_and_train_every_v2_
     task = lens_task(cfg, CANDIDATES)
     assert task.retrieval == rc and task.lens == cfg.lens
     P = task.prefix_len
-    cf = jax.device_get(jax.jit(lambda gp, b, t, r: losses.gistnet_counterfactuals(
+    cf = jax.device_get(jax.jit(lambda gp, b, t, r: counterfactuals.gistnet_counterfactuals(
         gp, cfg.gist, b, bc, t, r, task))(gist, bp, tokens, jax.random.key(11)))
     assert cf.query.hidden.shape == (tokens.shape[0], 3, bc.hidden_size)
     assert cf.slot_retrieval.shape == (tokens.shape[0], mc.w_max, 2)
@@ -264,7 +267,7 @@ def test_v2_counterfactuals_read_the_question_as_the_runtime_and_train_every_v2_
         assert float(jnp.abs(m).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
     # a v2 task without the retrieval read is refused, not silently unconditioned
     with pytest.raises(ValueError, match="retrieval read"):
-        losses.LensTask.build(mc, P, lens=cfg.lens)
+        counterfactuals.LensTask.build(mc, P, lens=cfg.lens)
 
 
 def test_train_lens_fine_tunes_a_params_file_lensnet_on_a_params_file_gistnet(tmp_path, tiny):

@@ -142,7 +142,7 @@ def test_append_collapse_ahead_allocator_and_training_share_one_collapse_rule(cf
 
     from mcjax import focus
     from mcjax.runtime import collapse_ahead
-    from mcjax.train.losses import _collapsible_heads
+    from mcjax.counterfactuals import _collapsible_heads
 
     wc = random_layout(data.draw, cfg, stamps=True)
     scores = dyadic_scores(data.draw, cfg.w_max)

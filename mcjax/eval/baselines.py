@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcjax import counterfactuals, data
 from mcjax import lens as lens_lib
 from mcjax import retrieval
 from mcjax.base.generate import GreedySampler
@@ -21,8 +22,8 @@ from mcjax.config import ExperimentConfig, LlamaConfig
 from mcjax.eval import metrics
 from mcjax.eval.tasks import LayoutSpec, answer_positions, feed_schedule
 from mcjax.runtime import Session, random_scores, recency_scores
-from mcjax.train import data, losses
-from mcjax.train.loop import Frozen, variant_nll
+from mcjax.scoring import Frozen, variant_nll
+from mcjax.statistics import mean_stderr
 
 __all__ = ["NLL_VARIANTS", "PAIRED_VARIANTS", "window_variant_nll", "available_variants",
            "PerWindowNLL", "per_window_nll", "summarize_delta_nll", "paired_rows",
@@ -31,7 +32,7 @@ __all__ = ["NLL_VARIANTS", "PAIRED_VARIANTS", "window_variant_nll", "available_v
            "full_context_fit", "full_context_generate", "focus_quality", "FOCUS_SCORERS"]
 
 # Context variants of the ΔNLL sweep; "gistnet_untrained" is the GistNet the trainer
-# starts from (same seed and init), the others as in `mcjax.train.loop.variant_nll`.
+# starts from (same seed and init), the others as in `mcjax.scoring.variant_nll`.
 NLL_VARIANTS = ("full", "gistnet", "gistnet_untrained", "mean_pool", "mean_pool_hidden",
                 "truncation")
 # Variants compared with truncation in the paired statistics (truncation itself included:
@@ -173,7 +174,7 @@ def summarize_delta_nll(pw: PerWindowNLL) -> dict[str, Any]:
         nll = pw.nll[spec.name]
         rows.append({**spec.describe(),
                      "nll": {v: float(nll[v].mean()) for v in pw.variants},
-                     "delta_nll": {v: metrics.mean_stderr(nll[v] - nll["full"])
+                     "delta_nll": {v: mean_stderr(nll[v] - nll["full"])
                                    for v in pw.variants}})
     return {"windows": pw.num_windows, "window_len": pw.window_len,
             "variants": list(pw.variants), "skipped_variants": dict(pw.skipped),
@@ -377,8 +378,8 @@ FOCUS_SCORERS = ("lens", "retrieval", "recency", "random")
 
 @functools.partial(jax.jit, static_argnames=("base_cfg", "gist_cfg", "task"))
 def _counterfactuals(gist_params, base_params, tokens, rng, *, base_cfg, gist_cfg, task):
-    return losses.gistnet_counterfactuals(gist_params, gist_cfg, base_params, base_cfg, tokens,
-                                          rng, task)
+    return counterfactuals.gistnet_counterfactuals(gist_params, gist_cfg, base_params, base_cfg, tokens,
+                                                   rng, task)
 
 
 @functools.partial(jax.jit, static_argnames=("lens_cfg", "task", "scorer"))
@@ -395,18 +396,18 @@ def _candidate_predictions(lens_params, cf, key, *, lens_cfg, task, scorer):
     else:
         keys = jax.random.split(key, cf.wc.level.shape[0])
         scores = jax.vmap(lambda k, wc: random_scores(k, wc, mc))(keys, cf.wc)
-    return jax.vmap(lambda s, c: losses.candidate_scores(s, c, mc.block_size))(
+    return jax.vmap(lambda s, c: counterfactuals.candidate_scores(s, c, mc.block_size))(
         scores, cf.candidates)
 
 
 def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np.ndarray],
-                  task: losses.LensTask, *, seed: int = 0,
+                  task: counterfactuals.LensTask, *, seed: int = 0,
                   scorers: Sequence[str] | None = None, progress: bool = False
                   ) -> dict[str, Any]:
     """Scores against measured counterfactual utility on held-out windows.
 
     Per window: a compressed WC of the prefix and candidate expansions / collapses
-    (`losses.counterfactuals`, the lens trainer's task), each candidate's *value of detail*
+    (`counterfactuals.counterfactuals`, the lens trainer's task), each candidate's *value of detail*
     measured by one counterfactual forward (nats/token: NLL an expansion saves, NLL a
     collapse costs), and what the allocator would read for it (the slot's score for an
     expansion, the group's mean score for a collapse) under each scorer. A good scorer
@@ -426,8 +427,8 @@ def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np
         raise ValueError(f"unknown focus scorers {unknown}; known: {', '.join(FOCUS_SCORERS)}")
     if "retrieval" in scorers and task.retrieval is None:
         raise ValueError("the retrieval scorer needs a lens task with the retrieval read "
-                         "(loop.lens_task(cfg, retrieval=True))")
-    eps = losses.LensLossConfig().utility_eps
+                         "(counterfactuals.lens_task(cfg, retrieval=True))")
+    eps = counterfactuals.UTILITY_EPS
     pred: dict[str, list] = {s: [] for s in scorers}
     values, targets, kinds = [], [], []
     for i, batch in enumerate(tqdm(batches, desc="focus quality", disable=not progress)):
@@ -439,7 +440,7 @@ def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np
                               base_cfg=cfg.base_config, gist_cfg=cfg.gist, task=task)
         valid = np.asarray(cf.valid)
         values.append(np.asarray(cf.value)[valid])
-        targets.append(np.asarray(losses.normalized_utility(cf.value, cf.valid, eps))[valid])
+        targets.append(np.asarray(counterfactuals.normalized_utility(cf.value, cf.valid, eps))[valid])
         kinds.append(np.asarray(cf.candidates.kind)[valid])
         for s in scorers:
             p = _candidate_predictions(lens_params, cf, jax.random.fold_in(rng, 7),
@@ -450,8 +451,8 @@ def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np
     kind = np.concatenate(kinds)
     out: dict[str, Any] = {
         "windows": int(sum(len(b) for b in batches)), "candidates": int(value.size),
-        "expand_candidates": int((kind == losses.EXPAND_CANDIDATE).sum()),
-        "collapse_candidates": int((kind == losses.COLLAPSE_CANDIDATE).sum()),
+        "expand_candidates": int((kind == counterfactuals.EXPAND_CANDIDATE).sum()),
+        "collapse_candidates": int((kind == counterfactuals.COLLAPSE_CANDIDATE).sum()),
         "value_mean_abs": float(np.abs(value).mean()) if value.size else None,
         "definition": ("value = NLL change of the candidate action on the H continuation "
                        "tokens, signed so that higher means the span's detail is worth more "
@@ -462,8 +463,8 @@ def focus_quality(frozen: Frozen, gist_params, lens_params, batches: Sequence[np
         p = np.concatenate(pred[s])
         row = {"vs_value": metrics.correlation_summary(p, value),
                "vs_normalised_utility": metrics.correlation_summary(p, target)}
-        for name, k in (("expand", losses.EXPAND_CANDIDATE),
-                        ("collapse", losses.COLLAPSE_CANDIDATE)):
+        for name, k in (("expand", counterfactuals.EXPAND_CANDIDATE),
+                        ("collapse", counterfactuals.COLLAPSE_CANDIDATE)):
             row[f"{name}_vs_value"] = metrics.correlation_summary(p[kind == k], value[kind == k])
         out["scorers"][s] = row
     return out

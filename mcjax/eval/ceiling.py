@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mcjax import scoring
 from mcjax.config import GistConfig, LlamaConfig
 from mcjax.eval import metrics
 from mcjax.eval.tasks import LayoutSpec, batches_of
 from mcjax.gist import embedding_rms
-from mcjax.train import losses
+from mcjax.statistics import mean_stderr
 
 __all__ = ["INITS", "FITS", "CeilingConfig", "CeilingResult", "init_vectors", "optimize_ceiling",
            "ceiling_section", "CEILING_NOTE"]
@@ -92,29 +93,29 @@ def _optimizer(lr: float, steps: int, final_fraction: float) -> optax.GradientTr
     return optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=final_fraction))
 
 
-def init_vectors(base_params, tokens: jax.Array, layout: losses.GistLayout, *,
+def init_vectors(base_params, tokens: jax.Array, layout: scoring.GistLayout, *,
                  base_cfg: LlamaConfig | None = None, gist_params=None,
                  gist_cfg: GistConfig | None = None) -> jax.Array:
     """[B, G, D] start: the mean-pool baseline's gists (mean token embedding per block), or
     with `gist_params` the GistNet's gists of the window (its inputs as in training)."""
-    fn, children = losses.gist_inputs("mean_pool" if gist_params is None else "gistnet",
-                                      base_params, base_cfg, gist_params, gist_cfg,
-                                      tokens[:, : layout.raw_start])
-    return losses.make_gists(fn, children, layout).astype(jnp.float32)
+    fn, children = scoring.gist_inputs("mean_pool" if gist_params is None else "gistnet",
+                                       base_params, base_cfg, gist_params, gist_cfg,
+                                       tokens[:, : layout.raw_start])
+    return scoring.make_gists(fn, children, layout).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("base_cfg", "layout", "gist_cfg", "dense"))
 def _reference(base_params, tokens, gist_params=None, *, base_cfg: LlamaConfig,
-               layout: losses.GistLayout, gist_cfg: GistConfig | None = None,
+               layout: scoring.GistLayout, gist_cfg: GistConfig | None = None,
                dense: bool = False):
     """Teacher log-probs [B, n, V] (n: H, or every raw-tail target with `dense`), per-window
     NLL [B] of full context and truncation on the H continuation, truncation's KL to the
     teacher there [B], and the start vectors."""
     H = layout.horizon
-    full_nll, full_logp = losses.full_context_nll(base_params, base_cfg, tokens, layout, dense)
-    trunc_nll, trunc_logp = losses.substitution_nll_from_gists(base_params, base_cfg, tokens,
-                                                               layout, None, dense=dense)
-    trunc_kl = losses.kl_to_teacher(full_logp[:, -H:], trunc_logp[:, -H:]).mean(-1)
+    full_nll, full_logp = scoring.full_context_nll(base_params, base_cfg, tokens, layout, dense)
+    trunc_nll, trunc_logp = scoring.substitution_nll_from_gists(base_params, base_cfg, tokens,
+                                                                layout, None, dense=dense)
+    trunc_kl = scoring.kl_to_teacher(full_logp[:, -H:], trunc_logp[:, -H:]).mean(-1)
     return (full_logp, full_nll[:, -H:].mean(-1), trunc_nll[:, -H:].mean(-1), trunc_kl,
             init_vectors(base_params, tokens, layout, base_cfg=base_cfg,
                          gist_params=gist_params, gist_cfg=gist_cfg))
@@ -124,9 +125,9 @@ def _kl_and_nll(vectors, base_params, tokens, teacher_logp, base_cfg, layout, fi
     """(KL fitted [B], KL on the H continuation [B], NLL on it [B]); with fit="tail" the
     fitted KL covers the raw-tail targets before the continuation only."""
     H, tail = layout.horizon, fit == "tail"
-    nll, logp = losses.substitution_nll_from_gists(base_params, base_cfg, tokens, layout,
-                                                   vectors, dense=tail)
-    kl = losses.kl_to_teacher(teacher_logp, logp)  # [B, n]
+    nll, logp = scoring.substitution_nll_from_gists(base_params, base_cfg, tokens, layout,
+                                                    vectors, dense=tail)
+    kl = scoring.kl_to_teacher(teacher_logp, logp)  # [B, n]
     kl_cont = kl[:, -H:].mean(-1)
     return (kl[:, :-H].mean(-1) if tail else kl_cont), kl_cont, nll[:, -H:].mean(-1)
 
@@ -265,10 +266,10 @@ def ceiling_section(results: Sequence[CeilingResult], *, embedding_rms_value: fl
             "final_lr_fraction": r.config.final_lr_fraction,
             "nll_full": float(r.nll_full.mean()),
             "ceiling": ceil, "start": init,
-            "ceiling_minus_start": metrics.mean_stderr(r.nll_ceiling - r.nll_init),
-            "kl_start": metrics.mean_stderr(r.kl_init),
-            "kl_ceiling": metrics.mean_stderr(r.kl_ceiling),
-            "kl_truncation": metrics.mean_stderr(r.kl_truncation),
+            "ceiling_minus_start": mean_stderr(r.nll_ceiling - r.nll_init),
+            "kl_start": mean_stderr(r.kl_init),
+            "kl_ceiling": mean_stderr(r.kl_ceiling),
+            "kl_truncation": mean_stderr(r.kl_truncation),
             "windows_improved": int(np.sum(r.nll_ceiling < r.nll_init)),
             "vector_rms": float(r.vector_rms.mean()),
             "curve": {"steps": r.curve_steps.tolist(),

@@ -66,6 +66,8 @@ from mcjax.base.generate import GreedySampler
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, get_config
 from mcjax.checkpoint import default_params
 from mcjax.runtime import FOCUS_POLICIES, Session
+from mcjax.scoring import Context, continuation_positions, newest_slot, score_continuation, \
+    token_logprobs
 
 __all__ = ["MegaContextLM", "METHODS", "DEFAULT_MAX_GEN_TOKS", "DEFAULT_HARNESS_MAX_TOKENS",
            "score_continuations"]
@@ -84,25 +86,12 @@ def _score(params, emb, pos, valid, newest, cont, cont_pos, cont_mask, *,
            config: LlamaConfig):
     """Log-probabilities [B, C] and greedy hits [B, C] of continuation tokens `cont`
     [B, C] after a context of W slots (emb [B, W, D], pos / valid [B, W], its newest valid
-    slot `newest` [B]). Continuation slot i sits at position cont_pos[:, i] after every
-    context slot; token 0 is predicted from slot `newest`, token i > 0 from continuation
-    slot i - 1. Masked-out tokens score (0, True)."""
-    B, W = valid.shape
-    C = cont.shape[1]
-    embeds = jnp.concatenate([emb, base.embed_tokens(params, cont).astype(emb.dtype)], 1)
-    positions = jnp.concatenate([pos, cont_pos], 1).astype(jnp.int32)
-    mask = jnp.concatenate([valid, cont_mask], 1)
-    hidden = base.forward_core(params, config, None, embeds, positions, mask,
-                               return_hidden=True)
-    rows = jnp.concatenate([newest[:, None].astype(jnp.int32),
-                            jnp.broadcast_to(W + jnp.arange(C - 1, dtype=jnp.int32),
-                                             (B, C - 1))], 1)
-    h = jnp.take_along_axis(hidden, rows[:, :, None], axis=1)  # [B, C, D]
-    logits = base.logits_from_hidden(params, config, h).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, -1)
-    tok_logp = jnp.take_along_axis(logp, cont[..., None], -1)[..., 0]
-    greedy = jnp.argmax(logits, -1) == cont
-    return jnp.where(cont_mask, tok_logp, 0.0), greedy | ~cont_mask
+    slot `newest` [B]), scored by `scoring.score_continuation` at positions `cont_pos`.
+    Masked-out tokens score (0, True)."""
+    logp = score_continuation(params, config, cont, cont_pos, cont_mask,
+                              context=Context(emb, pos, valid), newest=newest)
+    greedy = jnp.argmax(logp, -1) == cont
+    return jnp.where(cont_mask, token_logprobs(logp, cont), 0.0), greedy | ~cont_mask
 
 
 def _pad_rows(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray,
@@ -137,14 +126,10 @@ def score_continuations(session: Session, continuations: Sequence[np.ndarray], p
     for start in range(0, longest, K):
         emb, pos, valid = session.materialized()  # brings every WC up to date first
         wc = session.working_context
-        num_valid = np.asarray(wc.num_valid)
-        first = num_valid if mc.position_scheme == "compact" else np.asarray(wc.num_tokens)
         chunk = [c[start:start + K] for c in conts]
         toks, mask = _pad_rows(chunk, K, 0)
-        lp, gr = _score(params, emb, pos, valid,
-                        jnp.asarray(np.maximum(num_valid - 1, 0), jnp.int32), jnp.asarray(toks),
-                        jnp.asarray(first[:, None] + np.arange(K)[None], jnp.int32),
-                        jnp.asarray(mask), config=llama)
+        lp, gr = _score(params, emb, pos, valid, newest_slot(wc), jnp.asarray(toks),
+                        continuation_positions(wc, mc, K), jnp.asarray(mask), config=llama)
         total += np.asarray(lp, np.float64).sum(1)
         greedy &= np.asarray(gr).all(1)
         more = [len(c) > start + K for c in conts]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mcjax.eval.metrics import mean_stderr
+from mcjax.statistics import mean_stderr
 from mcjax.runtime import Session
 
 TEACHERS = ("feed", "decode")

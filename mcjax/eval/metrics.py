@@ -1,5 +1,5 @@
 """Pure metrics of the evaluation (numpy, host side): correlations with explicit handling of
-degenerate input, sign agreement, mean ± standard error, paired ΔNLL statistics against
+degenerate input, sign agreement, paired ΔNLL statistics against
 truncation (`paired_vs_truncation`), and passkey answer scoring.
 
 Degenerate input never turns into a silent NaN: a correlation over fewer than two pairs or
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["pearson", "spearman", "rankdata", "sign_agreement", "correlation_summary",
-           "mean_stderr", "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore",
+           "paired_vs_truncation", "PAIRED_NOTE", "PasskeyScore",
            "score_passkey", "accuracy", "PASSKEY_SCORING", "wilson_interval",
            "paired_accuracy", "relevance_ranks"]
 
@@ -98,15 +98,6 @@ def correlation_summary(x, y) -> dict[str, Any]:
     agree, n_sign = sign_agreement(x, y)
     return {"n": int(x.size), "pearson": pearson(x, y), "spearman": spearman(x, y),
             "sign_agreement": agree, "n_sign": n_sign, "degenerate": _degenerate(x, y)}
-
-
-def mean_stderr(values) -> dict[str, Any]:
-    """Mean and standard error of the mean (sample std / √n; None for n < 2)."""
-    v = np.asarray(values, np.float64).ravel()
-    if v.size == 0:
-        return {"mean": None, "stderr": None, "n": 0}
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None
-    return {"mean": float(v.mean()), "stderr": se, "n": int(v.size)}
 
 
 # --------------------------------------------------------------------------- paired ΔNLL

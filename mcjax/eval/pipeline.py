@@ -28,26 +28,27 @@ import dataclasses
 import datetime
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
 import numpy as np
 
+from mcjax import counterfactuals, data
 from mcjax import working_context as wcm
 from mcjax.config import ConfigError, ExperimentConfig, get_config, override
 from mcjax.eval import baselines, ceiling, metrics, networks, tasks
 from mcjax.eval.tasks import EvalInputError
 from mcjax.eval.focus_map import format_focus_map
-from mcjax.train import data, loop
+from mcjax.scoring import Frozen, load_frozen
 
 __all__ = ["EvalOptions", "SECTIONS", "DEFAULT_SECTIONS", "METHODS", "run_evaluation",
-           "validate", "load_base", "sections_of", "held_out_windows"]
+           "validate", "sections_of", "held_out_windows"]
 
 SECTIONS = ("nll", "passkey", "focus", "ceiling")
 DEFAULT_SECTIONS = ("nll", "passkey", "focus")  # the ceiling is expensive: only when asked
 SECTION_ALIASES = {"dnll": "nll"}
-HELD_OUT_SEED = 1234  # as `loop.held_out_batches`: the same windows as training's eval
+HELD_OUT_SEED = 1234  # as `data.held_out_batches`: the same windows as training's eval
 METHODS = ("megacontext_lens", "megacontext_random", "megacontext_recency",
            "megacontext_retrieval", "sliding_window", "full_context")
 
@@ -207,10 +208,10 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
     return cfg
 
 
-def held_out_windows(frozen: loop.Frozen, num: int, seq_len: int, seed: int = HELD_OUT_SEED
+def held_out_windows(frozen: Frozen, num: int, seq_len: int, seed: int = HELD_OUT_SEED
                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """`num` held-out windows [num, seq_len], each inside one document
-    (`data.document_windows`, the windows `loop.held_out_batches` gives for the same
+    (`data.document_windows`, the windows `data.held_out_batches` gives for the same
     count; a sample of n windows is contained in every larger one), and where each lies:
     corpus offset, document index, document id and offset inside the document."""
     corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
@@ -228,20 +229,6 @@ def passkey_lengths(opts: EvalOptions, cfg: ExperimentConfig) -> tuple[int, ...]
         sorted(set(cfg.eval.history_lengths)))
 
 
-def load_base(cfg: ExperimentConfig) -> tuple[loop.Frozen, Callable[[Any], str]]:
-    """The frozen base model as training sees it (`loop.load_frozen`'s Frozen, same
-    tokenizer id so the cached held-out corpus is shared) and a decoder for its tokens."""
-    if cfg.base == "random":
-        return loop.load_frozen(cfg), tasks.byte_decode
-    from mcjax.base.loading import load_base_model
-
-    model = load_base_model(cfg.base)
-    cfg = dataclasses.replace(cfg, base_config=model.config)
-    frozen = loop.Frozen(cfg, model.params, model.encode, cfg.base,
-                         model.config.eos_token_id or 0)
-    return frozen, model.decode
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -252,7 +239,7 @@ def passkey_max_tokens(length: int, max_new_tokens: int, mc) -> int:
     return max(mc.w_max, _next_pow2(length + max_new_tokens + mc.block_size))
 
 
-def _passkey(opts: EvalOptions, frozen: loop.Frozen, decode, nets: networks.Networks,
+def _passkey(opts: EvalOptions, frozen: Frozen, decode, nets: networks.Networks,
              timings: dict) -> tuple[dict, dict | None]:
     from tqdm.auto import tqdm
 
@@ -353,7 +340,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = validate(opts)
     sections = sections_of(opts)
-    frozen, decode = load_base(cfg)
+    frozen = load_frozen(cfg)
     cfg = frozen.cfg
     try:
         nets = networks.resolve_networks(
@@ -400,7 +387,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         bs = cfg.train.batch_size
         try:
-            task = loop.lens_task(cfg, opts.focus_candidates, retrieval=True)
+            task = counterfactuals.lens_task(cfg, opts.focus_candidates, retrieval=True)
         except ValueError as e:
             results["focus_quality"] = {"skipped": f"skipped: {e}"}
         else:
@@ -415,7 +402,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
         results["ceiling"], arrays["ceiling_per_window.npz"] = _ceiling(opts, frozen, nets)
         timings["ceiling_s"] = time.perf_counter() - t0
     if "passkey" in sections:
-        results["passkey"], results["focus_map"] = _passkey(opts, frozen, decode, nets,
+        results["passkey"], results["focus_map"] = _passkey(opts, frozen, frozen.decode, nets,
                                                             timings)
     results["meta"]["seconds"] = time.perf_counter() - t_start
     return results
@@ -426,7 +413,7 @@ def _ceiling_config(opts) -> "ceiling.CeilingConfig":
                                  init=opts.ceiling_init, fit=opts.ceiling_fit)
 
 
-def _ceiling(opts: EvalOptions, frozen: loop.Frozen, nets: networks.Networks
+def _ceiling(opts: EvalOptions, frozen: Frozen, nets: networks.Networks
              ) -> tuple[dict, dict[str, np.ndarray]]:
     """The ceiling section at each asked layout on the first held-out windows (a subset of
     the ΔNLL windows), with the GistNet on the same windows for comparison."""

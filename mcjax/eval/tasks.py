@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mcjax import data, scoring
 from mcjax.config import MCConfig
-from mcjax.train import data, losses
 
 __all__ = ["EvalInputError", "LayoutSpec", "nll_layouts", "default_keep_raw", "layouts_by_name",
            "batches_of", "locate_windows", "parse_int_list",
-           "check_lengths", "passkey_cases", "needle_blocks", "feed_schedule", "byte_decode"]
+           "check_lengths", "passkey_cases", "needle_blocks", "feed_schedule"]
 
 
 class EvalInputError(ValueError):
@@ -29,7 +29,7 @@ class LayoutSpec:
     """One compressed window layout of the ΔNLL@H sweep."""
 
     name: str
-    layout: losses.GistLayout
+    layout: scoring.GistLayout
 
     @property
     def prefix_slots(self) -> int:
@@ -84,10 +84,10 @@ def nll_layouts(mc: MCConfig, prefix_len: int, keep_raw: Sequence[int] | None = 
         raise EvalInputError(f"keep-raw block counts {bad} leave nothing to compress in a "
                              f"prefix of {blocks} blocks with a {sink}-block sink (need "
                              f"0 <= k < {blocks - sink})")
-    specs: dict[losses.GistLayout, LayoutSpec] = {}
+    specs: dict[scoring.GistLayout, LayoutSpec] = {}
     for k in keep_raw:
         for lod2 in (False, True):
-            lay = losses.GistLayout.build(mc, prefix_len, keep_raw_blocks=k, use_lod2=lod2,
+            lay = scoring.GistLayout.build(mc, prefix_len, keep_raw_blocks=k, use_lod2=lod2,
                                           horizon=horizon)
             if lod2 and lay.lod2_groups == 0:
                 continue
@@ -414,9 +414,3 @@ def feed_schedule(length: int, block_size: int, refocus_steps: int) -> list[tupl
     bulk = length - steps * block_size
     return [(0, bulk)] + [(bulk + i * block_size, bulk + (i + 1) * block_size)
                           for i in range(steps)]
-
-
-def byte_decode(ids) -> str:
-    """Text of byte tokens (the tiny random bases' tokenizer); ids >= 256 are dropped."""
-    return bytes(int(i) for i in np.asarray(ids).ravel() if 0 <= int(i) < 256).decode(
-        "utf-8", "replace")

@@ -33,6 +33,7 @@ from mcjax.runtime.programs import programs
 from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, empty_view, initial_layouts,
                                  initial_state, make_plan, pending_base_position)
 from mcjax.runtime.telemetry import RefocusEvent, event_from
+from mcjax.scoring import score_continuation, token_logprobs
 from mcjax.tree import (BlockGister, MegaContextTree, StoreError, append_to_trees,
                         copy_rows, view_update)
 
@@ -44,11 +45,9 @@ def _cache_logprobs(params, cache: KVCache, tokens, positions, mask, index, *,
                     config: LlamaConfig):
     """log p(tokens[:, i + 1] | context, tokens[:, :i + 1]) [B, T - 1] with the tokens
     written after `index` slots of `cache` (not donated: the caller's cache is unchanged)."""
-    hidden, _ = base.prefill_core(params, config, cache, tokens, None, positions, mask, index,
-                                  return_hidden=True)
-    logits = base.logits_from_hidden(params, config, hidden[:, :-1]).astype(jnp.float32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
-    return jnp.where(mask[:, 1:], logp, 0.0)
+    logp = score_continuation(params, config, tokens, positions, mask, cache=cache,
+                              cache_index=index)
+    return jnp.where(mask[:, 1:], token_logprobs(logp, tokens[:, 1:]), 0.0)
 
 
 def _base_parts(base_model) -> tuple:

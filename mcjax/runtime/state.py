@@ -175,11 +175,8 @@ def make_plan(llama: LlamaConfig, cfg: ExperimentConfig, *, batch_size: int = 1,
 
 
 def pending_base_position(plan: Plan, wc) -> jax.Array:
-    """[B] position of the first pending slot: the next token index, or (compact) the next
-    running index after the WC."""
-    if plan.mc.position_scheme == "compact":
-        return wc.num_valid
-    return wc.num_tokens
+    """[B] position of the first pending slot (`working_context.next_position`)."""
+    return wcm.next_position(wc, plan.mc)
 
 
 def initial_state(plan: Plan) -> StreamState:

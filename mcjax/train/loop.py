@@ -13,7 +13,6 @@ killed and resumed run ends with the same params as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -22,70 +21,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mcjax import sharding
+from mcjax import counterfactuals, data, scoring, sharding
 from mcjax.checkpoint import CheckpointError, Checkpointer, config_to_json
 from mcjax.config import ConfigError, ExperimentConfig, LensConfig
+from mcjax.counterfactuals import lens_task
 from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
-from mcjax.train import data, losses, steps
-
-
-@dataclasses.dataclass(frozen=True)
-class Frozen:
-    """The frozen base model as training sees it."""
-
-    cfg: ExperimentConfig  # with base_config filled in
-    params: Any
-    encode: Callable[[str], np.ndarray]
-    tokenizer_id: str
-    separator: int
-
-
-def byte_encode(vocab_size: int) -> Callable[[str], np.ndarray]:
-    """Tokenizer for random tiny bases: UTF-8 bytes (the tiny vocab holds all 256)."""
-    if vocab_size < 256:
-        raise ValueError(f"byte tokens need vocab_size >= 256, got {vocab_size}")
-    return lambda text: np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def load_frozen(cfg: ExperimentConfig) -> Frozen:
-    """Build (random) or load the frozen base model named by `cfg.base`."""
-    from mcjax.base.model import init_params
-
-    if cfg.base == "random":
-        params = init_params(cfg.base_config, jax.random.key(cfg.train.seed + 10_007))
-        return Frozen(cfg, params, byte_encode(cfg.base_config.vocab_size), "bytes",
-                      cfg.base_config.eos_token_id or 0)
-    from mcjax.base.loading import load_base_model
-
-    model = load_base_model(cfg.base)
-    cfg = dataclasses.replace(cfg, base_config=model.config)
-    return Frozen(cfg, model.params, model.encode, cfg.base, model.config.eos_token_id or 0)
-
-
-def window_prefix_len(cfg: ExperimentConfig) -> int:
-    """Tokens of a training window before its H continuation tokens (a multiple of K)."""
-    H = cfg.mc.horizon
-    prefix = cfg.train.seq_len - H
-    if prefix <= 0 or prefix % cfg.mc.block_size:
-        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) minus mc.horizon ({H}) must be "
-                         f"a positive multiple of block_size ({cfg.mc.block_size})")
-    return prefix
+from mcjax.scoring import Frozen, evaluate_substitution, load_frozen, window_prefix_len
+from mcjax.train import steps
 
 
 def gist_layout(cfg: ExperimentConfig, use_lod2: bool = True, keep_raw_blocks: int = 1
-                ) -> losses.GistLayout:
-    return losses.GistLayout.build(cfg.mc, window_prefix_len(cfg), use_lod2=use_lod2,
+                ) -> scoring.GistLayout:
+    return scoring.GistLayout.build(cfg.mc, window_prefix_len(cfg), use_lod2=use_lod2,
                                    keep_raw_blocks=keep_raw_blocks)
 
 
-def gist_train_layouts(cfg: ExperimentConfig) -> dict[str, losses.GistLayout]:
+def gist_train_layouts(cfg: ExperimentConfig) -> dict[str, scoring.GistLayout]:
     """The layouts GistNet steps cycle over (`train.gist_keep_raw`, `train.gist_lod2`),
     named as in the evaluation (`lod1_keep4`, `lod1+lod2_keep1`); duplicates dropped."""
-    out: dict[str, losses.GistLayout] = {}
+    out: dict[str, scoring.GistLayout] = {}
     keep = cfg.train.gist_keep_raw
     if not keep:
         raise ValueError("train.gist_keep_raw must name at least one keep-raw block count")
@@ -95,73 +52,6 @@ def gist_train_layouts(cfg: ExperimentConfig) -> dict[str, losses.GistLayout]:
         lay = gist_layout(cfg, use_lod2=True, keep_raw_blocks=keep[0])
         if lay.lod2_groups and lay not in out.values():
             out[f"lod1+lod2_keep{keep[0]}"] = lay
-    return out
-
-
-def held_out_batches(frozen: Frozen, num: int, batch_size: int, seq_len: int,
-                     seed: int = 1234) -> list[np.ndarray]:
-    """`num` batches of held-out windows, each lying inside one document."""
-    corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
-                                   separator=frozen.separator, progress=False)
-    windows = data.document_windows(corpus, seq_len, num * batch_size, seed=seed)
-    return [windows[i * batch_size: (i + 1) * batch_size] for i in range(num)]
-
-
-VARIANTS = ("gistnet", "mean_pool", "mean_pool_hidden", "truncation")
-
-
-@functools.partial(jax.jit, static_argnames=("base_cfg", "gist_cfg", "layout", "variant"))
-def variant_nll(base_params, gist_params, tokens, *, base_cfg, gist_cfg, layout, variant):
-    """NLL [B, H] of the continuation under one context variant (same targets for all).
-
-    gistnet: GistNet on its configured children; mean_pool: the mean of the token
-    embeddings; mean_pool_hidden: the mean of the read-pass hidden states after
-    `gist_cfg.input_layer` layers, rescaled to the embeddings' RMS; truncation: the
-    gisted span dropped (the sink stays)."""
-    if variant == "full":
-        return losses.full_context_nll(base_params, base_cfg, tokens, layout)[0]
-    if variant == "truncation":
-        fn, children = None, None
-    elif variant in VARIANTS:
-        fn, children = losses.gist_inputs(variant, base_params, base_cfg, gist_params, gist_cfg,
-                                          tokens[:, : layout.raw_start])
-    else:
-        raise ValueError(f"unknown variant {variant!r}; known: full, {', '.join(VARIANTS)}")
-    return losses.substitution_nll(base_params, base_cfg, tokens, layout, fn,
-                                   children=children)[0]
-
-
-def evaluate_substitution(gist_params, frozen: Frozen, batches: list[np.ndarray],
-                          layouts: dict[str, losses.GistLayout]) -> dict[str, Any]:
-    """Held-out ΔNLL@H of GistNet gists vs truncation and mean pooling, per layout, with
-    the paired difference of GistNet to truncation (± SE over windows).
-
-    Every variant of a window is scored on the identical continuation targets.
-    """
-    from mcjax.eval.metrics import mean_stderr
-
-    cfg = frozen.cfg
-    out: dict[str, Any] = {}
-    for name, layout in layouts.items():
-        per = {k: [] for k in ("full", *VARIANTS)}
-        for batch in batches:
-            tokens = jnp.asarray(batch)
-            for variant in per:
-                nll = variant_nll(frozen.params, gist_params, tokens, base_cfg=cfg.base_config,
-                                  gist_cfg=cfg.gist, layout=layout, variant=variant)
-                per[variant].append(np.asarray(nll).mean(axis=1))
-        nll = {k: np.concatenate(v) for k, v in per.items()}
-        diff = mean_stderr(nll["gistnet"] - nll["truncation"])
-        out[name] = {
-            "compression_ratio": layout.compression_ratio,
-            "compressed_tokens": layout.compressed_tokens,
-            "gists": layout.num_gists,
-            "windows": int(nll["full"].shape[0]),
-            "nll_full": float(nll["full"].mean()),
-            **{f"delta_nll_{k}": float((nll[k] - nll["full"]).mean()) for k in VARIANTS},
-            "gistnet_minus_truncation": diff["mean"],
-            "gistnet_minus_truncation_se": diff["stderr"],
-        }
     return out
 
 
@@ -305,7 +195,7 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
-    eval_set = (held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
+    eval_set = (data.held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
                 if eval_batches and job.evaluate is not None else [])
 
     start = 0
@@ -468,22 +358,7 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
 # --------------------------------------------------------------------------- LensNet
 
 
-def lens_task(cfg: ExperimentConfig, candidates: int = 4, *,
-              retrieval: bool | None = None) -> losses.LensTask:
-    """The counterfactual task of a config: the WC covers the window's prefix
-    (seq_len − H tokens), scored on the H continuation tokens. `retrieval` (default: when
-    LensNet is v2, which needs it) adds the query-aware read — the question's hidden
-    states and the blocks' retrieval scores, as the runtime's refocus computes them."""
-    if retrieval is None:
-        retrieval = cfg.lens.conditioned
-    # LensTask.build refuses a v2 LensNet without the retrieval read
-    return losses.LensTask.build(cfg.mc, window_prefix_len(cfg), candidates=candidates,
-                                 layout_seed=cfg.train.seed,
-                                 retrieval=cfg.retrieval if retrieval else None,
-                                 lens=cfg.lens)
-
-
-def _task_meta(task: losses.LensTask) -> dict:
+def _task_meta(task: counterfactuals.LensTask) -> dict:
     return {"prefix_len": task.prefix_len, "horizon": task.horizon,
             "num_expand": task.num_expand, "num_collapse": task.num_collapse,
             "num_layouts": task.num_layouts, "max_random_edits": task.max_random_edits,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mcjax import sharding
+from mcjax import counterfactuals, scoring, sharding
 from mcjax.config import ExperimentConfig, TrainConfig
 from mcjax.train import losses
 
@@ -109,7 +109,7 @@ class GistStep:
     """
 
     cfg: ExperimentConfig
-    layouts: tuple[losses.GistLayout, ...]
+    layouts: tuple[scoring.GistLayout, ...]
     nll_weight: float = 1.0
     kl_weight: float = 1.0
     dense: bool = False
@@ -119,10 +119,10 @@ class GistStep:
             raise ValueError("GistStep needs at least one layout")
 
     @property
-    def layout(self) -> losses.GistLayout:
+    def layout(self) -> scoring.GistLayout:
         return self.layouts[0]
 
-    def loss(self, trainable, base_params, tokens, layout: losses.GistLayout | None = None):
+    def loss(self, trainable, base_params, tokens, layout: scoring.GistLayout | None = None):
         return losses.gist_loss(trainable["gist"], base_params, tokens,
                                 base_cfg=self.base_cfg, gist_cfg=self.cfg.gist,
                                 layout=layout or self.layout, nll_weight=self.nll_weight,
@@ -229,7 +229,7 @@ class LensStep:
     """
 
     cfg: ExperimentConfig
-    task: losses.LensTask
+    task: counterfactuals.LensTask
     weights: losses.LensLossConfig = losses.LensLossConfig()
     eval_seed: int = 0
 
@@ -247,9 +247,9 @@ class LensStep:
         return self.cfg.base_config
 
     def counterfactuals(self, gist_params, base_params, tokens, rng, with_full_context=False):
-        return losses.gistnet_counterfactuals(gist_params, self.cfg.gist, base_params,
-                                              self.base_cfg, tokens, rng, self.task,
-                                              with_full_context=with_full_context)
+        return counterfactuals.gistnet_counterfactuals(gist_params, self.cfg.gist, base_params,
+                                                       self.base_cfg, tokens, rng, self.task,
+                                                       with_full_context=with_full_context)
 
     def objective(self, lens_params, cf):
         return losses.lens_objective(lens_params, cf, lens_cfg=self.cfg.lens, mc=self.task.mc,
@@ -289,8 +289,8 @@ class JointStep:
     """
 
     cfg: ExperimentConfig
-    layouts: tuple[losses.GistLayout, ...]
-    task: losses.LensTask
+    layouts: tuple[scoring.GistLayout, ...]
+    task: counterfactuals.LensTask
     lens_weight: float = 1.0
     nll_weight: float = 1.0
     kl_weight: float = 1.0
@@ -304,7 +304,7 @@ class JointStep:
                              f"{type(self.layouts).__name__}")
 
     @property
-    def layout(self) -> losses.GistLayout:
+    def layout(self) -> scoring.GistLayout:
         return self.layouts[0]
 
     @property

@@ -416,3 +416,13 @@ def make_retrieval_example(encode: Callable[[str], np.ndarray], history_tokens: 
     tokens = np.concatenate([hay[:at], needle, hay[at:], question])
     return RetrievalExample(tokens=tokens, answer=answer, needle_span=(at, at + len(needle)),
                             key=key)
+
+
+def held_out_batches(frozen, num: int, batch_size: int, seq_len: int,
+                     seed: int = 1234) -> list[np.ndarray]:
+    """`num` batches of held-out windows, each lying inside one document; `frozen` is the
+    base model's handle (`mcjax.scoring.Frozen`: its tokenizer and separator)."""
+    corpus = tokenized_corpus(frozen.encode, frozen.tokenizer_id, "held_out",
+                              separator=frozen.separator, progress=False)
+    windows = document_windows(corpus, seq_len, num * batch_size, seed=seed)
+    return [windows[i * batch_size: (i + 1) * batch_size] for i in range(num)]
