@@ -5,8 +5,10 @@
          text), their trees (shipped GistNet, read-pass keys) and the focus states LensNet
          v2 learns from; one npz shard per history under DATA/states/.
   train  fit LensNet v2 to the teacher's slot scores on those shards (the last
-         --val-histories shards are held out), params checkpointed every --save-every
-         steps; --export writes the params-only file + card (e.g. into mcjax/assets/).
+         --val-histories shards are held out) through the shared training loop
+         (`mcjax.train.loop.train_distill`): orbax checkpoints every --save-every steps (a
+         rerun resumes from the latest), metrics.jsonl and TensorBoard under --workdir;
+         --export writes the params-only file + card (e.g. into mcjax/assets/).
 
 Example (CPU):
   python experiments/distill_lens.py gen --data runs/distill --histories 200
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--explore", type=float, default=0.25,
                    help="chance a round moves by random scores instead of the teacher's")
     t = sub.choices["train"]
-    t.add_argument("--workdir", required=True, help="params checkpoints + metrics.jsonl")
+    t.add_argument("--workdir", required=True,
+                   help="checkpoints, metrics.jsonl, tensorboard/, lens_params.safetensors")
     t.add_argument("--steps", type=int, default=2000,
                    help="optimizer steps (the warmup-cosine schedule spans them)")
     t.add_argument("--minutes", type=float, default=None,
@@ -61,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--val-histories", type=int, default=20)
     t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if --workdir holds checkpoints")
     t.add_argument("--export", default=None, metavar="PARAMS.safetensors",
                    help="write the final params + card here")
     return p
@@ -152,13 +157,10 @@ def _load_shards(paths):
 
 def _train(args) -> int:
     import jax
-    import optax
-    from tqdm.auto import tqdm
 
     from mcjax.assets import save_params_safetensors, write_card, FORMAT
     from mcjax.checkpoint import config_to_json
-    from mcjax.lens import init_lens
-    from mcjax.train import distill
+    from mcjax.train import loop
 
     cfg = _config(args)
     shards = sorted(p for p in (Path(args.data) / "states").glob("h*.npz")
@@ -166,70 +168,37 @@ def _train(args) -> int:
     if len(shards) <= args.val_histories:
         raise SystemExit(f"{len(shards)} shards in {args.data}/states: need more than "
                          f"--val-histories={args.val_histories}")
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
     train_arr = _load_shards(shards[: -args.val_histories])
     val_arr = _load_shards(shards[-args.val_histories:])
     n_train, n_val = len(train_arr["target"]), len(val_arr["target"])
-    D = train_arr["slot_embeds"].shape[-1]
-    lc, mc = cfg.lens, dataclasses.replace(cfg.mc, w_max=train_arr["target"].shape[-1])
+    # the warmup-cosine schedule spans --steps; AdamW with weight decay 1e-4, clipping at 1
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        warmup_steps=min(args.warmup, args.steps // 4), eval_every=args.eval_every,
+        checkpoint_every=args.save_every, log_every=10, seed=args.seed, weight_decay=1e-4,
+        grad_clip=1.0))
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    params = init_lens(lc, mc, D, jax.random.key(args.seed),
-                       hidden_dim=train_arr["query_hidden"].shape[-1])
-    steps = args.steps
-    if steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    warmup = min(args.warmup, steps // 4)
-    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(steps, warmup + 1),
-                                               args.lr * 0.1)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
-    opt_state = opt.init(params)
-    update = distill.make_update(lc, mc, opt)
-    evaluate = distill.make_eval(lc, mc)
-    rng = np.random.default_rng(args.seed)
-    batches = distill.minibatches(n_train, args.batch_size, rng)
-    log = (work / "metrics.jsonl").open("a")
-
-    def run_eval(step):
-        rows = [jax.device_get(evaluate(params, distill.batch_from_states(
-            val_arr, np.arange(i, min(i + args.batch_size, n_val)))))
-            for i in range(0, n_val, args.batch_size)]
-        m = {"step": step, "split": "val", **distill.mean_metrics(rows)}
-        log.write(json.dumps(m) + "\n")
-        log.flush()
-        return m
+    t0 = time.time()
+    result = loop.train_distill(
+        cfg, work, train_arr, val_arr, resume=not args.no_resume,
+        progress=not args.no_progress,
+        stop_after_s=None if args.minutes is None else 60 * args.minutes)
+    params = jax.device_get(result["state"].params["lens"])
 
     def save(path=None):
         path = Path(path) if path else work / "lens_params.safetensors"
-        save_params_safetensors(jax.device_get(params), path, {"part": "lens"})
+        save_params_safetensors(params, path, {"part": "lens"})
         return path
 
-    first = run_eval(0)
-    print(json.dumps({"train_states": n_train, "val_states": n_val, "eval0": first}))
-    t0, step = time.time(), 0
-    bar = tqdm(total=steps, desc="distill", disable=args.no_progress)
-    while step < steps:
-        if args.minutes is not None and time.time() - t0 > 60 * args.minutes:
-            break
-        batch = distill.batch_from_states(train_arr, next(batches))
-        params, opt_state, m = update(params, opt_state, batch)
-        step += 1
-        bar.update(1)
-        if step % 10 == 0:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            log.write(json.dumps({"step": step, "split": "train", **m}) + "\n")
-            bar.set_postfix(mse=f"{m['mse']:.4f}")
-        if step % args.eval_every == 0:
-            ev = run_eval(step)
-            bar.write(json.dumps(ev))
-        if step % args.save_every == 0:
-            save()
-    bar.close()
-    final = run_eval(step)
     save()
-    minutes = (time.time() - t0) / 60
-    summary = {"steps": step, "minutes": minutes, "train_states": n_train,
+    step = result["end_step"]
+    summary = {"steps": step, "start_step": result["start_step"],
+               "minutes": (time.time() - t0) / 60, "train_states": n_train,
                "val_states": n_val, "train_histories": len(shards) - args.val_histories,
-               "val_histories": args.val_histories, "eval_start": first, "eval_final": final}
+               "val_histories": args.val_histories, "eval_start": result.get("eval_before"),
+               "eval_final": result.get("eval_after")}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     if args.export:

@@ -137,10 +137,10 @@ def score_continuation(params, config: LlamaConfig, tokens: jax.Array, positions
     """Log-probabilities [B, n, V] (float32) of continuation tokens [B, T] after a context.
 
     Tokens 0..T−2 are fed at `positions` [B, T] (or [B, T − 1]) with `mask` [B, T] (or
-    [B, T − 1]; real tokens, default all)
-    after the context: slots `context` (a W-slot `Context`, padding masked) or a KV cache
-    `cache` whose first `cache_index` slots hold it (the cache is not modified: the
-    caller's copy stays as it was); neither is a continuation with no context before it.
+    [B, T − 1]; real tokens, default all) after the context: slots `context` (a W-slot
+    `Context`, padding masked) or a KV cache `cache` whose first `cache_index` slots hold
+    it (not modified: the caller's cache stays as it was); neither is a continuation with
+    no context before it.
     Token i + 1 is predicted from the slot holding token i; token 0 from the context's slot
     `newest` [B] when given (then n = T, else n = T − 1: token 0 is only conditioned on).
     The last token is a target only."""

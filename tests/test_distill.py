@@ -4,6 +4,7 @@ teacher's targets, the recorded states, and that training fits them."""
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from mcjax import working_context as wcm
 from mcjax.base import model as base
 from mcjax.config import get_config, override
 from mcjax.gist import init_gist_params
-from mcjax.train import distill
+from mcjax.train import distill, loop
+from mcjax.train import steps as train_steps
 from mcjax.tree import BlockGister, MegaContextTree
 
 CFG = override(get_config("tiny"), {"lens.query_tokens": 3, "lens.query_layer": 2,
@@ -102,16 +104,18 @@ def test_states_follow_the_teacher_through_the_allocator_until_the_needle_is_raw
 
 
 def _fit(cfg, batch, steps):
-    """Eval metrics of a fresh LensNet before and after `steps` Adam updates on `batch`."""
+    """Eval metrics of a fresh LensNet before and after `steps` Adam updates on `batch`
+    (the training loop's `DistillStep`)."""
     p = lens.init_lens(cfg.lens, cfg.mc, cfg.base_config.hidden_size, jax.random.key(0))
     opt = optax.adam(3e-3)
-    update = distill.make_update(cfg.lens, cfg.mc, opt)
-    evaluate = distill.make_eval(cfg.lens, cfg.mc)
-    first = jax.device_get(evaluate(p, batch))
-    st = opt.init(p)
+    step = train_steps.DistillStep(cfg.lens, cfg.mc)
+    update = jax.jit(lambda st, b: step.update(opt, st, None, b, None))
+    evaluate = jax.jit(lambda p, b: step.evaluate(p, None, b))
+    st = train_steps.init_state({"lens": p}, opt)
+    first = jax.device_get(evaluate(st.params, batch))
     for _ in range(steps):
-        p, st, _ = update(p, st, batch)
-    return first, jax.device_get(evaluate(p, batch))
+        st, _ = update(st, batch)
+    return first, jax.device_get(evaluate(st.params, batch))
 
 
 def test_training_fits_the_teacher_and_metrics_count_what_they_claim():
@@ -127,15 +131,53 @@ def test_training_fits_the_teacher_and_metrics_count_what_they_claim():
     assert float(perfect["best_agree"]) == 1.0 and float(perfect["needle_expand"]) == 1.0
 
 
-def test_minibatches_cover_every_row_each_epoch():
-    it = distill.minibatches(10, 4, np.random.default_rng(0))
-    seen = np.concatenate([next(it), next(it)])
+def _rows(n):
+    return {"target": np.arange(n)}
+
+
+def test_state_batches_cover_every_row_each_epoch_and_resume_where_they_were():
+    it = distill.StateBatches(_rows(10), 4, seed=0)
+    seen = np.concatenate([it.next_indices(), it.next_indices()])
     chex.assert_shape(seen, (8,))
     assert len(set(seen.tolist())) == 8
-    small = next(distill.minibatches(3, 4, np.random.default_rng(0)))
+    small = distill.StateBatches(_rows(3), 4).next_indices()
     assert sorted(set(small.tolist())) == [0, 1, 2]
     with pytest.raises(ValueError):
-        next(distill.minibatches(0, 4, np.random.default_rng(0)))
+        distill.StateBatches(_rows(0), 4)
+    # the position is plain data: a restored iterator continues with the same batches
+    saved = it.state()
+    ahead = [it.next_indices().tolist() for _ in range(3)]  # crosses into the next epoch
+    again = distill.StateBatches(_rows(10), 4, seed=0)
+    again.restore(saved)
+    assert [again.next_indices().tolist() for _ in range(3)] == ahead
+    # held-out batches hold every row, in order, in batches of one shape
+    val = distill.eval_batches(distill.stack_states(states_of_history()[2]), 2)
+    n = len(states_of_history()[2])
+    assert all(b.target.shape[0] == 2 for b in val) and len(val) == -(-n // 2)
+
+
+def test_distillation_runs_through_the_training_loop_and_resumes_exactly(tmp_path):
+    _, _, states = states_of_history()
+    arrays = distill.stack_states(states)
+    cfg = override(CFG, {"train.steps": 6, "train.batch_size": 2, "train.log_every": 1,
+                         "train.eval_every": 3, "train.checkpoint_every": 3,
+                         "train.learning_rate": 3e-3, "train.warmup_steps": 1})
+    full = loop.train_distill(cfg, tmp_path / "a", arrays, arrays, progress=False)
+    assert (full["start_step"], full["end_step"]) == (0, 6)
+    assert full["eval_after"]["mse"] < full["eval_before"]["mse"]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 3, 6]
+    assert all("states_per_s" in r for r in rows if r["kind"] == "train")
+    assert any((tmp_path / "a" / "tensorboard").iterdir())
+    # killed after 3 steps and resumed: the same params as the uninterrupted run
+    loop.train_distill(cfg, tmp_path / "b", arrays, arrays, progress=False, stop_after=3)
+    rest = loop.train_distill(cfg, tmp_path / "b", arrays, arrays, progress=False)
+    assert (rest["start_step"], rest["end_step"]) == (3, 6)
+    chex.assert_trees_all_close(rest["state"].params, full["state"].params, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot resume"):  # other states: a clear error
+        loop.train_distill(cfg, tmp_path / "b", {k: v[:-1] for k, v in arrays.items()},
+                           arrays, progress=False)
 
 
 def test_cli_help_and_v1_config_refused():

@@ -17,7 +17,9 @@ states, the slots' retrieval features — and the teacher's slot scores.
 Training (`DistillBatch`, `distill_loss`): weighted squared error between LensNet's
 legality-masked scores and the teacher's on valid slots (relevant slots weigh more: a few
 of ~500); metrics say how often LensNet's best expand candidate is the teacher's and how
-often the needle's slot clears tau_expand.
+often the needle's slot clears tau_expand. It runs through the one training loop
+(`mcjax.train.loop.train_distill`: `steps.DistillStep` on `StateBatches`, orbax resume,
+metrics.jsonl and TensorBoard as every training).
 
 States are host numpy dicts (`STATE_FIELDS`), saved as npz shards by the CLI
 (`experiments/distill_lens.py`), so data generation (the base model's read passes) and
@@ -28,12 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mcjax import focus, lens, retrieval
 from mcjax import working_context as wcm
@@ -41,7 +42,8 @@ from mcjax.config import ExperimentConfig, LensConfig, MCConfig
 
 __all__ = ["STATE_FIELDS", "HistoryConditioning", "history_conditioning", "teacher_blocks",
            "distill_states", "stack_states", "DistillBatch", "batch_from_states",
-           "distill_scores", "distill_loss", "distill_metrics"]
+           "distill_scores", "distill_loss", "distill_metrics", "StateBatches", "eval_batches",
+           "mean_metrics"]
 
 # per-state arrays; W = w_max, D = slot-embedding width, Q = lens.query_tokens
 STATE_FIELDS = ("slot_embeds",  # [W, D] float16
@@ -237,34 +239,60 @@ def distill_loss(lens_params, batch: DistillBatch, lens_cfg: LensConfig, mc: MCC
     return m["mse"], m
 
 
-def make_update(lens_cfg: LensConfig, mc: MCConfig, optimizer: optax.GradientTransformation
-                ) -> Callable:
-    """jitted (params, opt_state, batch) -> (params, opt_state, metrics); params donated."""
+@dataclasses.dataclass
+class StateBatches:
+    """Endless shuffled `DistillBatch`es of exactly `batch_size` states over stacked state
+    arrays: each epoch visits every row once in a permutation drawn from (seed, epoch) (fewer
+    rows than a batch repeat). `state()` / `restore()` carry the position through
+    checkpoints, as `data.WindowIterator` does, so a resumed run sees the same batches."""
 
-    def update(params, opt_state, batch):
-        (_, metrics), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-            params, batch, lens_cfg, mc)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return optax.apply_updates(params, updates), opt_state, metrics
+    arrays: dict[str, np.ndarray]
+    batch_size: int
+    seed: int = 0
+    epoch: int = 0
+    cursor: int = 0
 
-    return jax.jit(update, donate_argnums=(0, 1))
+    def __post_init__(self):
+        self._rows = len(self.arrays["target"])
+        if self._rows < 1:
+            raise ValueError("no training states")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self._order = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self._rows)
+        return np.resize(perm, self.batch_size) if self._rows < self.batch_size else perm
+
+    def next_indices(self) -> np.ndarray:
+        if self.cursor + self.batch_size > len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.cursor: self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return idx
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> DistillBatch:
+        return batch_from_states(self.arrays, self.next_indices())
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
 
 
-def make_eval(lens_cfg: LensConfig, mc: MCConfig) -> Callable:
-    return jax.jit(lambda params, batch: distill_loss(params, batch, lens_cfg, mc)[1])
-
-
-def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Endless shuffled index batches of exactly `batch_size` over `n` rows."""
-    if n < 1:
-        raise ValueError("no training states")
-    while True:
-        perm = rng.permutation(n)
-        if n < batch_size:
-            perm = np.resize(perm, batch_size)
-        for i in range(0, len(perm) - batch_size + 1, batch_size):
-            yield perm[i: i + batch_size]
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[DistillBatch]:
+    """Every row of held-out state arrays in order, in batches of exactly `batch_size` (one
+    compiled shape; the last batch is filled up with the first rows)."""
+    n = len(arrays["target"])
+    idx = np.resize(np.arange(n), -(-n // batch_size) * batch_size)
+    return [batch_from_states(arrays, idx[i: i + batch_size])
+            for i in range(0, len(idx), batch_size)]
 
 
 def mean_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:

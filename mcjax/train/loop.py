@@ -5,7 +5,8 @@ their evaluations.
 logs metrics as JSON lines to `workdir/metrics.jsonl`, evaluates held-out ΔNLL@H beside
 the truncation and mean-pooling baselines, and checkpoints state + data position.
 `train_lens` (LensNet on counterfactual utilities, GistNet frozen: trained from a gist
-workdir or untrained) and `train_joint` (both nets, summed objectives) do the same.
+workdir or untrained), `train_joint` (both nets, summed objectives) and `train_distill`
+(LensNet v2 on a teacher's scores of recorded focus states) do the same.
 Randomness per step is `fold_in(seed, step)` and the data position is checkpointed, so a
 killed and resumed run ends with the same params as an uninterrupted one.
 """
@@ -30,7 +31,7 @@ from mcjax.counterfactuals import lens_task
 from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
 from mcjax.scoring import Frozen, evaluate_substitution, load_frozen, window_prefix_len
-from mcjax.train import steps
+from mcjax.train import distill, steps
 
 
 def gist_layout(cfg: ExperimentConfig, use_lod2: bool = True, keep_raw_blocks: int = 1
@@ -134,6 +135,11 @@ class Job:
     postfix: Callable[[dict], dict]  # train metrics -> progress-bar fields
     meta: dict | None = None  # saved with every checkpoint; a resume must match it
     notes: dict | None = None  # written to the log (and stderr) when the run starts
+    # the step's own data instead of the corpus's token windows: endless training batches
+    # with state() / restore() (checkpointed like the windows' position), held-out batches
+    batches: Any = None
+    eval_set: list | None = None
+    throughput: tuple[str, int] | None = None  # (metric, items per step); default tokens/s
 
 
 # What a run-settings key means in checkpoints saved before the key was recorded.
@@ -173,11 +179,15 @@ def resumed_train_changes(saved_cfg_json: dict, cfg: ExperimentConfig) -> dict[s
             if k in saved and saved[k] != v}
 
 
-def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job, *,
-                 resume: bool, progress: bool, eval_batches: int, stop_after: int | None
-                 ) -> dict[str, Any]:
+def run_training(cfg: ExperimentConfig, frozen: Frozen | None, workdir: Path, job: Job, *,
+                 resume: bool, progress: bool, eval_batches: int, stop_after: int | None,
+                 stop_after_s: float | None = None) -> dict[str, Any]:
     """The loop every trainer shares: sharded jitted step, resumable data, checkpoints with
-    the data position, metrics.jsonl, held-out evaluation before / during / after."""
+    the data position, metrics.jsonl, held-out evaluation before / during / after.
+
+    Data: the corpus's token windows (train split; `eval_batches` held-out batches), or the
+    job's own `batches` / `eval_set` (then `frozen` may be None). `stop_after` steps or
+    `stop_after_s` seconds end the run early (checkpointed; a time stop also evaluates)."""
     from tqdm.auto import tqdm
 
     tc = cfg.train
@@ -190,13 +200,21 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
     state = steps.init_state(job.params, job.optimizer, ema=use_ema)
     sharded = steps.jit_step(job.step, job.optimizer, mesh, state, job.frozen_inputs,
                              tc.batch_size, ema_decay=tc.ema_decay)
-    corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "train",
-                                   separator=frozen.separator, progress=progress)
-    batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
+    if job.batches is None:
+        corpus = data.tokenized_corpus(frozen.encode, frozen.tokenizer_id, "train",
+                                       separator=frozen.separator, progress=progress)
+        batches = data.WindowIterator(corpus.tokens, tc.batch_size, tc.seq_len, seed=tc.seed)
+    else:
+        batches = job.batches
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
-    eval_set = (data.held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
-                if eval_batches and job.evaluate is not None else [])
+    if job.evaluate is None:
+        eval_set = []
+    elif job.eval_set is not None:
+        eval_set = job.eval_set
+    else:
+        eval_set = (data.held_out_batches(frozen, eval_batches, tc.batch_size, tc.seq_len)
+                    if eval_batches else [])
 
     start = 0
     if resume and ckpt.latest_step() is not None:
@@ -243,7 +261,8 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
         result["eval_before"] = evaluate_and_log(0, state)
 
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    tokens_per_step = tc.batch_size * tc.seq_len
+    rate_name, items_per_step = job.throughput or ("tokens_per_s", tc.batch_size * tc.seq_len)
+    t_start, out_of_time = time.perf_counter(), False
     bar = tqdm(range(start, end), initial=start, total=tc.steps, desc=job.name,
                disable=not progress)
     t_last, logged_at, metrics, pending = time.perf_counter(), start, {}, []
@@ -253,15 +272,17 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
         state, metrics = sharded.train(state, frozen_placed, batch, rng)
         pending.append(metrics)
         done = step + 1
+        if stop_after_s is not None and time.perf_counter() - t_start > stop_after_s:
+            out_of_time, end = True, done
         if done % tc.log_every == 0 or done == end:
             now = time.perf_counter()
             # the first interval includes compilation; later ones are steady-state
-            rate = tokens_per_step * (done - logged_at) / max(now - t_last, 1e-9)
+            rate = items_per_step * (done - logged_at) / max(now - t_last, 1e-9)
             t_last, logged_at = now, done
             # One row per layout seen since the last log (steps may cycle over layouts:
             # logging only every log_every-th step would show a single one of them).
             for metrics in _mean_by_layout(jax.device_get(pending)):
-                metrics["tokens_per_s"] = rate
+                metrics[rate_name] = rate
                 log.write(done, "train", metrics)
             pending = []
             bar.set_postfix(**job.postfix(metrics))
@@ -269,13 +290,15 @@ def run_training(cfg: ExperimentConfig, frozen: Frozen, workdir: Path, job: Job,
             evaluate_and_log(done, state)
         if done % tc.checkpoint_every == 0 or done == end:
             ckpt.save(done, state, batches.state(), cfg, run_meta)
+        if out_of_time:
+            break
     ckpt.wait()
     ckpt.close()
-    if end == tc.steps and eval_set:
+    if (end == tc.steps or out_of_time) and eval_set:
         result["eval_after"] = evaluate_and_log(end, state)
     log.close()
-    result.update(end_step=end, last_train_metrics=_to_py(jax.device_get(metrics)),
-                  workdir=str(workdir))
+    result.update(end_step=end, out_of_time=out_of_time,
+                  last_train_metrics=_to_py(jax.device_get(metrics)), workdir=str(workdir))
     result["state"] = state
     return result
 
@@ -535,3 +558,45 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
         meta=meta, notes=notes)
     return run_training(cfg, frozen, workdir, job, resume=resume, progress=progress,
                         eval_batches=eval_batches, stop_after=stop_after)
+
+
+# --------------------------------------------------------------------------- LensNet v2
+
+
+def train_distill(cfg: ExperimentConfig, workdir: str | os.PathLike,
+                  train_states: dict[str, np.ndarray], val_states: dict[str, np.ndarray], *,
+                  resume: bool = True, progress: bool = True, stop_after: int | None = None,
+                  stop_after_s: float | None = None) -> dict[str, Any]:
+    """Distil LensNet v2 from a teacher's slot scores on recorded focus states
+    (`mcjax.train.distill`; stacked state arrays, e.g. `experiments/distill_lens.py`'s
+    shards) through the shared loop: `steps.DistillStep` with `cfg.train`'s optimizer,
+    batches of `cfg.train.batch_size` states, orbax checkpoints with the batches' position,
+    metrics.jsonl and TensorBoard; held-out metrics on `val_states` (`distill_metrics`).
+    The WC budget is the states' (their slot count)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not cfg.lens.conditioned:
+        raise ConfigError("distillation trains LensNet v2 (lens.query_tokens > 0 or "
+                          "lens.retrieval_features); this config's LensNet is v1")
+    tc = cfg.train
+    cfg = dataclasses.replace(cfg, mc=dataclasses.replace(
+        cfg.mc, w_max=int(train_states["target"].shape[-1])))
+    meta = {"run": "train_distill", "train_states": int(len(train_states["target"])),
+            "val_states": int(len(val_states["target"]))}
+    check_resumable(workdir, meta, resume)
+    step = steps.DistillStep(cfg.lens, cfg.mc)
+    lens = init_lens(cfg.lens, cfg.mc, train_states["slot_embeds"].shape[-1],
+                     jax.random.key(tc.seed), hidden_dim=train_states["query_hidden"].shape[-1])
+
+    def evaluate(params, sharded, frozen_placed, batches):
+        return distill.mean_metrics([jax.device_get(sharded.evaluate(
+            params, frozen_placed, sharded.place_batch(b))) for b in batches])
+
+    job = Job(name="distill", step=step, optimizer=steps.make_optimizer(tc),
+              params={"lens": lens}, frozen_inputs=None, evaluate=evaluate,
+              postfix=lambda m: {"mse": f"{float(m['mse']):.4f}"}, meta=meta,
+              batches=distill.StateBatches(train_states, tc.batch_size, seed=tc.seed),
+              eval_set=distill.eval_batches(val_states, tc.batch_size),
+              throughput=("states_per_s", tc.batch_size))
+    return run_training(cfg, None, workdir, job, resume=resume, progress=progress,
+                        eval_batches=0, stop_after=stop_after, stop_after_s=stop_after_s)

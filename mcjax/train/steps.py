@@ -24,8 +24,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mcjax import counterfactuals, scoring, sharding
-from mcjax.config import ExperimentConfig, TrainConfig
-from mcjax.train import losses
+from mcjax.config import ExperimentConfig, LensConfig, MCConfig, TrainConfig
+from mcjax.train import distill, losses
 
 Params = Any
 
@@ -169,8 +169,9 @@ class ShardedStep:
     def place_base(self, base_params: Params) -> Params:
         return jax.device_put(base_params, self.base_sharding)
 
-    def place_batch(self, tokens) -> jax.Array:
-        return jax.device_put(jnp.asarray(tokens), self.batch_sharding)
+    def place_batch(self, batch) -> Any:
+        """A batch (token windows, or a step's batch pytree) on the batch sharding."""
+        return jax.device_put(jax.tree.map(jnp.asarray, batch), self.batch_sharding)
 
     def place_rng(self, rng: jax.Array) -> jax.Array:
         return jax.device_put(rng, self.replicated)
@@ -199,7 +200,9 @@ def jit_step(step: "Step", optimizer, mesh: Mesh, state: TrainState, base_params
 
     state_sh = _replicated(mesh, state)
     base_sh = frozen_shardings(step, base_params, mesh)
-    batch_sh = sharding.batch_sharding(mesh, 2, batch_size)
+    # the leading (batch) axis of every leaf of a batch on `data`: token windows [B, S],
+    # or a step's own batch pytree (`batch_ndim` 1: any leaf rank)
+    batch_sh = sharding.batch_sharding(mesh, getattr(step, "batch_ndim", 2), batch_size)
     replicated = NamedSharding(mesh, P())
     train = jax.jit(update, in_shardings=(state_sh, base_sh, batch_sh, replicated),
                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
@@ -349,4 +352,33 @@ def make_joint_optimizer(train: TrainConfig) -> optax.GradientTransformation:
         lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
 
 
-Step = Any  # GistStep | LensStep | JointStep: update(optimizer, state, frozen, tokens, rng)
+@dataclasses.dataclass(frozen=True)
+class DistillStep:
+    """LensNet v2 fitted to a teacher's slot scores on recorded focus states
+    (`mcjax.train.distill`). Trainable state: `{"lens": ...}`; no frozen input (a state
+    holds everything LensNet reads); a batch is a `distill.DistillBatch` (`batch_ndim` 1:
+    its leaves are split on their leading axis only)."""
+
+    lens_cfg: LensConfig
+    mc: MCConfig
+    batch_ndim = 1
+
+    @staticmethod
+    def frozen_shardings(frozen, mesh: Mesh) -> None:
+        return None
+
+    def loss(self, trainable, batch):
+        return distill.distill_loss(trainable["lens"], batch, self.lens_cfg, self.mc)
+
+    def update(self, optimizer, state: TrainState, frozen, batch, rng):
+        del frozen, rng  # the objective is deterministic and reads the batch only
+        grads, metrics = jax.grad(self.loss, has_aux=True)(state.params, batch)
+        return _apply_grads(optimizer, state, grads, metrics)
+
+    def evaluate(self, trainable, frozen, batch):
+        del frozen
+        return self.loss(trainable, batch)[1]
+
+
+Step = Any  # GistStep | LensStep | JointStep | DistillStep: update(optimizer, state, frozen,
+# batch, rng)
