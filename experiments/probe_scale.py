@@ -74,12 +74,13 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
+    from mcjax import data
     from mcjax.base import model as base
     from mcjax.eval import tasks
-    from mcjax.train import data, loop
+    from mcjax.scoring import load_frozen
 
     cfg = _cli.checked_config(parser, args.config, args.set)
-    frozen = loop.load_frozen(cfg)
+    frozen = load_frozen(cfg)
     llama, mc, rc = frozen.cfg.base_config, frozen.cfg.mc, frozen.cfg.retrieval
     K, S = mc.block_size, args.group
     G = llama.num_heads // llama.num_kv_heads
