@@ -576,9 +576,9 @@ def test_evaluate_cli_writes_every_method_and_baseline_report_and_plots(e2e):
     assert fq["candidates"] > 2 and fq["candidates"] == fq["scorers"]["lens"]["vs_value"]["n"]
 
     fm = res["focus_map"]
-    assert fm["length"] == 1024 and len(fm["snapshots"]) == 4  # 3 refocuses + after answer
+    assert fm["length"] == 1024 and len(fm["snapshots"]) == 3  # the refocuses up to the answer
     last = fm["snapshots"][-1]
-    assert last["runs"][0][1] == 0 and last["runs"][-1][2] == last["num_tokens"] > 1024
+    assert last["runs"][0][1] == 0 and last["runs"][-1][2] == last["num_tokens"] == 1024
 
     report = (out / "report.md").read_text()
     assert "LensNet: UNTRAINED" in report and "GistNet: trained" in report
