@@ -62,6 +62,7 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
     args = parser.parse_args(argv)
 
     from mcjax.config import ConfigError, list_configs, override
+    from mcjax.errors import CheckpointError
     from mcjax.train import loop
 
     if args.list:
@@ -95,7 +96,7 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
             kwargs[name] = getattr(args, name)
     try:
         result = getattr(loop, train_fn_name)(cfg, args.workdir, **kwargs)
-    except (ValueError, loop.CheckpointError) as e:
+    except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.pop("state")

@@ -84,7 +84,7 @@ def _gen(args) -> int:
 
     import jax
 
-    from mcjax.assets import shipped_gist
+    from mcjax.nets import shipped_gist
     from mcjax.retrieval import BlockKeys
     from mcjax.train import data, distill, loop
     from mcjax.tree import BlockGister, MegaContextTree
@@ -154,7 +154,7 @@ def _train(args) -> int:
     from tqdm.auto import tqdm
 
     from mcjax.assets import save_params_safetensors, write_card, FORMAT
-    from mcjax.checkpoint import config_to_json
+    from mcjax.config import config_to_json
     from mcjax.lens import init_lens
     from mcjax.train import distill
 

@@ -221,12 +221,11 @@ def run_megacontext(model, ids, text, args, parser) -> int:
 
     import numpy as np
 
-    from mcjax.checkpoint import CheckpointError
+    from mcjax.errors import CheckpointError
     from mcjax.config import ConfigError
     from mcjax.runtime import Session
+    from mcjax.nets import shipped_lens
     from mcjax.working_context import CapacityError
-
-    from mcjax.assets import shipped_lens
 
     cfg = args.cfg
     if args.model != cfg.base:  # a local directory: checkpoints must name the same base

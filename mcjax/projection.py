@@ -366,7 +366,7 @@ def _session_inputs(plan, cfg: ExperimentConfig, llama: LlamaConfig):
     `Session` uses (`initial_state`, `empty_view`, `initial_layouts`; their host arrays
     are zero-filled by `np.zeros`, i.e. untouched pages, and dropped at once)."""
     from mcjax import retrieval
-    from mcjax.checkpoint import untrained_params
+    from mcjax.nets import untrained_params
     from mcjax.runtime.state import empty_view, initial_layouts, initial_state
 
     B = plan.batch_size
@@ -386,7 +386,7 @@ def _gist_train_step(cfg: ExperimentConfig, base_params, log) -> tuple[Any, floa
     """One GistNet step as `train.loop.train_gist` builds it (layouts, weights, optimizer,
     EMA), jitted by `steps.jit_step` over a one-device mesh, compiled from abstract
     inputs."""
-    from mcjax.checkpoint import untrained_params
+    from mcjax.nets import untrained_params
     from mcjax.sharding import make_mesh
     from mcjax.train import loop, steps
 
