@@ -71,12 +71,8 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
     if not args.workdir:
         parser.error("--workdir is required")
     _cli.output_dir(parser, args.workdir, "--workdir")  # before any model loads
-    for flag in ("gist_params", "init_gist", "init_lens"):
-        path = getattr(args, flag, None)
-        if path is not None and not os.path.isfile(path):
-            parser.error(f"--{flag.replace('_', '-')} {path}: no such file")
-    if getattr(args, "gist_workdir", None) is not None and not os.path.isdir(args.gist_workdir):
-        parser.error(f"--gist-workdir {args.gist_workdir}: not a directory")
+    _cli.net_paths(parser, args, files=("gist_params", "init_gist", "init_lens"),
+                   workdirs=("gist_workdir",))
     cfg = _cli.checked_config(parser, args.config, args.overrides)
     try:
         if getattr(args, "single_layout", False):

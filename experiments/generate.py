@@ -344,6 +344,7 @@ def check_args(parser, args) -> None:
         parser.error("--mode base runs the plain base model: --config / --set / "
                      "--*-checkpoint / --focus-policy / --untrained / --compare-window "
                      "apply to --mode megacontext")
+    _cli.net_paths(parser, args, workdirs=("gist_checkpoint", "lens_checkpoint"))
     name = args.config or config_for_model(canonical_name(args.model) or args.model)
     args.cfg = _cli.checked_config(parser, name, args.overrides)
     args.telemetry_file = None
