@@ -70,7 +70,7 @@ class Session:
 
     base: a `BaseModel` (gives text encoding) or `(LlamaConfig, params)`. gist_params /
     lens_params: trained params, or None: the shipped params when they fit `cfg`
-    (`mcjax.assets.shipped_gist` / `shipped_lens`, provenance "shipped"), else — and with
+    (`mcjax.nets.default_params`, provenance "shipped"), else — and with
     `untrained=True` always — the untrained networks the trainers start from
     (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
     max_tokens: per-stream history capacity (fixes the device view's shapes).
