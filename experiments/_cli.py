@@ -7,6 +7,8 @@ work starts (before a model loads), and a bad argument exits 2 with one clear li
   `positive_float`.
 - `output_file` / `output_dir` / `text_file`: paths checked and, for a text file, read.
 - `checked_config`: a registered config with `--set` overrides, each known and typed.
+- `net_paths`: the params files and training workdirs the GistNet / LensNet options name
+  exist (what they hold is `mcjax.nets`' to check, when the nets are resolved).
 - `no_negative_ints`: every plain `type=int` option of a parser is >= 0.
 
 The library (mcjax/) stays argparse-free: its own checks are `mcjax.checks`.
@@ -138,6 +140,21 @@ def checked_config(parser: argparse.ArgumentParser, name: str, overrides):
         return get_config(name, overrides)
     except ConfigError as e:
         fail(parser, str(e).splitlines()[0] if str(e) else "invalid config")
+
+
+def net_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
+              files: tuple[str, ...] = (), workdirs: tuple[str, ...] = ()) -> None:
+    """Each given option of `files` (dests: params-only files, e.g. "gist_params") is a
+    file and each of `workdirs` (training workdirs, e.g. "gist_checkpoint") a directory:
+    else one clear line, exit 2, before any model loads."""
+    for dest in files:
+        path = getattr(args, dest, None)
+        if path is not None and not os.path.isfile(path):
+            fail(parser, f"--{dest.replace('_', '-')} {path}: no such file")
+    for dest in workdirs:
+        path = getattr(args, dest, None)
+        if path is not None and not os.path.isdir(path):
+            fail(parser, f"--{dest.replace('_', '-')} {path}: not a directory")
 
 
 def no_negative_ints(parser: argparse.ArgumentParser, args: argparse.Namespace,

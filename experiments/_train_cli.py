@@ -62,6 +62,7 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
     args = parser.parse_args(argv)
 
     from mcjax.config import ConfigError, list_configs, override
+    from mcjax.errors import CheckpointError
     from mcjax.train import loop
 
     if args.list:
@@ -70,12 +71,8 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
     if not args.workdir:
         parser.error("--workdir is required")
     _cli.output_dir(parser, args.workdir, "--workdir")  # before any model loads
-    for flag in ("gist_params", "init_gist", "init_lens"):
-        path = getattr(args, flag, None)
-        if path is not None and not os.path.isfile(path):
-            parser.error(f"--{flag.replace('_', '-')} {path}: no such file")
-    if getattr(args, "gist_workdir", None) is not None and not os.path.isdir(args.gist_workdir):
-        parser.error(f"--gist-workdir {args.gist_workdir}: not a directory")
+    _cli.net_paths(parser, args, files=("gist_params", "init_gist", "init_lens"),
+                   workdirs=("gist_workdir",))
     cfg = _cli.checked_config(parser, args.config, args.overrides)
     try:
         if getattr(args, "single_layout", False):
@@ -95,7 +92,7 @@ def run(parser: argparse.ArgumentParser, argv, train_fn_name: str) -> int:
             kwargs[name] = getattr(args, name)
     try:
         result = getattr(loop, train_fn_name)(cfg, args.workdir, **kwargs)
-    except (ValueError, loop.CheckpointError) as e:
+    except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.pop("state")

@@ -139,7 +139,8 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace):
 def load(mode, cfg, args, *, nets: bool):
     """(frozen base, decode, cases, networks or None) — the evaluation's."""
     from mcjax import data
-    from mcjax.eval import networks, tasks
+    from mcjax.eval import tasks
+    from mcjax.nets import resolve_networks
     from mcjax.scoring import load_frozen
 
     frozen = load_frozen(cfg)
@@ -156,8 +157,7 @@ def load(mode, cfg, args, *, nets: bool):
     found = None
     if nets:
         try:
-            found = networks.resolve_networks(frozen.cfg, frozen.params,
-                                              untrained=args.untrained)
+            found = resolve_networks(frozen.cfg, frozen.params, untrained=args.untrained)
         except ValueError as e:
             _cli.fail(mode, str(e).splitlines()[0])
     return frozen, decode, cases, found
@@ -237,7 +237,7 @@ def _needle_state(session, stream, case, frozen, rc, mc, num_tokens: int) -> dic
     """A stream's needle blocks: LODs in its WC now, relevance ranks from its stored keys
     and the question read over its first `num_tokens` tokens."""
     from mcjax.eval import metrics, tasks
-    from mcjax.eval.focus_map import lod_at
+    from mcjax.working_context import lod_at
 
     K = mc.block_size
     runs = [tuple(int(x) for x in r) for r in session.focus_runs(stream)]
@@ -295,7 +295,7 @@ def run_trace(mode, cfg, args) -> None:
     import numpy as np
 
     from mcjax.eval import pipeline, tasks
-    from mcjax.eval.focus_map import lod_at
+    from mcjax.working_context import lod_at
     from mcjax.runtime import Session
 
     frozen, decode, cases, nets = load(mode, cfg, args, nets=True)

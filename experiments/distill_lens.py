@@ -89,7 +89,7 @@ def _gen(args) -> int:
 
     import jax
 
-    from mcjax.assets import shipped_gist
+    from mcjax.nets import shipped_gist
     from mcjax.retrieval import BlockKeys
     from mcjax import data
     from mcjax.scoring import load_frozen
@@ -159,7 +159,7 @@ def _train(args) -> int:
     import jax
 
     from mcjax.assets import save_params_safetensors, write_card, FORMAT
-    from mcjax.checkpoint import config_to_json
+    from mcjax.config import config_to_json
     from mcjax.train import loop
 
     cfg = _config(args)

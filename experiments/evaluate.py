@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
 
-    from mcjax.checkpoint import CheckpointError
+    from mcjax.errors import CheckpointError
     from mcjax.eval import pipeline, report
     from mcjax.eval.tasks import EvalInputError, parse_int_list
 

@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     if not isinstance(extra, dict):
         p.error("--card-json must be a JSON object")
 
-    from mcjax.assets import export_gist_params
-    from mcjax.checkpoint import CheckpointError
+    from mcjax.errors import CheckpointError
+    from mcjax.nets import export_gist_params
 
     try:
         out, card = export_gist_params(args.workdir, args.out, step=args.step, dtype=args.dtype,

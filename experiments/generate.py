@@ -221,12 +221,11 @@ def run_megacontext(model, ids, text, args, parser) -> int:
 
     import numpy as np
 
-    from mcjax.checkpoint import CheckpointError
+    from mcjax.errors import CheckpointError
     from mcjax.config import ConfigError
     from mcjax.runtime import Session
+    from mcjax.nets import shipped_lens
     from mcjax.working_context import CapacityError
-
-    from mcjax.assets import shipped_lens
 
     cfg = args.cfg
     if args.model != cfg.base:  # a local directory: checkpoints must name the same base
@@ -345,6 +344,7 @@ def check_args(parser, args) -> None:
         parser.error("--mode base runs the plain base model: --config / --set / "
                      "--*-checkpoint / --focus-policy / --untrained / --compare-window "
                      "apply to --mode megacontext")
+    _cli.net_paths(parser, args, workdirs=("gist_checkpoint", "lens_checkpoint"))
     name = args.config or config_for_model(canonical_name(args.model) or args.model)
     args.cfg = _cli.checked_config(parser, name, args.overrides)
     args.telemetry_file = None

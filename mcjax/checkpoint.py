@@ -6,16 +6,12 @@ temporary directory and renames it when complete, so a run killed mid-save resum
 the last complete step. Restoring into a config whose architecture differs (base model,
 GistNet, LensNet, block size) is a `CheckpointMismatchError` naming the fields.
 
-Also the params of the nets for sessions and evaluations: `load_trained_params` (GistNet or
-LensNet from a training workdir), `lens_gistnet` (the GistNet a LensNet was trained with),
-`untrained_params`, `default_params` (shipped, else untrained).
+`restore_trained_params` reads a workdir's trainable params alone, as a raw tree (no
+optimizer needed): `mcjax.nets` resolves the nets of sessions and evaluations from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -24,15 +20,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mcjax.config import ConfigError, ExperimentConfig
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing or unreadable."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A checkpoint was written for a different architecture than the one asked for."""
+from mcjax.config import ExperimentConfig, config_to_json, config_to_json_section
+from mcjax.errors import CheckpointError, CheckpointMismatchError
 
 
 class CheckpointDamagedError(CheckpointError):
@@ -88,10 +77,6 @@ def tree_fingerprint(tree: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def config_to_json(cfg: ExperimentConfig) -> dict:
-    return config_to_json_section(cfg)
-
-
 NETS = ("gist", "lens")
 
 
@@ -119,10 +104,6 @@ def _with_defaults(saved_cfg_json: dict, cfg: ExperimentConfig) -> dict:
             defaults = config_to_json_section(type(getattr(cfg, net))())
             out[net] = {**defaults, **out[net]}
     return out
-
-
-def config_to_json_section(section: Any) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(section)))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -257,43 +238,6 @@ class Checkpointer:
         self.manager.close()
 
 
-# --------------------------------------------------------------------------- nets' params
-# What a session or an evaluation runs with: trained params from a workdir, the untrained
-# nets the trainers start from, or (not given) the shipped ones (`mcjax.assets`).
-
-
-def _arch_without_dtype(base_config) -> Any:
-    if not isinstance(base_config, dict):
-        return base_config
-    return {k: v for k, v in base_config.items() if k != "dtype"}
-
-
-def _config_differences(saved: dict, cfg: ExperimentConfig, part: str) -> list[str]:
-    """Fields that must agree for `part` (gist|lens) params of a checkpoint to mean the same
-    thing here: the base model, the block structure and the part's own architecture."""
-    mine = config_to_json(cfg)
-    pairs = {
-        "base": (saved.get("base"), mine.get("base")),
-        "base_config": (_arch_without_dtype(saved.get("base_config")),
-                        _arch_without_dtype(mine.get("base_config"))),
-        "mc.block_size": ((saved.get("mc") or {}).get("block_size"), cfg.mc.block_size),
-        "mc.num_levels": ((saved.get("mc") or {}).get("num_levels"), cfg.mc.num_levels),
-        part: (saved.get(part), mine.get(part)),
-    }
-    out = []
-    for name, (theirs, ours) in pairs.items():
-        if theirs == ours:
-            continue
-        if isinstance(theirs, dict) and isinstance(ours, dict):
-            for k in sorted(set(theirs) | set(ours)):
-                if theirs.get(k) != ours.get(k):
-                    out.append(f"{name}.{k}: checkpoint {theirs.get(k)!r} vs session "
-                               f"{ours.get(k)!r}")
-        else:
-            out.append(f"{name}: checkpoint {theirs!r} vs session {ours!r}")
-    return out
-
-
 def restore_trained_params(workdir: str | os.PathLike, step: int | None = None, *,
                            check: Any = None, ema: bool = False) -> tuple[dict, dict, int]:
     """(trainable params by net, e.g. {"gist": ...}, checkpoint meta, step) of a training
@@ -323,128 +267,3 @@ def restore_trained_params(workdir: str | os.PathLike, step: int | None = None, 
     key = "ema_params" if ema else "params"
     trained = (raw.get(key) or {}) if isinstance(raw, dict) else {}
     return trained, meta, int(step)
-
-
-def load_trained_params(workdir: str | os.PathLike, cfg: ExperimentConfig, part: str, *,
-                        step: int | None = None, ema: bool = False) -> tuple[Any, dict]:
-    """GistNet (`part="gist"`) or LensNet (`part="lens"`) params from a training workdir
-    (`train_gist`, `train_lens` or `train_joint`), and where they came from.
-
-    `cfg.base_config` must be filled in (the base model's architecture). Raises
-    CheckpointError for a missing directory, no complete checkpoint, or a checkpoint without
-    that part; CheckpointMismatchError when it was trained for another base model, block
-    structure or architecture of the part. `ema`: the params' moving average
-    (`restore_trained_params`).
-    """
-    from mcjax.assets import check_params  # deferred: mcjax.assets imports this module
-
-    if part not in ("gist", "lens"):
-        raise ValueError(f"part must be 'gist' or 'lens', got {part!r}")
-    if cfg.base_config is None:
-        raise ConfigError("load_trained_params needs cfg.base_config (the base architecture)")
-    path = Path(workdir)
-
-    def check(meta: dict, step: int) -> None:
-        diffs = _config_differences(meta.get("config") or {}, cfg, part)
-        if diffs:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} (step {step}) was trained for a different setup than this "
-                f"session's {part} network:\n  " + "\n  ".join(diffs))
-
-    trained, meta, step = restore_trained_params(path, step, check=check, ema=ema)
-    if part not in trained:
-        raise CheckpointError(f"checkpoint {path} (step {step}) holds no {part} params (it "
-                              f"has {sorted(trained)})")
-    params = jax.tree.map(jnp.asarray, trained[part])
-    check_params(params, cfg, part, f"{part} params in {path}")
-    extra = meta.get("extra") or {}
-    source = {"source": "checkpoint", "path": str(path.absolute()), "step": int(step),
-              "run": extra.get("run"), "gistnet": extra.get("gistnet")}
-    seed = ((meta.get("config") or {}).get("train") or {}).get("seed")
-    if seed is not None:  # the training seed: its init is the untrained baseline
-        source["seed"] = int(seed)
-    if ema:
-        source["weights"] = f"ema (decay {extra.get('ema_decay')})"
-    return params, source
-
-
-LENS_GISTNET = "the LensNet checkpoint's GistNet"
-
-
-def lens_gistnet(lens_source: dict, cfg: ExperimentConfig, base_params=None
-                 ) -> tuple[Any, dict] | None:
-    """The GistNet a LensNet was trained with, so that it sees the gists it learned on:
-    `lens_source` is the LensNet's provenance (`load_trained_params`). A `train_joint`
-    run's own GistNet; else the GistNet checkpoint or params file a `train_lens` run
-    names, while it still exists; else the untrained GistNet of the seed it names (pass
-    the base params: its init scale). Returns (params, provenance with `chosen_by`), or
-    None when the LensNet names no GistNet that can be found."""
-    from mcjax.assets import load_params_file  # deferred: mcjax.assets imports this module
-
-    origin = lens_source.get("gistnet") or {}
-    path = Path(origin.get("path") or "")
-    if lens_source.get("run") == "train_joint":
-        params, src = load_trained_params(lens_source["path"], cfg, "gist")
-    elif origin.get("source") == "checkpoint" and path.is_dir():
-        params, src = load_trained_params(path, cfg, "gist")
-    elif origin.get("source") == "params_file" and path.is_file():
-        params, src = load_params_file(path, cfg, "gist", f"{LENS_GISTNET} {path}")
-    elif origin.get("source") == "untrained" and "seed" in origin:
-        seed = int(origin["seed"])
-        params, src = (untrained_params(cfg, "gist", base_params, seed=seed),
-                       {"source": "untrained", "seed": seed})
-    else:
-        return None
-    return params, dict(src, chosen_by=LENS_GISTNET)
-
-
-@functools.lru_cache(maxsize=8)
-def _untrained(cfg: ExperimentConfig, part: str, output_rms: float, seed: int):
-    from mcjax import lens
-    from mcjax.gist import init_gist_params
-
-    D = cfg.base_config.hidden_size
-    key = jax.random.key(seed)
-    if part == "gist":
-        return jax.jit(lambda k: init_gist_params(cfg.gist, D, k, block_size=cfg.mc.block_size,
-                                                  output_rms=output_rms))(key)
-    return lens.init_lens(cfg.lens, cfg.mc, D, jax.random.fold_in(key, 1))
-
-
-def untrained_params(cfg: ExperimentConfig, part: str, base_params=None, *,
-                     seed: int | None = None):
-    """The untrained GistNet / LensNet the trainers start from (same init; the seed is
-    `cfg.train.seed` unless `seed` names another run's; pass the base params so an
-    untrained GistNet's gists have the embeddings' scale, as in training)."""
-    if cfg.base_config is None:
-        raise ConfigError("untrained_params needs cfg.base_config")
-    from mcjax.gist import embedding_rms
-
-    rms = 1.0 if part != "gist" or base_params is None else embedding_rms(base_params)
-    return _untrained(cfg, part, rms, cfg.train.seed if seed is None else int(seed))
-
-
-def default_params(cfg: ExperimentConfig, gist_params, lens_params, base_params, *,
-                   untrained: bool = False, focus_policy: str = "lens"):
-    """The nets a session uses when they are not given: the shipped GistNet (and, for
-    focus "lens", the shipped LensNet) when they fit `cfg` (`mcjax.assets`), else — and
-    with `untrained=True` always — the untrained ones the trainers start from. Returns
-    (gist_params, lens_params, provenance of the parts resolved here)."""
-    from mcjax.assets import shipped_gist, shipped_lens
-
-    provenance = {}
-    if gist_params is None and not untrained:
-        shipped = shipped_gist(cfg)
-        if shipped is not None:
-            gist_params, provenance["gist"] = shipped
-    if gist_params is None:
-        gist_params = untrained_params(cfg, "gist", base_params)
-        provenance["gist"] = {"source": "untrained", "seed": cfg.train.seed}
-    if lens_params is None and not untrained and focus_policy == "lens":
-        shipped = shipped_lens(cfg)
-        if shipped is not None:
-            lens_params, provenance["lens"] = shipped
-    if lens_params is None:
-        lens_params = untrained_params(cfg, "lens")
-        provenance["lens"] = {"source": "untrained", "seed": cfg.train.seed}
-    return gist_params, lens_params, provenance

@@ -17,7 +17,8 @@ import typing
 from typing import Any, Callable, Mapping
 
 __all__ = [
-    "ConfigError", "config_from_json",
+    "ConfigError", "config_from_json", "config_to_json", "config_to_json_section",
+    "base_architecture",
     "LlamaConfig",
     "RopeScaling",
     "ARCHITECTURES",
@@ -698,6 +699,25 @@ class ExperimentConfig:
                  f"lens.query_tokens ({self.lens.query_tokens}) must be <= "
                  f"retrieval.query_window ({self.retrieval.query_window}): both are read "
                  f"from one window of the newest tokens")
+
+
+def config_to_json_section(section: Any) -> dict:
+    """A config dataclass as plain JSON (tuples as lists): what checkpoints, params cards
+    and session saves record."""
+    return json.loads(json.dumps(dataclasses.asdict(section)))
+
+
+def config_to_json(cfg: "ExperimentConfig") -> dict:
+    """The experiment config as JSON (`config_from_json` inverts it)."""
+    return config_to_json_section(cfg)
+
+
+def base_architecture(base_config: Any) -> Any:
+    """A JSON base-model config without its dtype: what fixes the meaning of weights (the
+    dtype is how they are computed, which sessions and evaluations may choose)."""
+    if not isinstance(base_config, dict):
+        return base_config
+    return {k: v for k, v in base_config.items() if k != "dtype"}
 
 
 def config_from_json(d: Mapping[str, Any]) -> "ExperimentConfig":

@@ -366,7 +366,7 @@ def _session_inputs(plan, cfg: ExperimentConfig, llama: LlamaConfig):
     `Session` uses (`initial_state`, `empty_view`, `initial_layouts`; their host arrays
     are zero-filled by `np.zeros`, i.e. untouched pages, and dropped at once)."""
     from mcjax import retrieval
-    from mcjax.checkpoint import untrained_params
+    from mcjax.nets import expected_params
     from mcjax.runtime.state import empty_view, initial_layouts, initial_state
 
     B = plan.batch_size
@@ -376,7 +376,7 @@ def _session_inputs(plan, cfg: ExperimentConfig, llama: LlamaConfig):
     view = abstract(empty_view(plan, *keys))
     layout = abstract(initial_layouts(plan, [0] * B, np.zeros(B, bool)))
     # Session passes LensNet's params as focus_params for "lens" and "retrieval" (unused)
-    focus = jax.eval_shape(lambda: untrained_params(cfg, "lens"))
+    focus = expected_params(cfg, "lens")
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     pred = lambda *s: jax.ShapeDtypeStruct(s, jnp.bool_)  # noqa: E731
     return dict(state=state, view=view, layout=layout, focus=focus, i32=i32, pred=pred)
@@ -386,7 +386,7 @@ def _gist_train_step(cfg: ExperimentConfig, base_params, log) -> tuple[Any, floa
     """One GistNet step as `train.loop.train_gist` builds it (layouts, weights, optimizer,
     EMA), jitted by `steps.jit_step` over a one-device mesh, compiled from abstract
     inputs."""
-    from mcjax.checkpoint import untrained_params
+    from mcjax.nets import expected_params
     from mcjax.sharding import make_mesh
     from mcjax.train import loop, steps
 
@@ -395,7 +395,7 @@ def _gist_train_step(cfg: ExperimentConfig, base_params, log) -> tuple[Any, floa
     step = steps.GistStep(cfg, tuple(layouts.values()), nll_weight=tc.gist_nll_weight,
                           kl_weight=tc.gist_kl_weight, dense=tc.gist_dense)
     optimizer = steps.make_optimizer(tc)
-    gist = jax.eval_shape(lambda: untrained_params(cfg, "gist"))
+    gist = expected_params(cfg, "gist")
     state = jax.eval_shape(lambda p: steps.init_state({"gist": p}, optimizer,
                                                       ema=tc.ema_decay > 0), gist)
     mesh = make_mesh((1, 1), devices=jax.devices()[:1])

@@ -76,7 +76,7 @@ def test_ceiling_rejects_bad_settings(frozen):
 def test_ceiling_started_from_a_gistnet_begins_at_that_nets_gists(frozen):
     """init="gistnet": the step-0 NLL is the GistNet variant's (an independent forward of
     the same net), and the optimised vectors never end worse in KL than that start."""
-    from mcjax.checkpoint import untrained_params
+    from mcjax.nets import untrained_params
 
     cfg = frozen.cfg
     spec = tasks.layouts_by_name(cfg.mc, cfg.train.seq_len - cfg.mc.horizon, ["lod1_keep1"])[0]

@@ -23,7 +23,7 @@ from mcjax import working_context as wcm
 from mcjax.base.generate import GreedySampler
 from mcjax.checkpoint import Checkpointer
 from mcjax.config import get_config, override
-from mcjax import assets
+from mcjax import assets, nets
 from mcjax.eval import baselines, metrics, report, tasks
 from mcjax.runtime import Session, policy_scores, recency_scores, untrained_params
 from mcjax import data
@@ -316,13 +316,13 @@ def test_params_safetensors_round_trip_card_and_export(tmp_path, frozen, cfg, gi
     card = assets.read_card(path)
     assert card["part"] == "gist" and card["step"] == 2
     assert assets.apply_card(cfg, card) == cfg
-    assets.check_gist_params(back, cfg)
+    nets.check_params(back, cfg, "gist")
 
     other = assets.apply_card(cfg, {"config": {"gist": {**card["config"]["gist"],
                                                         "width": 24}, "mc": {}}})
     assert other.gist.width == 24
     with pytest.raises(assets.CheckpointMismatchError, match="do not match"):
-        assets.check_gist_params(back, other)
+        nets.check_params(back, other, "gist")
     with pytest.raises(assets.CheckpointMismatchError, match="mc.block_size"):
         assets.apply_card(cfg, {"config": {"gist": {}, "mc": {"block_size": 16}}})
     with pytest.raises(assets.AssetError, match="unknown fields"):
@@ -333,7 +333,7 @@ def test_params_safetensors_round_trip_card_and_export(tmp_path, frozen, cfg, gi
     with pytest.raises(assets.AssetError, match="does not exist"):
         assets.load_params_safetensors(tmp_path / "nope.safetensors")
 
-    out, card_file = assets.export_gist_params(gist_workdir[0], tmp_path / "e.safetensors")
+    out, card_file = nets.export_gist_params(gist_workdir[0], tmp_path / "e.safetensors")
     exported = json.loads(card_file.read_text())
     assert exported["source"]["step"] == 2 and exported["config"]["name"] == "tiny"
     for k, v in flat(params).items():
@@ -816,7 +816,7 @@ def test_checkpoint_for_another_base_model_is_a_clear_error(capsys, tmp_path, fr
 
 
 def test_checkpoint_kind_decides_which_nets_are_trained(tmp_path, frozen, cfg, gist_workdir):
-    from mcjax.eval.networks import resolve_networks
+    from mcjax.nets import resolve_networks
 
     lens = jax.tree.map(lambda x: x + 0.5, untrained_params(cfg, "lens"))
     gist = gist_workdir[1]
@@ -848,10 +848,10 @@ def test_checkpoint_kind_decides_which_nets_are_trained(tmp_path, frozen, cfg, g
 def test_evaluation_and_session_find_the_same_gistnet_for_every_kind_of_lens_checkpoint(
         tmp_path, frozen, cfg, gist_workdir):
     """`resolve_networks` and `Session.from_checkpoints` share one rule
-    (`checkpoint.lens_gistnet`): given only a LensNet workdir, both pick the GistNet it was
+    (`nets.lens_gistnet`): given only a LensNet workdir, both pick the GistNet it was
     trained with — a train_joint run's own, a named checkpoint, a named params file, the
     untrained net of a named seed — and the untrained default when the named one is gone."""
-    from mcjax.eval.networks import resolve_networks
+    from mcjax.nets import resolve_networks
 
     lens = jax.tree.map(lambda x: x + 0.5, untrained_params(cfg, "lens"))
     ckpt_gist = gist_workdir[1]
@@ -990,7 +990,7 @@ def test_session_variants_pair_each_option_with_the_reference_on_the_same_text(f
 
 
 def test_needle_blocks_lod_at_and_relevance_ranks():
-    from mcjax.eval.focus_map import lod_at
+    from mcjax.working_context import lod_at
 
     assert tasks.needle_blocks((31, 33), 32) == [0, 1]
     assert tasks.needle_blocks((64, 96), 32) == [2] and tasks.needle_blocks((5, 5), 32) == []

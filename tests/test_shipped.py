@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcjax import assets
+from mcjax import assets, nets
 from mcjax.config import get_config
 from mcjax.eval.metrics import paired_vs_truncation
 from mcjax import data, scoring
@@ -36,11 +36,11 @@ def test_shipped_gistnet_loads_and_matches_its_card(shipped):
         assert card["config"]["mc"][k] == getattr(cfg.mc, k)
     for k in ("command", "data", "step", "figures"):
         assert card.get(k), f"card lacks {k!r}"
-    got = assets.shipped_gist(cfg)
+    got = nets.shipped_gist(cfg)
     assert got is not None and got[1]["source"] == "shipped"
     # another GistNet architecture does not silently get these params
     other = dataclasses.replace(cfg, gist=dataclasses.replace(cfg.gist, input_layer=3))
-    assert assets.shipped_gist(other) is None
+    assert nets.shipped_gist(other) is None
 
 
 def test_sessions_use_the_shipped_gistnet_unless_told_untrained(shipped):
@@ -57,7 +57,7 @@ def test_shipped_gistnet_beats_truncation_at_32_to_1_on_fixed_held_out_windows(s
     cfg, model = shipped
     frozen = scoring.Frozen(cfg, model.params, model.encode, cfg.base,
                             cfg.base_config.eos_token_id)
-    params, _ = assets.shipped_gist(cfg)
+    params, _ = nets.shipped_gist(cfg)
     layout = loop.gist_layout(cfg, use_lod2=False, keep_raw_blocks=1)  # 32 LOD1 gists
     assert layout.compression_ratio == 32.0 and layout.num_gists == 32
     (batch,) = data.held_out_batches(frozen, 1, 8, cfg.train.seq_len, seed=4321)
@@ -79,10 +79,10 @@ def test_shipped_lensnet_loads_matches_its_card_and_is_the_sessions_default(ship
     assert cfg.lens.query_tokens > 0 and cfg.lens.retrieval_features  # v2
     for k in ("command", "data", "step", "training"):
         assert card.get(k), f"card lacks {k!r}"
-    got = assets.shipped_lens(cfg)
+    got = nets.shipped_lens(cfg)
     assert got is not None and got[1]["source"] == "shipped"
     other = dataclasses.replace(cfg, lens=dataclasses.replace(cfg.lens, query_tokens=4))
-    assert assets.shipped_lens(other) is None  # another architecture: not these params
+    assert nets.shipped_lens(other) is None  # another architecture: not these params
     s = Session(model, None, None, cfg, max_tokens=1024, focus_policy="lens")
     assert s.provenance["lens"]["source"] == "shipped" and "lens" not in s.untrained
     r = Session(model, None, None, cfg, max_tokens=1024, focus_policy="retrieval")
@@ -101,8 +101,8 @@ def test_shipped_lensnet_reproduces_retrieval_focus_and_beats_recency_on_passkey
     from mcjax.tree import BlockGister, MegaContextTree
 
     cfg, model = shipped
-    gist, _ = assets.shipped_gist(cfg)
-    lens_params, _ = assets.shipped_lens(cfg)
+    gist, _ = nets.shipped_gist(cfg)
+    lens_params, _ = nets.shipped_lens(cfg)
     K = cfg.mc.block_size
     gister = BlockGister.from_base(cfg.gist, gist, model.params, cfg.base_config, block_size=K,
                                    retrieval=cfg.retrieval)

@@ -21,9 +21,10 @@ from mcjax.checkpoint import (Checkpointer, CheckpointMismatchError, check_compa
 from mcjax.config import get_config, override
 from mcjax.gist import embedding_rms, gist_blocks, init_gist_params
 from mcjax import scoring
+from mcjax.nets import init_params
 from mcjax.scoring import load_frozen
 from mcjax.train import steps
-from mcjax.train.loop import _init_gist, train_gist
+from mcjax.train.loop import train_gist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,7 +183,7 @@ def test_untrained_gists_start_at_the_base_embedding_scale(tiny):
     base_params = {"embed": {"embedding": table}}
     rms = embedding_rms(base_params)
     np.testing.assert_allclose(rms, np.sqrt(np.mean(table ** 2)), rtol=1e-6)
-    gp = _init_gist(cfg, base_params)
+    gp = init_params(cfg, "gist", base_params)
     children = jnp.asarray(table[np.random.default_rng(0).integers(0, 256, (5, 32))])
     gists = gist_blocks(gp, cfg.gist, children, 1)
     gist_rms = float(jnp.sqrt(jnp.mean(jnp.square(gists))))
@@ -360,7 +361,7 @@ def test_ema_params_are_the_moving_average_of_the_trained_params_and_survive_a_r
                                 jax.device_get(ref["state"].params), atol=1e-6)
 
     # independent reference: the per-step params of the plain run averaged by hand
-    expected = jax.device_get(_init_gist(frozen.cfg, frozen.params))
+    expected = jax.device_get(init_params(frozen.cfg, "gist", frozen.params))
     for t in range(1, 5):
         p_t = restore_trained_params(tmp_path / "plain", t)[0]["gist"]
         d = min(decay, (1 + t) / (10 + t))
@@ -442,7 +443,7 @@ def test_gistnet_trains_on_a_qwen_style_base_as_on_llama(tmp_path):
                     "train.eval_every": 3})
     result = train_gist(cfg, tmp_path, progress=False, eval_batches=1)
     state = result["state"]
-    g0 = _init_gist(cfg, load_frozen(cfg).params)
+    g0 = init_params(cfg, "gist", load_frozen(cfg).params)
     trained = state.params["gist"]
     assert jax.tree.structure(trained) == jax.tree.structure(g0)
     assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained),

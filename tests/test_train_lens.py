@@ -32,7 +32,8 @@ from mcjax.counterfactuals import lens_task
 from mcjax.data import held_out_batches
 from mcjax.scoring import load_frozen
 from mcjax.train import losses, steps
-from mcjax.train.loop import gist_layout, gist_train_layouts, load_gist_params, train_lens
+from mcjax.nets import load_identified, source_identity
+from mcjax.train.loop import gist_layout, gist_train_layouts, train_lens
 from mcjax.tree import BlockGister, MegaContextTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,7 +289,7 @@ def test_train_lens_fine_tunes_a_params_file_lensnet_on_a_params_file_gistnet(tm
     meta = Checkpointer(tmp_path / "run", create=False).read_meta()["extra"]
     assert meta["gistnet"]["source"] == "params_file" and meta["gistnet"]["step"] == 7
     # the evaluation and a session find that GistNet again from the LensNet checkpoint
-    from mcjax.eval.networks import resolve_networks
+    from mcjax.nets import resolve_networks
     from mcjax.runtime import Session
 
     nets = resolve_networks(cfg, frozen.params, lens_checkpoint=tmp_path / "run")
@@ -494,7 +495,8 @@ def test_lens_run_killed_with_sigkill_resumes_to_the_same_params(tiny, lens_runs
             {"epoch": 0, "cursor": 0}, frozen_cfg)
     ck.wait()
     ck.close()
-    loaded, source = load_gist_params(frozen_cfg, gist_dir)
+    source = source_identity(frozen_cfg, workdir=gist_dir)
+    loaded = load_identified(source, frozen_cfg, "gist")
     chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(gp))
     assert source["source"] == "checkpoint" and source["step"] == 3
     with pytest.raises(ValueError, match="cannot resume .* gistnet="):

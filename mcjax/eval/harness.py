@@ -64,7 +64,7 @@ from mcjax.base.model import InputError
 from mcjax.checks import as_int
 from mcjax.base.generate import GreedySampler
 from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, get_config
-from mcjax.checkpoint import default_params
+from mcjax.nets import default_params, resolve_networks
 from mcjax.runtime import FOCUS_POLICIES, Session
 from mcjax.scoring import Context, continuation_positions, newest_slot, score_continuation, \
     token_logprobs
@@ -173,7 +173,7 @@ class MegaContextLM(LM):
     keep their last tokens). max_gen_toks: default generation length. gist_params /
     lens_params: trained params, or None: the shipped GistNet / LensNet when they fit the
     config (else untrained), as `Session` does; gist_checkpoint / lens_checkpoint:
-    training workdirs instead (`mcjax.eval.networks.resolve_networks`). base_window: the
+    training workdirs instead (`mcjax.nets.resolve_networks`). base_window: the
     base method's context window (default w_max). session_kwargs: more `Session`
     arguments (e.g. collapse_headroom). `device` and `max_batch_size` (lm-eval CLI) are
     ignored: JAX places the computation.
@@ -281,8 +281,6 @@ class MegaContextLM(LM):
         """GistNet / LensNet params once for every group's session (Session's defaults)."""
         cfg, prov = self.cfg, {}
         if gist_checkpoint is not None or lens_checkpoint is not None:
-            from mcjax.eval.networks import resolve_networks
-
             if gist_params is not None or lens_params is not None:
                 raise ValueError("give params or checkpoints, not both")
             nets = resolve_networks(cfg, self._params, gist_checkpoint=gist_checkpoint,

@@ -217,7 +217,7 @@ def focus_recall(runs: Sequence[Sequence[int]], occurrences: Sequence[Sequence[i
                  ) -> bool:
     """Whether some occurrence of the answer — its history positions, one array per
     occurrence — lies wholly in raw tokens (LOD0) of the working context whose runs are
-    `runs` ((level, first token, end token, entries), as `eval.focus_map.focus_runs`
+    `runs` ((level, first token, end token, entries), as `working_context.focus_runs`
     gives them): what focus has to achieve before the reader can answer (SPEC §2.9).
     False when there is no non-empty occurrence."""
     def raw(pos) -> bool:

@@ -1,7 +1,7 @@
 """One evaluation run (SPEC §2.9): every measurement and baseline in the same process.
 
 `run_evaluation(EvalOptions(...))` validates the settings (before any model is loaded),
-loads the frozen base model and the nets (`networks.resolve_networks`), then measures
+loads the frozen base model and the nets (`mcjax.nets.resolve_networks`), then measures
 
 1. ΔNLL@H against compression ratio — full context, GistNet, untrained GistNet, mean-pooled
    embeddings, mean-pooled read-pass hidden states, truncation — on held-out windows that
@@ -36,10 +36,10 @@ import numpy as np
 
 from mcjax import counterfactuals, data
 from mcjax import working_context as wcm
-from mcjax.config import ConfigError, ExperimentConfig, get_config, override
-from mcjax.eval import baselines, ceiling, metrics, networks, tasks
+from mcjax.config import ConfigError, ExperimentConfig, config_to_json, get_config, override
+from mcjax.eval import baselines, ceiling, metrics, tasks
 from mcjax.eval.tasks import EvalInputError
-from mcjax.eval.focus_map import format_focus_map
+from mcjax.nets import Networks, checkpoint_parts, resolve_networks
 from mcjax.scoring import Frozen, load_frozen
 
 __all__ = ["EvalOptions", "SECTIONS", "DEFAULT_SECTIONS", "METHODS", "run_evaluation",
@@ -194,7 +194,7 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
     # fail fast on a missing / empty checkpoint directory (before loading the base model)
     for d in (opts.checkpoint, opts.gist_checkpoint, opts.lens_checkpoint):
         if d is not None:
-            networks.checkpoint_parts(d)
+            checkpoint_parts(d)
     if opts.gist_params is not None and opts.gist_checkpoint is not None:
         raise EvalInputError("give --gist-params or --gist-checkpoint, not both")
     given = any(d is not None for d in (opts.checkpoint, opts.gist_checkpoint,
@@ -204,7 +204,7 @@ def validate(opts: EvalOptions) -> ExperimentConfig:
                              "combine it with --checkpoint / --gist-checkpoint / "
                              "--lens-checkpoint / --gist-params (not both)")
     # neither: the shipped GistNet when it fits the config (else a clear error, later, from
-    # networks.resolve_networks once the base model's architecture is known)
+    # resolve_networks once the base model's architecture is known)
     return cfg
 
 
@@ -239,7 +239,7 @@ def passkey_max_tokens(length: int, max_new_tokens: int, mc) -> int:
     return max(mc.w_max, _next_pow2(length + max_new_tokens + mc.block_size))
 
 
-def _passkey(opts: EvalOptions, frozen: Frozen, decode, nets: networks.Networks,
+def _passkey(opts: EvalOptions, frozen: Frozen, decode, nets: Networks,
              timings: dict) -> tuple[dict, dict | None]:
     from tqdm.auto import tqdm
 
@@ -301,7 +301,7 @@ def _passkey(opts: EvalOptions, frozen: Frozen, decode, nets: networks.Networks,
                                      "block_size": mc.block_size,
                                      "needle_span": list(cs[0].needle_span),
                                      "snapshots": run.focus_snapshots,
-                                     "text": format_focus_map([tuple(r) for r in final])}
+                                     "text": wcm.format_focus_map([tuple(r) for r in final])}
                 else:
                     if method == "sliding_window":
                         out = baselines.sliding_window_generate(llama, frozen.params, histories,
@@ -343,14 +343,12 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
     try:
-        nets = networks.resolve_networks(
+        nets = resolve_networks(
             cfg, frozen.params, checkpoint=opts.checkpoint,
             gist_checkpoint=opts.gist_checkpoint, lens_checkpoint=opts.lens_checkpoint,
             gist_params=opts.gist_params, untrained=opts.untrained)
     except ValueError as e:
         raise EvalInputError(str(e)) from e
-    from mcjax.checkpoint import config_to_json
-
     timings: dict[str, float] = {}
     arrays: dict[str, dict[str, np.ndarray]] = {}
     results: dict[str, Any] = {"meta": {
@@ -413,7 +411,7 @@ def _ceiling_config(opts) -> "ceiling.CeilingConfig":
                                  init=opts.ceiling_init, fit=opts.ceiling_fit)
 
 
-def _ceiling(opts: EvalOptions, frozen: Frozen, nets: networks.Networks
+def _ceiling(opts: EvalOptions, frozen: Frozen, nets: Networks
              ) -> tuple[dict, dict[str, np.ndarray]]:
     """The ceiling section at each asked layout on the first held-out windows (a subset of
     the ΔNLL windows), with the GistNet on the same windows for comparison."""

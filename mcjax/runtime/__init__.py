@@ -78,7 +78,7 @@ of initial states, views and layouts), `policies` (focus scores), `programs` (th
 """
 
 from mcjax.base.model import InputError
-from mcjax.checkpoint import default_params, load_trained_params, untrained_params
+from mcjax.nets import default_params, load_trained_params, untrained_params
 from mcjax.runtime.persist import (SAVE_VERSION, BaseModelMismatchError, SaveDamagedError,
                                    SaveLockedError)
 from mcjax.runtime.policies import (focus_conditioning, lens_stream_scores, policy_scores,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcjax.checkpoint import CheckpointError
+from mcjax.errors import CheckpointError
 
 SAVE_FORMAT = "mcjax-session"
 SAVE_VERSION = 2  # 2: SHA256SUMS, the base model's fingerprint, the marker file

@@ -18,16 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mcjax import nets
 from mcjax import working_context as wcm
-from mcjax.assets import check_params, flatten_params, unflatten_params
+from mcjax.assets import flatten_params, unflatten_params
 from mcjax.base import model as base
 from mcjax.base.convert import fsync_dir
 from mcjax.base.model import InputError, KVCache
 from mcjax.checks import as_int
-from mcjax.checkpoint import (CheckpointError, CheckpointMismatchError,
-                              config_to_json, default_params, lens_gistnet,
-                              load_trained_params, tree_fingerprint)
-from mcjax.config import ConfigError, ExperimentConfig, LlamaConfig, config_from_json
+from mcjax.checkpoint import tree_fingerprint
+from mcjax.config import (ConfigError, ExperimentConfig, LlamaConfig, config_from_json,
+                          config_to_json)
+from mcjax.errors import CheckpointError, CheckpointMismatchError
 from mcjax.runtime import persist
 from mcjax.runtime.programs import programs
 from mcjax.runtime.state import (DEFAULT_MAX_TOKENS, empty_view, initial_layouts,
@@ -68,7 +69,7 @@ class Session:
 
     base: a `BaseModel` (gives text encoding) or `(LlamaConfig, params)`. gist_params /
     lens_params: trained params, or None: the shipped params when they fit `cfg`
-    (`mcjax.assets.shipped_gist` / `shipped_lens`, provenance "shipped"), else — and with
+    (`mcjax.nets.default_params`, provenance "shipped"), else — and with
     `untrained=True` always — the untrained networks the trainers start from
     (`self.untrained` names them). cfg: the experiment config (`mc`, `gist`, `lens`).
     max_tokens: per-stream history capacity (fixes the device view's shapes).
@@ -150,11 +151,11 @@ class Session:
     def _resolve_networks(self, gist_params, lens_params, base_params, provenance: dict | None,
                           untrained: bool) -> tuple:
         """The (gist, lens) params the session runs with — given, shipped or untrained
-        (`default_params`) and checked against `self.cfg` — and where they come from
+        (`nets.default_params`) and checked against `self.cfg` — and where they come from
         (`self.provenance`, `self.untrained`)."""
         cfg, focus_policy = self.cfg, self.focus_policy
         self.provenance = dict(provenance or {})
-        gist_params, lens_params, resolved = default_params(
+        gist_params, lens_params, resolved = nets.default_params(
             cfg, gist_params, lens_params, base_params, untrained=untrained,
             focus_policy=focus_policy)
         self.provenance.update(resolved)
@@ -168,8 +169,8 @@ class Session:
         self.untrained: tuple[str, ...] = tuple(
             p for p in ("gist", "lens") if self.provenance[p]["source"] == "untrained"
             and (p == "gist" or focus_policy == "lens"))
-        check_params(gist_params, cfg, "gist", exc=ValueError)
-        check_params(lens_params, cfg, "lens", exc=ValueError)
+        nets.check_params(gist_params, cfg, "gist", exc=ValueError)
+        nets.check_params(lens_params, cfg, "lens", exc=ValueError)
         return gist_params, lens_params
 
     def _place_params(self, base_params, lens_params) -> None:
@@ -238,22 +239,16 @@ class Session:
         Without `gist_checkpoint`, a LensNet checkpoint's own GistNet is used when it has
         one (a `train_joint` run) or names one that exists (a `train_lens` run trained on a
         GistNet checkpoint or params file, or on an untrained one):
-        `mcjax.checkpoint.lens_gistnet`, so that LensNet sees the gists it was trained on.
+        `mcjax.nets.from_workdirs`, so that LensNet sees the gists it was trained on.
         """
         llama = base_model.config if hasattr(base_model, "config") else base_model[0]
         if cfg.base_config is None:
             cfg = dataclasses.replace(cfg, base_config=llama)
-        provenance: dict = {}
-        gist = lens_params = None
-        if lens_checkpoint is not None:
-            lens_params, provenance["lens"] = load_trained_params(lens_checkpoint, cfg, "lens")
-        if gist_checkpoint is not None:
-            gist, provenance["gist"] = load_trained_params(gist_checkpoint, cfg, "gist")
-        elif lens_checkpoint is not None:
-            found = lens_gistnet(provenance["lens"], cfg, (
-                base_model.params if hasattr(base_model, "params") else base_model[1]))
-            if found is not None:
-                gist, provenance["gist"] = found
+        found = nets.from_workdirs(
+            cfg, base_model.params if hasattr(base_model, "params") else base_model[1],
+            gist_workdir=gist_checkpoint, lens_workdir=lens_checkpoint)
+        gist, lens_params = (found[p][0] if p in found else None for p in nets.PARTS)
+        provenance = {p: found[p][1] for p in found}
         return cls(base_model, gist, lens_params, cfg, provenance=provenance, **kwargs)
 
     def _put(self, tree, kind: str):
@@ -869,15 +864,11 @@ class Session:
         return jax.device_get(self._state.wc)
 
     def focus_runs(self, stream: int = 0) -> list[tuple[int, int, int, int]]:
-        from mcjax.eval.focus_map import focus_runs
-
         wc = self.working_context
-        return focus_runs(jax.tree.map(lambda x: x[stream], wc), self.mc)
+        return wcm.focus_runs(jax.tree.map(lambda x: x[stream], wc), self.mc)
 
     def focus_map(self, stream: int = 0, width: int = 64) -> str:
-        from mcjax.eval.focus_map import format_focus_map
-
-        return format_focus_map(self.focus_runs(stream), width)
+        return wcm.format_focus_map(self.focus_runs(stream), width)
 
     def compiled_programs(self) -> dict[str, int]:
         """Compiled variants of each program (1 each after warm-up)."""

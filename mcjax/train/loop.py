@@ -24,11 +24,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from mcjax import counterfactuals, data, scoring, sharding
-from mcjax.checkpoint import CheckpointError, Checkpointer, config_to_json
-from mcjax.config import ConfigError, ExperimentConfig, LensConfig
+from mcjax import counterfactuals, data, nets, scoring, sharding
+from mcjax.checkpoint import Checkpointer
+from mcjax.config import ConfigError, ExperimentConfig, config_to_json
 from mcjax.counterfactuals import lens_task
-from mcjax.gist import embedding_rms, init_gist_params
 from mcjax.lens import init_lens
 from mcjax.scoring import Frozen, evaluate_substitution, load_frozen, window_prefix_len
 from mcjax.train import distill, steps
@@ -317,26 +316,15 @@ def _mean_by_layout(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _init_gist(cfg: ExperimentConfig, base_params=None):
-    # Gists start at the embeddings' scale: at output_rms=1 they are ~O(10x) too large for
-    # SmolLM2 and the frozen model reads them as noise before training has moved anything.
-    return init_gist_params(cfg.gist, cfg.base_config.hidden_size, jax.random.key(cfg.train.seed),
-                            block_size=cfg.mc.block_size,
-                            output_rms=1.0 if base_params is None else embedding_rms(base_params))
-
-
-def _start_gist(cfg: ExperimentConfig, frozen: Frozen, init_gist, notes: dict):
-    """GistNet params a run starts from: the random init, or the params-only file
-    `init_gist` (a warm start; recorded in `notes`)."""
-    if init_gist is None:
-        return _init_gist(cfg, frozen.params)
-    notes["init_gist"] = str(init_gist)
-    return _load_params_file(init_gist, cfg, "gist", "--init-gist", card_required=False)
-
-
-def _init_lens(cfg: ExperimentConfig):
-    return init_lens(cfg.lens, cfg.mc, cfg.base_config.hidden_size,
-                     jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+def _start(cfg: ExperimentConfig, part: str, frozen: Frozen, params_file, flag: str,
+           notes: dict):
+    """The params a run starts `part` from: the random init (`nets.init_params`), or the
+    params-only file `params_file` (a warm start; recorded in `notes`)."""
+    if params_file is None:
+        return nets.init_params(cfg, part, frozen.params)
+    notes[flag.lstrip("-").replace("-", "_")] = str(params_file)
+    return nets.load_params_file(params_file, cfg, part, f"{flag} {params_file}",
+                                 card_required=False)[0]
 
 
 def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bool = True,
@@ -362,7 +350,7 @@ def train_gist(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: boo
     tc = cfg.train
     layouts = gist_train_layouts(cfg)
     notes = {"layouts": list(layouts)}
-    gist_params = _start_gist(cfg, frozen, init_gist, notes)
+    gist_params = _start(cfg, "gist", frozen, init_gist, "--init-gist", notes)
     job = Job(
         name="train_gist",
         step=steps.GistStep(cfg, tuple(layouts.values()), nll_weight=tc.gist_nll_weight,
@@ -388,51 +376,6 @@ def _task_meta(task: counterfactuals.LensTask) -> dict:
             "layout_seed": task.layout_seed}
 
 
-def load_gist_params(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | None,
-                     base_params=None) -> tuple[Any, dict]:
-    """GistNet params for lens training and where they came from.
-
-    From the latest checkpoint of a `train_gist` (or `train_joint`) workdir, checked against
-    `cfg`'s base model, GistNet and block structure (LensNet settings may differ); or, with
-    no workdir, an untrained GistNet drawn from the config's seed.
-    """
-    source = gist_source(cfg, gist_workdir)
-    if gist_workdir is None:
-        return _init_gist(cfg, base_params), source
-    step = source["step"]
-    ckpt = Checkpointer(gist_workdir, create=False)
-    try:
-        meta = ckpt.read_meta(step)
-        saved = meta["config"]
-        # only GistNet's architecture matters here: accept the checkpoint's LensNet section
-        check_cfg = dataclasses.replace(cfg, lens=LensConfig(**saved["lens"]))
-        params = {"gist": _init_gist(cfg)}  # a template: its values are restored
-        optimizer = steps.make_optimizer(cfg.train)
-        if (meta.get("extra") or {}).get("run") == "train_joint":
-            params["lens"] = _init_lens(check_cfg)
-            optimizer = steps.make_joint_optimizer(cfg.train)
-        ema = float((meta.get("extra") or {}).get("ema_decay") or 0.0) > 0
-        state, _ = ckpt.restore(steps.init_state(params, optimizer, ema=ema), check_cfg, step)
-    finally:
-        ckpt.close()
-    return state.params["gist"], source
-
-
-def gist_source(cfg: ExperimentConfig, gist_workdir: str | os.PathLike | None) -> dict:
-    """Where lens training's GistNet comes from (cheap: no params are read)."""
-    if gist_workdir is None:
-        return {"source": "untrained", "seed": cfg.train.seed}
-    ckpt = Checkpointer(gist_workdir, create=False)
-    try:
-        step = ckpt.latest_step()
-    finally:
-        ckpt.close()
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint under {gist_workdir}")
-    return {"source": "checkpoint", "path": str(Path(gist_workdir).absolute()),
-            "step": int(step)}
-
-
 def evaluate_lens(sharded: steps.ShardedStep, params, frozen_placed, batches: list[np.ndarray],
                   prefix: str = "") -> dict[str, float]:
     """Held-out lens metrics (the step's `evaluate`, fixed candidate key), averaged over
@@ -445,21 +388,6 @@ def evaluate_lens(sharded: steps.ShardedStep, params, frozen_placed, batches: li
             if k.startswith(prefix):
                 sums[k[len(prefix):]] = sums.get(k[len(prefix):], 0.0) + float(v)
     return {k: v / len(batches) for k, v in sums.items()}
-
-
-def _params_file_identity(path: str | os.PathLike) -> dict:
-    """What a run's meta records of a params-file GistNet (what a resume must agree on)."""
-    from mcjax.assets import params_file_source
-
-    src = params_file_source(path)
-    return {k: src[k] for k in ("source", "path", "step")}
-
-
-def _load_params_file(path: str | os.PathLike, cfg: ExperimentConfig, part: str, flag: str,
-                      card_required: bool = True):
-    from mcjax.assets import load_params_file
-
-    return load_params_file(path, cfg, part, f"{flag} {path}", card_required=card_required)[0]
 
 
 def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
@@ -485,16 +413,13 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     task = lens_task(cfg, candidates)
-    source = (_params_file_identity(gist_params) if gist_params is not None
-              else gist_source(cfg, gist_workdir))
+    source = nets.source_identity(cfg, workdir=gist_workdir, params_file=gist_params)
     meta = {"run": "train_lens", "gistnet": source, "lens_task": _task_meta(task)}
     check_resumable(workdir, meta, resume)
     frozen = load_frozen(cfg)
     cfg = frozen.cfg
-    if gist_params is not None:
-        gist = _load_params_file(gist_params, cfg, "gist", "--gist-params")
-    else:
-        gist, source = load_gist_params(cfg, gist_workdir, frozen.params)
+    gist = nets.load_identified(source, cfg, "gist", frozen.params,
+                                what=f"--gist-params {gist_params}")
     step = steps.LensStep(cfg, task)
     if source["source"] == "untrained":
         note = (f"untrained GistNet (random init, seed {cfg.train.seed}): no gist workdir was "
@@ -502,10 +427,7 @@ def train_lens(cfg: ExperimentConfig, workdir: str | os.PathLike, *,
     else:
         note = f"GistNet from {source['path']} (step {source['step']})"
     notes = {"gistnet": note}
-    lens = _init_lens(cfg)
-    if init_lens is not None:
-        lens = _load_params_file(init_lens, cfg, "lens", "--init-lens", card_required=False)
-        notes["init_lens"] = str(init_lens)
+    lens = _start(cfg, "lens", frozen, init_lens, "--init-lens", notes)
     job = Job(
         name="train_lens", step=step, optimizer=steps.make_optimizer(cfg.train),
         params={"lens": lens},
@@ -551,7 +473,8 @@ def train_joint(cfg: ExperimentConfig, workdir: str | os.PathLike, *, resume: bo
                              nll_weight=tc.gist_nll_weight, kl_weight=tc.gist_kl_weight,
                              dense=tc.gist_dense),
         optimizer=steps.make_joint_optimizer(cfg.train),
-        params={"gist": _start_gist(cfg, frozen, init_gist, notes), "lens": _init_lens(cfg)},
+        params={"gist": _start(cfg, "gist", frozen, init_gist, "--init-gist", notes),
+                "lens": nets.init_params(cfg, "lens")},
         frozen_inputs=frozen.params, evaluate=evaluate,
         postfix=lambda m: {"gist": f"{float(m['gist/loss']):.4f}",
                            "lens": f"{float(m['lens/loss']):.4f}"},
