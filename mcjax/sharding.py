@@ -95,17 +95,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None) -> Name
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def make_sharded_forward(config: LlamaConfig, mesh: Mesh, params: Any, batch_size: int):
-    """`forward(params, tokens, positions, mask) -> logits` jitted with explicit shardings."""
-    from mcjax.base.model import forward_core
-
-    in_shardings = (param_shardings(params, mesh), batch_sharding(mesh, 2, batch_size),
-                    batch_sharding(mesh, 2, batch_size), batch_sharding(mesh, 2, batch_size))
-    logits_sharding = NamedSharding(
-        mesh, P(_split_if_divisible(batch_size, mesh, "data"), None,
-                _split_if_divisible(config.vocab_size, mesh, "model")))
-
-    def sharded_forward(params, tokens, positions, mask):
-        return forward_core(params, config, tokens, None, positions, mask)
-
-    return jax.jit(sharded_forward, in_shardings=in_shardings, out_shardings=logits_sharding)
+def logits_sharding(mesh: Mesh, batch_size: int, vocab_size: int) -> NamedSharding:
+    """Logits [B, T, V]: batch on `data`, vocabulary on `model` (each where divisible)."""
+    return NamedSharding(mesh, P(_split_if_divisible(batch_size, mesh, "data"), None,
+                                 _split_if_divisible(vocab_size, mesh, "model")))

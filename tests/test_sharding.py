@@ -56,7 +56,7 @@ def test_sharded_forward_equals_single_device_and_has_declared_shardings(tiny_ll
     assert len({s.data.shape for s in q.addressable_shards}) == 1
     assert q.addressable_shards[0].data.shape == (3, 44, 48 // 4)
 
-    fwd = sharding.make_sharded_forward(config, mesh, params, B)
+    fwd = base.make_sharded_forward(config, mesh, params, B)
     batch = sharding.batch_sharding(mesh, 2)
     out = fwd(sharded_params, jax.device_put(tokens, batch), jax.device_put(positions, batch),
               jax.device_put(mask, batch))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcjax import sharding
 from mcjax.config import LlamaConfig
 
 Params = Any
@@ -714,3 +715,16 @@ def decode_step(params: Params, config: LlamaConfig, cache: KVCache, token, posi
     _check_cache(config, cache, B, 1, index, "decode_step")
     return _decode_step(params, config, cache, token, jnp.asarray(position),
                         _index_scalar(index))
+
+
+def make_sharded_forward(config: LlamaConfig, mesh, params: Any, batch_size: int):
+    """`forward(params, tokens, positions, mask) -> logits` jitted with explicit shardings
+    (params by `sharding.param_shardings`, the batch on `data`)."""
+    batch = sharding.batch_sharding(mesh, 2, batch_size)
+    in_shardings = (sharding.param_shardings(params, mesh), batch, batch, batch)
+
+    def sharded_forward(params, tokens, positions, mask):
+        return forward_core(params, config, tokens, None, positions, mask)
+
+    return jax.jit(sharded_forward, in_shardings=in_shardings,
+                   out_shardings=sharding.logits_sharding(mesh, batch_size, config.vocab_size))
